@@ -1,0 +1,1 @@
+"""The ``mergekit-like`` command line: thin commands over the library."""

@@ -1,0 +1,50 @@
+"""The ``mergekit-like`` application: one module per command, registered here."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from mergekit_like import __version__
+from mergekit_like.cli import convert_cmd, example_cmd, inspect_cmd
+from mergekit_like.cli.output import DEBUG
+
+app = typer.Typer(
+    name="mergekit-like",
+    help="Stream, merge and average sharded safetensors checkpoints with bounded memory.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mergekit-like {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    DEBUG["enabled"] = debug
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+
+
+inspect_cmd.register(app)
+example_cmd.register(app)
+convert_cmd.register(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Console output shared by the commands: errors, progress bars, JSON."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from mergekit_like.errors import MergekitLikeError
+
+console = Console()
+err_console = Console(stderr=True)
+
+# Set by the --debug option of the app callback: show tracebacks instead of one line.
+DEBUG = {"enabled": False}
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+EXIT_KNOWN_ERROR = 2
+
+
+def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Prints a known error as one line on stderr and exits 2 (traceback with --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except MergekitLikeError as exc:
+            if DEBUG["enabled"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_KNOWN_ERROR) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted; nothing was written", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+class RichProgress:
+    """A progress bar over bytes (so speed and ETA are right) that also counts tensors."""
+
+    def __init__(self, description: str, *, enabled: bool = True) -> None:
+        self.description = description
+        self.enabled = enabled
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._done = 0
+
+    def __enter__(self) -> RichProgress:
+        if self.enabled:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[done]}/{task.fields[items]} tensors"),
+                DownloadColumn(binary_units=False),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=err_console,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(exc_type, exc, tb)
+
+    def start(self, total_items: int, total_bytes: int) -> None:
+        if self._progress is not None:
+            self._task = self._progress.add_task(
+                self.description, total=max(total_bytes, 1), done=0, items=total_items
+            )
+
+    def advance(self, name: str, nbytes: int) -> None:
+        self._done += 1
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, advance=nbytes, done=self._done)

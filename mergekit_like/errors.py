@@ -1,0 +1,99 @@
+"""Every error the toolkit raises on purpose.
+
+Each class also inherits the matching built-in, so callers that catch
+``FileNotFoundError`` or ``ValueError`` keep working. Messages name the file,
+the tensor and the model involved and end with what to do about it; the CLI
+prints ``str(error)`` as one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class MergekitLikeError(Exception):
+    """Base class of every error this toolkit raises deliberately."""
+
+
+def describe(where: str | Path | None, tensor: str | None, what: str, fix: str | None) -> str:
+    """Builds the one-line message: ``FILE: tensor 'NAME': WHAT. FIX``."""
+    parts = []
+    if where is not None:
+        parts.append(f"{where}:")
+    if tensor is not None:
+        parts.append(f"tensor '{tensor}':")
+    parts.append(what.rstrip("."))
+    message = " ".join(parts) + "."
+    if fix:
+        message += f" {fix[0].upper()}{fix[1:].rstrip('.')}."
+    return message
+
+
+class _Located(MergekitLikeError):
+    """An error about one place: a file, optionally one tensor in it."""
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        path: str | Path | None = None,
+        tensor: str | None = None,
+        fix: str | None = None,
+    ) -> None:
+        self.path = Path(path) if path is not None else None
+        self.tensor = tensor
+        self.what = what
+        self.fix = fix
+        super().__init__(describe(path, tensor, what, fix))
+
+
+class CheckpointNotFoundError(_Located, FileNotFoundError):
+    """The path holds no checkpoint, or a file the checkpoint names is missing."""
+
+
+class InvalidCheckpointError(_Located, ValueError):
+    """A checkpoint file or index is malformed, truncated or inconsistent."""
+
+
+class UnsafeCheckpointError(_Located, PermissionError):
+    """Reading the file would execute code (pickle) or escape its directory."""
+
+
+class OutputExistsError(_Located, FileExistsError):
+    """The output directory exists and is not empty, and overwriting was not asked for."""
+
+
+class OutputWriteError(_Located, OSError):
+    """Writing the output failed (disk full, permissions); nothing partial was kept."""
+
+
+class TensorWriteError(_Located, ValueError):
+    """A tensor handed to the writer does not match the planned name, dtype or shape."""
+
+
+class IncompatibleModelsError(_Located, ValueError):
+    """Input models disagree on tensor names, shapes or dtypes."""
+
+
+class UnsupportedDtypeError(_Located, TypeError):
+    """A dtype that safetensors or this torch build cannot represent."""
+
+
+class RecipeError(MergekitLikeError, ValueError):
+    """A recipe has problems; every problem found is listed at once."""
+
+    def __init__(self, problems: Sequence[str], *, source: str | Path | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        where = f"{source}: " if source is not None else ""
+        if len(self.problems) == 1:
+            message = f"{where}{self.problems[0]}"
+        else:
+            listed = "; ".join(f"({i}) {p}" for i, p in enumerate(self.problems, 1))
+            message = f"{where}{len(self.problems)} problems: {listed}"
+        super().__init__(message)
+
+
+class MergeError(_Located, ArithmeticError):
+    """A merge kernel cannot compute a tensor (for example a zero weight sum)."""

@@ -1,0 +1,250 @@
+"""The safetensors container: parse and validate a header, build one.
+
+Layout of a file: an 8-byte little-endian header length N, N bytes of UTF-8
+JSON (``{"name": {"dtype", "shape", "data_offsets": [begin, end]}, ...,
+"__metadata__": {str: str}}``), then the data; offsets are relative to the
+end of the header, and the data must be covered exactly: no overlap, no hole,
+nothing after the last tensor. The parser here checks all of that itself
+(rather than leaving it to the Rust loader) so that every problem is reported
+with the file and tensor it concerns, and so that a hostile length is refused
+before anything is allocated for it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergekit_like.errors import CheckpointNotFoundError, InvalidCheckpointError
+from mergekit_like.io.dtypes import itemsize, to_safetensors, to_torch
+
+# The reference implementation refuses headers over 100 MB; so do we, before reading them.
+MAX_HEADER_BYTES = 100_000_000
+# Data starts on an 8-byte boundary, as the reference writer pads it.
+HEADER_ALIGNMENT = 8
+METADATA_KEY = "__metadata__"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: its file, absolute byte offset, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A validated header: the tensors in data order, and the file's metadata."""
+
+    path: Path
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str] = field(default_factory=dict)
+    data_start: int = 0
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def read_header(path: str | Path) -> SafetensorsHeader:
+    """Reads and validates the header of the safetensors file at ``path``."""
+    path = Path(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise InvalidCheckpointError(
+                    f"file is {size} bytes, too short for a safetensors header",
+                    path=path, fix="the file is truncated or not safetensors; download or save it again",
+                )
+            (length,) = struct.unpack("<Q", prefix)
+            _check_header_length(length, size, path)
+            raw = f.read(length)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError("file not found", path=path) from None
+    except IsADirectoryError:
+        raise InvalidCheckpointError("is a directory, not a safetensors file", path=path) from None
+    return parse_header(raw, file_size=size, path=path)
+
+
+def _check_header_length(length: int, size: int, path: Path) -> None:
+    if length > MAX_HEADER_BYTES:
+        raise InvalidCheckpointError(
+            f"declares a {length}-byte header, over the {MAX_HEADER_BYTES}-byte limit",
+            path=path, fix="the file is corrupt or not safetensors; do not use it",
+        )
+    if 8 + length > size:
+        raise InvalidCheckpointError(
+            f"declares a {length}-byte header but the file has only {size - 8} bytes after the length",
+            path=path, fix="the file is truncated or corrupt; download or save it again",
+        )
+
+
+def parse_header(raw: bytes, *, file_size: int, path: str | Path) -> SafetensorsHeader:
+    """Validates header bytes ``raw`` of a file of ``file_size`` bytes."""
+    path = Path(path)
+    header = _decode_json(raw, path)
+    metadata = _parse_metadata(header.pop(METADATA_KEY, None), path)
+    data_start = 8 + len(raw)
+    data_size = file_size - data_start
+    tensors = [_parse_entry(name, spec, path, data_start) for name, spec in header.items()]
+    tensors.sort(key=lambda t: (t.start, t.nbytes))
+    _check_coverage(tensors, data_size, data_start, path)
+    return SafetensorsHeader(path, {t.name: t for t in tensors}, metadata, data_start)
+
+
+def _decode_json(raw: bytes, path: Path) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidCheckpointError(
+            f"header is not UTF-8 (byte {exc.start})", path=path,
+            fix="the file is corrupt or not safetensors",
+        ) from None
+    try:
+        header = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+    except _DuplicateKey as dup:
+        raise InvalidCheckpointError(
+            "header lists this key twice", path=path, tensor=dup.key,
+            fix="the file is corrupt; save it again",
+        ) from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidCheckpointError(
+            f"header is not valid JSON ({exc})" if isinstance(exc, json.JSONDecodeError)
+            else "header JSON is nested too deeply",
+            path=path, fix="the file is corrupt or not safetensors",
+        ) from None
+    if not isinstance(header, dict):
+        raise InvalidCheckpointError(
+            f"header is a JSON {type(header).__name__}, not an object", path=path,
+            fix="the file is corrupt or not safetensors",
+        )
+    return header
+
+
+def _parse_metadata(value: Any, path: Path) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise InvalidCheckpointError(
+            f"{METADATA_KEY} must map strings to strings", path=path,
+            fix="the file is corrupt; save it again",
+        )
+    return dict(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_entry(name: str, spec: Any, path: Path, data_start: int) -> TensorEntry:
+    def bad(what: str) -> InvalidCheckpointError:
+        return InvalidCheckpointError(what, path=path, tensor=name, fix="the file is corrupt; save it again")
+
+    if not isinstance(spec, dict):
+        raise bad("header entry is not an object")
+    code, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if not isinstance(code, str):
+        raise bad("header entry has no string 'dtype'")
+    dtype = to_torch(code, path=path, tensor=name)
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+    if (
+        not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise bad(f"data_offsets {offsets!r} is not a pair [begin, end] with 0 <= begin <= end")
+    expected = math.prod(shape) * itemsize(dtype)
+    if offsets[1] - offsets[0] != expected:
+        raise bad(
+            f"dtype {code} and shape {shape} need {expected} bytes but data_offsets span "
+            f"{offsets[1] - offsets[0]}"
+        )
+    return TensorEntry(name, dtype, tuple(shape), path, data_start + offsets[0], expected)
+
+
+def _check_coverage(tensors: list[TensorEntry], data_size: int, data_start: int, path: Path) -> None:
+    position = 0
+    previous: TensorEntry | None = None
+    for entry in tensors:
+        begin = entry.start - data_start
+        if begin < position:
+            raise InvalidCheckpointError(
+                f"data [{begin}, {begin + entry.nbytes}) overlaps tensor '{previous.name if previous else '?'}'",
+                path=path, tensor=entry.name, fix="the file is corrupt; save it again",
+            )
+        if begin > position:
+            raise InvalidCheckpointError(
+                f"leaves a hole of {begin - position} bytes before its data",
+                path=path, tensor=entry.name, fix="the file is corrupt; save it again",
+            )
+        position = begin + entry.nbytes
+        previous = entry
+    if position > data_size:
+        raise InvalidCheckpointError(
+            f"data ends at byte {position} but the file holds {data_size} bytes of data",
+            path=path, tensor=previous.name if previous else None,
+            fix="the file is truncated; download or save it again",
+        )
+    if position < data_size:
+        raise InvalidCheckpointError(
+            f"{data_size - position} bytes follow the last tensor's data",
+            path=path, fix="the file is corrupt or was appended to; save it again",
+        )
+
+
+def build_header(
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, list[int]]:
+    """Serializes a header for tensors laid out in the given order.
+
+    Returns the bytes to write at the start of the file (length prefix, padded
+    JSON) and each tensor's absolute byte offset in the file.
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header[METADATA_KEY] = dict(metadata)
+    relative: list[int] = []
+    position = 0
+    for name, dtype, shape in specs:
+        nbytes = math.prod(shape) * itemsize(dtype)
+        header[name] = {
+            "dtype": to_safetensors(dtype, tensor=name),
+            "shape": list(shape),
+            "data_offsets": [position, position + nbytes],
+        }
+        relative.append(position)
+        position += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % HEADER_ALIGNMENT)
+    prefix = struct.pack("<Q", len(text)) + text
+    return prefix, [len(prefix) + r for r in relative]

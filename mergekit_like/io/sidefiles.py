@@ -1,0 +1,68 @@
+"""The files beside the weights that make an output directory ready to load."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from mergekit_like.io.dtypes import dtype_name
+
+logger = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+COPIED_AS_IS = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
+# transformers < 4.56 writes "torch_dtype"; newer versions write "dtype".
+CONFIG_DTYPE_KEYS = ("torch_dtype", "dtype")
+
+
+def copy_side_files(source: str | Path, destination: str | Path, out_dtype: torch.dtype | None) -> list[str]:
+    """Copies config, generation config and tokenizer files from ``source`` (a directory).
+
+    The config's dtype field is set to ``out_dtype``. Returns the names copied.
+    A source that is a single weights file has no side files; nothing is copied.
+    """
+    source, destination = Path(source), Path(destination)
+    if not source.is_dir():
+        return []
+    copied = []
+    config_path = source / CONFIG
+    if config_path.is_file():
+        _write_config(config_path, destination / CONFIG, out_dtype)
+        copied.append(CONFIG)
+    for name in COPIED_AS_IS:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, destination / name)
+            copied.append(name)
+    return copied
+
+
+def _write_config(source: Path, destination: Path, out_dtype: torch.dtype | None) -> None:
+    try:
+        config = json.loads(source.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        logger.warning("%s is not valid JSON; copied unchanged", source)
+        shutil.copyfile(source, destination)
+        return
+    if isinstance(config, dict) and out_dtype is not None:
+        present = [k for k in CONFIG_DTYPE_KEYS if k in config] or ["torch_dtype"]
+        for key in present:
+            config[key] = dtype_name(out_dtype)
+    destination.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,253 @@
+"""A streaming, sharded safetensors writer.
+
+Every output tensor's name, dtype and shape is known before its data is
+computed, so each shard's header (and so every tensor's byte offset) is fixed
+up front. Tensors are then written with ``pwrite`` at their offsets as they
+are produced, in any order, and no shard is ever held in memory. Space for a
+shard is reserved when it is opened, so a full disk is found before hours of
+compute rather than at the end.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from mergekit_like.errors import OutputWriteError, TensorWriteError
+from mergekit_like.io.safetensors_format import build_header
+from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, ShardPlan, TensorSpec, plan_shards
+
+INDEX_SUFFIX = ".safetensors.index.json"
+DEFAULT_METADATA = {"format": "pt"}
+
+
+@dataclass(frozen=True)
+class WrittenCheckpoint:
+    """What the writer produced."""
+
+    directory: Path
+    shards: tuple[str, ...]
+    index: str | None
+    total_bytes: int
+    num_tensors: int
+
+
+@dataclass
+class _Slot:
+    shard: int
+    offset: int
+    spec: TensorSpec
+    written: bool = False
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of ``tensor`` (moved to the CPU, made contiguous)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Writes all of ``data`` at ``offset``, looping over short writes."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+class ShardedWriter:
+    """Writes the planned tensors into ``directory`` as safetensors shards plus index.
+
+    Use as a context manager, or call :meth:`close` (success) or :meth:`abort`.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        specs: Sequence[TensorSpec],
+        *,
+        max_shard_size: int = DEFAULT_SHARD_SIZE,
+        prefix: str = "model",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.metadata = dict(DEFAULT_METADATA if metadata is None else metadata)
+        self.plans: list[ShardPlan] = plan_shards(specs, max_shard_size, prefix)
+        self._slots: dict[str, _Slot] = {}
+        self._headers: list[bytes] = []
+        self._remaining: list[int] = []
+        for index, plan in enumerate(self.plans):
+            header, offsets = build_header([(t.name, t.dtype, t.shape) for t in plan.tensors], self.metadata)
+            self._headers.append(header)
+            self._remaining.append(len(plan.tensors))
+            for spec, offset in zip(plan.tensors, offsets):
+                if spec.name in self._slots:
+                    raise TensorWriteError("planned twice for the output", tensor=spec.name)
+                self._slots[spec.name] = _Slot(index, offset, spec)
+        self._fds: dict[int, int] = {}
+        self._finished = False
+        self.result: WrittenCheckpoint | None = None
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return [slot.spec for slot in self._slots.values()]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Writes the data of the planned tensor ``name``; dtype and shape must match the plan."""
+        slot = self._slot_for(name, tensor)
+        fd = self._open_shard(slot.shard)
+        path = self.directory / self.plans[slot.shard].filename
+        with _as_write_error(path, name):
+            pwrite_all(fd, tensor_bytes(tensor), slot.offset)
+        slot.written = True
+        self._remaining[slot.shard] -= 1
+        if self._remaining[slot.shard] == 0:
+            self._finish_shard(slot.shard)
+
+    def _slot_for(self, name: str, tensor: torch.Tensor) -> _Slot:
+        slot = self._slots.get(name)
+        if slot is None:
+            raise TensorWriteError("is not in the output plan", tensor=name, fix="plan every tensor up front")
+        if slot.written:
+            raise TensorWriteError("was already written", tensor=name)
+        spec = slot.spec
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise TensorWriteError(
+                f"got {tensor.dtype} {tuple(tensor.shape)} but the plan says {spec.dtype} {spec.shape}",
+                tensor=name,
+            )
+        return slot
+
+    def _open_shard(self, index: int) -> int:
+        fd = self._fds.get(index)
+        if fd is not None:
+            return fd
+        path = self.directory / self.plans[index].filename
+        header = self._headers[index]
+        size = len(header) + self.plans[index].nbytes
+        with _as_write_error(path, None):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds[index] = fd
+            _reserve(fd, size)
+            pwrite_all(fd, memoryview(header), 0)
+        return fd
+
+    def _finish_shard(self, index: int) -> None:
+        fd = self._fds.pop(index, None)
+        path = self.directory / self.plans[index].filename
+        if fd is None:  # a shard of only empty tensors is never opened by write()
+            fd = self._open_shard(index)
+            self._fds.pop(index)
+        with _as_write_error(path, None):
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def close(self) -> WrittenCheckpoint:
+        """Checks every planned tensor was written, finishes the shards and writes the index."""
+        if self._finished:
+            raise RuntimeError("writer already closed")
+        missing = [n for n, s in self._slots.items() if not s.written]
+        if missing:
+            self.abort()
+            raise TensorWriteError(
+                f"was planned but never written ({len(missing)} tensors missing)", tensor=missing[0]
+            )
+        for index in range(len(self.plans)):
+            if not self.plans[index].tensors:
+                self._finish_shard(index)
+        index_name = self._write_index() if len(self.plans) > 1 else None
+        self._finished = True
+        self.result = WrittenCheckpoint(
+            self.directory,
+            tuple(p.filename for p in self.plans),
+            index_name,
+            sum(p.nbytes for p in self.plans),
+            len(self._slots),
+        )
+        return self.result
+
+    def _write_index(self) -> str:
+        name = self.prefix + INDEX_SUFFIX
+        weight_map = {s.spec.name: self.plans[s.shard].filename for s in self._slots.values()}
+        index = {
+            "metadata": {
+                "total_size": sum(p.nbytes for p in self.plans),
+                "total_parameters": sum(s.spec.numel for s in self._slots.values()),
+            },
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        path = self.directory / name
+        with _as_write_error(path, None):
+            write_text_durably(path, json.dumps(index, indent=2) + "\n")
+        return name
+
+    def abort(self) -> None:
+        """Closes open files without finishing them (the caller discards the directory)."""
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+        self._finished = True
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _reserve(fd: int, size: int) -> None:
+    # Reserving the space up front turns a full disk into an error now, not at the last tensor.
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)
+
+
+def write_text_durably(path: Path, text: str) -> None:
+    """Writes a small text file and fsyncs it."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class _as_write_error:
+    """Turns an OSError while writing into an OutputWriteError naming the file and tensor."""
+
+    def __init__(self, path: Path, tensor: str | None) -> None:
+        self.path = path
+        self.tensor = tensor
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                what, fix = "no space left on the device", "free space or write the output elsewhere"
+            elif exc.errno == errno.EFBIG:
+                what, fix = "file size limit exceeded", "raise the file size limit or use a smaller --shard-size"
+            else:
+                what, fix = f"cannot write ({exc.strerror or exc})", "check the output directory's permissions"
+            raise OutputWriteError(what, path=self.path, tensor=self.tensor, fix=fix) from exc
+        return False

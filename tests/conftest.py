@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from mergekit_like.example import write_example  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def example_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """base, finetune-1..3 of the tiny Llama-style example (bf16, sharded)."""
+    return write_example(tmp_path_factory.mktemp("example") / "models")
+
+
+@pytest.fixture(scope="session")
+def example_models_f32(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_example(tmp_path_factory.mktemp("example32") / "models", dtype=torch.float32)

@@ -1,0 +1,76 @@
+"""Shared test helpers: tolerances, raw safetensors files, tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergekit_like.io.sharding import TensorSpec
+from mergekit_like.io.writer import ShardedWriter
+
+# Per-dtype tolerances for comparing computed results (exact round trips use torch.equal).
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=1e-6, atol=1e-6),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    tol = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual.to(expected.dtype), expected, **tol)
+
+
+def write_raw_safetensors(path: Path, header: dict[str, Any] | bytes, data: bytes = b"",
+                          declared_length: int | None = None) -> Path:
+    """Writes a safetensors file byte by byte, however malformed the caller wants it."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    length = len(raw) if declared_length is None else declared_length
+    path.write_bytes(struct.pack("<Q", length) + raw + data)
+    return path
+
+
+def write_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], max_shard_size: int = 10**9,
+                     config: dict[str, Any] | None = None) -> Path:
+    """Writes ``tensors`` with the project's writer (sharded if they exceed ``max_shard_size``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    with ShardedWriter(directory, specs, max_shard_size=max_shard_size) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    if config is not None:
+        (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def all_dtype_tensors() -> dict[str, torch.Tensor]:
+    """One tensor of every dtype this torch build can store in safetensors, plus edge shapes."""
+    from mergekit_like.io.dtypes import SAFETENSORS_TO_TORCH
+
+    g = torch.Generator().manual_seed(0)
+    out: dict[str, torch.Tensor] = {}
+    for code, dtype in SAFETENSORS_TO_TORCH.items():
+        raw = torch.randint(0, 256, (3, 5, 8), dtype=torch.uint8, generator=g)
+        size = torch.empty((), dtype=dtype).element_size()
+        if dtype == torch.bool:
+            tensor = raw[..., :1].squeeze(-1) % 2 == 1
+        else:
+            tensor = raw.reshape(3, 5, 8 // size, size).contiguous().view(dtype).reshape(3, 5, 8 // size)
+        out[f"t.{code}"] = tensor
+        out[f"scalar.{code}"] = tensor.reshape(-1)[0].clone().reshape(())
+        out[f"empty.{code}"] = torch.empty((0, 4), dtype=dtype)
+    return out
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality, NaN payloads included (torch.equal treats NaN != NaN)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))

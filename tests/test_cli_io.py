@@ -1,0 +1,73 @@
+"""The I/O commands through Typer's CliRunner: inspect, example, convert."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+from helpers import write_checkpoint
+from mergekit_like.cli.main import app
+
+runner = CliRunner()
+
+
+def test_inspect_json_lists_every_tensor_and_totals(example_models: list[Path]) -> None:
+    result = runner.invoke(app, ["inspect", str(example_models[0]), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["num_tensors"] == len(data["tensors"]) == 39
+    assert data["num_parameters"] == sum(t["numel"] for t in data["tensors"])
+    assert data["total_bytes"] == 2 * data["num_parameters"]
+    assert data["index"] == "model.safetensors.index.json" and len(data["shards"]) == 2
+    assert data["largest_tensor"] in ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def test_inspect_table_shows_names_and_totals(example_models: list[Path]) -> None:
+    result = runner.invoke(app, ["inspect", str(example_models[0]), "--filter", "layers.0.mlp"])
+    assert result.exit_code == 0, result.output
+    assert "model.layers.0.mlp.up_p" in result.stdout and "layers.1" not in result.stdout
+    assert "39 tensors" in result.stdout and "bfloat16" in result.stdout
+
+
+def test_inspect_bad_path_prints_one_line_and_exits_2(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["inspect", str(tmp_path / "missing")])
+    assert result.exit_code == 2
+    assert "error:" in result.output and "missing" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_inspect_refuses_pickle_with_a_hint(tmp_path: Path) -> None:
+    torch.save({"w": torch.ones(1)}, tmp_path / "pytorch_model.bin")
+    result = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert result.exit_code == 2 and "--allow-pickle" in result.output
+    result = runner.invoke(app, ["inspect", str(tmp_path), "--allow-pickle", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["format"] == "pickle"
+
+
+def test_example_then_convert_json(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["example", str(tmp_path / "ex"), "--finetunes", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["models"]) == 2
+    result = runner.invoke(app, ["convert", str(tmp_path / "ex" / "base"), "-o", str(tmp_path / "c"),
+                                 "--dtype", "fp32", "--shard-size", "200KB", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["num_tensors"] == 39 and len(summary["shards"]) > 2
+
+
+def test_convert_refuses_existing_output_then_overwrites(tmp_path: Path) -> None:
+    src = write_checkpoint(tmp_path / "src", {"w": torch.ones(2)})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    result = runner.invoke(app, ["convert", str(src), "-o", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    result = runner.invoke(app, ["convert", str(src), "-o", str(tmp_path / "out"), "-q", "--overwrite"])
+    assert result.exit_code == 0 and result.stdout == ""
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.startswith("mergekit-like ")

@@ -1,0 +1,54 @@
+"""Checkpoints saved by transformers are read exactly (skipped without transformers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+transformers = pytest.importorskip("transformers")
+
+from mergekit_like.cli.main import app  # noqa: E402
+from mergekit_like.io import open_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+def tiny_llama() -> "transformers.PreTrainedModel":
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+
+
+def test_sharded_save_pretrained_is_read_exactly_and_inspected(tmp_path: Path) -> None:
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    assert (tmp_path / "m" / "model.safetensors.index.json").exists()
+    state = model.state_dict()
+    with open_checkpoint(tmp_path / "m") as ckpt:
+        assert len(ckpt.files) > 1
+        for name in ckpt.names():
+            assert torch.equal(ckpt.read(name), state[name]), name
+        assert set(ckpt.names()) <= set(state)
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "m"), "--totals"])
+    assert result.exit_code == 0 and "shard(s)" in result.stdout
+
+
+def test_our_output_loads_in_transformers(tmp_path: Path) -> None:
+    from mergekit_like.io import convert_checkpoint
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    convert_checkpoint(tmp_path / "m", tmp_path / "c", dtype=torch.float32, max_shard_size=30_000)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    assert loaded.dtype == torch.float32
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        expected = model.float()(ids).logits
+        actual = loaded(ids).logits
+    torch.testing.assert_close(actual, expected)
