@@ -7,7 +7,7 @@ import logging
 import typer
 
 from mergekit_like import __version__
-from mergekit_like.cli import convert_cmd, example_cmd, inspect_cmd
+from mergekit_like.cli import convert_cmd, example_cmd, inspect_cmd, merge_cmd
 from mergekit_like.cli.output import DEBUG
 
 app = typer.Typer(
@@ -37,6 +37,7 @@ def _root(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
 
 
+merge_cmd.register(app)
 inspect_cmd.register(app)
 example_cmd.register(app)
 convert_cmd.register(app)

@@ -1,0 +1,132 @@
+"""``mergekit-like merge``: merge checkpoint directories from a recipe or the quick form."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mergekit_like.card import RECIPE_FILE, write_model_card, write_recipe
+from mergekit_like.cli.output import RichProgress, console, handle_errors, human_bytes, print_json
+from mergekit_like.engine import MergePlan, Variant, planned_merge, run_merge
+from mergekit_like.errors import RecipeError
+from mergekit_like.io import parse_size
+from mergekit_like.io.dtypes import parse_dtype
+from mergekit_like.methods import all_methods
+from mergekit_like.recipe import MergeRecipe, load_recipe, recipe_from_cli
+
+HELP = f"""Merge checkpoints into a new, ready-to-load checkpoint.
+
+Recipe form (mergekit's YAML): mergekit-like merge recipe.yml -o OUT
+
+Quick form: mergekit-like merge --method ties --base BASE M1 M2 -p density=0.2 -p weight=0.7,0.3 -o OUT
+
+Methods: {', '.join(all_methods())}.
+"""
+
+
+def register(app: typer.Typer) -> None:
+    app.command("merge", help=HELP)(merge)
+
+
+@handle_errors
+def merge(
+    args: list[str] = typer.Argument(..., help="A recipe .yml, or (with --method) the models to merge."),
+    output: Path = typer.Option(None, "--output", "-o", help="Output directory."),
+    method: str = typer.Option(None, "--method", "-m", help="Merge method (quick form)."),
+    base: str = typer.Option(None, "--base", "-b", help="Base model (quick form)."),
+    param: list[str] = typer.Option([], "--param", "-p", help="name=value; per model: weight=0.7,0.3."),
+    compute_dtype: str = typer.Option(None, "--compute-dtype", help="Dtype to merge in (default float32)."),
+    out_dtype: str = typer.Option(None, "--out-dtype", help="Dtype to write (default: the base's)."),
+    seed: int = typer.Option(None, "--seed", help="Seed for random methods (DARE); default 0."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard (decimal units)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop; reads no tensor data."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT once the new one is complete."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pytorch_model*.bin pickles."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+) -> None:
+    recipe = _recipe(args, method, base, param, compute_dtype, out_dtype, seed)
+    if output is None and not dry_run:
+        raise typer.BadParameter("give the output directory with -o/--output", param_hint="-o")
+    try:
+        max_shard = parse_size(shard_size)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--shard-size") from None
+    with planned_merge(recipe, allow_pickle=allow_pickle) as plan:
+        if dry_run:
+            _print_plan(plan, as_json)
+            return
+        command = f"mergekit-like merge {RECIPE_FILE} -o OUTPUT"
+
+        def finalize(directory: Path, variant: Variant) -> None:
+            write_recipe(directory, recipe)
+            write_model_card(directory, recipe, has_config=(directory / "config.json").exists(),
+                             command=command, variant=variant.label)
+
+        with RichProgress("merge", enabled=not (quiet or as_json)) as progress:
+            result = run_merge(plan, output, device=device, overwrite=overwrite,
+                               max_shard_size=max_shard, progress=progress, finalize=finalize)
+    summary = {
+        "method": recipe.merge_method,
+        "outputs": [str(o.directory) for o in result.outputs],
+        "tensors": result.outputs[0].num_tensors,
+        "read_bytes": result.read_bytes,
+        "write_bytes": result.write_bytes,
+    }
+    if as_json:
+        print_json(summary)
+    elif not quiet:
+        for written in result.outputs:
+            console.print(f"wrote {written.num_tensors} tensors, {human_bytes(written.total_bytes)} "
+                          f"in {len(written.shards)} shard(s) to {written.directory}", highlight=False)
+
+
+def _recipe(
+    args: list[str], method: str | None, base: str | None, params: list[str],
+    compute_dtype: str | None, out_dtype: str | None, seed: int | None,
+) -> MergeRecipe:
+    if method is None:
+        if len(args) != 1 or not args[0].endswith((".yml", ".yaml")):
+            raise RecipeError(["give a recipe .yml, or --method with the models to merge"])
+        recipe = load_recipe(args[0])
+        overrides: dict[str, Any] = {}
+        if compute_dtype:
+            overrides["compute_dtype"] = parse_dtype(compute_dtype)
+        if out_dtype:
+            overrides["out_dtype"] = parse_dtype(out_dtype)
+        if seed is not None:
+            overrides["seed"] = seed
+        return dataclasses.replace(recipe, **overrides)
+    return recipe_from_cli(method, args, base=base, params=params, compute_dtype=compute_dtype,
+                           out_dtype=out_dtype, seed=seed or 0)
+
+
+def _print_plan(plan: MergePlan, as_json: bool) -> None:
+    recipe = plan.recipe
+    data = {
+        "method": recipe.merge_method,
+        "base_model": recipe.base_model,
+        "models": plan.input_refs,
+        "compute_dtype": sorted({str(t.compute_dtype).removeprefix("torch.") for t in plan.tensors}),
+        "outputs": [v.label or "." for v in plan.variants],
+        "tensors": len(plan.tensors),
+        "read_bytes": plan.read_bytes,
+        "write_bytes": plan.write_bytes,
+        "parameter_groups": plan.parameter_groups(),
+    }
+    if as_json:
+        print_json(data)
+        return
+    console.print(f"[bold]{recipe.merge_method}[/] of {len(plan.input_refs)} model(s)"
+                  + (f" onto base {recipe.base_model}" if recipe.base_model else ""), highlight=False)
+    console.print(f"  {len(plan.tensors)} tensors; reads {human_bytes(plan.read_bytes)}, writes "
+                  f"{human_bytes(plan.write_bytes)} in {len(plan.variants)} output(s); computes in "
+                  f"{', '.join(data['compute_dtype'])}", highlight=False)
+    for group in data["parameter_groups"]:
+        examples = ", ".join(group["examples"])
+        console.print(f"  {group['tensors']:>5} tensors  {group['parameters']}  (e.g. {examples})",
+                      highlight=False, soft_wrap=True)

@@ -1,0 +1,443 @@
+"""The merge pipeline: plan everything from the headers, then stream tensor by tensor.
+
+Planning opens every input (headers only), checks that they agree on tensor
+names and shapes, and resolves every parameter for every tensor; all problems
+are reported together before any tensor data is read. Running then reads one
+tensor from each input, merges it on the compute device in the compute dtype,
+casts it to the output dtype and hands it to the streaming writer, so memory
+holds a few tensors at a time, never a model.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergekit_like.errors import IncompatibleModelsError, MergeError, RecipeError
+from mergekit_like.io.atomic import atomic_directory, check_target
+from mergekit_like.io.reader import Checkpoint, open_checkpoint
+from mergekit_like.io.safetensors_format import TensorEntry
+from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
+from mergekit_like.io.sidefiles import copy_side_files
+from mergekit_like.io.writer import ShardedWriter, WrittenCheckpoint
+from mergekit_like.methods.registry import BaseUse, MergeMethod
+from mergekit_like.parameters import LayerPosition, NoValue, layer_count, layer_index, resolve_value
+from mergekit_like.progress import NullProgress, ProgressSink
+from mergekit_like.recipe import MergeRecipe
+
+MAX_LISTED_PROBLEMS = 25
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one output tensor is made: merged with resolved parameters, or copied."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    # Integer and bool tensors are copied from this input (the base, else the first model).
+    copy_from: str | None
+    # Kernel keyword arguments, one dict per output variant.
+    params: tuple[dict[str, Any], ...]
+    read_bytes: int
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One output of a run: a whole checkpoint (sweeps such as wise_ft alphas make several)."""
+
+    label: str | None
+    value: Any = None
+
+
+@dataclass
+class MergePlan:
+    """Everything a merge will do, decided before any tensor data is read."""
+
+    recipe: MergeRecipe
+    method: MergeMethod
+    checkpoints: dict[str, Checkpoint]
+    tensors: list[TensorPlan]
+    variants: list[Variant]
+    side_file_source: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def input_refs(self) -> list[str]:
+        return [m.model for m in self.recipe.inputs]
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(t.read_bytes for t in self.tensors)
+
+    @property
+    def write_bytes(self) -> int:
+        per_output = sum(TensorSpec(t.name, t.out_dtype, t.shape).nbytes for t in self.tensors)
+        return per_output * len(self.variants)
+
+    def specs(self) -> list[TensorSpec]:
+        return [TensorSpec(t.name, t.out_dtype, t.shape) for t in self.tensors]
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Tensors grouped by identical resolved parameters, for --dry-run."""
+        groups: dict[str, dict[str, Any]] = {}
+        for t in self.tensors:
+            key = repr(("copy", t.copy_from) if t.copy_from else t.params)
+            group = groups.setdefault(key, {
+                "parameters": "copied from " + str(t.copy_from) if t.copy_from else _printable(t.params),
+                "tensors": 0, "examples": [],
+            })
+            group["tensors"] += 1
+            if len(group["examples"]) < 3:
+                group["examples"].append(t.name)
+        return list(groups.values())
+
+    def close(self) -> None:
+        for checkpoint in self.checkpoints.values():
+            checkpoint.close()
+
+
+def _printable(params: tuple[dict[str, Any], ...]) -> Any:
+    cleaned = [{k: v for k, v in p.items()} for p in params]
+    return cleaned[0] if len(cleaned) == 1 else cleaned
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    outputs: list[WrittenCheckpoint]
+    read_bytes: int
+    write_bytes: int
+
+
+ModelResolver = Callable[[str], Path]
+
+
+@contextmanager
+def planned_merge(
+    recipe: MergeRecipe, *, allow_pickle: bool = False, resolve_model: ModelResolver = Path
+) -> Iterator[MergePlan]:
+    """Plans ``recipe`` (see :func:`plan_merge`) and closes the inputs afterwards."""
+    plan = plan_merge(recipe, allow_pickle=allow_pickle, resolve_model=resolve_model)
+    try:
+        yield plan
+    finally:
+        plan.close()
+
+
+def plan_merge(
+    recipe: MergeRecipe, *, allow_pickle: bool = False, resolve_model: ModelResolver = Path
+) -> MergePlan:
+    """Opens every input, checks them against each other and resolves every parameter.
+
+    Raises :class:`RecipeError` listing every problem found; no tensor data is read.
+    """
+    method = recipe.method
+    refs = _needed_refs(recipe, method)
+    checkpoints: dict[str, Checkpoint] = {}
+    with ExitStack() as stack:
+        for ref in refs:
+            checkpoints[ref] = stack.enter_context(open_checkpoint(resolve_model(ref), allow_pickle=allow_pickle))
+        problems: list[str] = []
+        reference = recipe.base_model if method.base is not BaseUse.NONE else refs[0]
+        names = checkpoints[reference].names()
+        problems += _check_names(checkpoints, reference)
+        variants = _variants(recipe)
+        positions = _positions(names)
+        tensors = []
+        for name in names:
+            try:
+                tensors.append(_plan_tensor(recipe, method, checkpoints, reference, name, positions[name], variants))
+            except _TensorProblems as found:
+                problems += found.problems
+        if problems:
+            raise _recipe_error(problems)
+        stack.pop_all()
+    source = _side_file_source(recipe, reference)
+    return MergePlan(recipe, method, checkpoints, tensors, variants, source)
+
+
+def _needed_refs(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
+    refs = [m.model for m in recipe.inputs]
+    if method.base is not BaseUse.NONE and recipe.base_model is not None:
+        refs = [recipe.base_model] + refs
+    return refs
+
+
+def _check_names(checkpoints: dict[str, Checkpoint], reference: str) -> list[str]:
+    expected = set(checkpoints[reference].names())
+    problems = []
+    for ref, checkpoint in checkpoints.items():
+        if ref == reference:
+            continue
+        names = set(checkpoint.names())
+        for kind, diff in (("missing from", expected - names), ("only in", names - expected)):
+            if diff:
+                listed = ", ".join(sorted(diff)[:3]) + (f" and {len(diff) - 3} more" if len(diff) > 3 else "")
+                problems.append(
+                    f"{len(diff)} tensor(s) {kind} '{ref}' compared with '{reference}': {listed}"
+                )
+    return problems
+
+
+def _positions(names: Sequence[str]) -> dict[str, LayerPosition]:
+    count = layer_count(names)
+    return {name: LayerPosition(layer_index(name), count) for name in names}
+
+
+def _variants(recipe: MergeRecipe) -> list[Variant]:
+    values = recipe.sweep_values
+    if values is None:
+        return [Variant(None)]
+    name = recipe.method.sweep_param
+    return [Variant(f"{name}_{v:g}", v) for v in values]
+
+
+class _TensorProblems(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+
+
+def _plan_tensor(
+    recipe: MergeRecipe,
+    method: MergeMethod,
+    checkpoints: dict[str, Checkpoint],
+    reference: str,
+    name: str,
+    position: LayerPosition,
+    variants: list[Variant],
+) -> TensorPlan:
+    entries = {ref: ckpt.entry(name) for ref, ckpt in checkpoints.items() if name in ckpt}
+    ref_entry = entries[reference]
+    problems = _shape_problems(name, entries, reference)
+    read_bytes = sum(e.nbytes for e in entries.values())
+    if not ref_entry.dtype.is_floating_point:
+        if problems:
+            raise _TensorProblems(problems)
+        return TensorPlan(name, ref_entry.shape, ref_entry.dtype, ref_entry.dtype, reference, ({},),
+                          ref_entry.nbytes)
+    compute = recipe.compute_dtype or _promoted(e.dtype for e in entries.values())
+    out_dtype = recipe.out_dtype or (compute if recipe.dtype_sets_output else None) or ref_entry.dtype
+    params = []
+    for variant in variants:
+        resolved, found = _resolve_params(recipe, method, name, position, variant)
+        problems += found
+        params.append(resolved)
+    if problems:
+        raise _TensorProblems(problems)
+    return TensorPlan(name, ref_entry.shape, out_dtype, compute, None, tuple(params), read_bytes)
+
+
+def _promoted(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The dtype mergekit computes in without a `dtype` key: the inputs' promoted dtype."""
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def _shape_problems(name: str, entries: dict[str, TensorEntry], reference: str) -> list[str]:
+    expected = entries[reference].shape
+    return [
+        f"tensor '{name}': shape {list(e.shape)} in '{ref}' but {list(expected)} in '{reference}'"
+        + (" (different vocabulary sizes: the models cannot be merged row by row)"
+           if _is_vocab_tensor(name) else "")
+        for ref, e in entries.items()
+        if e.shape != expected
+    ]
+
+
+def _is_vocab_tensor(name: str) -> bool:
+    return any(key in name for key in ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out"))
+
+
+def _resolve_params(
+    recipe: MergeRecipe, method: MergeMethod, name: str, position: LayerPosition, variant: Variant
+) -> tuple[dict[str, Any], list[str]]:
+    resolved: dict[str, Any] = {}
+    problems: list[str] = []
+    inputs = recipe.inputs
+    for key, spec in method.params.items():
+        if spec.per_model:
+            values = []
+            for entry in inputs:
+                value = _lookup(key, [entry.parameters, recipe.parameters], name, position, spec.default)
+                if value is _MISSING:
+                    problems.append(f"tensor '{name}': no value of '{key}' for model '{entry.model}' "
+                                    "(no filter matched and there is no default)")
+                values.append(value)
+            resolved[spec.name] = [spec.kind(v) for v in values if v is not _MISSING]
+        else:
+            if variant.label is not None and key == method.sweep_param:
+                value: Any = variant.value
+            else:
+                value = _lookup(key, [recipe.parameters], name, position, spec.default)
+            if value is _MISSING:
+                problems.append(f"tensor '{name}': no value of '{key}' (no filter matched and there is no default)")
+                continue
+            resolved[spec.name] = spec.kind(value)
+    if not problems and resolved.get("normalize") and "weight" in resolved and sum(resolved["weight"]) == 0:
+        problems.append(f"tensor '{name}': the weights sum to zero and normalize is on "
+                        "(set normalize: false or change the weights)")
+    return resolved, problems
+
+
+_MISSING = object()
+
+
+def _lookup(key: str, scopes: list[Any], name: str, position: LayerPosition, default: Any) -> Any:
+    """The first scope that gives ``key`` a value for this tensor wins (mergekit's precedence)."""
+    for scope in scopes:
+        if key in scope:
+            try:
+                return resolve_value(scope[key], name, position)
+            except NoValue:
+                continue
+    return _MISSING if default is inspect.Parameter.empty else default
+
+
+
+
+def _side_file_source(recipe: MergeRecipe, reference: str) -> str:
+    source = recipe.tokenizer_source
+    if source is None or source == "base":
+        return recipe.base_model or reference
+    return source
+
+
+def _recipe_error(problems: list[str]) -> RecipeError:
+    if len(problems) > MAX_LISTED_PROBLEMS:
+        extra = len(problems) - MAX_LISTED_PROBLEMS
+        problems = problems[:MAX_LISTED_PROBLEMS] + [f"... and {extra} more problems"]
+    return RecipeError(problems)
+
+
+# -- running ---------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is the first GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError("CUDA was asked for but is not available", fix="use --device cpu or auto")
+    return resolved
+
+
+def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """A generator seeded by the run's seed and the tensor's name: reproducible, order-free."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed << 32) ^ zlib.crc32(name.encode()))
+    return generator
+
+
+def merge_tensor(plan: MergePlan, tensor: TensorPlan, device: torch.device) -> list[torch.Tensor]:
+    """Reads one tensor from every input and returns its merged value for each variant (on CPU)."""
+    if tensor.copy_from is not None:
+        copied = plan.checkpoints[tensor.copy_from].read(tensor.name)
+        return [copied] * len(plan.variants)
+    recipe, method = plan.recipe, plan.method
+    load = _loader(plan, tensor, device)
+    inputs = [load(ref) for ref in plan.input_refs]
+    base = load(recipe.base_model) if method.base is not BaseUse.NONE else None
+    results = []
+    for params in tensor.params:
+        kwargs = dict(params)
+        if base is not None:
+            kwargs["base"] = base
+        if method.uses_generator:
+            kwargs["generator"] = tensor_generator(recipe.seed, tensor.name, device)
+        try:
+            merged = method.kernel(inputs, **kwargs)
+        except MergeError as exc:
+            raise MergeError(exc.what, tensor=tensor.name, fix=exc.fix) from None
+        results.append(merged.to(dtype=tensor.out_dtype).cpu())
+    return results
+
+
+def _loader(plan: MergePlan, tensor: TensorPlan, device: torch.device) -> Callable[[str | None], torch.Tensor]:
+    def load(ref: str | None) -> torch.Tensor:
+        assert ref is not None
+        return plan.checkpoints[ref].read(tensor.name, device=device).to(tensor.compute_dtype)
+
+    return load
+
+
+def run_merge(
+    plan: MergePlan,
+    output: str | Path,
+    *,
+    device: str = "cpu",
+    overwrite: bool = False,
+    max_shard_size: int = DEFAULT_SHARD_SIZE,
+    progress: ProgressSink | None = None,
+    finalize: Callable[[Path, Variant], None] | None = None,
+) -> MergeResult:
+    """Streams the merge into ``output`` (one subdirectory per variant for sweeps), atomically.
+
+    ``finalize(directory, variant)`` runs for each output directory before it is
+    moved into place (the CLI writes the model card and recipe there).
+    """
+    progress = progress or NullProgress()
+    torch_device = resolve_device(device)
+    output = Path(output)
+    check_target(output, overwrite=overwrite)
+    _refuse_output_among_inputs(plan, output)
+    specs = plan.specs()
+    progress.start(len(plan.tensors), plan.read_bytes)
+    with atomic_directory(output, overwrite=overwrite) as temp:
+        directories = [temp / v.label if v.label else temp for v in plan.variants]
+        for directory in directories:
+            directory.mkdir(exist_ok=True)
+        writers = [ShardedWriter(d, specs, max_shard_size=max_shard_size) for d in directories]
+        try:
+            with torch.no_grad():
+                for tensor in plan.tensors:
+                    for writer, value in zip(writers, merge_tensor(plan, tensor, torch_device)):
+                        writer.write(tensor.name, value)
+                    progress.advance(tensor.name, tensor.read_bytes)
+            written = [writer.close() for writer in writers]
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
+        source_dir = _side_file_dir(plan)
+        out_dtype = _uniform_out_dtype(plan)
+        for directory, variant in zip(directories, plan.variants):
+            copy_side_files(source_dir, directory, out_dtype)
+            if finalize is not None:
+                finalize(directory, variant)
+    outputs = [
+        WrittenCheckpoint(output / v.label if v.label else output, w.shards, w.index, w.total_bytes, w.num_tensors)
+        for v, w in zip(plan.variants, written)
+    ]
+    return MergeResult(outputs, plan.read_bytes, plan.write_bytes)
+
+
+def _side_file_dir(plan: MergePlan) -> Path:
+    source = plan.side_file_source
+    if source in plan.checkpoints:
+        return plan.checkpoints[source].layout.root
+    return Path(source)
+
+
+def _uniform_out_dtype(plan: MergePlan) -> torch.dtype | None:
+    dtypes = {t.out_dtype for t in plan.tensors if t.copy_from is None}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _refuse_output_among_inputs(plan: MergePlan, output: Path) -> None:
+    target = output.resolve()
+    for ref, checkpoint in plan.checkpoints.items():
+        root = checkpoint.layout.root.resolve()
+        if target == root or root.is_relative_to(target):
+            raise IncompatibleModelsError(
+                f"the output directory would replace input '{ref}'", path=output,
+                fix="write the merge to another directory",
+            )

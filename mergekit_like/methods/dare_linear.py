@@ -1,0 +1,29 @@
+"""DARE: randomly drop task-vector entries, rescale the rest, add them to the base."""
+
+from __future__ import annotations
+
+import torch
+
+from mergekit_like.methods.registry import PerModel, merge_method
+from mergekit_like.methods.task_vectors import RescaleMode, combine_task_vectors, sparse_task_vectors
+
+
+@merge_method(
+    "dare_linear",
+    paper="https://arxiv.org/abs/2311.03099",
+    description="Drop task-vector entries at random (seeded), rescale, task arithmetic.",
+)
+def dare_linear(
+    tensors: list[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    generator: torch.Generator,
+    weight: PerModel[float],
+    density: PerModel[float] = 1.0,
+    rescale: bool = True,
+    rescale_mode: RescaleMode = "l1",
+    normalize: bool = False,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    deltas = sparse_task_vectors(tensors, base, density, "bernoulli", rescale=rescale, rescale_mode=rescale_mode, generator=generator)
+    return combine_task_vectors(base, deltas, weight, consensus=None, normalize=normalize, scale=lambda_)

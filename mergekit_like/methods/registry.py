@@ -1,0 +1,160 @@
+"""The one registry of merge methods, fed by a decorator that reads each kernel's signature.
+
+A kernel is a pure function of tensors and numbers::
+
+    @merge_method("linear", paper=..., base=BaseUse.OPTIONAL)
+    def linear(tensors: list[Tensor], *, weight: PerModel[float], normalize: bool = True) -> Tensor
+
+- ``tensors`` are the models' tensors (in the compute dtype, on the compute device);
+- a ``base: Tensor`` keyword makes the base model's tensor an input;
+- every other keyword-only parameter is a method parameter: ``PerModel[X]``
+  ones take one value per model (a recipe may still give one value for all),
+  the rest one value per tensor; a default makes a parameter optional;
+- ``generator: torch.Generator`` asks the engine for a generator seeded by the
+  run's seed and the tensor's name (reproducible randomness).
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Generic, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class PerModel(list, Generic[T]):  # type: ignore[type-arg]
+    """Annotation: one value per input model (a plain list at run time)."""
+
+
+class BaseUse(Enum):
+    NONE = "none"  # the base model is not an input (it may still be a listed model)
+    OPTIONAL = "optional"
+    REQUIRED = "required"
+
+
+_CONTEXT_ARGS = {"tensors", "base", "generator"}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A method parameter as read from the kernel's signature."""
+
+    name: str
+    kind: type  # float, int, bool or str
+    per_model: bool
+    default: Any = inspect.Parameter.empty
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def recipe_name(self) -> str:
+        """The key in recipes: ``lambda_`` in Python is ``lambda`` in YAML."""
+        return self.name.rstrip("_")
+
+    @property
+    def required(self) -> bool:
+        return self.default is inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method: its kernel, parameters and requirements."""
+
+    name: str
+    kernel: Callable[..., torch.Tensor]
+    params: dict[str, ParamSpec]
+    base: BaseUse
+    min_models: int
+    max_models: int | None
+    paper: str
+    description: str
+    uses_generator: bool
+    # Accepted for compatibility with mergekit recipes, and ignored (e.g. int8_mask).
+    ignored_params: frozenset[str] = frozenset()
+    # A parameter whose list value means "one output per value" rather than a gradient.
+    sweep_param: str | None = None
+
+    def __call__(self, tensors: list[torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        return self.kernel(tensors, **kwargs)
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    paper: str,
+    description: str,
+    base: BaseUse | None = None,
+    min_models: int = 1,
+    max_models: int | None = None,
+    ignored_params: tuple[str, ...] = (),
+    sweep_param: str | None = None,
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Registers a kernel as merge method ``name``; a duplicate name is an error."""
+
+    def register(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        hints = typing.get_type_hints(kernel)
+        signature = inspect.signature(kernel)
+        params: dict[str, ParamSpec] = {}
+        for parameter in signature.parameters.values():
+            if parameter.name in _CONTEXT_ARGS:
+                continue
+            if parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
+                raise TypeError(f"{kernel.__name__}: parameter {parameter.name} must be keyword-only")
+            spec = _param_spec(parameter, hints[parameter.name])
+            params[spec.recipe_name] = spec
+        uses_base = "base" in signature.parameters
+        base_use = base or (BaseUse.REQUIRED if uses_base else BaseUse.NONE)
+        _REGISTRY[name] = MergeMethod(
+            name=name, kernel=kernel, params=params, base=base_use, min_models=min_models,
+            max_models=max_models, paper=paper, description=description,
+            uses_generator="generator" in signature.parameters,
+            ignored_params=frozenset(ignored_params), sweep_param=sweep_param,
+        )
+        return kernel
+
+    return register
+
+
+def _param_spec(parameter: inspect.Parameter, hint: Any) -> ParamSpec:
+    per_model = typing.get_origin(hint) is PerModel
+    inner = typing.get_args(hint)[0] if per_model else hint
+    # Optional[X] parameters read as X.
+    if typing.get_origin(inner) in (typing.Union, types.UnionType):
+        inner = next(a for a in typing.get_args(inner) if a is not type(None))
+    choices = None
+    if typing.get_origin(inner) is typing.Literal:
+        choices = tuple(typing.get_args(inner))
+        inner = str
+    if inner not in (float, int, bool, str):
+        raise TypeError(f"parameter {parameter.name}: unsupported annotation {hint!r}")
+    return ParamSpec(parameter.name, inner, per_model, parameter.default, choices)
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method ``name``; raises KeyError listing the known ones."""
+    _load_builtin_methods()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown merge method {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def all_methods() -> dict[str, MergeMethod]:
+    _load_builtin_methods()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def _load_builtin_methods() -> None:
+    # Importing the package's modules runs their decorators once.
+    import mergekit_like.methods.builtin  # noqa: F401

@@ -1,0 +1,25 @@
+"""Task arithmetic: add weighted task vectors to the base."""
+
+from __future__ import annotations
+
+import torch
+
+from mergekit_like.methods.registry import PerModel, merge_method
+from mergekit_like.methods.task_vectors import combine_task_vectors
+
+
+@merge_method(
+    "task_arithmetic",
+    paper="https://arxiv.org/abs/2212.04089",
+    description="base + lambda * sum w_i (x_i - base), optionally divided by sum w_i.",
+)
+def task_arithmetic(
+    tensors: list[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    weight: PerModel[float],
+    normalize: bool = False,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    deltas = [x - base for x in tensors]
+    return combine_task_vectors(base, deltas, weight, consensus=None, normalize=normalize, scale=lambda_)

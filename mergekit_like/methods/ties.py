@@ -1,0 +1,32 @@
+"""TIES: trim each task vector, elect a sign per entry, average the agreeing entries."""
+
+from __future__ import annotations
+
+import torch
+
+from mergekit_like.methods.registry import PerModel, merge_method
+from mergekit_like.methods.task_vectors import Consensus, combine_task_vectors, sparse_task_vectors
+
+
+@merge_method(
+    "ties",
+    paper="https://arxiv.org/abs/2306.01708",
+    description="Trim task vectors to their largest entries, elect signs, disjoint mean.",
+    ignored_params=("int8_mask",),
+)
+def ties(
+    tensors: list[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    weight: PerModel[float],
+    density: PerModel[float] = 1.0,
+    normalize: bool = True,
+    rescale: bool = False,
+    lambda_: float = 1.0,
+    consensus: Consensus = "sum",
+) -> torch.Tensor:
+    deltas = sparse_task_vectors(tensors, base, density, "magnitude", rescale=rescale)
+    return combine_task_vectors(
+        base, deltas, weight, consensus=consensus, normalize=normalize, scale=lambda_
+    )
+

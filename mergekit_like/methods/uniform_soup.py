@@ -1,0 +1,17 @@
+"""Uniform model soup: the plain mean of the models."""
+
+from __future__ import annotations
+
+import torch
+
+from mergekit_like.methods.linear import weighted_average
+from mergekit_like.methods.registry import merge_method
+
+
+@merge_method(
+    "uniform_soup",
+    paper="https://arxiv.org/abs/2203.05482",
+    description="Uniform model soup: the mean of the models (linear with equal weights).",
+)
+def uniform_soup(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return weighted_average(tensors, [1.0] * len(tensors), normalize=True)

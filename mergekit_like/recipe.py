@@ -1,0 +1,380 @@
+"""Merge recipes: mergekit's YAML form, this tool's extensions, and the quick CLI form.
+
+A recipe is parsed into a frozen :class:`MergeRecipe` and validated against
+the method's parameters before any checkpoint is opened; every problem is
+reported at once (:class:`~mergekit_like.errors.RecipeError`). Keys this tool
+does not support are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mergekit_like.errors import RecipeError, UnsupportedDtypeError
+from mergekit_like.io.dtypes import dtype_name, parse_dtype
+from mergekit_like.methods.registry import BaseUse, MergeMethod, ParamSpec, all_methods
+from mergekit_like.parameters import check_value_form, is_gradient, numeric_values
+
+# mergekit keys we understand, and our own extensions.
+RECIPE_KEYS = {
+    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", "compute_dtype", "seed",
+}
+MODEL_KEYS = {"model", "parameters"}
+# mergekit features this tool does not implement, with what to do instead.
+UNSUPPORTED_KEYS = {
+    "slices": "layer slicing (passthrough/frankenmerges) is not supported; merge whole models",
+    "modules": "per-module slices are not supported; use {filter, value} parameter lists",
+    "tokenizer": "tokenizer merging is not supported; use tokenizer_source: base or a model",
+    "chat_template": "chat templates are copied from the tokenizer source; remove this key",
+}
+# Parameters that must lie in [0, 1].
+FRACTIONS = {"density", "gamma"}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One input model as the recipe lists it, with its own parameter values."""
+
+    model: str
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MergeRecipe:
+    """A validated merge recipe."""
+
+    merge_method: str
+    models: tuple[ModelEntry, ...]
+    base_model: str | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    # mergekit's `dtype`: tensors are cast to it and merged in it. None: as mergekit does
+    # without `dtype`, in the inputs' own (promoted) dtype. The quick CLI form says float32.
+    compute_dtype: torch.dtype | None = None
+    out_dtype: torch.dtype | None = None
+    # mergekit's `dtype` also sets the output dtype when `out_dtype` is absent.
+    dtype_sets_output: bool = False
+    seed: int = 0
+    tokenizer_source: str | None = None
+
+    @property
+    def method(self) -> MergeMethod:
+        return all_methods()[self.merge_method]
+
+    @property
+    def inputs(self) -> list[ModelEntry]:
+        """The models the kernel merges: every listed model, less the base for methods that use one."""
+        if self.method.base is BaseUse.NONE:
+            return list(self.models)
+        return [m for m in self.models if m.model != self.base_model]
+
+    @property
+    def sweep_values(self) -> list[Any] | None:
+        """For a sweep method (wise_ft), the list of values that each give one output."""
+        name = self.method.sweep_param
+        value = self.parameters.get(name) if name else None
+        return list(value) if isinstance(value, list) and is_gradient(value) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe in YAML-ready form (mergekit's keys plus this tool's)."""
+        data: dict[str, Any] = {"merge_method": self.merge_method}
+        if self.base_model is not None:
+            data["base_model"] = self.base_model
+        data["models"] = [
+            {"model": m.model, **({"parameters": dict(m.parameters)} if m.parameters else {})}
+            for m in self.models
+        ]
+        if self.parameters:
+            data["parameters"] = dict(self.parameters)
+        if self.compute_dtype is not None:
+            data["dtype" if self.dtype_sets_output else "compute_dtype"] = dtype_name(self.compute_dtype)
+        if self.out_dtype is not None:
+            data["out_dtype"] = dtype_name(self.out_dtype)
+        if self.tokenizer_source is not None:
+            data["tokenizer_source"] = self.tokenizer_source
+        data["seed"] = self.seed
+        return data
+
+
+def load_recipe(path: str | Path) -> MergeRecipe:
+    """Reads and validates a YAML recipe file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(["recipe file not found"], source=path) from None
+    except UnicodeDecodeError:
+        raise RecipeError(["recipe is not UTF-8 text"], source=path) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError([f"not valid YAML ({str(exc).splitlines()[0]})"], source=path) from None
+    return parse_recipe(data, source=path)
+
+
+def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
+    """Validates recipe data (a mapping as YAML gives it) and returns the recipe."""
+    problems: list[str] = []
+    if not isinstance(data, Mapping):
+        raise RecipeError([f"a recipe is a mapping of keys, not {type(data).__name__}"], source=source)
+    for key in data:
+        if key in UNSUPPORTED_KEYS:
+            problems.append(f"'{key}': {UNSUPPORTED_KEYS[key]}")
+        elif key not in RECIPE_KEYS:
+            problems.append(f"unknown key '{key}' (known: {', '.join(sorted(RECIPE_KEYS))})")
+    method = _method(data.get("merge_method"), problems)
+    models = _models(data.get("models"), problems)
+    base = data.get("base_model")
+    if base is not None and not isinstance(base, str):
+        problems.append(f"base_model must be a path or repo id, not {base!r}")
+        base = None
+    parameters = data.get("parameters") or {}
+    if not isinstance(parameters, Mapping):
+        problems.append("parameters must be a mapping of name: value")
+        parameters = {}
+    compute = _dtype(data, "compute_dtype", problems) or _dtype(data, "dtype", problems)
+    if "dtype" in data and "compute_dtype" in data:
+        problems.append("give either dtype (mergekit) or compute_dtype, not both")
+    out = _dtype(data, "out_dtype", problems)
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        problems.append(f"seed must be a non-negative integer, not {seed!r}")
+        seed = 0
+    tokenizer_source = data.get("tokenizer_source")
+    if tokenizer_source is not None and not isinstance(tokenizer_source, str):
+        problems.append("tokenizer_source must be 'base' or a model path")
+    recipe = MergeRecipe(
+        merge_method=method.name if method else str(data.get("merge_method")),
+        models=tuple(models),
+        base_model=base,
+        parameters=dict(parameters),
+        compute_dtype=compute,
+        out_dtype=out,
+        dtype_sets_output="dtype" in data,
+        seed=seed,
+        tokenizer_source=tokenizer_source,
+    )
+    if method is not None:
+        problems += validate_against_method(recipe, method)
+    if problems:
+        raise RecipeError(problems, source=source)
+    return recipe
+
+
+def _method(name: Any, problems: list[str]) -> MergeMethod | None:
+    methods = all_methods()
+    if name is None:
+        problems.append(f"merge_method is missing (one of: {', '.join(methods)})")
+        return None
+    if name not in methods:
+        problems.append(f"unknown merge_method {name!r} (known: {', '.join(methods)})")
+        return None
+    return methods[name]
+
+
+def _models(raw: Any, problems: list[str]) -> list[ModelEntry]:
+    if raw is None:
+        problems.append("models is missing: list the models to merge")
+        return []
+    if not isinstance(raw, list):
+        problems.append("models must be a list of {model: PATH, parameters: {...}}")
+        return []
+    out: list[ModelEntry] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw, 1):
+        if isinstance(item, str):
+            item = {"model": item}
+        if not isinstance(item, Mapping) or not isinstance(item.get("model"), str):
+            problems.append(f"models[{i}] needs a 'model' path or repo id")
+            continue
+        unknown = set(item) - MODEL_KEYS
+        if unknown:
+            problems.append(f"models[{i}] ({item['model']}): unknown keys {sorted(unknown)}")
+        model = item["model"]
+        if "+" in model and not Path(model).exists():
+            problems.append(f"models[{i}]: '{model}' applies a LoRA ('+'), which is not supported; merge the adapter first")
+        if model in seen:
+            problems.append(f"models[{i}]: '{model}' is listed twice")
+        seen.add(model)
+        params = item.get("parameters") or {}
+        if not isinstance(params, Mapping):
+            problems.append(f"models[{i}] ({model}): parameters must be a mapping")
+            params = {}
+        out.append(ModelEntry(model, dict(params)))
+    return out
+
+
+def _dtype(data: Mapping[str, Any], key: str, problems: list[str]) -> torch.dtype | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    try:
+        return parse_dtype(str(value))
+    except UnsupportedDtypeError as exc:
+        problems.append(f"{key}: {exc.what}; {exc.fix}")
+        return None
+
+
+def validate_against_method(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
+    """Every problem of the recipe's models and parameters for ``method``."""
+    problems = _check_models(recipe, method)
+    known = set(method.params) | method.ignored_params
+    for name, value in recipe.parameters.items():
+        problems += _check_param(method, name, value, "parameters", known, per_model_scope=False)
+    for entry in recipe.models:
+        for name, value in entry.parameters.items():
+            where = f"models '{entry.model}' parameters"
+            problems += _check_param(method, name, value, where, known, per_model_scope=True)
+    problems += _check_required(recipe, method)
+    return problems
+
+
+def _check_models(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
+    problems = []
+    name = method.name
+    if method.base is BaseUse.REQUIRED and recipe.base_model is None:
+        problems.append(f"{name} needs base_model")
+    if method.base is BaseUse.NONE and recipe.base_model is not None:
+        listed = any(m.model == recipe.base_model for m in recipe.models)
+        if not listed:
+            problems.append(
+                f"{name} does not use base_model; list '{recipe.base_model}' under models "
+                "(with a weight) to include it, or remove base_model"
+            )
+    inputs = len(recipe.inputs)
+    if name in ("slerp", "wise_ft") and inputs != 1:
+        problems.append(f"{name} needs exactly two models, one of them the base_model; got {inputs + 1}")
+    elif inputs < method.min_models:
+        problems.append(f"{name} needs at least {method.min_models} model(s) besides the base; got {inputs}")
+    elif method.max_models is not None and inputs > method.max_models:
+        problems.append(f"{name} takes at most {method.max_models} model(s) besides the base; got {inputs}")
+    return problems
+
+
+def _check_param(
+    method: MergeMethod, name: str, value: Any, where: str, known: set[str], *, per_model_scope: bool
+) -> list[str]:
+    if name not in known:
+        return [f"{where}: unknown parameter '{name}' for {method.name} "
+                f"(known: {', '.join(sorted(method.params)) or 'none'})"]
+    if name in method.ignored_params:
+        return []
+    spec = method.params[name]
+    if per_model_scope and not spec.per_model:
+        return [f"{where}: '{name}' is shared by all models; set it under the global parameters"]
+    problem = check_value_form(value)
+    if problem:
+        return [f"{where}: {name}: {problem}"]
+    return [f"{where}: {name}: {p}" for p in _check_leaves(spec, numeric_values(value))]
+
+
+def _check_leaves(spec: ParamSpec, leaves: Sequence[Any]) -> list[str]:
+    problems = []
+    for leaf in leaves:
+        if spec.kind is bool:
+            if not isinstance(leaf, bool):
+                problems.append(f"{leaf!r} is not true or false")
+        elif spec.kind is str:
+            if spec.choices and leaf not in spec.choices:
+                problems.append(f"{leaf!r} is not one of {', '.join(spec.choices)}")
+        elif not isinstance(leaf, (int, float)) or isinstance(leaf, bool):
+            problems.append(f"{leaf!r} is not a number")
+        elif not math.isfinite(leaf):
+            problems.append(f"{leaf!r} is not a finite number")
+        elif spec.name in FRACTIONS and not 0 <= leaf <= 1:
+            problems.append(f"{leaf!r} is outside [0, 1]")
+    return problems
+
+
+def _check_required(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
+    problems = []
+    for spec in method.params.values():
+        if not spec.required or spec.recipe_name in recipe.parameters:
+            continue
+        if not spec.per_model:
+            problems.append(f"{method.name} needs parameter '{spec.recipe_name}'")
+            continue
+        missing = [m.model for m in recipe.inputs if spec.recipe_name not in m.parameters]
+        if missing:
+            problems.append(
+                f"{method.name} needs '{spec.recipe_name}' for every model; missing for "
+                f"{', '.join(missing)} (set it per model or under the global parameters)"
+            )
+    return problems
+
+
+def recipe_from_cli(
+    method: str,
+    models: Sequence[str],
+    *,
+    base: str | None = None,
+    params: Sequence[str] = (),
+    compute_dtype: str | None = None,
+    out_dtype: str | None = None,
+    seed: int = 0,
+) -> MergeRecipe:
+    """Builds a recipe from the quick form: ``-p density=0.2 -p weight=0.7,0.3``.
+
+    A comma-separated value of a per-model parameter gives one value per model
+    (in order, base excluded); any value may also be written in YAML
+    (``-p t=[0,0.5,1]``).
+    """
+    problems: list[str] = []
+    global_params: dict[str, Any] = {}
+    per_model: dict[str, list[Any]] = {}
+    spec_by_name = all_methods()[method].params if method in all_methods() else {}
+    inputs = [m for m in models if m != base]
+    for item in params:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"-p {item!r}: write parameters as name=value")
+            continue
+        value = _parse_cli_value(text)
+        spec = spec_by_name.get(key)
+        if isinstance(value, tuple):
+            if spec is not None and spec.per_model:
+                if len(value) != len(inputs):
+                    problems.append(f"-p {key}: {len(value)} values for {len(inputs)} models ({', '.join(inputs)})")
+                    continue
+                per_model[key] = list(value)
+                continue
+            value = list(value)  # a sweep (wise_ft alphas) or a gradient
+        global_params[key] = value
+    entries = [{"model": m, "parameters": {k: v[inputs.index(m)] for k, v in per_model.items()}}
+               if m in inputs else {"model": m} for m in models]
+    if base is not None and base not in models:
+        entries.append({"model": base})
+    data: dict[str, Any] = {"merge_method": method, "models": entries, "seed": seed,
+                            "compute_dtype": compute_dtype or "float32"}
+    if base is not None:
+        data["base_model"] = base
+    if global_params:
+        data["parameters"] = global_params
+    if out_dtype:
+        data["out_dtype"] = out_dtype
+    if problems:
+        raise RecipeError(problems)
+    return parse_recipe(data)
+
+
+def _parse_cli_value(text: str) -> Any:
+    text = text.strip()
+    if "," in text and not text.startswith(("[", "{")):
+        return tuple(yaml.safe_load(part) for part in text.split(","))
+    return yaml.safe_load(text)
+
+
+def dump_recipe(recipe: MergeRecipe, extra: Mapping[str, Any] | None = None) -> str:
+    """The recipe as YAML (with ``extra`` keys such as the tool version appended as comments)."""
+    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    if extra:
+        text = "".join(f"# {k}: {v}\n" for k, v in extra.items()) + text
+    return text
