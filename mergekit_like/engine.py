@@ -28,6 +28,7 @@ from mergekit_like.io.safetensors_format import TensorEntry
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
 from mergekit_like.io.sidefiles import copy_side_files
 from mergekit_like.io.writer import ShardedWriter, WrittenCheckpoint
+from mergekit_like.methods.model_topk import TopKThreshold
 from mergekit_like.methods.registry import BaseUse, MergeMethod
 from mergekit_like.parameters import LayerPosition, NoValue, layer_count, layer_index, resolve_value
 from mergekit_like.progress import NullProgress, ProgressSink
@@ -158,11 +159,33 @@ def plan_merge(
                 tensors.append(_plan_tensor(recipe, method, checkpoints, reference, name, positions[name], variants))
             except _TensorProblems as found:
                 problems += found.problems
+        problems += _check_model_scope(method, tensors)
         if problems:
             raise _recipe_error(problems)
         stack.pop_all()
     source = _side_file_source(recipe, reference)
     return MergePlan(recipe, method, checkpoints, tensors, variants, source)
+
+
+def _uses_model_scope(method: MergeMethod, tensors: Sequence[TensorPlan]) -> bool:
+    return method.uses_model_topk and any(
+        p.get("trim_scope") == "model" for t in tensors if t.copy_from is None for p in t.params
+    )
+
+
+def _check_model_scope(method: MergeMethod, tensors: Sequence[TensorPlan]) -> list[str]:
+    if not _uses_model_scope(method, tensors):
+        return []
+    merged = [t for t in tensors if t.copy_from is None]
+    scopes = {p.get("trim_scope") for t in merged for p in t.params}
+    densities = {tuple(p["density"]) for t in merged for p in t.params}
+    problems = []
+    if len(scopes) > 1:
+        problems.append("trim_scope must be the same for every tensor (it is 'model' for some only)")
+    if len(densities) > 1:
+        problems.append("trim_scope: model keeps the top density fraction of the whole model, so each "
+                        "model needs one density for all tensors (no gradients or filters)")
+    return problems
 
 
 def _needed_refs(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
@@ -333,11 +356,34 @@ def resolve_device(device: str) -> torch.device:
 def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
     """A generator seeded by the run's seed and the tensor's name: reproducible, order-free."""
     generator = torch.Generator(device=device)
-    generator.manual_seed((seed << 32) ^ zlib.crc32(name.encode()))
+    # torch's CPU generator keeps only 32 bits of a seed, so both go through one 32-bit hash.
+    generator.manual_seed(zlib.crc32(f"{seed}\0{name}".encode()))
     return generator
 
 
-def merge_tensor(plan: MergePlan, tensor: TensorPlan, device: torch.device) -> list[torch.Tensor]:
+def model_topk_thresholds(plan: MergePlan, device: torch.device, progress: ProgressSink) -> list[float]:
+    """Each model's k-th largest task-vector magnitude over all merged tensors (two read passes)."""
+    merged = [t for t in plan.tensors if t.copy_from is None]
+    total = sum(TensorSpec(t.name, t.compute_dtype, t.shape).numel for t in merged)
+    densities = merged[0].params[0]["density"] if merged else []
+    selectors = [TopKThreshold(max(1, int(d * total)), device) for d in densities]
+    for pass_number in (1, 2):
+        for tensor in merged:
+            load = _loader(plan, tensor, device)
+            base = load(plan.recipe.base_model)
+            for selector, ref in zip(selectors, plan.input_refs):
+                delta = load(ref) - base
+                selector.first_pass(delta) if pass_number == 1 else selector.second_pass(delta)
+            progress.advance(tensor.name, tensor.read_bytes)
+        if pass_number == 1:
+            for selector in selectors:
+                selector.choose_bucket()
+    return [s.threshold() if d < 1 else 0.0 for s, d in zip(selectors, densities)]
+
+
+def merge_tensor(
+    plan: MergePlan, tensor: TensorPlan, device: torch.device, thresholds: list[float] | None = None
+) -> list[torch.Tensor]:
     """Reads one tensor from every input and returns its merged value for each variant (on CPU)."""
     if tensor.copy_from is not None:
         copied = plan.checkpoints[tensor.copy_from].read(tensor.name)
@@ -353,6 +399,8 @@ def merge_tensor(plan: MergePlan, tensor: TensorPlan, device: torch.device) -> l
             kwargs["base"] = base
         if method.uses_generator:
             kwargs["generator"] = tensor_generator(recipe.seed, tensor.name, device)
+        if method.uses_model_topk:
+            kwargs["thresholds"] = thresholds
         try:
             merged = method.kernel(inputs, **kwargs)
         except MergeError as exc:
@@ -390,7 +438,9 @@ def run_merge(
     check_target(output, overwrite=overwrite)
     _refuse_output_among_inputs(plan, output)
     specs = plan.specs()
-    progress.start(len(plan.tensors), plan.read_bytes)
+    passes = 3 if _uses_model_scope(plan.method, plan.tensors) else 1
+    progress.start(len(plan.tensors) * passes, plan.read_bytes * passes)
+    thresholds = model_topk_thresholds(plan, torch_device, progress) if passes == 3 else None
     with atomic_directory(output, overwrite=overwrite) as temp:
         directories = [temp / v.label if v.label else temp for v in plan.variants]
         for directory in directories:
@@ -399,7 +449,7 @@ def run_merge(
         try:
             with torch.no_grad():
                 for tensor in plan.tensors:
-                    for writer, value in zip(writers, merge_tensor(plan, tensor, torch_device)):
+                    for writer, value in zip(writers, merge_tensor(plan, tensor, torch_device, thresholds)):
                         writer.write(tensor.name, value)
                     progress.advance(tensor.name, tensor.read_bytes)
             written = [writer.close() for writer in writers]

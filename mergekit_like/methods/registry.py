@@ -11,7 +11,9 @@ A kernel is a pure function of tensors and numbers::
   ones take one value per model (a recipe may still give one value for all),
   the rest one value per tensor; a default makes a parameter optional;
 - ``generator: torch.Generator`` asks the engine for a generator seeded by the
-  run's seed and the tensor's name (reproducible randomness).
+  run's seed and the tensor's name (reproducible randomness);
+- ``thresholds: list[float] | None`` asks for each model's k-th largest task-vector
+  magnitude over the whole model (an extra two-pass scan; TIES ``trim_scope: model``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class BaseUse(Enum):
     REQUIRED = "required"
 
 
-_CONTEXT_ARGS = {"tensors", "base", "generator"}
+_CONTEXT_ARGS = {"tensors", "base", "generator", "thresholds"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ class MergeMethod:
     paper: str
     description: str
     uses_generator: bool
+    # Takes ``thresholds``: each model's whole-model top-k magnitude (TIES trim_scope: model).
+    uses_model_topk: bool = False
     # Accepted for compatibility with mergekit recipes, and ignored (e.g. int8_mask).
     ignored_params: frozenset[str] = frozenset()
     # A parameter whose list value means "one output per value" rather than a gradient.
@@ -119,6 +123,7 @@ def merge_method(
             name=name, kernel=kernel, params=params, base=base_use, min_models=min_models,
             max_models=max_models, paper=paper, description=description,
             uses_generator="generator" in signature.parameters,
+            uses_model_topk="thresholds" in signature.parameters,
             ignored_params=frozenset(ignored_params), sweep_param=sweep_param,
         )
         return kernel

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from mergekit_like.methods.registry import PerModel, merge_method
-from mergekit_like.methods.task_vectors import Consensus, combine_task_vectors, sparse_task_vectors
+from mergekit_like.methods.task_vectors import Consensus, combine_task_vectors, masked, sparse_task_vectors
 
 
 @merge_method(
@@ -24,8 +26,16 @@ def ties(
     rescale: bool = False,
     lambda_: float = 1.0,
     consensus: Consensus = "sum",
+    trim_scope: Literal["tensor", "model"] = "tensor",
+    thresholds: list[float] | None = None,
 ) -> torch.Tensor:
-    deltas = sparse_task_vectors(tensors, base, density, "magnitude", rescale=rescale)
+    if trim_scope == "model":
+        # Keep |d| at or above the model-wide k-th largest magnitude, as the original TIES code.
+        if thresholds is None:
+            raise ValueError("trim_scope 'model' needs the model-wide thresholds")
+        deltas = [masked(x - base, (x - base).abs() >= t, rescale) for x, t in zip(tensors, thresholds)]
+    else:
+        deltas = sparse_task_vectors(tensors, base, density, "magnitude", rescale=rescale)
     return combine_task_vectors(
         base, deltas, weight, consensus=consensus, normalize=normalize, scale=lambda_
     )

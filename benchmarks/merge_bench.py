@@ -1,0 +1,425 @@
+"""Wall time and peak RSS of whole merges, ours against mergekit's, on the same recipes.
+
+The target (issue): for 3 fine-tunes + base of a ~270M-parameter bf16 Llama-style model,
+on a 2-core machine, mergekit-like's peak RSS is at most a third of mergekit's, linear is
+at least 2x and ties at least 4x faster than mergekit.
+
+    python benchmarks/merge_bench.py                        # 270m, linear + ties, cpu
+    python benchmarks/merge_bench.py --size tiny --methods linear
+    python benchmarks/merge_bench.py --workdir /tmp/mb --keep   # reuse the generated models
+    python benchmarks/merge_bench.py --devices cpu,cuda --mergekit-yaml /path/to/mergekit-yaml
+
+How it measures:
+
+* Inputs: base + 3 fine-tunes from ``mergekit_like.example.write_model`` (random, deterministic
+  weights; bf16; one safetensors shard each), written once by a child process into the work dir.
+* Recipes: the SAME YAML text is given to both tools. It sets ``dtype: float32`` (merge in fp32,
+  which both tools do the same way) and ``out_dtype: bfloat16`` (write bf16, as the inputs are),
+  so neither tool is asked for more or less arithmetic than the other. linear: weights 0.5/0.3/0.2
+  (normalized, mergekit's default); ties: base + 3, density 0.5, weights 1/0.6/0.3.
+* Commands: ``mergekit-like merge R.yml -o OUT --quiet --device D`` and
+  ``mergekit-yaml R.yml OUT --quiet --no-copy-tokenizer --device D`` (``--cuda`` too on cuda),
+  everything else at each tool's defaults (mergekit's lazy unpickle only affects .bin inputs).
+* Each run is a fresh process started by a tiny launcher interpreter, which times it
+  (perf_counter around the child alone) and reports getrusage(RUSAGE_CHILDREN).ru_maxrss: the
+  child is forked from the ~10 MB launcher, so its peak RSS does not inherit this script's.
+* Page cache: nothing can be dropped here, so before every run the run's input files are read
+  once (warm-up) and both tools see a warm cache. GB/s = input safetensors bytes / wall time.
+* Agreement: both tools' outputs are loaded with safetensors (in a child process) and compared
+  tensor by tensor: max abs difference, and max difference in bf16 units in the last place.
+
+Runs are a list of (tool, method, device) so GPU rows come from ``--devices cpu,cuda``
+(cuda rows only where torch.cuda.is_available()).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OURS, MERGEKIT = "mergekit-like", "mergekit"
+FALLBACK_MERGEKIT = Path("/tmp/mkref/venv/bin/mergekit-yaml")
+NUM_FINETUNES = 3
+# Targets from the issue: minimum speedup over mergekit per method; maximum RSS fraction.
+SPEEDUP_TARGETS = {"linear": 2.0, "ties": 4.0}
+RSS_FRACTION_TARGET = 1 / 3
+
+GENERATE = r"""
+import json, sys, time
+from pathlib import Path
+import torch
+from mergekit_like.example import PRESETS, write_model
+workdir, size, shard, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+t0 = time.perf_counter()
+for name, finetune in [("base", None)] + [(f"finetune-{i}", i) for i in range(1, n + 1)]:
+    write_model(workdir / name, PRESETS[size], finetune=finetune, dtype=torch.bfloat16,
+                max_shard_size=shard, overwrite=True)
+    print(f"  wrote {name}", flush=True)
+print(f"  generated in {time.perf_counter() - t0:.1f} s", flush=True)
+"""
+
+# Runs argv[2:] and writes {"seconds", "maxrss_kb", "rc"} to argv[1]. Kept import-light.
+LAUNCHER = r"""
+import json, resource, subprocess, sys, time
+t0 = time.perf_counter()
+rc = subprocess.call(sys.argv[2:])
+seconds = time.perf_counter() - t0
+maxrss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+with open(sys.argv[1], "w") as f:
+    json.dump({"seconds": seconds, "maxrss_kb": maxrss_kb, "rc": rc}, f)
+"""
+
+COMPARE = r"""
+import json, sys
+from pathlib import Path
+import torch
+from safetensors import safe_open
+
+def index(directory):
+    out = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                out[key] = path
+    return out
+
+a, b = index(sys.argv[1]), index(sys.argv[2])
+result = {"only_a": sorted(set(a) - set(b)), "only_b": sorted(set(b) - set(a)),
+          "dtype_mismatch": [], "max_abs": 0.0, "max_ulp": 0, "differing": 0, "elements": 0}
+for key in sorted(set(a) & set(b)):
+    with safe_open(str(a[key]), "pt") as fa, safe_open(str(b[key]), "pt") as fb:
+        x, y = fa.get_tensor(key), fb.get_tensor(key)
+    if x.dtype != y.dtype or x.shape != y.shape:
+        result["dtype_mismatch"].append(f"{key}: {x.dtype}{tuple(x.shape)} vs {y.dtype}{tuple(y.shape)}")
+        continue
+    result["elements"] += x.numel()
+    diff = (x.float() - y.float()).abs()
+    result["max_abs"] = max(result["max_abs"], float(diff.max()) if diff.numel() else 0.0)
+    result["differing"] += int((x != y).sum())
+    if x.dtype in (torch.bfloat16, torch.float16):
+        # Distance in units in the last place: order-preserving integer view of the bits.
+        def ordered(t):
+            i = t.view(torch.int16).to(torch.int32)
+            return torch.where(i < 0, -32768 - i, i)
+        ulp = (ordered(x) - ordered(y)).abs()
+        result["max_ulp"] = max(result["max_ulp"], int(ulp.max()) if ulp.numel() else 0)
+print(json.dumps(result))
+"""
+
+RECIPES = {
+    "linear": """\
+merge_method: linear
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.5}}
+  - model: {ft2}
+    parameters: {{weight: 0.3}}
+  - model: {ft3}
+    parameters: {{weight: 0.2}}
+dtype: float32
+out_dtype: bfloat16
+""",
+    "ties": """\
+merge_method: ties
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {ft2}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {ft3}
+    parameters: {{weight: 0.3, density: 0.5}}
+dtype: float32
+out_dtype: bfloat16
+""",
+}
+
+
+@dataclass
+class Run:
+    tool: str
+    method: str
+    device: str
+    seconds: list[float] = field(default_factory=list)
+    maxrss: list[int] = field(default_factory=list)  # bytes
+    input_bytes: int = 0
+    output: Path | None = None
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.tool}-{self.method}-{self.device}"
+
+    @property
+    def wall(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def rss(self) -> int:
+        return max(self.maxrss)
+
+
+def find_mergekit(arg: str | None) -> Path | None:
+    if arg:
+        path = shutil.which(arg) or (arg if Path(arg).exists() else None)
+        if path is None:
+            sys.exit(f"--mergekit-yaml {arg}: not found")
+        return Path(path)
+    found = shutil.which("mergekit-yaml")
+    if found:
+        return Path(found)
+    return FALLBACK_MERGEKIT if FALLBACK_MERGEKIT.exists() else None
+
+
+def find_ours(arg: str | None) -> Path:
+    candidates = [arg] if arg else [str(Path(sys.executable).parent / OURS), OURS]
+    for c in candidates:
+        path = shutil.which(c) or (c if Path(c).exists() else None)
+        if path:
+            return Path(path)
+    sys.exit(f"cannot find the {OURS} command; give --mergekit-like PATH")
+
+
+def interpreter_of(script: Path) -> str:
+    """The Python a console script runs under (its shebang), else this one."""
+    try:
+        first = script.read_text(errors="replace").splitlines()[0]
+    except (OSError, IndexError):
+        return sys.executable
+    return first[2:].strip().split()[0] if first.startswith("#!") and "python" in first else sys.executable
+
+
+def version_of(python: str, dist: str) -> str:
+    out = subprocess.run([python, "-c", f"import importlib.metadata as m; print(m.version({dist!r}))"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
+def cuda_available(python: str) -> bool:
+    out = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() == "True"
+
+
+def model_dirs(workdir: Path) -> dict[str, Path]:
+    dirs = {"base": workdir / "base"}
+    dirs.update({f"ft{i}": workdir / f"finetune-{i}" for i in range(1, NUM_FINETUNES + 1)})
+    return dirs
+
+
+def prepare_inputs(workdir: Path, size: str, shard: int, reuse: bool) -> None:
+    marker = workdir / "bench-inputs.json"
+    wanted = {"size": size, "finetunes": NUM_FINETUNES, "max_shard_size": shard, "dtype": "bfloat16"}
+    if reuse and marker.exists() and json.loads(marker.read_text()) == wanted and all(
+        (d / "config.json").exists() for d in model_dirs(workdir).values()
+    ):
+        print(f"reusing the {size} models in {workdir}")
+        return
+    print(f"generating base + {NUM_FINETUNES} fine-tunes ({size}, bf16) in {workdir} ...", flush=True)
+    marker.unlink(missing_ok=True)
+    subprocess.run([sys.executable, "-c", GENERATE, str(workdir), size, str(shard), str(NUM_FINETUNES)],
+                   check=True)
+    marker.write_text(json.dumps(wanted) + "\n")
+
+
+def input_files(method: str, dirs: dict[str, Path]) -> list[Path]:
+    names = [f"ft{i}" for i in range(1, NUM_FINETUNES + 1)] + (["base"] if method != "linear" else [])
+    return sorted(p for n in names for p in dirs[n].glob("*.safetensors"))
+
+
+def warm_up(files: list[Path]) -> None:
+    """Reads the files once so that the run finds them in the page cache."""
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(view):
+                pass
+
+
+def command(run: Run, recipe: Path, out: Path, ours: Path, mergekit: Path | None) -> list[str]:
+    if run.tool == OURS:
+        return [str(ours), "merge", str(recipe), "-o", str(out), "--quiet", "--device", run.device]
+    assert mergekit is not None
+    cmd = [str(mergekit), str(recipe), str(out), "--quiet", "--no-copy-tokenizer", "--device", run.device]
+    if run.device.startswith("cuda"):
+        cmd.append("--cuda")
+    return cmd
+
+
+def measure(run: Run, cmd: list[str], workdir: Path) -> None:
+    stats_path = workdir / "logs" / f"{run.label}.json"
+    log_path = workdir / "logs" / f"{run.label}.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, str(stats_path), *cmd],
+                       stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
+    stats = json.loads(stats_path.read_text())
+    if stats["rc"] != 0:
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        run.error = f"exit {stats['rc']} (log: {log_path}): " + " | ".join(tail)
+        return
+    run.seconds.append(stats["seconds"])
+    run.maxrss.append(stats["maxrss_kb"] * 1024)
+
+
+def compare(a: Path, b: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", COMPARE, str(a), str(b)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def format_table(runs: list[Run]) -> list[str]:
+    header = ["tool", "method", "device", "wall s", "GB/s", "peak RSS MB", "speedup", "target",
+              "RSS frac", "target (<=0.33)"]
+    rows = []
+    by_key = {(r.tool, r.method, r.device): r for r in runs}
+    for r in runs:
+        if r.error or not r.seconds:
+            rows.append([r.tool, r.method, r.device, "ERROR", "", "", "", "", "", ""])
+            continue
+        row = [r.tool, r.method, r.device, f"{r.wall:.1f}", f"{r.input_bytes / r.wall / 1e9:.2f}",
+               f"{r.rss / 1e6:,.0f}", "", "", "", ""]
+        ref = by_key.get((MERGEKIT, r.method, r.device))
+        if r.tool == OURS and ref is not None and ref.seconds and not ref.error:
+            speedup, frac = ref.wall / r.wall, r.rss / ref.rss
+            target = SPEEDUP_TARGETS.get(r.method)
+            row[6] = f"{speedup:.2f}x"
+            row[7] = f">={target:g}x {'PASS' if speedup >= target else 'FAIL'}" if target else "-"
+            row[8] = f"{frac:.2f}"
+            row[9] = "PASS" if frac <= RSS_FRACTION_TARGET else "FAIL"
+        rows.append(row)
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return [line(header), line(["-" * w for w in widths])] + [line(row) for row in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="270m", choices=["tiny", "270m", "1b"], help="model preset")
+    parser.add_argument("--methods", default="linear,ties", help="comma list: linear,ties")
+    parser.add_argument("--devices", default="cpu", help="comma list: cpu,cuda")
+    parser.add_argument("--workdir", type=Path, help="where models and outputs go (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true",
+                        help="reuse models already in --workdir, and keep the work dir afterwards")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per row (best wall, highest RSS)")
+    parser.add_argument("--mergekit-yaml", help=f"mergekit's CLI (default: on PATH, else {FALLBACK_MERGEKIT})")
+    parser.add_argument("--no-mergekit", action="store_true", help="run only mergekit-like")
+    parser.add_argument("--mergekit-like", help="our CLI (default: next to this Python)")
+    parser.add_argument("--input-shard-size", type=int, default=2 * 10**9, help="shard size of the inputs")
+    parser.add_argument("--save", type=Path, help="also write the table and figures to this file")
+    args = parser.parse_args()
+
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in RECIPES:
+            parser.error(f"unknown method {m!r} (known: {', '.join(RECIPES)})")
+    ours = find_ours(args.mergekit_like)
+    mergekit = None if args.no_mergekit else find_mergekit(args.mergekit_yaml)
+    notes = []
+    devices = []
+    for d in [d for d in args.devices.split(",") if d]:
+        if d.startswith("cuda") and not cuda_available(interpreter_of(ours)):
+            notes.append(f"skipped device {d}: torch.cuda.is_available() is False")
+            continue
+        devices.append(d)
+    tools = [OURS]
+    if mergekit is not None:
+        tools.append(MERGEKIT)
+        mk_python = interpreter_of(mergekit)
+        notes.append(f"mergekit {version_of(mk_python, 'mergekit')} (torch {version_of(mk_python, 'torch')}) at {mergekit}")
+    else:
+        notes.append("mergekit not found (no mergekit-yaml on PATH, no --mergekit-yaml): its rows are skipped")
+    our_python = interpreter_of(ours)
+    notes.insert(0, f"mergekit-like {version_of(our_python, 'mergekit-like')} "
+                    f"(torch {version_of(our_python, 'torch')}) at {ours}")
+
+    # The runs, one (tool, method, device) each; every run gets a warm-up read of its inputs first.
+    runs = [Run(tool, method, device) for method in methods for device in devices for tool in tools]
+
+    if args.workdir is not None:
+        workdir = args.workdir.resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        cleanup = None
+    else:
+        cleanup = tempfile.mkdtemp(prefix="mkl-merge-bench-", dir="/tmp")
+        workdir = Path(cleanup)
+    try:
+        prepare_inputs(workdir, args.size, args.input_shard_size, reuse=args.keep)
+        dirs = model_dirs(workdir)
+        (workdir / "logs").mkdir(exist_ok=True)
+        (workdir / "out").mkdir(exist_ok=True)
+        recipes = {}
+        for method in methods:
+            recipes[method] = workdir / f"{method}.yml"
+            recipes[method].write_text(RECIPES[method].format(**{k: str(v) for k, v in dirs.items()}))
+
+        for run in runs:
+            files = input_files(run.method, dirs)
+            run.input_bytes = sum(f.stat().st_size for f in files)
+            run.output = workdir / "out" / run.label
+            cmd = command(run, recipes[run.method], run.output, ours, mergekit)
+            for i in range(args.repeat):
+                shutil.rmtree(run.output, ignore_errors=True)
+                warm_up(files)
+                print(f"running {run.label} ({i + 1}/{args.repeat}): {' '.join(cmd)}", flush=True)
+                measure(run, cmd, workdir)
+                if run.error:
+                    print(f"  FAILED: {run.error}", flush=True)
+                    break
+                print(f"  {run.seconds[-1]:.1f} s, peak RSS {run.maxrss[-1] / 1e6:,.0f} MB", flush=True)
+
+        agreement = []
+        for method in methods:
+            for device in devices:
+                a = next((r for r in runs if (r.tool, r.method, r.device) == (OURS, method, device)), None)
+                b = next((r for r in runs if (r.tool, r.method, r.device) == (MERGEKIT, method, device)), None)
+                if not a or not b or a.error or b.error:
+                    continue
+                c = compare(a.output, b.output)
+                problems = c["only_a"] + c["only_b"] + c["dtype_mismatch"]
+                if problems:
+                    verdict = f"MISMATCH: {len(c['only_a'])} tensors only ours, {len(c['only_b'])} only " \
+                              f"mergekit's, {len(c['dtype_mismatch'])} dtype/shape differ"
+                elif c["differing"] == 0:
+                    verdict = "identical (bit-exact)"
+                elif c["max_ulp"] <= 1:
+                    verdict = "within bf16 rounding (<=1 ulp)"
+                else:
+                    verdict = "DIFFER"
+                agreement.append(f"  {method:<7} {device:<5} max |ours - mergekit| = {c['max_abs']:.3g}, "
+                                 f"{c['differing']:,} of {c['elements']:,} elements differ, "
+                                 f"max {c['max_ulp']} ulp: {verdict}")
+
+        lines = [f"merge benchmark: {args.size} bf16 Llama-style, base + {NUM_FINETUNES} fine-tunes, "
+                 f"{os.cpu_count()} cores; warm page cache (inputs read once before every run); "
+                 f"best of {args.repeat}", *[f"  {n}" for n in notes], "", *format_table(runs)]
+        if agreement:
+            lines += ["", "outputs, ours vs mergekit:", *agreement]
+        for r in runs:
+            if r.error:
+                lines.append(f"  {r.label}: {r.error}")
+        text = "\n".join(lines)
+        print("\n" + text)
+        if args.save:
+            args.save.parent.mkdir(parents=True, exist_ok=True)
+            args.save.write_text(text + "\n")
+    finally:
+        if args.keep:
+            print(f"\nkept the work dir {workdir}")
+        elif cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        else:
+            shutil.rmtree(workdir / "out", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

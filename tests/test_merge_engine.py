@@ -1,0 +1,186 @@
+"""The streaming merge engine: planning checks, copying, sweeps, model-wide TIES, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+
+from helpers import write_checkpoint
+from mergekit_like.engine import planned_merge, run_merge
+from mergekit_like.errors import IncompatibleModelsError, RecipeError
+from mergekit_like.io import open_checkpoint
+from mergekit_like.io.reader import Checkpoint
+from mergekit_like.recipe import load_recipe, parse_recipe, recipe_from_cli
+
+
+def merge(recipe, out: Path, **kwargs) -> Path:
+    with planned_merge(recipe) as plan:
+        run_merge(plan, out, **kwargs)
+    return out
+
+
+def read_all(path: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(path) as ckpt:
+        return {n: ckpt.read(n) for n in ckpt.names()}
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> list[Path]:
+    g = torch.Generator().manual_seed(3)
+    paths = []
+    for name in ("base", "a", "b"):
+        tensors = {"w": torch.randn(4, 6, generator=g), "model.layers.0.x": torch.randn(5, generator=g),
+                   "model.layers.1.x": torch.randn(5, generator=g), "steps": torch.arange(3) + len(paths)}
+        paths.append(write_checkpoint(tmp_path / name, tensors, config={"model_type": "llama"}))
+    return paths
+
+
+def test_integer_tensors_are_copied_from_the_base(three: list[Path], tmp_path: Path) -> None:
+    base, a, b = map(str, three)
+    out = merge(recipe_from_cli("task_arithmetic", [a, b], base=base, params=["weight=1"]), tmp_path / "o")
+    assert torch.equal(read_all(out)["steps"], torch.arange(3))
+
+
+def test_linear_output_equals_the_formula(three: list[Path], tmp_path: Path) -> None:
+    base, a, b = map(str, three)
+    out = merge(recipe_from_cli("linear", [a, b], params=["weight=3,1"]), tmp_path / "o")
+    ta, tb = read_all(Path(a)), read_all(Path(b))
+    torch.testing.assert_close(read_all(out)["w"], (3 * ta["w"] + tb["w"]) / 4)
+    assert torch.equal(read_all(out)["steps"], ta["steps"])  # no base: copied from the first model
+
+
+def test_shape_mismatch_names_the_tensor_both_shapes_and_both_models(tmp_path: Path) -> None:
+    base = write_checkpoint(tmp_path / "base", {"w": torch.ones(2, 3), "v": torch.ones(2)})
+    other = write_checkpoint(tmp_path / "other", {"w": torch.ones(3, 3), "v": torch.ones(3)})
+    recipe = recipe_from_cli("task_arithmetic", [str(other)], base=str(base), params=["weight=1"])
+    with pytest.raises(RecipeError) as info:
+        with planned_merge(recipe):
+            pass
+    message = str(info.value)
+    assert "2 problems" in message  # both tensors reported at once
+    assert f"tensor 'w': shape [3, 3] in '{other}' but [2, 3] in '{base}'" in message
+
+
+def test_vocabulary_size_mismatch_is_explained(tmp_path: Path) -> None:
+    base = write_checkpoint(tmp_path / "base", {"model.embed_tokens.weight": torch.ones(10, 4)})
+    other = write_checkpoint(tmp_path / "other", {"model.embed_tokens.weight": torch.ones(12, 4)})
+    recipe = recipe_from_cli("task_arithmetic", [str(other)], base=str(base), params=["weight=1"])
+    with pytest.raises(RecipeError, match="different vocabulary sizes"):
+        with planned_merge(recipe):
+            pass
+
+
+def test_missing_tensor_is_reported(tmp_path: Path) -> None:
+    base = write_checkpoint(tmp_path / "base", {"w": torch.ones(2), "v": torch.ones(2)})
+    other = write_checkpoint(tmp_path / "other", {"w": torch.ones(2)})
+    recipe = recipe_from_cli("task_arithmetic", [str(other)], base=str(base), params=["weight=1"])
+    with pytest.raises(RecipeError, match=r"1 tensor\(s\) missing from '.*other'.*: v"):
+        with planned_merge(recipe):
+            pass
+
+
+def test_output_equal_to_an_input_is_refused(three: list[Path]) -> None:
+    base, a, b = map(str, three)
+    recipe = recipe_from_cli("linear", [a, b], params=["weight=1"])
+    with pytest.raises(IncompatibleModelsError, match="would replace input"):
+        merge(recipe, Path(a), overwrite=True)
+    assert read_all(Path(a))["w"].shape == (4, 6)
+
+
+def test_planning_reads_no_tensor_data(three: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    base, a, b = map(str, three)
+    monkeypatch.setattr(Checkpoint, "read", lambda *a, **k: pytest.fail("tensor data was read"))
+    recipe = recipe_from_cli("ties", [a, b], base=base, params=["weight=1", "density=0.5"])
+    with planned_merge(recipe) as plan:
+        assert plan.read_bytes > 0 and len(plan.tensors) == 4
+
+
+def test_wise_ft_sweep_writes_one_output_per_alpha_in_one_read_pass(
+    three: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, a, _ = map(str, three)
+    reads: list[str] = []
+    original = Checkpoint.read
+
+    def counting(self, name, **kwargs):
+        reads.append(name)
+        return original(self, name, **kwargs)
+
+    monkeypatch.setattr(Checkpoint, "read", counting)
+    out = merge(recipe_from_cli("wise_ft", [a], base=base, params=["alpha=0,0.25,1"]), tmp_path / "o")
+    assert sorted(p.name for p in out.iterdir()) == ["alpha_0", "alpha_0.25", "alpha_1"]
+    assert len(reads) == 2 * 3 + 1  # each float tensor from both models once; the int tensor once
+    zs, ft = read_all(Path(base)), read_all(Path(a))
+    torch.testing.assert_close(read_all(out / "alpha_0.25")["w"], 0.75 * zs["w"] + 0.25 * ft["w"])
+    assert torch.equal(read_all(out / "alpha_0")["w"], zs["w"])
+    assert torch.equal(read_all(out / "alpha_1")["w"], ft["w"])
+    assert (out / "alpha_1" / "README.md").exists() is False  # cards come from the CLI's finalize
+
+
+def test_dare_is_reproducible_per_seed(three: list[Path], tmp_path: Path) -> None:
+    base, a, b = map(str, three)
+
+    def dare(seed: int, name: str) -> torch.Tensor:
+        recipe = recipe_from_cli("dare_ties", [a, b], base=base, params=["weight=1", "density=0.5"], seed=seed)
+        return read_all(merge(recipe, tmp_path / name))["w"]
+
+    assert torch.equal(dare(1, "x"), dare(1, "y"))
+    assert not torch.equal(dare(1, "x2"), dare(2, "z"))
+
+
+def test_ties_model_scope_trims_by_the_whole_model_top_k(three: list[Path], tmp_path: Path) -> None:
+    base, a, b = map(str, three)
+    recipe = recipe_from_cli("ties", [a, b], base=base,
+                             params=["weight=1,0.5", "density=0.3", "trim_scope=model"])
+    out = read_all(merge(recipe, tmp_path / "o"))
+    tb = read_all(Path(base))
+    floats = [n for n in tb if tb[n].is_floating_point()]
+    deltas = [{n: read_all(Path(p))[n] - tb[n] for n in floats} for p in (a, b)]
+    thresholds = []
+    for d in deltas:
+        magnitudes = torch.cat([v.abs().reshape(-1) for v in d.values()])
+        thresholds.append(magnitudes.sort(descending=True).values[int(0.3 * magnitudes.numel()) - 1])
+    for n in floats:
+        trimmed = torch.stack([d[n] * (d[n].abs() >= t) for d, t in zip(deltas, thresholds)])
+        w = torch.tensor([1.0, 0.5]).reshape(-1, *[1] * tb[n].dim())
+        weighted = trimmed * w
+        agree = weighted.sign() == ((weighted.sum(0) >= 0).float() * 2 - 1)
+        divisor = (w * agree).sum(0)
+        divisor[divisor == 0] = 1
+        torch.testing.assert_close(out[n], tb[n] + (weighted * agree).sum(0) / divisor)
+
+
+def test_model_scope_needs_one_density_per_model(three: list[Path]) -> None:
+    base, a, b = map(str, three)
+    recipe = recipe_from_cli("ties", [a, b], base=base,
+                             params=["weight=1", "density=[0.2, 0.8]", "trim_scope=model"])
+    with pytest.raises(RecipeError, match="one density for all tensors"):
+        with planned_merge(recipe):
+            pass
+
+
+def test_gradient_parameters_follow_layer_positions(three: list[Path], tmp_path: Path) -> None:
+    base, a, _ = map(str, three)
+    out = read_all(merge(recipe_from_cli("slerp", [base, a], base=base, params=["t=[0, 1]"]), tmp_path / "o"))
+    tb, ta = read_all(Path(base)), read_all(Path(a))
+    assert torch.equal(out["model.layers.0.x"], tb["model.layers.0.x"])  # t = 0
+    assert torch.equal(out["model.layers.1.x"], ta["model.layers.1.x"])  # t = 1
+    assert torch.equal(out["w"], tb["w"])  # outside numbered layers: t = 0
+
+
+def test_compute_dtype_changes_the_arithmetic(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    models = [write_checkpoint(tmp_path / f"m{i}", {"w": torch.randn(64, generator=g).to(torch.bfloat16)})
+              for i in range(3)]
+    base, a, b = map(str, models)
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        recipe = recipe_from_cli("task_arithmetic", [a, b], base=base, params=["weight=0.3,0.3"],
+                                 compute_dtype=dtype, out_dtype="float32")
+        outs[dtype] = read_all(merge(recipe, tmp_path / dtype))["w"]
+    assert outs["float32"].dtype == torch.float32 and not torch.equal(outs["float32"], outs["bfloat16"])

@@ -1,0 +1,130 @@
+"""Recipes: mergekit's YAML form, the quick CLI form, and every problem reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergekit_like.errors import RecipeError
+from mergekit_like.recipe import dump_recipe, load_recipe, parse_recipe, recipe_from_cli
+
+
+def ties_recipe(**changes) -> dict:
+    data = {
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 0.5}},
+                   {"model": "b", "parameters": {"weight": 0.5, "density": 0.5}}],
+        "parameters": {"normalize": True},
+        "dtype": "bfloat16",
+    }
+    data.update(changes)
+    return data
+
+
+def problems_of(data: dict) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(data)
+    return info.value.problems
+
+
+def test_mergekit_form_parses_with_dtype_as_compute_and_output_dtype() -> None:
+    recipe = parse_recipe(ties_recipe(out_dtype="float16"))
+    assert recipe.compute_dtype == torch.bfloat16 and recipe.out_dtype == torch.float16
+    assert recipe.dtype_sets_output and [m.model for m in recipe.inputs] == ["a", "b"]
+
+
+def test_unknown_method_lists_the_known_ones() -> None:
+    (problem,) = problems_of(ties_recipe(merge_method="tie"))
+    assert "unknown merge_method 'tie'" in problem and "ties" in problem
+
+
+def test_missing_weight_names_the_model() -> None:
+    data = ties_recipe(models=[{"model": "a", "parameters": {"weight": 1.0}}, {"model": "b"}])
+    (problem,) = problems_of(data)
+    assert "needs 'weight' for every model; missing for b" in problem
+
+
+def test_slerp_with_three_models_is_refused() -> None:
+    data = {"merge_method": "slerp", "base_model": "a", "models": ["a", "b", "c"], "parameters": {"t": 0.5}}
+    (problem,) = problems_of(data)
+    assert "slerp needs exactly two models" in problem and "got 3" in problem
+
+
+def test_unknown_and_unsupported_keys_are_errors_not_ignored() -> None:
+    problems = problems_of(ties_recipe(slices=[], foo=1))
+    assert any("'slices'" in p and "not supported" in p for p in problems)
+    assert any("unknown key 'foo'" in p for p in problems)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    data = ties_recipe(
+        parameters={"normalize": "yes", "lambda": float("nan"), "bogus": 1},
+        models=[{"model": "a", "parameters": {"weight": 1.0, "density": -0.1}},
+                {"model": "a", "parameters": {"weight": 1.0, "t": 0.3}}],
+        dtype="float13",
+    )
+    problems = problems_of(data)
+    joined = "\n".join(problems)
+    for expected in ("'yes' is not true or false", "nan is not a finite number", "unknown parameter 'bogus'",
+                     "-0.1 is outside [0, 1]", "'a' is listed twice", "unknown parameter 't'",
+                     "unknown dtype name 'float13'"):
+        assert expected in joined, expected
+    assert len(problems) >= 7
+
+
+def test_shared_parameter_set_per_model_is_an_error() -> None:
+    data = ties_recipe()
+    data["models"][0]["parameters"]["lambda"] = 0.5
+    (problem,) = problems_of(data)
+    assert "'lambda' is shared by all models" in problem
+
+
+def test_linear_with_an_unlisted_base_model_explains_itself() -> None:
+    data = {"merge_method": "linear", "base_model": "base", "models": [
+        {"model": "a", "parameters": {"weight": 1}}]}
+    (problem,) = problems_of(data)
+    assert "linear does not use base_model" in problem
+
+
+def test_bad_filter_and_gradient_forms() -> None:
+    data = ties_recipe(parameters={"lambda": [{"filter": "mlp"}], "normalize": []})
+    problems = "\n".join(problems_of(data))
+    assert "filter entry has no 'value'" in problems and "empty list" in problems
+
+
+def test_quick_form_spreads_comma_values_over_models() -> None:
+    recipe = recipe_from_cli("ties", ["a", "b"], base="base", params=["density=0.2", "weight=0.7,0.3"])
+    assert recipe.base_model == "base" and recipe.compute_dtype == torch.float32
+    assert [dict(m.parameters) for m in recipe.inputs] == [{"weight": 0.7}, {"weight": 0.3}]
+    assert recipe.parameters == {"density": 0.2}
+
+
+def test_quick_form_value_count_must_match_models() -> None:
+    with pytest.raises(RecipeError, match="3 values for 2 models"):
+        recipe_from_cli("linear", ["a", "b"], params=["weight=1,2,3"])
+
+
+def test_quick_form_accepts_yaml_gradients_and_sweeps() -> None:
+    recipe = recipe_from_cli("slerp", ["a", "b"], base="a", params=["t=[0, 0.5, 1]"])
+    assert recipe.parameters["t"] == [0, 0.5, 1]
+    sweep = recipe_from_cli("wise_ft", ["ft"], base="zs", params=["alpha=0.25,0.5"])
+    assert sweep.sweep_values == [0.25, 0.5]
+
+
+def test_dumped_recipe_loads_back_identically(tmp_path: Path) -> None:
+    recipe = parse_recipe(ties_recipe(seed=7))
+    path = tmp_path / "r.yml"
+    path.write_text(dump_recipe(recipe, extra={"written by": "test"}))
+    assert load_recipe(path) == recipe
+
+
+def test_recipe_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "missing.yml")
+    bad = tmp_path / "bad.yml"
+    bad.write_text("merge_method: [unclosed")
+    with pytest.raises(RecipeError, match="bad.yml: not valid YAML"):
+        load_recipe(bad)
