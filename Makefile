@@ -20,8 +20,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mergekit-like example $(EXAMPLE_DIR) --overwrite
 	$(BIN)/mergekit-like inspect $(EXAMPLE_DIR)/finetune-1 --filter layers.0.
-	$(BIN)/mergekit-like convert $(EXAMPLE_DIR)/finetune-1 -o $(EXAMPLE_DIR)/finetune-1-fp32 --dtype float32 --overwrite
-	$(BIN)/mergekit-like inspect $(EXAMPLE_DIR)/finetune-1-fp32 --totals
+	$(BIN)/mergekit-like merge --method ties --base $(EXAMPLE_DIR)/base $(EXAMPLE_DIR)/finetune-1 $(EXAMPLE_DIR)/finetune-2 $(EXAMPLE_DIR)/finetune-3 \
+		-p density=0.5 -p weight=1.0,0.6,0.3 -o $(EXAMPLE_DIR)/merged-ties --dry-run
+	$(BIN)/mergekit-like merge --method ties --base $(EXAMPLE_DIR)/base $(EXAMPLE_DIR)/finetune-1 $(EXAMPLE_DIR)/finetune-2 $(EXAMPLE_DIR)/finetune-3 \
+		-p density=0.5 -p weight=1.0,0.6,0.3 -o $(EXAMPLE_DIR)/merged-ties --overwrite
+	$(BIN)/mergekit-like merge $(EXAMPLE_DIR)/merged-ties/merge_recipe.yml -o $(EXAMPLE_DIR)/merged-ties-rerun --overwrite --quiet
+	cmp $(EXAMPLE_DIR)/merged-ties/model.safetensors $(EXAMPLE_DIR)/merged-ties-rerun/model.safetensors && echo "rerun from merge_recipe.yml: identical bytes"
+	$(BIN)/mergekit-like merge --method wise_ft --base $(EXAMPLE_DIR)/base $(EXAMPLE_DIR)/finetune-1 -p alpha=0.25,0.5,0.75 -o $(EXAMPLE_DIR)/wise-ft --overwrite
+	$(BIN)/mergekit-like inspect $(EXAMPLE_DIR)/merged-ties --totals
+	head -20 $(EXAMPLE_DIR)/merged-ties/README.md
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

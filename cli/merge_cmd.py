@@ -64,7 +64,8 @@ def merge(
 
         def finalize(directory: Path, variant: Variant) -> None:
             write_recipe(directory, recipe)
-            write_model_card(directory, recipe, has_config=(directory / "config.json").exists(),
+            write_model_card(directory, recipe, title=output.name,
+                             has_config=(directory / "config.json").exists(),
                              command=command, variant=variant.label)
 
         with RichProgress("merge", enabled=not (quiet or as_json)) as progress:

@@ -31,6 +31,7 @@ def write_model_card(
     directory: Path,
     recipe: MergeRecipe,
     *,
+    title: str,
     has_config: bool,
     command: str | None = None,
     variant: str | None = None,
@@ -46,7 +47,7 @@ def write_model_card(
         library_name="transformers" if has_config else None,
     )
     lines = [
-        f"# {directory.name if variant is None else variant}",
+        f"# {title}" + (f" ({variant})" if variant else ""),
         "",
         f"This model was made with mergekit-like {__version__} using the "
         f"**{method.name}** merge method ([reference]({method.paper})): {method.description}",

@@ -94,7 +94,7 @@ class MergePlan:
         for t in self.tensors:
             key = repr(("copy", t.copy_from) if t.copy_from else t.params)
             group = groups.setdefault(key, {
-                "parameters": "copied from " + str(t.copy_from) if t.copy_from else _printable(t.params),
+                "parameters": "copied from " + str(t.copy_from) if t.copy_from else self._printable(t.params),
                 "tensors": 0, "examples": [],
             })
             group["tensors"] += 1
@@ -102,14 +102,15 @@ class MergePlan:
                 group["examples"].append(t.name)
         return list(groups.values())
 
+    def _printable(self, params: tuple[dict[str, Any], ...]) -> Any:
+        """Kernel arguments under their recipe names (``lambda_`` -> ``lambda``)."""
+        names = {spec.name: key for key, spec in self.method.params.items()}
+        cleaned = [{names.get(k, k): v for k, v in p.items()} for p in params]
+        return cleaned[0] if len(cleaned) == 1 else cleaned
+
     def close(self) -> None:
         for checkpoint in self.checkpoints.values():
             checkpoint.close()
-
-
-def _printable(params: tuple[dict[str, Any], ...]) -> Any:
-    cleaned = [{k: v for k, v in p.items()} for p in params]
-    return cleaned[0] if len(cleaned) == 1 else cleaned
 
 
 @dataclass(frozen=True)

@@ -52,3 +52,38 @@ def test_our_output_loads_in_transformers(tmp_path: Path) -> None:
         expected = model.float()(ids).logits
         actual = loaded(ids).logits
     torch.testing.assert_close(actual, expected)
+
+
+def test_merged_checkpoint_loads_and_gives_the_in_memory_merges_logits(tmp_path: Path) -> None:
+    from mergekit_like.methods import get_method
+
+    base = tiny_llama().float()
+    base.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    finetunes = []
+    for seed in (1, 2):
+        model = tiny_llama().float()
+        model.load_state_dict(base.state_dict())
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+        model.save_pretrained(tmp_path / f"ft{seed}", max_shard_size="20KB")
+        finetunes.append(model)
+    result = CliRunner().invoke(app, [
+        "merge", "--method", "ties", "--base", str(tmp_path / "base"), str(tmp_path / "ft1"),
+        str(tmp_path / "ft2"), "-p", "density=0.4", "-p", "weight=0.7,0.3", "-o", str(tmp_path / "merged"), "-q",
+    ])
+    assert result.exit_code == 0, result.output
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    ties = get_method("ties")
+    expected_state = {
+        name: ties([ft.state_dict()[name] for ft in finetunes], base=tensor, weight=[0.7, 0.3], density=[0.4, 0.4])
+        for name, tensor in base.state_dict().items()
+    }
+    reference = tiny_llama().float()
+    reference.load_state_dict(expected_state)
+    ids = torch.tensor([[5, 17, 3, 99, 42]])
+    with torch.no_grad():
+        for name, tensor in expected_state.items():
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits)

@@ -1,0 +1,89 @@
+"""`mergekit-like merge` through CliRunner: recipe form, quick form, dry run, JSON, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from huggingface_hub import ModelCard
+from typer.testing import CliRunner
+
+from mergekit_like.cli.main import app
+from mergekit_like.io import open_checkpoint
+
+runner = CliRunner()
+
+
+def quick_ties(example: list[Path], out: Path, *extra: str):
+    base, *fts = map(str, example)
+    return runner.invoke(app, ["merge", "--method", "ties", "--base", base, *fts, "-p", "density=0.5",
+                               "-p", "weight=0.5,0.3,0.2", "-o", str(out), *extra])
+
+
+def test_quick_form_writes_a_complete_loadable_directory(example_models: list[Path], tmp_path: Path) -> None:
+    result = quick_ties(example_models, tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["tensors"] == 39 and summary["outputs"] == [str(tmp_path / "out")]
+    out = tmp_path / "out"
+    assert {"config.json", "README.md", "merge_recipe.yml", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    with open_checkpoint(out) as ckpt:
+        assert len(ckpt) == 39
+    card = ModelCard.load(out / "README.md")
+    assert card.data.tags == ["merge", "mergekit-like", "ties"]
+    assert card.data.library_name == "transformers"
+    assert "finetune-1" in card.text and "arxiv.org/abs/2306.01708" in card.text
+
+
+def test_written_recipe_reruns_to_identical_bytes(example_models: list[Path], tmp_path: Path) -> None:
+    assert quick_ties(example_models, tmp_path / "a", "-q").exit_code == 0
+    recipe = tmp_path / "a" / "merge_recipe.yml"
+    assert yaml.safe_load(recipe.read_text())["merge_method"] == "ties"
+    result = runner.invoke(app, ["merge", str(recipe), "-o", str(tmp_path / "b"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(example_models: list[Path], tmp_path: Path) -> None:
+    result = quick_ties(example_models, tmp_path / "out", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["tensors"] == 39 and plan["read_bytes"] == 4 * plan["write_bytes"]
+    assert plan["parameter_groups"][0]["parameters"]["density"] == [0.5, 0.5, 0.5]
+    assert not (tmp_path / "out").exists()
+    text = quick_ties(example_models, tmp_path / "out", "--dry-run")
+    assert "ties of 3 model(s)" in text.stdout and "39 tensors" in text.stdout
+
+
+def test_recipe_problems_print_one_line_and_exit_2(example_models: list[Path], tmp_path: Path) -> None:
+    base, *fts = map(str, example_models)
+    result = runner.invoke(app, ["merge", "--method", "slerp", "--base", base, *fts, "-p", "t=0.5",
+                                 "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "slerp needs exactly two models" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["merge", "nonsense.txt", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "give a recipe .yml" in result.output
+
+
+def test_existing_output_needs_overwrite(example_models: list[Path], tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("x")
+    result = quick_ties(example_models, tmp_path / "out", "-q")
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert quick_ties(example_models, tmp_path / "out", "-q", "--overwrite").exit_code == 0
+    assert not (tmp_path / "out" / "keep").exists()
+
+
+def test_wise_ft_sweep_through_the_cli(example_models: list[Path], tmp_path: Path) -> None:
+    base, ft = map(str, example_models[:2])
+    result = runner.invoke(app, ["merge", "--method", "wise_ft", "--base", base, ft, "-p", "alpha=0.3,0.6",
+                                 "-o", str(tmp_path / "w"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["outputs"]) == 2
+    assert (tmp_path / "w" / "alpha_0.3" / "README.md").exists()
+
+
+def test_merge_help_has_an_example() -> None:
+    result = runner.invoke(app, ["merge", "--help"])
+    assert result.exit_code == 0 and "--method ties" in result.stdout
