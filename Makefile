@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 EXAMPLE_DIR ?= example
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/ruff check mergekit_like cli
+	$(BIN)/mypy mergekit_like cli
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/copy_memory_bench.py

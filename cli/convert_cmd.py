@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-
 from mergekit_like.cli.output import RichProgress, console, handle_errors, human_bytes, print_json
+
 from mergekit_like.io import convert_checkpoint, parse_size
 from mergekit_like.io.dtypes import parse_dtype
 

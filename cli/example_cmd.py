@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-
 from mergekit_like.cli.output import console, handle_errors, print_json
+
 from mergekit_like.example import PRESETS, write_example
 from mergekit_like.io.dtypes import parse_dtype
 from mergekit_like.io.sharding import parse_size

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from mergekit_like.cli.output import console, handle_errors, human_bytes, human_count, print_json
 from rich.table import Table
 
-from mergekit_like.cli.output import console, handle_errors, human_bytes, human_count, print_json
 from mergekit_like.io import open_checkpoint, summarize
 from mergekit_like.io.summary import CheckpointSummary
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 import typer
-
-from mergekit_like import __version__
 from mergekit_like.cli import convert_cmd, example_cmd, inspect_cmd, merge_cmd
 from mergekit_like.cli.output import DEBUG
+
+from mergekit_like import __version__
 
 app = typer.Typer(
     name="mergekit-like",

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from mergekit_like.cli.output import RichProgress, console, handle_errors, human_bytes, print_json
 
 from mergekit_like.card import RECIPE_FILE, write_model_card, write_recipe
-from mergekit_like.cli.output import RichProgress, console, handle_errors, human_bytes, print_json
 from mergekit_like.engine import MergePlan, Variant, planned_merge, run_merge
 from mergekit_like.errors import RecipeError
 from mergekit_like.io import parse_size
@@ -108,7 +108,7 @@ def _recipe(
 
 def _print_plan(plan: MergePlan, as_json: bool) -> None:
     recipe = plan.recipe
-    data = {
+    data: dict[str, Any] = {
         "method": recipe.merge_method,
         "base_model": recipe.base_model,
         "models": plan.input_refs,

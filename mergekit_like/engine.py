@@ -149,7 +149,7 @@ def plan_merge(
         for ref in refs:
             checkpoints[ref] = stack.enter_context(open_checkpoint(resolve_model(ref), allow_pickle=allow_pickle))
         problems: list[str] = []
-        reference = recipe.base_model if method.base is not BaseUse.NONE else refs[0]
+        reference = refs[0]  # the base when the method uses one
         names = checkpoints[reference].names()
         problems += _check_names(checkpoints, reference)
         variants = _variants(recipe)
@@ -192,7 +192,7 @@ def _check_model_scope(method: MergeMethod, tensors: Sequence[TensorPlan]) -> li
 def _needed_refs(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
     refs = [m.model for m in recipe.inputs]
     if method.base is not BaseUse.NONE and recipe.base_model is not None:
-        refs = [recipe.base_model] + refs
+        refs = [recipe.base_model, *refs]
     return refs
 
 
@@ -286,6 +286,7 @@ def _resolve_params(
     resolved: dict[str, Any] = {}
     problems: list[str] = []
     inputs = recipe.inputs
+    value: Any
     for key, spec in method.params.items():
         if spec.per_model:
             values = []
@@ -298,7 +299,7 @@ def _resolve_params(
             resolved[spec.name] = [spec.kind(v) for v in values if v is not _MISSING]
         else:
             if variant.label is not None and key == method.sweep_param:
-                value: Any = variant.value
+                value = variant.value
             else:
                 value = _lookup(key, [recipe.parameters], name, position, spec.default)
             if value is _MISSING:
@@ -337,7 +338,7 @@ def _side_file_source(recipe: MergeRecipe, reference: str) -> str:
 def _recipe_error(problems: list[str]) -> RecipeError:
     if len(problems) > MAX_LISTED_PROBLEMS:
         extra = len(problems) - MAX_LISTED_PROBLEMS
-        problems = problems[:MAX_LISTED_PROBLEMS] + [f"... and {extra} more problems"]
+        problems = [*problems[:MAX_LISTED_PROBLEMS], f"... and {extra} more problems"]
     return RecipeError(problems)
 
 

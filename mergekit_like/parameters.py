@@ -70,7 +70,7 @@ def _is_number(value: Any) -> bool:
 def interpolate_gradient(values: list[float], t: float) -> float:
     """mergekit's gradient: linear interpolation of ``values`` at ``t * (len - 1)``."""
     scaled = t * (len(values) - 1)
-    low = int(math.floor(scaled))
+    low = math.floor(scaled)
     frac = scaled - low
     if low >= len(values) - 1:
         return float(values[-1])

@@ -199,7 +199,9 @@ def _models(raw: Any, problems: list[str]) -> list[ModelEntry]:
             problems.append(f"models[{i}] ({item['model']}): unknown keys {sorted(unknown)}")
         model = item["model"]
         if "+" in model and not Path(model).exists():
-            problems.append(f"models[{i}]: '{model}' applies a LoRA ('+'), which is not supported; merge the adapter first")
+            problems.append(
+                f"models[{i}]: '{model}' applies a LoRA ('+'), which is not supported; merge the adapter first"
+            )
         if model in seen:
             problems.append(f"models[{i}]: '{model}' is listed twice")
         seen.add(model)

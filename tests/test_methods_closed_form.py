@@ -449,9 +449,11 @@ def test_slerp_just_below_threshold_is_spherical() -> None:
     assert not torch.allclose(out, 0.5 * base + 0.5 * other, rtol=0, atol=1e-6)
 
 
-def test_slerp_zero_base_counts_as_norm_one() -> None:
-    out = kernel("slerp")([vec(3, 4)], base=vec(0, 0), t=0.5)
-    # |base| <= 1e-8 -> 1: dot = 0, theta = pi/2 -> sin(pi/4) * [3, 4]
+@pytest.mark.parametrize("tiny", [0.0, 1e-9])
+def test_slerp_tiny_base_norm_counts_as_one(tiny: float) -> None:
+    out = kernel("slerp")([vec(3, 4)], base=vec(tiny, 0), t=0.5)
+    # |base| <= 1e-8 -> 1: dot = 0.6 * tiny ~ 0, theta = pi/2 -> sin(pi/4) * (base + [3, 4])
+    # (dividing by the true norm would give dot 0.6 and another result)
     close(out, [3 * math.sqrt(0.5), 4 * math.sqrt(0.5)])
 
 

@@ -46,4 +46,5 @@ def convert_checkpoint(
                     writer.write(spec.name, checkpoint.read(spec.name).to(spec.dtype))
                     progress.advance(spec.name, spec.nbytes)
             copy_side_files(checkpoint.layout.root, temp, dtype)
+    assert writer.result is not None
     return replace(writer.result, directory=Path(output))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from mergekit_like.errors import UnsupportedDtypeError
@@ -50,7 +52,7 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def to_torch(code: str, *, path: object = None, tensor: str | None = None) -> torch.dtype:
+def to_torch(code: str, *, path: str | Path | None = None, tensor: str | None = None) -> torch.dtype:
     """Maps a safetensors dtype code (``"BF16"``) to a torch dtype, or says why it cannot."""
     try:
         return SAFETENSORS_TO_TORCH[code]

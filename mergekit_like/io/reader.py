@@ -124,7 +124,7 @@ class Checkpoint:
             if out.dtype != torch.uint8 or out.device.type != "cpu" or out.numel() < entry.nbytes:
                 raise ValueError("out must be a CPU uint8 buffer at least as large as the tensor")
             buffer = out[: entry.nbytes]
-        view = memoryview(buffer.numpy())
+        view = memoryview(buffer.numpy())  # type: ignore[arg-type]
         fd = self._fd(entry.file)
         done = 0
         while done < entry.nbytes:
@@ -247,7 +247,7 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(exc):
                 raise
             state = torch.load(file, map_location="cpu", weights_only=True)  # legacy format
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
+    except Exception as exc:
         raise UnsafeCheckpointError(
             f"torch.load(weights_only=True) refused or failed to read it ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''})",

@@ -50,7 +50,7 @@ class _Slot:
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of ``tensor`` (moved to the CPU, made contiguous)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")  # type: ignore[arg-type]
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -132,11 +132,11 @@ class ShardedWriter:
         header = self._headers[index]
         size = len(header) + self.plans[index].nbytes
         with _as_write_error(path, None):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds[index] = fd
-            _reserve(fd, size)
-            pwrite_all(fd, memoryview(header), 0)
-        return fd
+            opened = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds[index] = opened
+            _reserve(opened, size)
+            pwrite_all(opened, memoryview(header), 0)
+        return opened
 
     def _finish_shard(self, index: int) -> None:
         fd = self._fds.pop(index, None)
@@ -241,7 +241,7 @@ class _as_write_error:
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool:
+    ) -> None:
         if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 what, fix = "no space left on the device", "free space or write the output elsewhere"
@@ -250,4 +250,3 @@ class _as_write_error:
             else:
                 what, fix = f"cannot write ({exc.strerror or exc})", "check the output directory's permissions"
             raise OutputWriteError(what, path=self.path, tensor=self.tensor, fix=fix) from exc
-        return False

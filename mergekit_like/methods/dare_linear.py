@@ -25,5 +25,7 @@ def dare_linear(
     normalize: bool = False,
     lambda_: float = 1.0,
 ) -> torch.Tensor:
-    deltas = sparse_task_vectors(tensors, base, density, "bernoulli", rescale=rescale, rescale_mode=rescale_mode, generator=generator)
+    deltas = sparse_task_vectors(
+        tensors, base, density, "bernoulli", rescale=rescale, rescale_mode=rescale_mode, generator=generator
+    )
     return combine_task_vectors(base, deltas, weight, consensus=None, normalize=normalize, scale=lambda_)

@@ -27,5 +27,7 @@ def dare_ties(
     lambda_: float = 1.0,
     consensus: Consensus = "sum",
 ) -> torch.Tensor:
-    deltas = sparse_task_vectors(tensors, base, density, "bernoulli", rescale=rescale, rescale_mode=rescale_mode, generator=generator)
+    deltas = sparse_task_vectors(
+        tensors, base, density, "bernoulli", rescale=rescale, rescale_mode=rescale_mode, generator=generator
+    )
     return combine_task_vectors(base, deltas, weight, consensus=consensus, normalize=normalize, scale=lambda_)

@@ -18,6 +18,7 @@ A kernel is a pure function of tensors and numbers::
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 import typing
@@ -119,6 +120,7 @@ def merge_method(
             params[spec.recipe_name] = spec
         uses_base = "base" in signature.parameters
         base_use = base or (BaseUse.REQUIRED if uses_base else BaseUse.NONE)
+        kernel = _broadcasting_per_model(kernel, [p for p in params.values() if p.per_model])
         _REGISTRY[name] = MergeMethod(
             name=name, kernel=kernel, params=params, base=base_use, min_models=min_models,
             max_models=max_models, paper=paper, description=description,
@@ -129,6 +131,24 @@ def merge_method(
         return kernel
 
     return register
+
+
+def _broadcasting_per_model(
+    kernel: Callable[..., torch.Tensor], per_model: list[ParamSpec]
+) -> Callable[..., torch.Tensor]:
+    """Lets a per-model parameter be given (or defaulted) as one value for all models."""
+    if not per_model:
+        return kernel
+
+    @functools.wraps(kernel)
+    def wrapper(tensors: list[torch.Tensor], **kwargs: Any) -> torch.Tensor:
+        for spec in per_model:
+            value = kwargs.get(spec.name, spec.default)
+            if value is not inspect.Parameter.empty and not isinstance(value, (list, tuple)):
+                kwargs[spec.name] = [value] * len(tensors)
+        return kernel(tensors, **kwargs)
+
+    return wrapper
 
 
 def _param_spec(parameter: inspect.Parameter, hint: Any) -> ParamSpec:
