@@ -41,6 +41,11 @@ def merge(
     compute_dtype: str = typer.Option(None, "--compute-dtype", help="Dtype to merge in (default float32)."),
     out_dtype: str = typer.Option(None, "--out-dtype", help="Dtype to write (default: the base's)."),
     seed: int = typer.Option(None, "--seed", help="Seed for random methods (DARE); default 0."),
+    vocab_mismatch: str = typer.Option(
+        None, "--vocab-mismatch",
+        help="Embedding/head row counts differ: 'error' (default) or 'base' (keep the base's vocabulary: "
+        "missing rows come from the base, extra rows are dropped).",
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard (decimal units)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop; reads no tensor data."),
@@ -50,6 +55,10 @@ def merge(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     recipe = _recipe(args, method, base, param, compute_dtype, out_dtype, seed)
+    if vocab_mismatch is not None:
+        recipe = dataclasses.replace(recipe, vocab_mismatch=vocab_mismatch)
+        if vocab_mismatch not in ("error", "base"):
+            raise typer.BadParameter("use error or base", param_hint="--vocab-mismatch")
     if output is None and not dry_run:
         raise typer.BadParameter("give the output directory with -o/--output", param_hint="-o")
     try:

@@ -70,6 +70,8 @@ class MergePlan:
     tensors: list[TensorPlan]
     variants: list[Variant]
     side_file_source: str
+    # The model whose names, shapes (and, with vocab_mismatch: base, rows) the output follows.
+    reference: str
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -165,7 +167,7 @@ def plan_merge(
             raise _recipe_error(problems)
         stack.pop_all()
     source = _side_file_source(recipe, reference)
-    return MergePlan(recipe, method, checkpoints, tensors, variants, source)
+    return MergePlan(recipe, method, checkpoints, tensors, variants, source, reference)
 
 
 def _uses_model_scope(method: MergeMethod, tensors: Sequence[TensorPlan]) -> bool:
@@ -241,7 +243,7 @@ def _plan_tensor(
 ) -> TensorPlan:
     entries = {ref: ckpt.entry(name) for ref, ckpt in checkpoints.items() if name in ckpt}
     ref_entry = entries[reference]
-    problems = _shape_problems(name, entries, reference)
+    problems = _shape_problems(name, entries, reference, recipe.vocab_mismatch)
     read_bytes = sum(e.nbytes for e in entries.values())
     if not ref_entry.dtype.is_floating_point:
         if problems:
@@ -265,15 +267,33 @@ def _promoted(dtypes: Iterable[torch.dtype]) -> torch.dtype:
     return functools.reduce(torch.promote_types, dtypes)
 
 
-def _shape_problems(name: str, entries: dict[str, TensorEntry], reference: str) -> list[str]:
+def _shape_problems(name: str, entries: dict[str, TensorEntry], reference: str, vocab_mismatch: str) -> list[str]:
     expected = entries[reference].shape
-    return [
-        f"tensor '{name}': shape {list(e.shape)} in '{ref}' but {list(expected)} in '{reference}'"
-        + (" (different vocabulary sizes: the models cannot be merged row by row)"
-           if _is_vocab_tensor(name) else "")
-        for ref, e in entries.items()
-        if e.shape != expected
-    ]
+    problems = []
+    for ref, entry in entries.items():
+        if entry.shape == expected:
+            continue
+        rows_only = _is_vocab_tensor(name) and entry.shape[1:] == expected[1:]
+        if rows_only and vocab_mismatch == "base":
+            continue
+        hint = (" (different vocabulary sizes; vocab_mismatch: base merges the reference model's "
+                "rows and keeps its vocabulary)") if rows_only else ""
+        problems.append(f"tensor '{name}': shape {list(entry.shape)} in '{ref}' but {list(expected)} "
+                        f"in '{reference}'{hint}")
+    return problems
+
+
+def fit_rows(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Truncates, or pads with the reference's rows, to the reference's row count.
+
+    For ``vocab_mismatch: base``: a model without some of the reference's tokens
+    contributes the reference's rows for them (a zero task vector there), and
+    tokens beyond the reference's vocabulary are dropped.
+    """
+    rows = reference.shape[0]
+    if tensor.shape[0] >= rows:
+        return tensor[:rows]
+    return torch.cat([tensor, reference[tensor.shape[0]:].to(tensor.dtype)], dim=0)
 
 
 def _is_vocab_tensor(name: str) -> bool:
@@ -412,9 +432,19 @@ def merge_tensor(
 
 
 def _loader(plan: MergePlan, tensor: TensorPlan, device: torch.device) -> Callable[[str | None], torch.Tensor]:
+    reference: list[torch.Tensor] = []  # read only if some model's rows need fitting
+
+    def read(ref: str) -> torch.Tensor:
+        return plan.checkpoints[ref].read(tensor.name, device=device).to(tensor.compute_dtype)
+
     def load(ref: str | None) -> torch.Tensor:
         assert ref is not None
-        return plan.checkpoints[ref].read(tensor.name, device=device).to(tensor.compute_dtype)
+        value = read(ref)
+        if tuple(value.shape) == tensor.shape:
+            return value
+        if not reference:
+            reference.append(read(plan.reference))
+        return fit_rows(value, reference[0])
 
     return load
 

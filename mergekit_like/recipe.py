@@ -25,8 +25,9 @@ from mergekit_like.parameters import check_value_form, is_gradient, numeric_valu
 # mergekit keys we understand, and our own extensions.
 RECIPE_KEYS = {
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "compute_dtype", "seed",
+    "tokenizer_source", "compute_dtype", "seed", "vocab_mismatch",
 }
+VOCAB_MISMATCH = ("error", "base")
 MODEL_KEYS = {"model", "parameters"}
 # mergekit features this tool does not implement, with what to do instead.
 UNSUPPORTED_KEYS = {
@@ -63,6 +64,8 @@ class MergeRecipe:
     dtype_sets_output: bool = False
     seed: int = 0
     tokenizer_source: str | None = None
+    # Embeddings/heads whose row counts differ: "error", or "base" (follow the reference model).
+    vocab_mismatch: str = "error"
 
     @property
     def method(self) -> MergeMethod:
@@ -99,6 +102,8 @@ class MergeRecipe:
             data["out_dtype"] = dtype_name(self.out_dtype)
         if self.tokenizer_source is not None:
             data["tokenizer_source"] = self.tokenizer_source
+        if self.vocab_mismatch != "error":
+            data["vocab_mismatch"] = self.vocab_mismatch
         data["seed"] = self.seed
         return data
 
@@ -147,6 +152,9 @@ def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         problems.append(f"seed must be a non-negative integer, not {seed!r}")
         seed = 0
+    vocab_mismatch = data.get("vocab_mismatch", "error")
+    if vocab_mismatch not in VOCAB_MISMATCH:
+        problems.append(f"vocab_mismatch must be one of {', '.join(VOCAB_MISMATCH)}, not {vocab_mismatch!r}")
     tokenizer_source = data.get("tokenizer_source")
     if tokenizer_source is not None and not isinstance(tokenizer_source, str):
         problems.append("tokenizer_source must be 'base' or a model path")
@@ -160,6 +168,7 @@ def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
         dtype_sets_output="dtype" in data,
         seed=seed,
         tokenizer_source=tokenizer_source,
+        vocab_mismatch=vocab_mismatch if vocab_mismatch in VOCAB_MISMATCH else "error",
     )
     if method is not None:
         problems += validate_against_method(recipe, method)

@@ -184,3 +184,18 @@ def test_compute_dtype_changes_the_arithmetic(tmp_path: Path) -> None:
                                  compute_dtype=dtype, out_dtype="float32")
         outs[dtype] = read_all(merge(recipe, tmp_path / dtype))["w"]
     assert outs["float32"].dtype == torch.float32 and not torch.equal(outs["float32"], outs["bfloat16"])
+
+
+def test_vocab_mismatch_base_keeps_the_base_vocabulary(tmp_path: Path) -> None:
+    base_rows = torch.arange(12.0).reshape(6, 2)
+    small = write_checkpoint(tmp_path / "small", {"model.embed_tokens.weight": base_rows[:4] + 1})
+    # "big" is listed first in one run and "small" in the other: padding must use the base, not an input
+    big = write_checkpoint(tmp_path / "big", {"model.embed_tokens.weight": torch.cat([base_rows + 2, torch.ones(2, 2)])})
+    base = write_checkpoint(tmp_path / "base", {"model.embed_tokens.weight": base_rows})
+    expected = base_rows + 2 + torch.tensor([1.0] * 4 + [0.0] * 2).unsqueeze(1)  # small adds 1 on its 4 rows only
+    for order in ((small, big), (big, small)):
+        data = {"merge_method": "task_arithmetic", "base_model": str(base), "vocab_mismatch": "base",
+                "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in order],
+                "compute_dtype": "float32"}
+        out = read_all(merge(parse_recipe(data), tmp_path / f"o-{order[0].name}"))["model.embed_tokens.weight"]
+        assert torch.equal(out, expected)
