@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from mergekit_like.errors import IncompatibleModelsError, MergeError, RecipeError
-from mergekit_like.io.atomic import atomic_directory, check_target
+from mergekit_like.errors import MergeError, RecipeError
+from mergekit_like.io.atomic import check_target
+from mergekit_like.io.outputs import refuse_output_among_inputs, write_checkpoints
 from mergekit_like.io.reader import Checkpoint, open_checkpoint
 from mergekit_like.io.safetensors_format import TensorEntry
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
-from mergekit_like.io.sidefiles import copy_side_files
-from mergekit_like.io.writer import ShardedWriter, WrittenCheckpoint
+from mergekit_like.io.writer import WrittenCheckpoint
 from mergekit_like.methods.model_topk import TopKThreshold
 from mergekit_like.methods.registry import BaseUse, MergeMethod
 from mergekit_like.parameters import LayerPosition, NoValue, layer_count, layer_index, resolve_value
@@ -466,39 +466,24 @@ def run_merge(
     """
     progress = progress or NullProgress()
     torch_device = resolve_device(device)
-    output = Path(output)
     check_target(output, overwrite=overwrite)
-    _refuse_output_among_inputs(plan, output)
-    specs = plan.specs()
+    refuse_output_among_inputs(output, {ref: c.layout.root for ref, c in plan.checkpoints.items()})
     passes = 3 if _uses_model_scope(plan.method, plan.tensors) else 1
     progress.start(len(plan.tensors) * passes, plan.read_bytes * passes)
     thresholds = model_topk_thresholds(plan, torch_device, progress) if passes == 3 else None
-    with atomic_directory(output, overwrite=overwrite) as temp:
-        directories = [temp / v.label if v.label else temp for v in plan.variants]
-        for directory in directories:
-            directory.mkdir(exist_ok=True)
-        writers = [ShardedWriter(d, specs, max_shard_size=max_shard_size) for d in directories]
-        try:
-            with torch.no_grad():
-                for tensor in plan.tensors:
-                    for writer, value in zip(writers, merge_tensor(plan, tensor, torch_device, thresholds)):
-                        writer.write(tensor.name, value)
-                    progress.advance(tensor.name, tensor.read_bytes)
-            written = [writer.close() for writer in writers]
-        except BaseException:
-            for writer in writers:
-                writer.abort()
-            raise
-        source_dir = _side_file_dir(plan)
-        out_dtype = _uniform_out_dtype(plan)
-        for directory, variant in zip(directories, plan.variants):
-            copy_side_files(source_dir, directory, out_dtype)
-            if finalize is not None:
-                finalize(directory, variant)
-    outputs = [
-        WrittenCheckpoint(output / v.label if v.label else output, w.shards, w.index, w.total_bytes, w.num_tensors)
-        for v, w in zip(plan.variants, written)
-    ]
+
+    def merged() -> Iterator[tuple[str, list[torch.Tensor]]]:
+        with torch.no_grad():
+            for tensor in plan.tensors:
+                yield tensor.name, merge_tensor(plan, tensor, torch_device, thresholds)
+                progress.advance(tensor.name, tensor.read_bytes)
+
+    outputs = write_checkpoints(
+        output, [v.label for v in plan.variants], plan.specs(), merged(),
+        overwrite=overwrite, max_shard_size=max_shard_size, side_files_from=_side_file_dir(plan),
+        out_dtype=_uniform_out_dtype(plan),
+        finalize=(lambda directory, i: finalize(directory, plan.variants[i])) if finalize else None,
+    )
     return MergeResult(outputs, plan.read_bytes, plan.write_bytes)
 
 
@@ -512,14 +497,3 @@ def _side_file_dir(plan: MergePlan) -> Path:
 def _uniform_out_dtype(plan: MergePlan) -> torch.dtype | None:
     dtypes = {t.out_dtype for t in plan.tensors if t.copy_from is None}
     return dtypes.pop() if len(dtypes) == 1 else None
-
-
-def _refuse_output_among_inputs(plan: MergePlan, output: Path) -> None:
-    target = output.resolve()
-    for ref, checkpoint in plan.checkpoints.items():
-        root = checkpoint.layout.root.resolve()
-        if target == root or root.is_relative_to(target):
-            raise IncompatibleModelsError(
-                f"the output directory would replace input '{ref}'", path=output,
-                fix="write the merge to another directory",
-            )

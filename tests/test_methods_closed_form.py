@@ -631,26 +631,28 @@ def test_every_method_runs_on_random_tensors(name: str) -> None:
     assert torch.isfinite(out).all()
 
 
-PER_MODEL_DEFAULTS = ["ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"]
+# Per-model parameters left out (scalar defaults) or given as one scalar for all models.
+# d1 = [1, 1, 1], d2 = [2, 2, 2]; density 1 keeps everything, all signs agree:
+# ties normalises by default: (1 + 2)/2 = 1.5 ; the others sum: 1 + 2 = 3
+PER_MODEL_DEFAULTS = {"ties": 1.5, "dare_linear": 3.0, "dare_ties": 3.0, "breadcrumbs": 3.0, "breadcrumbs_ties": 3.0}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="BUG: PerModel parameters default to a scalar (density=1.0, gamma=0.01) but the kernels "
-    "zip() over them, so calling a kernel without them raises TypeError: 'float' object is not "
-    "iterable (only the engine's resolution, which builds lists, works)",
-)
-@pytest.mark.parametrize("name", PER_MODEL_DEFAULTS)
-def test_kernel_per_model_defaults_work_when_called_directly(name: str) -> None:
+@pytest.mark.parametrize(("name", "shift"), sorted(PER_MODEL_DEFAULTS.items()))
+def test_kernel_per_model_defaults_broadcast(name: str, shift: float) -> None:
     method = get_method(name)
     base = vec(1, 2, 3)
     kwargs: dict[str, typing.Any] = {"base": base, "weight": [1.0, 1.0]}
     if method.uses_generator:
         kwargs["generator"] = gen(0)
-    out = method.kernel([base + 1, base + 2], **kwargs)
-    # density 1 by default keeps everything: base + d1 + d2 (task arithmetic / agreeing signs)
-    assert torch.equal(out, base + 3)
+    assert torch.equal(method.kernel([base + 1, base + 2], **kwargs), base + shift)
+
+
+def test_kernel_per_model_scalar_value_broadcasts() -> None:
+    base = torch.zeros(4)
+    d1, d2 = vec(4, 1, 0, 0), vec(0, 0, 1, 3)
+    out = kernel("ties")([d1, d2], base=base, weight=1.0, density=0.5, normalize=False)
+    # weight 1 and density 0.5 for both: each keeps int(0.5*4) = 2 entries -> [4, 1, 1, 3]
+    assert torch.equal(out, vec(4.0, 1.0, 1.0, 3.0))
 
 
 # ---------------------------------------------------------------------------

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from mergekit_like.io.atomic import atomic_directory, check_target
+from mergekit_like.io.atomic import check_target
+from mergekit_like.io.outputs import write_checkpoints
 from mergekit_like.io.reader import open_checkpoint
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
-from mergekit_like.io.sidefiles import copy_side_files
-from mergekit_like.io.writer import ShardedWriter, WrittenCheckpoint
+from mergekit_like.io.writer import WrittenCheckpoint
 from mergekit_like.progress import NullProgress, ProgressSink
 
 
@@ -35,16 +35,19 @@ def convert_checkpoint(
     Floating tensors are cast to ``dtype`` when given. Side files (config,
     tokenizer) are copied. The output appears atomically.
     """
-    progress = progress or NullProgress()
+    sink = progress or NullProgress()
     check_target(output, overwrite=overwrite)
     with open_checkpoint(source, allow_pickle=allow_pickle) as checkpoint:
         specs = [TensorSpec(e.name, cast_dtype(e.dtype, dtype), e.shape) for e in checkpoint.entries()]
-        progress.start(len(specs), checkpoint.total_bytes)
-        with atomic_directory(output, overwrite=overwrite) as temp:
-            with ShardedWriter(temp, specs, max_shard_size=max_shard_size) as writer:
-                for spec in specs:
-                    writer.write(spec.name, checkpoint.read(spec.name).to(spec.dtype))
-                    progress.advance(spec.name, spec.nbytes)
-            copy_side_files(checkpoint.layout.root, temp, dtype)
-    assert writer.result is not None
-    return replace(writer.result, directory=Path(output))
+        sink.start(len(specs), checkpoint.total_bytes)
+
+        def copied() -> Iterator[tuple[str, list[torch.Tensor]]]:
+            for spec in specs:
+                yield spec.name, [checkpoint.read(spec.name).to(spec.dtype)]
+                sink.advance(spec.name, spec.nbytes)
+
+        (written,) = write_checkpoints(
+            output, [None], specs, copied(), overwrite=overwrite, max_shard_size=max_shard_size,
+            side_files_from=checkpoint.layout.root, out_dtype=dtype,
+        )
+    return written

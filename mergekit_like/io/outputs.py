@@ -1,0 +1,78 @@
+"""Writing one or several output checkpoints from a stream of tensors, atomically.
+
+Shared by every command that produces checkpoints (merge, average, soup):
+the outputs (one directory, or one subdirectory per variant of a sweep) are
+written by streaming writers inside one temporary directory that is moved
+into place only when everything, side files included, is complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from mergekit_like.errors import IncompatibleModelsError
+from mergekit_like.io.atomic import atomic_directory, check_target
+from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
+from mergekit_like.io.sidefiles import copy_side_files
+from mergekit_like.io.writer import ShardedWriter, WrittenCheckpoint
+
+# (tensor name, its value for each output) in any order the producer likes.
+TensorStream = Iterable[tuple[str, Sequence[torch.Tensor]]]
+
+
+def refuse_output_among_inputs(output: str | Path, inputs: Mapping[str, Path]) -> None:
+    """Refuses an output directory that is, or contains, one of the inputs."""
+    target = Path(output).resolve()
+    for ref, root in inputs.items():
+        root = root.resolve()
+        if target == root or root.is_relative_to(target):
+            raise IncompatibleModelsError(
+                f"the output directory would replace input '{ref}'", path=output,
+                fix="write the output to another directory",
+            )
+
+
+def write_checkpoints(
+    output: str | Path,
+    labels: Sequence[str | None],
+    specs: Sequence[TensorSpec],
+    tensors: TensorStream,
+    *,
+    overwrite: bool = False,
+    max_shard_size: int = DEFAULT_SHARD_SIZE,
+    side_files_from: Path | None = None,
+    out_dtype: torch.dtype | None = None,
+    finalize: Callable[[Path, int], None] | None = None,
+) -> list[WrittenCheckpoint]:
+    """Writes ``len(labels)`` checkpoints (a label names a subdirectory; None is ``output`` itself).
+
+    ``finalize(directory, index)`` runs for each output before the move into place.
+    """
+    output = Path(output)
+    check_target(output, overwrite=overwrite)
+    with atomic_directory(output, overwrite=overwrite) as temp:
+        directories = [temp / label if label else temp for label in labels]
+        for directory in directories:
+            directory.mkdir(exist_ok=True)
+        writers = [ShardedWriter(d, specs, max_shard_size=max_shard_size) for d in directories]
+        try:
+            for name, values in tensors:
+                for writer, value in zip(writers, values, strict=True):
+                    writer.write(name, value)
+            written = [writer.close() for writer in writers]
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
+        for index, directory in enumerate(directories):
+            if side_files_from is not None:
+                copy_side_files(side_files_from, directory, out_dtype)
+            if finalize is not None:
+                finalize(directory, index)
+    return [
+        WrittenCheckpoint(output / label if label else output, w.shards, w.index, w.total_bytes, w.num_tensors)
+        for label, w in zip(labels, written)
+    ]
