@@ -472,10 +472,11 @@ def run_merge(
     progress.start(len(plan.tensors) * passes, plan.read_bytes * passes)
     thresholds = model_topk_thresholds(plan, torch_device, progress) if passes == 3 else None
 
-    def merged() -> Iterator[tuple[str, list[torch.Tensor]]]:
+    def merged() -> Iterator[tuple[int, str, torch.Tensor]]:
         with torch.no_grad():
             for tensor in plan.tensors:
-                yield tensor.name, merge_tensor(plan, tensor, torch_device, thresholds)
+                for index, value in enumerate(merge_tensor(plan, tensor, torch_device, thresholds)):
+                    yield index, tensor.name, value
                 progress.advance(tensor.name, tensor.read_bytes)
 
     outputs = write_checkpoints(

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from mergekit_like.errors import MergeError
-from mergekit_like.methods import BaseUse, all_methods, get_method, merge_method
-from mergekit_like.methods import registry
+from mergekit_like.methods import BaseUse, all_methods, get_method, merge_method, registry
 from mergekit_like.parameters import (
     LayerPosition,
     NoValue,
@@ -31,8 +30,17 @@ F64 = torch.float64
 
 # The methods this file checks in closed form (the registry may hold more).
 COVERED = {
-    "linear", "uniform_soup", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-    "breadcrumbs", "breadcrumbs_ties", "slerp", "wise_ft", "model_stock",
+    "linear",
+    "uniform_soup",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "slerp",
+    "wise_ft",
+    "model_stock",
 }
 
 
@@ -58,6 +66,7 @@ def gen(seed: int) -> torch.Generator:
 # ---------------------------------------------------------------------------
 # linear, uniform_soup
 # ---------------------------------------------------------------------------
+
 
 def test_linear_normalized_unequal_weights() -> None:
     x1, x2 = vec(1, 2), vec(3, 6)
@@ -176,16 +185,18 @@ def test_ties_without_normalize() -> None:
 
 
 def test_ties_lambda() -> None:
-    out = kernel("ties")(TIES_MODELS, base=TIES_BASE, weight=TIES_WEIGHTS, density=[1.0] * 3,
-                         normalize=False, lambda_=0.5)
+    out = kernel("ties")(
+        TIES_MODELS, base=TIES_BASE, weight=TIES_WEIGHTS, density=[1.0] * 3, normalize=False, lambda_=0.5
+    )
     # 0.5 * [-5, 6, 0, 11] = [-2.5, 3, 0, 5.5] -> [7.5, 13, 10, 15.5]
     assert torch.equal(out, vec(7.5, 13.0, 10.0, 15.5))
 
 
 @pytest.mark.parametrize("consensus", ["sum", "count"])
 def test_ties_zero_sum_elects_plus(consensus: str) -> None:
-    out = kernel("ties")([vec(2, 1), vec(0, 3)], base=vec(1, 2), weight=[1.0, 1.0], density=[1.0, 1.0],
-                         consensus=consensus)
+    out = kernel("ties")(
+        [vec(2, 1), vec(0, 3)], base=vec(1, 2), weight=[1.0, 1.0], density=[1.0, 1.0], consensus=consensus
+    )
     # d1 = [1, -1], d2 = [-1, 1]: sum 0 and count 0 -> elected + (>= 0)
     # e0: only d1 agrees: 1/1 -> 1 + 1 = 2 ; e1: only d2: 1 -> 2 + 1 = 3
     assert torch.equal(out, vec(2.0, 3.0))
@@ -304,8 +315,9 @@ def test_dare_inverse_density_rescale(name: str, density: float) -> None:
     g = gen(5)
     base = torch.zeros(48)
     d = torch.randint(1, 9, (48,), generator=g).float()  # positive integers: no zero, no sign conflict
-    out = kernel(name)([base + d], base=base, generator=gen(11), weight=[1.0], density=[density],
-                       rescale_mode="inverse_density")
+    out = kernel(name)(
+        [base + d], base=base, generator=gen(11), weight=[1.0], density=[density], rescale_mode="inverse_density"
+    )
     kept = out != 0
     assert 0 < int(kept.sum()) < 48
     # kept entries are d / density exactly (a power of two), dropped ones 0
@@ -388,8 +400,9 @@ def test_breadcrumbs_ties_two_models_normalized() -> None:
 
 
 def test_breadcrumbs_gamma_per_model() -> None:
-    out = kernel("breadcrumbs")([CRUMBS_D, CRUMBS_D2], base=torch.zeros(10), weight=[1.0, 1.0],
-                                density=[0.5, 0.3], gamma=[0.1, 0.2])
+    out = kernel("breadcrumbs")(
+        [CRUMBS_D, CRUMBS_D2], base=torch.zeros(10), weight=[1.0, 1.0], density=[0.5, 0.3], gamma=[0.1, 0.2]
+    )
     # d1 as above; d2 keeps 3, top 2 (idx0, 9), bottom 5 (idx1..5): idx 6, 7, 8 -> [.., 6, -7, 8, 0]
     assert torch.equal(out, vec(0, -9, 5, 0, 0, 7, 6, 1, 8, -6))
 
@@ -397,6 +410,7 @@ def test_breadcrumbs_gamma_per_model() -> None:
 # ---------------------------------------------------------------------------
 # slerp
 # ---------------------------------------------------------------------------
+
 
 def test_slerp_t0_is_base_exactly() -> None:
     base, other = vec(0.3, -1.7, 2.2), vec(1.1, 0.4, -0.9)
@@ -562,6 +576,7 @@ def test_model_stock_three_models_known_cosine() -> None:
 # registry
 # ---------------------------------------------------------------------------
 
+
 def test_registry_holds_every_covered_method() -> None:
     assert COVERED <= set(all_methods())
 
@@ -659,6 +674,7 @@ def test_kernel_per_model_scalar_value_broadcasts() -> None:
 # parameters: gradients and filters
 # ---------------------------------------------------------------------------
 
+
 def _pos(index: int | None, count: int) -> LayerPosition:
     return LayerPosition(index, count)
 
@@ -681,13 +697,13 @@ def test_interpolate_gradient_single_value() -> None:
 
 def test_gradient_over_three_layers() -> None:
     # t = l/2 -> 0, 0.5, 1
-    got = [resolve_value([0, 0.5, 1], f"model.layers.{l}.mlp.up_proj.weight", _pos(l, 3)) for l in range(3)]
+    got = [resolve_value([0, 0.5, 1], f"model.layers.{layer}.mlp.up_proj.weight", _pos(layer, 3)) for layer in range(3)]
     assert got == pytest.approx([0.0, 0.5, 1.0], abs=1e-15)
 
 
 def test_gradient_over_five_layers() -> None:
     # t = l/4 -> 0, 0.25, 0.5, 0.75, 1 ; value at t*2 on [0, 0.5, 1] = t
-    got = [resolve_value([0, 0.5, 1], f"model.layers.{l}.mlp.up_proj.weight", _pos(l, 5)) for l in range(5)]
+    got = [resolve_value([0, 0.5, 1], f"model.layers.{layer}.mlp.up_proj.weight", _pos(layer, 5)) for layer in range(5)]
     assert got == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0], abs=1e-15)
 
 
@@ -759,7 +775,7 @@ def test_filter_regex_and_glob_forms(pattern: str, name: str, matches: bool) -> 
 def test_gradient_nested_inside_filter_value() -> None:
     value = [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.2}]
     # self_attn at layer l of 5: t = l/4 ; the other tensors 0.2
-    got = [resolve_value(value, f"model.layers.{l}.self_attn.q_proj.weight", _pos(l, 5)) for l in range(5)]
+    got = [resolve_value(value, f"model.layers.{layer}.self_attn.q_proj.weight", _pos(layer, 5)) for layer in range(5)]
     assert got == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0], abs=1e-15)
     assert resolve_value(value, "model.layers.3.mlp.up_proj.weight", _pos(3, 5)) == 0.2
     # a non-layer tensor that matches the filter takes the gradient at t = 0

@@ -41,9 +41,9 @@ def convert_checkpoint(
         specs = [TensorSpec(e.name, cast_dtype(e.dtype, dtype), e.shape) for e in checkpoint.entries()]
         sink.start(len(specs), checkpoint.total_bytes)
 
-        def copied() -> Iterator[tuple[str, list[torch.Tensor]]]:
+        def copied() -> Iterator[tuple[int, str, torch.Tensor]]:
             for spec in specs:
-                yield spec.name, [checkpoint.read(spec.name).to(spec.dtype)]
+                yield 0, spec.name, checkpoint.read(spec.name).to(spec.dtype)
                 sink.advance(spec.name, spec.nbytes)
 
         (written,) = write_checkpoints(

@@ -19,8 +19,9 @@ from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
 from mergekit_like.io.sidefiles import copy_side_files
 from mergekit_like.io.writer import ShardedWriter, WrittenCheckpoint
 
-# (tensor name, its value for each output) in any order the producer likes.
-TensorStream = Iterable[tuple[str, Sequence[torch.Tensor]]]
+# (output index, tensor name, value), in any order the producer likes: a producer
+# may finish one output's tensor long before another's and should not hold it.
+TensorStream = Iterable[tuple[int, str, torch.Tensor]]
 
 
 def refuse_output_among_inputs(output: str | Path, inputs: Mapping[str, Path]) -> None:
@@ -59,9 +60,8 @@ def write_checkpoints(
             directory.mkdir(exist_ok=True)
         writers = [ShardedWriter(d, specs, max_shard_size=max_shard_size) for d in directories]
         try:
-            for name, values in tensors:
-                for writer, value in zip(writers, values, strict=True):
-                    writer.write(name, value)
+            for index, name, value in tensors:
+                writers[index].write(name, value)
             written = [writer.close() for writer in writers]
         except BaseException:
             for writer in writers:
