@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ import torch
 
 from mergekit_like.errors import MergeError, RecipeError
 from mergekit_like.io.atomic import check_target
-from mergekit_like.io.outputs import refuse_output_among_inputs, write_checkpoints
+from mergekit_like.io.outputs import WriteItem, refuse_output_among_inputs, write_checkpoints
 from mergekit_like.io.reader import Checkpoint, open_checkpoint
 from mergekit_like.io.safetensors_format import TensorEntry
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
@@ -50,6 +52,8 @@ class TensorPlan:
     # Kernel keyword arguments, one dict per output variant.
     params: tuple[dict[str, Any], ...]
     read_bytes: int
+    # Row ranges merged one at a time (element-wise methods on large tensors), or None: whole.
+    chunks: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -259,7 +263,25 @@ def _plan_tensor(
         params.append(resolved)
     if problems:
         raise _TensorProblems(problems)
-    return TensorPlan(name, ref_entry.shape, out_dtype, compute, None, tuple(params), read_bytes)
+    same_shapes = all(e.shape == ref_entry.shape for e in entries.values())
+    chunks = row_chunks(ref_entry.shape) if method.elementwise and same_shapes else None
+    return TensorPlan(name, ref_entry.shape, out_dtype, compute, None, tuple(params), read_bytes, chunks)
+
+
+# Element-wise merges of tensors larger than this go row block by row block, so memory
+# holds a few blocks per input instead of whole tensors (embeddings can be GBs).
+CHUNK_ELEMENTS = 4 * 1024 * 1024
+
+
+def row_chunks(shape: tuple[int, ...], budget: int | None = None) -> tuple[tuple[int, int], ...] | None:
+    """Row ranges of at most ``budget`` elements each, or None for a tensor that fits whole."""
+    budget = budget or CHUNK_ELEMENTS
+    numel = math.prod(shape)
+    if numel <= budget or len(shape) < 2 or shape[0] < 2:
+        return None
+    per_row = numel // shape[0]
+    step = max(1, budget // per_row)
+    return tuple((start, min(start + step, shape[0])) for start in range(0, shape[0], step))
 
 
 def _promoted(dtypes: Iterable[torch.dtype]) -> torch.dtype:
@@ -403,44 +425,64 @@ def model_topk_thresholds(plan: MergePlan, device: torch.device, progress: Progr
     return [s.threshold() if d < 1 else 0.0 for s, d in zip(selectors, densities)]
 
 
-def merge_tensor(
-    plan: MergePlan, tensor: TensorPlan, device: torch.device, thresholds: list[float] | None = None
-) -> list[torch.Tensor]:
-    """Reads one tensor from every input and returns its merged value for each variant (on CPU)."""
+@dataclass
+class _Inputs:
+    """One work item's tensors, read (and cast to the compute dtype) ahead of its compute."""
+
+    tensor: TensorPlan
+    rows: tuple[int, int] | None
+    models: list[torch.Tensor]
+    base: torch.Tensor | None
+
+
+def read_inputs(
+    plan: MergePlan, tensor: TensorPlan, device: torch.device, rows: tuple[int, int] | None = None
+) -> _Inputs:
+    """Reads one tensor (or rows of it) from every input the method needs."""
     if tensor.copy_from is not None:
-        copied = plan.checkpoints[tensor.copy_from].read(tensor.name)
-        return [copied] * len(plan.variants)
+        return _Inputs(tensor, rows, [plan.checkpoints[tensor.copy_from].read(tensor.name)], None)
+    load = _loader(plan, tensor, device, rows)
+    models = [load(ref) for ref in plan.input_refs]
+    base = load(plan.recipe.base_model) if plan.method.base is not BaseUse.NONE else None
+    return _Inputs(tensor, rows, models, base)
+
+
+def compute(plan: MergePlan, inputs: _Inputs, device: torch.device,
+            thresholds: list[float] | None = None) -> list[torch.Tensor]:
+    """The merged value of one work item for each variant, in the output dtype, on the CPU."""
+    tensor = inputs.tensor
+    if tensor.copy_from is not None:
+        return inputs.models * len(plan.variants)
     recipe, method = plan.recipe, plan.method
-    load = _loader(plan, tensor, device)
-    inputs = [load(ref) for ref in plan.input_refs]
-    base = load(recipe.base_model) if method.base is not BaseUse.NONE else None
     results = []
     for params in tensor.params:
         kwargs = dict(params)
-        if base is not None:
-            kwargs["base"] = base
+        if inputs.base is not None:
+            kwargs["base"] = inputs.base
         if method.uses_generator:
             kwargs["generator"] = tensor_generator(recipe.seed, tensor.name, device)
         if method.uses_model_topk:
             kwargs["thresholds"] = thresholds
         try:
-            merged = method.kernel(inputs, **kwargs)
+            merged = method.kernel(inputs.models, **kwargs)
         except MergeError as exc:
             raise MergeError(exc.what, tensor=tensor.name, fix=exc.fix) from None
         results.append(merged.to(dtype=tensor.out_dtype).cpu())
     return results
 
 
-def _loader(plan: MergePlan, tensor: TensorPlan, device: torch.device) -> Callable[[str | None], torch.Tensor]:
+def _loader(
+    plan: MergePlan, tensor: TensorPlan, device: torch.device, rows: tuple[int, int] | None = None
+) -> Callable[[str | None], torch.Tensor]:
     reference: list[torch.Tensor] = []  # read only if some model's rows need fitting
 
     def read(ref: str) -> torch.Tensor:
-        return plan.checkpoints[ref].read(tensor.name, device=device).to(tensor.compute_dtype)
+        return plan.checkpoints[ref].read(tensor.name, device=device, rows=rows).to(tensor.compute_dtype)
 
     def load(ref: str | None) -> torch.Tensor:
         assert ref is not None
         value = read(ref)
-        if tuple(value.shape) == tensor.shape:
+        if rows is not None or tuple(value.shape) == tensor.shape:
             return value
         if not reference:
             reference.append(read(plan.reference))
@@ -472,12 +514,23 @@ def run_merge(
     progress.start(len(plan.tensors) * passes, plan.read_bytes * passes)
     thresholds = model_topk_thresholds(plan, torch_device, progress) if passes == 3 else None
 
-    def merged() -> Iterator[tuple[int, str, torch.Tensor]]:
-        with torch.no_grad():
-            for tensor in plan.tensors:
-                for index, value in enumerate(merge_tensor(plan, tensor, torch_device, thresholds)):
-                    yield index, tensor.name, value
-                progress.advance(tensor.name, tensor.read_bytes)
+    items = [(t, rows) for t in plan.tensors for rows in (t.chunks or [None])]
+
+    def merged() -> Iterator[WriteItem]:
+        # Reading the next item overlaps computing this one (file reads and torch ops
+        # release the GIL); the writer thread in write_checkpoints overlaps both.
+        with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="reader") as reader:
+            pending = reader.submit(read_inputs, plan, items[0][0], torch_device, items[0][1]) if items else None
+            for position, (tensor, rows) in enumerate(items):
+                assert pending is not None
+                inputs = pending.result()
+                if position + 1 < len(items):
+                    following = items[position + 1]
+                    pending = reader.submit(read_inputs, plan, following[0], torch_device, following[1])
+                for index, value in enumerate(compute(plan, inputs, torch_device, thresholds)):
+                    yield WriteItem(index, tensor.name, value, rows[0] if rows else None)
+                if rows is None or rows[1] == tensor.shape[0]:
+                    progress.advance(tensor.name, tensor.read_bytes)
 
     outputs = write_checkpoints(
         output, [v.label for v in plan.variants], plan.specs(), merged(),

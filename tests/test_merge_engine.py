@@ -199,3 +199,30 @@ def test_vocab_mismatch_base_keeps_the_base_vocabulary(tmp_path: Path) -> None:
                 "compute_dtype": "float32"}
         out = read_all(merge(parse_recipe(data), tmp_path / f"o-{order[0].name}"))["model.embed_tokens.weight"]
         assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("method,params", [("linear", ["weight=0.5,0.3"]), ("task_arithmetic", ["weight=0.7"])])
+def test_elementwise_methods_merged_in_row_blocks_equal_whole_tensors(
+    three: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, params: list[str]
+) -> None:
+    import mergekit_like.engine as engine
+
+    base, a, b = map(str, three)
+    models = [a, b] if method == "linear" else [a]
+    recipe = recipe_from_cli(method, models, base=None if method == "linear" else base, params=params)
+    whole = read_all(merge(recipe, tmp_path / "whole"))
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 7)  # "w" is 4x6: blocks of one row
+    with planned_merge(recipe) as plan:
+        assert [t.chunks for t in plan.tensors if t.name == "w"] == [((0, 1), (1, 2), (2, 3), (3, 4))]
+        run_merge(plan, tmp_path / "blocks")
+    blocks = read_all(tmp_path / "blocks")
+    assert all(torch.equal(whole[n], blocks[n]) for n in whole)
+
+
+def test_row_chunks_cover_every_row_within_budget() -> None:
+    from mergekit_like.engine import row_chunks
+
+    assert row_chunks((10, 3), budget=100) is None
+    chunks = row_chunks((10, 3), budget=7)
+    assert chunks == ((0, 2), (2, 4), (4, 6), (6, 8), (8, 10))
+    assert row_chunks((1, 1000), budget=10) is None  # one row cannot be split

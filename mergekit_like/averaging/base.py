@@ -57,7 +57,6 @@ class Averager(ABC):
         if floats:
             if not self.state:
                 self.state = {n: as_float32(t, self.device) for n, t in floats.items()}
-                self._started(step)
             else:
                 names = list(self.state)
                 if set(names) != set(floats):
@@ -67,9 +66,6 @@ class Averager(ABC):
         self.count += 1
         self.last_step = step
         return True
-
-    def _started(self, step: int) -> None:
-        """Called once the state holds the first snapshot."""
 
     @abstractmethod
     def _fold(self, state: list[torch.Tensor], new: list[torch.Tensor], step: int) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from mergekit_like.io.atomic import check_target
-from mergekit_like.io.outputs import write_checkpoints
+from mergekit_like.io.outputs import WriteItem, write_checkpoints
 from mergekit_like.io.reader import open_checkpoint
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
 from mergekit_like.io.writer import WrittenCheckpoint
@@ -41,9 +41,9 @@ def convert_checkpoint(
         specs = [TensorSpec(e.name, cast_dtype(e.dtype, dtype), e.shape) for e in checkpoint.entries()]
         sink.start(len(specs), checkpoint.total_bytes)
 
-        def copied() -> Iterator[tuple[int, str, torch.Tensor]]:
+        def copied() -> Iterator[WriteItem]:
             for spec in specs:
-                yield 0, spec.name, checkpoint.read(spec.name).to(spec.dtype)
+                yield WriteItem(0, spec.name, checkpoint.read(spec.name).to(spec.dtype))
                 sink.advance(spec.name, spec.nbytes)
 
         (written,) = write_checkpoints(

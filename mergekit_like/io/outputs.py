@@ -8,8 +8,11 @@ into place only when everything, side files included, is complete.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -19,9 +22,21 @@ from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
 from mergekit_like.io.sidefiles import copy_side_files
 from mergekit_like.io.writer import ShardedWriter, WrittenCheckpoint
 
-# (output index, tensor name, value), in any order the producer likes: a producer
-# may finish one output's tensor long before another's and should not hold it.
-TensorStream = Iterable[tuple[int, str, torch.Tensor]]
+
+class WriteItem(NamedTuple):
+    """A tensor (or block of rows, from ``row_start``) for output number ``output``."""
+
+    output: int
+    name: str
+    value: torch.Tensor
+    row_start: int | None = None
+
+
+# WriteItems in any order the producer likes: a producer may finish one output's
+# tensor long before another's and should not hold it.
+TensorStream = Iterable[WriteItem]
+# Writes waiting for the writer thread; bounds the memory they hold.
+WRITE_QUEUE = 4
 
 
 def refuse_output_among_inputs(output: str | Path, inputs: Mapping[str, Path]) -> None:
@@ -60,8 +75,7 @@ def write_checkpoints(
             directory.mkdir(exist_ok=True)
         writers = [ShardedWriter(d, specs, max_shard_size=max_shard_size) for d in directories]
         try:
-            for index, name, value in tensors:
-                writers[index].write(name, value)
+            _write_in_background(writers, tensors)
             written = [writer.close() for writer in writers]
         except BaseException:
             for writer in writers:
@@ -76,3 +90,31 @@ def write_checkpoints(
         WrittenCheckpoint(output / label if label else output, w.shards, w.index, w.total_bytes, w.num_tensors)
         for label, w in zip(labels, written)
     ]
+
+
+def _write_in_background(writers: Sequence[ShardedWriter], items: TensorStream) -> None:
+    """Hands each item to a writer thread, so disk writes overlap reading and computing."""
+    pending: queue.Queue[WriteItem | None] = queue.Queue(maxsize=WRITE_QUEUE)
+    failure: list[BaseException] = []
+
+    def drain() -> None:
+        while (item := pending.get()) is not None:
+            if failure:
+                continue  # keep draining so the producer never blocks on a dead writer
+            try:
+                writers[item.output].write(item.name, item.value, row_start=item.row_start)
+            except BaseException as exc:
+                failure.append(exc)
+
+    thread = threading.Thread(target=drain, name="writer", daemon=True)
+    thread.start()
+    try:
+        for item in items:
+            if failure:
+                break
+            pending.put(item)
+    finally:
+        pending.put(None)
+        thread.join()
+    if failure:
+        raise failure[0]

@@ -98,40 +98,44 @@ class Checkpoint:
         *,
         device: torch.device | str | None = None,
         out: torch.Tensor | None = None,
+        rows: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Reads one tensor.
+        """Reads one tensor, or rows ``[start, stop)`` of its first dimension.
 
         ``out`` may be a uint8 CPU buffer (pinned, for instance) of at least the
-        tensor's byte size; the result then views it, so it must not be reused
-        until the result is consumed.
+        bytes read; the result then views it, so it must not be reused until the
+        result is consumed.
         """
         entry = self.entry(name)
+        start, stop = rows if rows is not None else (0, entry.shape[0] if entry.shape else 1)
+        shape = (stop - start, *entry.shape[1:]) if rows is not None else entry.shape
         if entry.start == PICKLED:
-            tensor = self._pickled[entry.file][name].detach().clone().contiguous()
+            whole = self._pickled[entry.file][name].detach()
+            tensor = (whole[start:stop] if rows is not None else whole).clone().contiguous()
         else:
-            raw = self._read_bytes(entry, out)
-            tensor = raw.view(entry.dtype).reshape(entry.shape) if entry.nbytes else torch.empty(
-                entry.shape, dtype=entry.dtype
-            )
+            row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else entry.nbytes
+            nbytes = row_bytes * (stop - start) if rows is not None else entry.nbytes
+            raw = self._read_range(entry, entry.start + start * row_bytes, nbytes, out)
+            tensor = raw.view(entry.dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=entry.dtype)
         if device is not None and torch.device(device).type != "cpu":
             tensor = tensor.to(device, non_blocking=tensor.is_pinned())
         return tensor
 
-    def _read_bytes(self, entry: TensorEntry, out: torch.Tensor | None) -> torch.Tensor:
+    def _read_range(self, entry: TensorEntry, offset: int, nbytes: int, out: torch.Tensor | None) -> torch.Tensor:
         if out is None:
-            buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
         else:
-            if out.dtype != torch.uint8 or out.device.type != "cpu" or out.numel() < entry.nbytes:
-                raise ValueError("out must be a CPU uint8 buffer at least as large as the tensor")
-            buffer = out[: entry.nbytes]
+            if out.dtype != torch.uint8 or out.device.type != "cpu" or out.numel() < nbytes:
+                raise ValueError("out must be a CPU uint8 buffer at least as large as the bytes read")
+            buffer = out[:nbytes]
         view = memoryview(buffer.numpy())  # type: ignore[arg-type]
         fd = self._fd(entry.file)
         done = 0
-        while done < entry.nbytes:
-            got = os.preadv(fd, [view[done:]], entry.start + done)
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
             if got == 0:
                 raise InvalidCheckpointError(
-                    f"file ended after {done} of the tensor's {entry.nbytes} bytes",
+                    f"file ended {offset + done - entry.start} bytes into the tensor's {entry.nbytes}",
                     path=entry.file, tensor=entry.name,
                     fix="the file was truncated after it was opened; download or save it again",
                 )

@@ -45,6 +45,7 @@ class _Slot:
     offset: int
     spec: TensorSpec
     written: bool = False
+    bytes_written: int = 0
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -98,28 +99,43 @@ class ShardedWriter:
     def specs(self) -> list[TensorSpec]:
         return [slot.spec for slot in self._slots.values()]
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Writes the data of the planned tensor ``name``; dtype and shape must match the plan."""
-        slot = self._slot_for(name, tensor)
+    def write(self, name: str, tensor: torch.Tensor, *, row_start: int | None = None) -> None:
+        """Writes the planned tensor ``name``, or (``row_start``) rows of it starting there.
+
+        dtype and shape must match the plan (for rows: all but the first
+        dimension). A tensor written in parts is complete once every byte is.
+        """
+        slot = self._slot_for(name, tensor, row_start)
         fd = self._open_shard(slot.shard)
         path = self.directory / self.plans[slot.shard].filename
+        data = tensor_bytes(tensor)
+        offset = 0 if row_start is None else row_start * (slot.spec.nbytes // slot.spec.shape[0])
         with _as_write_error(path, name):
-            pwrite_all(fd, tensor_bytes(tensor), slot.offset)
+            pwrite_all(fd, data, slot.offset + offset)
+        slot.bytes_written += len(data)
+        if slot.bytes_written < slot.spec.nbytes:
+            return
         slot.written = True
         self._remaining[slot.shard] -= 1
         if self._remaining[slot.shard] == 0:
             self._finish_shard(slot.shard)
 
-    def _slot_for(self, name: str, tensor: torch.Tensor) -> _Slot:
+    def _slot_for(self, name: str, tensor: torch.Tensor, row_start: int | None) -> _Slot:
         slot = self._slots.get(name)
         if slot is None:
             raise TensorWriteError("is not in the output plan", tensor=name, fix="plan every tensor up front")
         if slot.written:
             raise TensorWriteError("was already written", tensor=name)
         spec = slot.spec
-        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+        if row_start is None:
+            fits = tuple(tensor.shape) == spec.shape
+        else:
+            fits = (bool(spec.shape) and tuple(tensor.shape[1:]) == spec.shape[1:]
+                    and 0 <= row_start and row_start + tensor.shape[0] <= spec.shape[0])
+        if tensor.dtype != spec.dtype or not fits:
+            where = "" if row_start is None else f" at row {row_start}"
             raise TensorWriteError(
-                f"got {tensor.dtype} {tuple(tensor.shape)} but the plan says {spec.dtype} {spec.shape}",
+                f"got {tensor.dtype} {tuple(tensor.shape)}{where} but the plan says {spec.dtype} {spec.shape}",
                 tensor=name,
             )
         return slot

@@ -31,6 +31,7 @@ def weighted_average(tensors: list[torch.Tensor], weights: list[float], normaliz
 
 @merge_method(
     "linear",
+    elementwise=True,
     paper="https://arxiv.org/abs/2203.05482",
     description="Weighted average of the models (weighted model soup); no base model.",
 )

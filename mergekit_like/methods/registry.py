@@ -84,6 +84,9 @@ class MergeMethod:
     ignored_params: frozenset[str] = frozenset()
     # A parameter whose list value means "one output per value" rather than a gradient.
     sweep_param: str | None = None
+    # Each output entry depends only on the same entry of the inputs, so large tensors
+    # may be merged block by block.
+    elementwise: bool = False
 
     def __call__(self, tensors: list[torch.Tensor], **kwargs: Any) -> torch.Tensor:
         return self.kernel(tensors, **kwargs)
@@ -102,6 +105,7 @@ def merge_method(
     max_models: int | None = None,
     ignored_params: tuple[str, ...] = (),
     sweep_param: str | None = None,
+    elementwise: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Registers a kernel as merge method ``name``; a duplicate name is an error."""
 
@@ -127,6 +131,7 @@ def merge_method(
             uses_generator="generator" in signature.parameters,
             uses_model_topk="thresholds" in signature.parameters,
             ignored_params=frozenset(ignored_params), sweep_param=sweep_param,
+            elementwise=elementwise,
         )
         return kernel
 

@@ -10,6 +10,7 @@ from mergekit_like.methods.registry import merge_method
 
 @merge_method(
     "uniform_soup",
+    elementwise=True,
     paper="https://arxiv.org/abs/2203.05482",
     description="Uniform model soup: the mean of the models (linear with equal weights).",
 )

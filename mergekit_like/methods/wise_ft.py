@@ -9,6 +9,7 @@ from mergekit_like.methods.registry import merge_method
 
 @merge_method(
     "wise_ft",
+    elementwise=True,
     paper="https://arxiv.org/abs/2109.01903",
     description="(1 - alpha) * base + alpha * fine-tuned; a list of alphas writes one output each.",
     min_models=1,
