@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import typer
-from mergekit_like.cli import convert_cmd, example_cmd, inspect_cmd, merge_cmd
+from mergekit_like.cli import average_cmd, convert_cmd, example_cmd, inspect_cmd, merge_cmd, soup_cmd
 from mergekit_like.cli.output import DEBUG
 
 from mergekit_like import __version__
@@ -38,6 +38,8 @@ def _root(
 
 
 merge_cmd.register(app)
+average_cmd.register(app)
+soup_cmd.register(app)
 inspect_cmd.register(app)
 example_cmd.register(app)
 convert_cmd.register(app)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
@@ -27,6 +29,53 @@ def write_recipe(directory: Path, recipe: MergeRecipe) -> None:
     (directory / RECIPE_FILE).write_text(text, encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class CardContent:
+    """What a model card says, whichever command made the model."""
+
+    title: str
+    method: str
+    paper: str
+    description: str
+    inputs: Sequence[tuple[str, str]]  # (reference, role such as "base" or "step 1000")
+    recipe: Mapping[str, Any]
+    has_config: bool
+    command: str | None = None
+    note: str | None = None
+    relation: str = "merge"
+
+
+def write_card(directory: Path, card: CardContent) -> None:
+    """Writes README.md: Hub metadata in the front matter, then method, inputs and recipe."""
+    refs = [ref for ref, _ in card.inputs]
+    hub_ids = list(dict.fromkeys(r.split("@")[0] for r in refs if is_hub_id(r)))
+    data = ModelCardData(
+        base_model=hub_ids or None,
+        base_model_relation=card.relation if hub_ids else None,
+        tags=["merge", "mergekit-like", card.method],
+        library_name="transformers" if card.has_config else None,
+    )
+    lines = [
+        f"# {card.title}",
+        "",
+        f"This model was made with mergekit-like {__version__} using **{card.method}** "
+        f"([reference]({card.paper})): {card.description}",
+        "",
+        "## Inputs",
+        "",
+    ]
+    for ref, role in card.inputs:
+        shown = f"[{ref}](https://huggingface.co/{ref.split('@')[0]})" if is_hub_id(ref) else f"`{ref}` (local)"
+        lines.append(f"- {shown}" + (f" ({role})" if role else ""))
+    if card.note:
+        lines += ["", card.note]
+    lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(dict(card.recipe), sort_keys=False).rstrip(), "```"]
+    if card.command:
+        lines += ["", "## Reproduce", "", "```bash", card.command, "```"]
+    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+    ModelCard(content).save(directory / "README.md")
+
+
 def write_model_card(
     directory: Path,
     recipe: MergeRecipe,
@@ -36,39 +85,17 @@ def write_model_card(
     command: str | None = None,
     variant: str | None = None,
 ) -> None:
-    """Writes README.md: Hub metadata in the front matter, then method, inputs and recipe."""
+    """The card of a merge."""
     method = recipe.method
-    refs = _all_refs(recipe)
-    hub_ids = [r.split("@")[0] for r in refs if is_hub_id(r)]
-    data = ModelCardData(
-        base_model=hub_ids or None,
-        base_model_relation="merge" if hub_ids else None,
-        tags=["merge", "mergekit-like", method.name],
-        library_name="transformers" if has_config else None,
-    )
-    lines = [
-        f"# {title}" + (f" ({variant})" if variant else ""),
-        "",
-        f"This model was made with mergekit-like {__version__} using the "
-        f"**{method.name}** merge method ([reference]({method.paper})): {method.description}",
-        "",
-        "## Inputs",
-        "",
-    ]
-    for ref in refs:
-        role = " (base)" if ref == recipe.base_model else ""
-        shown = f"[{ref}](https://huggingface.co/{ref.split('@')[0]})" if is_hub_id(ref) else f"`{ref}` (local)"
-        lines.append(f"- {shown}{role}")
-    if variant is not None:
-        lines += ["", f"This output is the sweep value `{variant}`."]
-    lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip(), "```"]
-    if command:
-        lines += ["", "## Reproduce", "", "```bash", command, "```"]
-    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
-    ModelCard(content).save(directory / "README.md")
+    inputs = [(ref, "base" if ref == recipe.base_model else "") for ref in _all_refs(recipe)]
+    write_card(directory, CardContent(
+        title=title + (f" ({variant})" if variant else ""), method=method.name, paper=method.paper,
+        description=method.description, inputs=inputs, recipe=recipe.to_dict(), has_config=has_config,
+        command=command, note=f"This output is the sweep value `{variant}`." if variant else None,
+    ))
 
 
-def _all_refs(recipe: MergeRecipe) -> Sequence[str]:
+def _all_refs(recipe: MergeRecipe) -> list[str]:
     refs = [m.model for m in recipe.models]
     if recipe.base_model and recipe.base_model not in refs:
         refs.append(recipe.base_model)

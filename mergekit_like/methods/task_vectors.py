@@ -10,7 +10,9 @@ mergekit 0.1.5 so recipes give its numbers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -77,6 +79,7 @@ def masked(delta: torch.Tensor, mask: torch.Tensor, rescale_l1: bool, eps: float
 
 
 Sparsification = Literal["magnitude", "bernoulli", "breadcrumbs"]
+TrimTies = Literal["sort", "keep"]
 RescaleMode = Literal["l1", "inverse_density"]
 
 
@@ -89,6 +92,7 @@ def sparsify(
     rescale_mode: RescaleMode = "l1",
     gamma: float = 0.01,
     generator: torch.Generator | None = None,
+    trim_ties: TrimTies = "sort",
 ) -> torch.Tensor:
     """Zeroes all but a ``density`` fraction of ``delta``; ``density >= 1`` keeps it whole.
 
@@ -106,7 +110,7 @@ def sparsify(
         mask = bernoulli_mask(work, density, generator)
         return _rescaled(work, mask, rescale, rescale_mode, density).to(delta.dtype)
     if method == "magnitude":
-        mask = magnitude_mask(delta, density)
+        mask = magnitude_mask(delta, density, trim_ties)
     elif method == "breadcrumbs":
         mask = breadcrumbs_mask(delta, density, gamma)
     else:
@@ -123,12 +127,28 @@ def sparse_task_vectors(
     gammas: Sequence[float] | None = None,
     **options: object,
 ) -> list[torch.Tensor]:
-    """``sparsify(x_i - base, density_i)`` for each model (``gammas`` per model for breadcrumbs)."""
+    """``sparsify(x_i - base, density_i)`` for each model (``gammas`` per model for breadcrumbs).
+
+    Large CPU tensors are sparsified in parallel threads, one per model: the
+    magnitude sorts dominate TIES and breadcrumbs and each runs mostly on one core.
+    """
     gammas = gammas if gammas is not None else [0.01] * len(tensors)
-    return [
-        sparsify(x - base, d, method, gamma=g, **options)  # type: ignore[arg-type]
-        for x, d, g in zip(tensors, densities, gammas)
-    ]
+
+    def one(x: torch.Tensor, d: float, g: float) -> torch.Tensor:
+        return sparsify(x - base, d, method, gamma=g, **options)  # type: ignore[arg-type]
+
+    if base.device.type == "cpu" and base.numel() >= PARALLEL_SPARSIFY and len(tensors) > 1:
+        return list(_pool().map(one, tensors, densities, gammas))
+    return [one(x, d, g) for x, d, g in zip(tensors, densities, gammas)]
+
+
+# Tensors at least this large are sparsified one model per thread.
+PARALLEL_SPARSIFY = 1 << 20
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(2, torch.get_num_threads()), thread_name_prefix="sparsify")
 
 
 def _rescaled(
@@ -139,11 +159,14 @@ def _rescaled(
     return masked(delta, mask, rescale)
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+def magnitude_mask(delta: torch.Tensor, density: float, ties: TrimTies = "sort") -> torch.Tensor:
     """1 for the ``max(1, int(density * numel))`` entries of largest magnitude, 0 elsewhere.
 
-    Ties at the threshold are broken as ``torch.argsort(descending=True)``
-    breaks them, which is what mergekit does, so bf16 merges match it entry for entry.
+    ``ties="sort"`` keeps exactly that many, breaking ties at the threshold as
+    ``torch.argsort(descending=True)`` does, which is what mergekit does, so bf16
+    merges match it entry for entry (a full sort: O(n log n)). ``ties="keep"``
+    keeps every entry at or above the k-th largest magnitude, as the TIES
+    paper's code, found by selection in O(n): several times faster on CPU.
     """
     mask = torch.zeros_like(delta)
     if density <= 0 or delta.numel() == 0:
@@ -153,6 +176,9 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     magnitudes = delta.abs().reshape(-1)
     if magnitudes.device.type == "cpu":
         magnitudes = magnitudes.float()
+    if ties == "keep":
+        threshold = torch.kthvalue(magnitudes, magnitudes.numel() - k + 1).values
+        return (delta.abs() >= threshold.to(delta.dtype)).to(delta.dtype)
     top = torch.argsort(magnitudes, descending=True)[:k]
     mask.view(-1)[top] = 1
     return mask

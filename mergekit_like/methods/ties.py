@@ -7,7 +7,13 @@ from typing import Literal
 import torch
 
 from mergekit_like.methods.registry import PerModel, merge_method
-from mergekit_like.methods.task_vectors import Consensus, combine_task_vectors, masked, sparse_task_vectors
+from mergekit_like.methods.task_vectors import (
+    Consensus,
+    TrimTies,
+    combine_task_vectors,
+    masked,
+    sparse_task_vectors,
+)
 
 
 @merge_method(
@@ -27,6 +33,7 @@ def ties(
     lambda_: float = 1.0,
     consensus: Consensus = "sum",
     trim_scope: Literal["tensor", "model"] = "tensor",
+    trim_ties: TrimTies = "sort",
     thresholds: list[float] | None = None,
 ) -> torch.Tensor:
     if trim_scope == "model":
@@ -35,7 +42,7 @@ def ties(
             raise ValueError("trim_scope 'model' needs the model-wide thresholds")
         deltas = [masked(x - base, (x - base).abs() >= t, rescale) for x, t in zip(tensors, thresholds)]
     else:
-        deltas = sparse_task_vectors(tensors, base, density, "magnitude", rescale=rescale)
+        deltas = sparse_task_vectors(tensors, base, density, "magnitude", rescale=rescale, trim_ties=trim_ties)
     return combine_task_vectors(
         base, deltas, weight, consensus=consensus, normalize=normalize, scale=lambda_
     )

@@ -1,0 +1,174 @@
+"""Averaging a training trajectory offline: stream tensor by tensor across the checkpoints.
+
+For each tensor name, the checkpoints are read in step order, one tensor at a
+time, and fed to the state-update classes of every requested output (several
+EMA decays, or LAWA at every position, from one read pass). An output's
+tensor is written as soon as its last checkpoint has been folded in, so memory
+holds one float32 state per output *in progress*, plus the tensor being read,
+never a model and never all checkpoints.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergekit_like.averaging.base import Averager
+from mergekit_like.averaging.ema import EMA
+from mergekit_like.averaging.lawa import lawa_selection
+from mergekit_like.averaging.sfa import AnchorPull
+from mergekit_like.averaging.swa import SWA, UniformMean
+from mergekit_like.averaging.trajectory import TrajectoryPoint
+from mergekit_like.errors import IncompatibleModelsError, RecipeError
+from mergekit_like.io.outputs import WriteItem, refuse_output_among_inputs, write_checkpoints
+from mergekit_like.io.reader import Checkpoint, open_checkpoint
+from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
+from mergekit_like.io.writer import WrittenCheckpoint
+from mergekit_like.progress import NullProgress, ProgressSink
+
+
+@dataclass(frozen=True)
+class AverageOutput:
+    """One output checkpoint: which trajectory positions it averages, and with what rule."""
+
+    label: str | None
+    indices: tuple[int, ...]  # positions in the trajectory, oldest first
+    make: Callable[[], Averager]  # a fresh state for each tensor
+
+    @property
+    def last(self) -> int:
+        return self.indices[-1]
+
+
+def ema_outputs(points: Sequence[TrajectoryPoint], decays: Sequence[float] = (),
+                half_lives: Sequence[float] = (), per_checkpoint: bool = False) -> list[AverageOutput]:
+    """One EMA per decay and per half-life, each over the whole trajectory."""
+    everything = tuple(range(len(points)))
+    makers = [functools.partial(EMA, d, per_checkpoint=per_checkpoint) for d in decays]
+    makers += [functools.partial(EMA, half_life=h, per_checkpoint=per_checkpoint) for h in half_lives]
+    return [AverageOutput(make().label, everything, make) for make in makers]
+
+
+def swa_outputs(points: Sequence[TrajectoryPoint], start: int | None, end: int | None) -> list[AverageOutput]:
+    """The uniform mean of the checkpoints with start <= step <= end."""
+    window = SWA(start, end)
+    indices = tuple(i for i, p in enumerate(points) if window.accepts(p.step))
+    if not indices:
+        raise RecipeError([f"no checkpoint has a step in the SWA window [{start}, {end}] "
+                           f"(steps run from {points[0].step} to {points[-1].step})"])
+    return [AverageOutput(window.label, indices, lambda: SWA(start, end))]
+
+
+def lawa_outputs(points: Sequence[TrajectoryPoint], k: int, nu: int, every_step: bool = False
+                 ) -> list[AverageOutput]:
+    """LAWA at the newest checkpoint, or (every_step) at every position of the trajectory."""
+    steps = [p.step for p in points]
+    positions = range(len(points)) if every_step else [len(points) - 1]
+    outputs = []
+    for position in positions:
+        chosen = tuple(lawa_selection(steps[: position + 1], k, nu))
+        label = f"step_{steps[position]}" if every_step else f"lawa_k{k}_nu{nu}"
+        outputs.append(AverageOutput(label, chosen, UniformMean))
+    return outputs
+
+
+def sfa_outputs(beta: float) -> list[AverageOutput]:
+    """(1 - beta) theta + beta theta_o for a two-point trajectory [anchor, model]."""
+    return [AverageOutput(f"sfa_beta{beta:g}", (0, 1), lambda: AnchorPull(beta))]
+
+
+def peak_states(outputs: Sequence[AverageOutput]) -> int:
+    """The most output states alive at once (each one float32 tensor of the current name)."""
+    events = sorted([(o.indices[0], 1) for o in outputs] + [(o.last + 0.5, -1) for o in outputs])
+    alive = peak = 0
+    for _, change in events:
+        alive += change
+        peak = max(peak, alive)
+    return peak
+
+
+def check_trajectory(checkpoints: Sequence[Checkpoint], points: Sequence[TrajectoryPoint]) -> None:
+    """Every checkpoint must hold the newest one's tensors with the same shapes."""
+    newest = checkpoints[-1]
+    problems = []
+    for checkpoint, point in zip(checkpoints[:-1], points[:-1]):
+        missing = set(newest.names()) - set(checkpoint.names())
+        extra = set(checkpoint.names()) - set(newest.names())
+        if missing or extra:
+            example = sorted(missing or extra)[0]
+            problems.append(f"{point.path} ({len(missing)} tensors missing, {len(extra)} extra, e.g. '{example}')")
+            continue
+        for name in newest.names():
+            if checkpoint.entry(name).shape != newest.entry(name).shape:
+                problems.append(f"{point.path}: tensor '{name}' has shape {list(checkpoint.entry(name).shape)}, "
+                                f"not {list(newest.entry(name).shape)}")
+                break
+    if problems:
+        raise IncompatibleModelsError(
+            f"checkpoints differ from the newest ({points[-1].path}): " + "; ".join(problems[:5]),
+            fix="average checkpoints of one model; list the right ones explicitly",
+        )
+
+
+def run_average(
+    points: Sequence[TrajectoryPoint],
+    outputs: Sequence[AverageOutput],
+    output: str | Path,
+    *,
+    out_dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    max_shard_size: int = DEFAULT_SHARD_SIZE,
+    allow_pickle: bool = False,
+    progress: ProgressSink | None = None,
+    finalize: Callable[[Path, int], None] | None = None,
+) -> list[WrittenCheckpoint]:
+    """Writes every output of ``outputs`` from one streaming pass over the checkpoints."""
+    sink = progress or NullProgress()
+    with ExitStack() as stack:
+        checkpoints = [stack.enter_context(open_checkpoint(p.path, allow_pickle=allow_pickle)) for p in points]
+        check_trajectory(checkpoints, points)
+        refuse_output_among_inputs(output, {str(p.path): c.layout.root for p, c in zip(points, checkpoints)})
+        newest = checkpoints[-1]
+        specs = [
+            TensorSpec(e.name, out_dtype if out_dtype is not None and e.dtype.is_floating_point else e.dtype, e.shape)
+            for e in newest.entries()
+        ]
+        needed = sorted({i for o in outputs for i in o.indices})
+        sink.start(len(specs), sum(checkpoints[i].entry(s.name).nbytes for s in specs for i in needed))
+        stream = _averaged(checkpoints, points, outputs, specs, needed, sink)
+        return write_checkpoints(
+            output, [o.label for o in outputs], specs, stream, overwrite=overwrite,
+            max_shard_size=max_shard_size, side_files_from=newest.layout.root, out_dtype=out_dtype,
+            finalize=finalize,
+        )
+
+
+def _averaged(
+    checkpoints: Sequence[Checkpoint],
+    points: Sequence[TrajectoryPoint],
+    outputs: Sequence[AverageOutput],
+    specs: Sequence[TensorSpec],
+    needed: Sequence[int],
+    sink: ProgressSink,
+) -> Iterator[WriteItem]:
+    consumers = {i: [n for n, o in enumerate(outputs) if i in o.indices] for i in needed}
+    with torch.no_grad():
+        for spec in specs:
+            states: dict[int, Averager] = {}
+            read = 0
+            for i in needed:
+                tensor = checkpoints[i].read(spec.name)
+                read += tensor.numel() * tensor.element_size()
+                for n in consumers[i]:
+                    state = states.setdefault(n, outputs[n].make())
+                    state.update({spec.name: tensor}, points[i].step)
+                    if i == outputs[n].last:
+                        yield WriteItem(n, spec.name, state.result()[spec.name].to(spec.dtype))
+                        del states[n]
+                del tensor
+            sink.advance(spec.name, read)

@@ -1,0 +1,125 @@
+"""Model soups: the uniform soup, and the greedy soup of Wortsman et al. (2022).
+
+Greedy: score every ingredient alone, sort best first, start the soup with the
+best, then add each next ingredient only if the uniform soup with it scores
+strictly better (by more than ``tolerance``) than the best so far. Candidate
+soups are written to a temporary directory and removed.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergekit_like.engine import planned_merge, run_merge
+from mergekit_like.errors import MergekitLikeError
+from mergekit_like.recipe import MergeRecipe, recipe_from_cli
+
+Evaluator = Callable[[Path], float]
+
+
+class EvaluationError(MergekitLikeError, RuntimeError):
+    """The evaluator failed or gave no score."""
+
+
+@dataclass
+class SoupStep:
+    """One line of the greedy soup's log."""
+
+    ingredient: str
+    alone: float
+    soup_score: float | None  # the soup's score with this ingredient tried (None for the first)
+    kept: bool
+
+
+@dataclass
+class GreedySoupResult:
+    kept: list[str]
+    score: float
+    steps: list[SoupStep] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "kept": self.kept,
+            "score": self.score,
+            "steps": [vars(s) for s in self.steps],
+        }
+
+
+def uniform_soup_recipe(models: Sequence[str], compute_dtype: str | None = None) -> MergeRecipe:
+    return recipe_from_cli("uniform_soup", list(models), compute_dtype=compute_dtype)
+
+
+def command_evaluator(template: str, timeout: float | None = None) -> Evaluator:
+    """An evaluator that runs ``template`` with ``{path}`` replaced and reads its last output line."""
+    if "{path}" not in template:
+        raise EvaluationError("the eval command must contain {path}, where the checkpoint directory goes")
+
+    def evaluate(path: Path) -> float:
+        command = template.replace("{path}", shlex.quote(str(path)))
+        try:
+            done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise EvaluationError(f"eval command timed out after {timeout} s on {path}: {command}") from None
+        tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
+        if done.returncode != 0:
+            raise EvaluationError(
+                f"eval command failed (exit {done.returncode}) on {path}: {command}; last output: "
+                + " | ".join(tail)
+            )
+        lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
+        try:
+            score = float(lines[-1].split()[-1])
+        except (IndexError, ValueError):
+            raise EvaluationError(
+                f"eval command printed no number as its last line on {path}: {command}; last output: "
+                + (" | ".join(tail) or "(nothing)")
+            ) from None
+        if math.isnan(score):
+            raise EvaluationError(f"eval command printed NaN on {path}: {command}")
+        return score
+
+    return evaluate
+
+
+def greedy_soup(
+    models: Sequence[str],
+    evaluate: Evaluator,
+    *,
+    lower_is_better: bool = False,
+    tolerance: float = 0.0,
+    workdir: str | Path | None = None,
+    compute_dtype: str | None = None,
+    on_step: Callable[[SoupStep], None] | None = None,
+) -> GreedySoupResult:
+    """Chooses the ingredients of a greedy soup; returns them with every score seen."""
+    if len(set(models)) != len(models):
+        raise EvaluationError("an ingredient is listed twice")
+    sign = -1.0 if lower_is_better else 1.0
+    alone = {m: evaluate(Path(m)) for m in models}
+    ranked = sorted(models, key=lambda m: -sign * alone[m])
+    kept = [ranked[0]]
+    best = alone[ranked[0]]
+    steps = [SoupStep(ranked[0], best, None, True)]
+    if on_step:
+        on_step(steps[0])
+    with tempfile.TemporaryDirectory(prefix="greedy-soup-", dir=workdir) as scratch:
+        for number, candidate in enumerate(ranked[1:], 1):
+            soup_dir = Path(scratch) / f"soup-{number}"
+            with planned_merge(uniform_soup_recipe([*kept, candidate], compute_dtype)) as plan:
+                run_merge(plan, soup_dir)
+            score = evaluate(soup_dir)
+            better = sign * (score - best) > tolerance
+            if better:
+                kept.append(candidate)
+                best = score
+            step = SoupStep(candidate, alone[candidate], score, better)
+            steps.append(step)
+            if on_step:
+                on_step(step)
+    return GreedySoupResult(kept, best, steps)
