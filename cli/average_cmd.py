@@ -93,7 +93,7 @@ def average(
         paper, description = PAPERS[method]
         inputs = [(str(points[i].path), f"step {points[i].step}") for i in out.indices]
         write_card(directory, CardContent(
-            title=output.name + (f" ({out.label})" if out.label else ""), method=method, paper=paper,
+            title=output.name + (f" ({out.label})" if len(outputs) > 1 else ""), method=method, paper=paper,
             description=description, inputs=inputs, recipe={**settings, "output": out.label},
             has_config=(directory / "config.json").exists(), relation="merge",
         ))

@@ -127,7 +127,10 @@ def run_average(
     progress: ProgressSink | None = None,
     finalize: Callable[[Path, int], None] | None = None,
 ) -> list[WrittenCheckpoint]:
-    """Writes every output of ``outputs`` from one streaming pass over the checkpoints."""
+    """Writes every output of ``outputs`` from one streaming pass over the checkpoints.
+
+    A single output is written to ``output`` itself, several to subdirectories named by their labels.
+    """
     sink = progress or NullProgress()
     with ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(p.path, allow_pickle=allow_pickle)) for p in points]
@@ -141,8 +144,10 @@ def run_average(
         needed = sorted({i for o in outputs for i in o.indices})
         sink.start(len(specs), sum(checkpoints[i].entry(s.name).nbytes for s in specs for i in needed))
         stream = _averaged(checkpoints, points, outputs, specs, needed, sink)
+        # One output is the output directory itself; several are subdirectories named by label.
+        labels = [o.label for o in outputs] if len(outputs) > 1 else [None]
         return write_checkpoints(
-            output, [o.label for o in outputs], specs, stream, overwrite=overwrite,
+            output, labels, specs, stream, overwrite=overwrite,
             max_shard_size=max_shard_size, side_files_from=newest.layout.root, out_dtype=out_dtype,
             finalize=finalize,
         )

@@ -1,0 +1,138 @@
+"""`mergekit-like average` and `mergekit-like soup` through CliRunner."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from typer.testing import CliRunner
+
+from helpers import write_checkpoint
+from mergekit_like.cli.main import app
+from mergekit_like.io import open_checkpoint
+from mergekit_like.soup import command_evaluator, greedy_soup
+
+runner = CliRunner()
+
+
+def value_of(path: Path) -> float:
+    with open_checkpoint(path) as ckpt:
+        return ckpt.read("w")[0].item()
+
+
+def make_run(tmp_path: Path, steps: list[int]) -> Path:
+    for i, step in enumerate(steps):
+        write_checkpoint(tmp_path / "run" / f"checkpoint-{step}", {"w": torch.full((4,), float(i))},
+                         config={"model_type": "llama"})
+    return tmp_path / "run"
+
+
+def test_average_list_prints_checkpoints_in_order_and_the_memory_bound(tmp_path: Path) -> None:
+    run = make_run(tmp_path, [300, 100, 200])
+    result = runner.invoke(app, ["average", str(run), "--method", "lawa", "--k", "2", "--list", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [c["step"] for c in data["checkpoints"]] == [100, 200, 300]
+    assert data["outputs"][0]["steps"] == [200, 300] and data["memory_bound_bytes"] == 2 * 4 * 4
+
+
+def test_average_ema_with_two_decays_writes_two_outputs_with_cards(tmp_path: Path) -> None:
+    run = make_run(tmp_path, [1, 2, 3])
+    result = runner.invoke(app, ["average", str(run), "--method", "ema", "--decay", "0.5,0.9",
+                                 "--per-checkpoint", "-o", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    outputs = [Path(p) for p in json.loads(result.stdout)["outputs"]]
+    assert [p.name for p in outputs] == ["ema_0.5", "ema_0.9"]
+    e = 0.0
+    for value in (1.0, 2.0):
+        e = 0.5 * e + 0.5 * value
+    assert value_of(outputs[0]) == e
+    card = ModelCard.load(outputs[0] / "README.md")
+    assert "ema" in card.data.tags and "checkpoint-3" in card.text
+
+
+def test_average_sfa_pulls_toward_the_anchor(tmp_path: Path) -> None:
+    run = make_run(tmp_path, [1, 2, 3])  # values 0, 1, 2
+    result = runner.invoke(app, ["average", str(run / "checkpoint-3"), "--method", "sfa", "--beta", "0.25",
+                                 "--anchor", str(run / "checkpoint-1"), "-o", str(tmp_path / "sfa"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert value_of(tmp_path / "sfa") == 0.75 * 2.0 + 0.25 * 0.0
+
+
+def test_average_errors_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["average", str(tmp_path / "empty"), "--method", "ema", "--decay", "0.9",
+                                 "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "holds no checkpoints" in result.output
+    run = make_run(tmp_path, [1, 2])
+    result = runner.invoke(app, ["average", str(run), "--method", "ema", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "needs --decay or --half-life" in result.output
+
+
+def soup_models(tmp_path: Path, values: list[float]) -> list[str]:
+    return [str(write_checkpoint(tmp_path / f"m{i}", {"w": torch.full((2,), v)}, config={"model_type": "llama"}))
+            for i, v in enumerate(values)]
+
+
+# Scores a checkpoint by -(w - 2)^2: the best soup has mean w closest to 2.
+# Reads the file with the standard library only, so each evaluation starts fast.
+EVAL = """
+import json, struct, sys
+with open(sys.argv[1] + "/model.safetensors", "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+    f.seek(8 + n + header["w"]["data_offsets"][0])
+    (w,) = struct.unpack("<f", f.read(4))
+print("evaluating", sys.argv[1])
+print(-(w - 2.0) ** 2)
+"""
+
+
+def test_greedy_soup_keeps_only_improving_ingredients(tmp_path: Path) -> None:
+    script = tmp_path / "eval.py"
+    script.write_text(EVAL)
+    models = soup_models(tmp_path, [1.0, 3.0, 10.0, 2.5])
+    # alone: 1 -> -1, 3 -> -1, 10 -> -64, 2.5 -> -0.25. Sorted: 2.5, 1 (tie with 3, stable), 3, 10.
+    # soup {2.5, 1} = 1.75 -> -0.0625 kept; {2.5, 1, 3} = 2.1667 -> -0.0278 kept; + 10 -> 4.125 dropped.
+    result = greedy_soup(models, command_evaluator(f"{sys.executable} {script} {{path}}"))
+    assert [Path(m).name for m in result.kept] == ["m3", "m0", "m1"]
+    assert [s.kept for s in result.steps] == [True, True, True, False]
+    assert result.score == pytest.approx(-((2.5 + 1 + 3) / 3 - 2) ** 2, rel=1e-5)  # float32 soup
+
+
+def test_soup_cli_greedy_writes_scores_and_card(tmp_path: Path) -> None:
+    script = tmp_path / "eval.py"
+    script.write_text(EVAL)
+    models = soup_models(tmp_path, [1.0, 10.0])
+    result = runner.invoke(app, ["soup", *models, "--greedy", "--eval-cmd", f"{sys.executable} {script} {{path}}",
+                                 "-o", str(tmp_path / "soup"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["ingredients"] == [models[0]]
+    scores = json.loads((tmp_path / "soup" / "soup_scores.json").read_text())
+    assert [s["kept"] for s in scores["steps"]] == [True, False]
+    assert value_of(tmp_path / "soup") == 1.0
+    assert "Greedy soup: kept 1 of 2" in (tmp_path / "soup" / "README.md").read_text()
+    assert not list(tmp_path.glob("greedy-soup-*"))  # candidate soups are cleaned up
+
+
+def test_uniform_soup_cli(tmp_path: Path) -> None:
+    models = soup_models(tmp_path, [1.0, 2.0, 6.0])
+    result = runner.invoke(app, ["soup", *models, "-o", str(tmp_path / "soup"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert value_of(tmp_path / "soup") == 3.0
+
+
+def test_failing_or_silent_eval_command_is_a_clear_error(tmp_path: Path) -> None:
+    models = soup_models(tmp_path, [1.0, 2.0])
+    failing = runner.invoke(app, ["soup", *models, "--greedy", "--eval-cmd", "echo broken >&2; exit 3 # {path}",
+                                  "-o", str(tmp_path / "a")])
+    assert failing.exit_code == 2 and "failed (exit 3)" in failing.output and "broken" in failing.output
+    silent = runner.invoke(app, ["soup", *models, "--greedy", "--eval-cmd", "echo no score here {path}",
+                                 "-o", str(tmp_path / "b")])
+    assert silent.exit_code == 2 and "printed no number" in silent.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
