@@ -524,10 +524,16 @@ def run_merge(
             for position, (tensor, rows) in enumerate(items):
                 assert pending is not None
                 inputs = pending.result()
-                if position + 1 < len(items):
-                    following = items[position + 1]
+                following = items[position + 1] if position + 1 < len(items) else None
+                # Read ahead only what fits the budget beside the item in hand.
+                ahead = following is not None and _item_bytes(plan, *following) <= READ_AHEAD_BYTES
+                if following is not None and ahead:
                     pending = reader.submit(read_inputs, plan, following[0], torch_device, following[1])
-                for index, value in enumerate(compute(plan, inputs, torch_device, thresholds)):
+                values = compute(plan, inputs, torch_device, thresholds)
+                del inputs
+                if following is not None and not ahead:
+                    pending = reader.submit(read_inputs, plan, following[0], torch_device, following[1])
+                for index, value in enumerate(values):
                     yield WriteItem(index, tensor.name, value, rows[0] if rows else None)
                 if rows is None or rows[1] == tensor.shape[0]:
                     progress.advance(tensor.name, tensor.read_bytes)
@@ -539,6 +545,16 @@ def run_merge(
         finalize=(lambda directory, i: finalize(directory, plan.variants[i])) if finalize else None,
     )
     return MergeResult(outputs, plan.read_bytes, plan.write_bytes)
+
+
+# The most bytes of inputs (in the compute dtype) read ahead while another item computes.
+READ_AHEAD_BYTES = 256 * 1024 * 1024
+
+
+def _item_bytes(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> int:
+    numel = math.prod(tensor.shape) if rows is None else (rows[1] - rows[0]) * math.prod(tensor.shape[1:])
+    inputs = len(plan.input_refs) + (1 if plan.method.base is not BaseUse.NONE else 0)
+    return numel * torch.empty((), dtype=tensor.compute_dtype).element_size() * inputs
 
 
 def _side_file_dir(plan: MergePlan) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mergekit_like.methods.registry import PerModel, merge_method
-from mergekit_like.methods.task_vectors import combine_task_vectors, sparse_task_vectors
+from mergekit_like.methods.task_vectors import make_trims, merge_task_vectors
 
 
 @merge_method(
@@ -24,5 +24,5 @@ def breadcrumbs(
     normalize: bool = False,
     lambda_: float = 1.0,
 ) -> torch.Tensor:
-    deltas = sparse_task_vectors(tensors, base, density, "breadcrumbs", gammas=gamma, rescale=rescale)
-    return combine_task_vectors(base, deltas, weight, consensus=None, normalize=normalize, scale=lambda_)
+    trims = make_trims(tensors, base, density, "breadcrumbs", gammas=gamma, rescale=rescale)
+    return merge_task_vectors(base, tensors, weight, trims, consensus=None, normalize=normalize, scale=lambda_)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mergekit_like.methods.registry import PerModel, merge_method
-from mergekit_like.methods.task_vectors import Consensus, combine_task_vectors, sparse_task_vectors
+from mergekit_like.methods.task_vectors import Consensus, make_trims, merge_task_vectors
 
 
 @merge_method(
@@ -26,5 +26,5 @@ def breadcrumbs_ties(
     lambda_: float = 1.0,
     consensus: Consensus = "sum",
 ) -> torch.Tensor:
-    deltas = sparse_task_vectors(tensors, base, density, "breadcrumbs", gammas=gamma, rescale=rescale)
-    return combine_task_vectors(base, deltas, weight, consensus=consensus, normalize=normalize, scale=lambda_)
+    trims = make_trims(tensors, base, density, "breadcrumbs", gammas=gamma, rescale=rescale)
+    return merge_task_vectors(base, tensors, weight, trims, consensus=consensus, normalize=normalize, scale=lambda_)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mergekit_like.methods.registry import PerModel, merge_method
-from mergekit_like.methods.task_vectors import Consensus, RescaleMode, combine_task_vectors, sparse_task_vectors
+from mergekit_like.methods.task_vectors import Consensus, RescaleMode, make_trims, merge_task_vectors
 
 
 @merge_method(
@@ -27,7 +27,7 @@ def dare_ties(
     lambda_: float = 1.0,
     consensus: Consensus = "sum",
 ) -> torch.Tensor:
-    deltas = sparse_task_vectors(
+    trims = make_trims(
         tensors, base, density, "bernoulli", rescale=rescale, rescale_mode=rescale_mode, generator=generator
     )
-    return combine_task_vectors(base, deltas, weight, consensus=consensus, normalize=normalize, scale=lambda_)
+    return merge_task_vectors(base, tensors, weight, trims, consensus=consensus, normalize=normalize, scale=lambda_)

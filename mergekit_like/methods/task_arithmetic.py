@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mergekit_like.methods.registry import PerModel, merge_method
-from mergekit_like.methods.task_vectors import combine_task_vectors
+from mergekit_like.methods.task_vectors import merge_task_vectors
 
 
 @merge_method(
@@ -22,5 +22,4 @@ def task_arithmetic(
     normalize: bool = False,
     lambda_: float = 1.0,
 ) -> torch.Tensor:
-    deltas = [x - base for x in tensors]
-    return combine_task_vectors(base, deltas, weight, consensus=None, normalize=normalize, scale=lambda_)
+    return merge_task_vectors(base, tensors, weight, consensus=None, normalize=normalize, scale=lambda_)

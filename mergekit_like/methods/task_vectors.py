@@ -6,22 +6,89 @@ outlier-and-small cut), weights them, optionally elects a sign per entry and
 keeps only the agreeing entries (the TIES disjoint mean), and adds the
 combination, scaled by ``lambda``, to the base. Operation order follows
 mergekit 0.1.5 so recipes give its numbers.
+
+It runs in two phases. Only the sparsification needs a whole tensor (a top-k,
+or an L1 norm), so it runs first, one model at a time, and keeps just a
+boolean mask and a scale per model (a :class:`Trim`). Everything else is
+element-wise and runs block by block over the flattened tensors: blocks stay
+in cache and the full-size temporaries (stacked deltas, signs, agreement
+masks) never exist, which makes the merge both faster and several times
+leaner than computing on whole tensors, with the same numbers.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 Consensus = Literal["sum", "count"]
-Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]
+Sparsification = Literal["magnitude", "bernoulli", "breadcrumbs"]
+TrimTies = Literal["sort", "keep"]
+RescaleMode = Literal["l1", "inverse_density"]
 
 # Below this the weight sum counts as zero when normalising without consensus (as mergekit).
 ZERO_WEIGHT_SUM = 1e-8
+# Below this an L1 norm counts as zero and the rescale is skipped (as mergekit).
+L1_EPS = 1e-7
+# Elements per block in the element-wise phase.
+BLOCK = 1 << 20
+# Masks of tensors in this size range are computed one model per thread: the sorts
+# dominate TIES and each runs mostly on one core. Larger ones go one at a time, to
+# bound the memory of the sort's index array (8 bytes an element).
+PARALLEL_MIN, PARALLEL_MAX = 1 << 16, 1 << 24
+
+
+@dataclass(frozen=True)
+class Trim:
+    """How one model's task vector is sparsified: kept entries, then a rescale."""
+
+    mask: torch.Tensor | None = None  # flat bool; None keeps everything
+    multiply: torch.Tensor | None = None  # L1-norm rescale
+    divide: float | None = None  # 1 / density rescale
+    work_dtype: torch.dtype | None = None  # DARE draws and rescales in float32 on CPU (as mergekit)
+
+    def apply(self, delta: torch.Tensor, block: slice) -> torch.Tensor:
+        """The sparsified delta for the flat ``block`` of the tensor."""
+        if self.mask is None:
+            return delta
+        work = delta.to(self.work_dtype) if self.work_dtype is not None else delta
+        kept = work * self.mask[block]
+        if self.multiply is not None:
+            kept = kept * self.multiply
+        if self.divide is not None:
+            kept = kept / self.divide
+        return kept.to(delta.dtype)
+
+
+KEEP_ALL = Trim()
+
+
+def merge_task_vectors(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    trims: Sequence[Trim] | None = None,
+    *,
+    consensus: Consensus | None,
+    normalize: bool,
+    scale: float,
+) -> torch.Tensor:
+    """``base + scale * merged`` of the (trimmed) task vectors, block by block."""
+    trims = trims or [KEEP_ALL] * len(tensors)
+    flat_base = base.reshape(-1)
+    flat_models = [x.reshape(-1) for x in tensors]
+    out = torch.empty_like(flat_base)
+    for start in range(0, max(flat_base.numel(), 1), BLOCK):
+        block = slice(start, start + BLOCK)
+        b = flat_base[block]
+        deltas = [t.apply(x[block] - b, block) for x, t in zip(flat_models, trims)]
+        out[block] = combine_task_vectors(b, deltas, weights, consensus=consensus, normalize=normalize, scale=scale)
+    return out.reshape(base.shape)
 
 
 def combine_task_vectors(
@@ -66,25 +133,44 @@ def sign_agreement(weighted: torch.Tensor, method: Consensus) -> torch.Tensor:
     return signs == elected
 
 
-def masked(delta: torch.Tensor, mask: torch.Tensor, rescale_l1: bool, eps: float = 1e-7) -> torch.Tensor:
-    """``delta * mask``, optionally rescaled so its L1 norm equals the unmasked delta's."""
-    kept = delta * mask
-    if not rescale_l1:
-        return kept
-    before = delta.abs().sum()
-    after = kept.abs().sum()
-    if before >= eps and after >= eps:
-        kept = kept * (before / after)
-    return kept
+# -- the whole-tensor phase: masks and rescale factors ---------------------------------
 
 
-Sparsification = Literal["magnitude", "bernoulli", "breadcrumbs"]
-TrimTies = Literal["sort", "keep"]
-RescaleMode = Literal["l1", "inverse_density"]
+def make_trims(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    densities: Sequence[float],
+    method: Sparsification,
+    *,
+    gammas: Sequence[float] | None = None,
+    rescale: bool = False,
+    rescale_mode: RescaleMode = "l1",
+    generator: torch.Generator | None = None,
+    trim_ties: TrimTies = "sort",
+) -> list[Trim]:
+    """One :class:`Trim` per model (``gammas`` per model for breadcrumbs)."""
+    gammas = gammas if gammas is not None else [0.01] * len(tensors)
+
+    def one(x: torch.Tensor, density: float, gamma: float) -> Trim:
+        return make_trim(x, base, density, method, gamma=gamma, rescale=rescale, rescale_mode=rescale_mode,
+                         generator=generator, trim_ties=trim_ties)
+
+    # Random draws must happen in model order to be reproducible, so DARE never goes parallel.
+    parallel = (method != "bernoulli" and base.device.type == "cpu" and len(tensors) > 1
+                and PARALLEL_MIN <= base.numel() <= PARALLEL_MAX)
+    if parallel:
+        return list(_pool().map(one, tensors, densities, gammas))
+    return [one(x, d, g) for x, d, g in zip(tensors, densities, gammas)]
 
 
-def sparsify(
-    delta: torch.Tensor,
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(2, torch.get_num_threads()), thread_name_prefix="sparsify")
+
+
+def make_trim(
+    x: torch.Tensor,
+    base: torch.Tensor,
     density: float,
     method: Sparsification,
     *,
@@ -93,74 +179,58 @@ def sparsify(
     gamma: float = 0.01,
     generator: torch.Generator | None = None,
     trim_ties: TrimTies = "sort",
-) -> torch.Tensor:
-    """Zeroes all but a ``density`` fraction of ``delta``; ``density >= 1`` keeps it whole.
+) -> Trim:
+    """Keeps a ``density`` fraction of ``x - base``; ``density >= 1`` keeps it whole.
 
     ``rescale`` restores the magnitude of what was dropped: ``"l1"`` (mergekit's
     default) matches the kept entries' L1 norm to the whole delta's, per tensor;
-    ``"inverse_density"`` multiplies by ``1 / density`` (the DARE paper).
+    ``"inverse_density"`` divides by ``density`` (the DARE paper).
     """
     if density >= 1:
-        return delta
+        return KEEP_ALL
     if method == "bernoulli":
         if generator is None:
             raise ValueError("random sparsification needs a seeded generator")
+        delta = x - base
         # As mergekit: bf16 stays bf16, other CPU dtypes draw in float32.
-        work = delta if delta.dtype == torch.bfloat16 or delta.device.type != "cpu" else delta.float()
-        mask = bernoulli_mask(work, density, generator)
-        return _rescaled(work, mask, rescale, rescale_mode, density).to(delta.dtype)
+        keep_dtype = delta.dtype == torch.bfloat16 or delta.device.type != "cpu"
+        work = delta if keep_dtype else delta.float()
+        mask = torch.bernoulli(torch.full_like(work, density), generator=generator).reshape(-1).bool()
+        magnitudes = work.abs().reshape(-1)
+        return _with_rescale(mask, magnitudes, rescale, rescale_mode, density, None if keep_dtype else work.dtype)
+    magnitudes = (x - base).abs_().reshape(-1)
     if method == "magnitude":
-        mask = magnitude_mask(delta, density, trim_ties)
+        mask = magnitude_mask(magnitudes, density, trim_ties)
     elif method == "breadcrumbs":
-        mask = breadcrumbs_mask(delta, density, gamma)
+        mask = breadcrumbs_mask(magnitudes, density, gamma)
     else:
         raise ValueError(f"unknown sparsification {method!r}")
-    return _rescaled(delta, mask, rescale, rescale_mode, density)
+    return _with_rescale(mask, magnitudes, rescale, rescale_mode, density, None)
 
 
-def sparse_task_vectors(
-    tensors: Sequence[torch.Tensor],
-    base: torch.Tensor,
-    densities: Sequence[float],
-    method: Sparsification,
-    *,
-    gammas: Sequence[float] | None = None,
-    **options: object,
-) -> list[torch.Tensor]:
-    """``sparsify(x_i - base, density_i)`` for each model (``gammas`` per model for breadcrumbs).
-
-    Large CPU tensors are sparsified in parallel threads, one per model: the
-    magnitude sorts dominate TIES and breadcrumbs and each runs mostly on one core.
-    """
-    gammas = gammas if gammas is not None else [0.01] * len(tensors)
-
-    def one(x: torch.Tensor, d: float, g: float) -> torch.Tensor:
-        return sparsify(x - base, d, method, gamma=g, **options)  # type: ignore[arg-type]
-
-    if base.device.type == "cpu" and base.numel() >= PARALLEL_SPARSIFY and len(tensors) > 1:
-        return list(_pool().map(one, tensors, densities, gammas))
-    return [one(x, d, g) for x, d, g in zip(tensors, densities, gammas)]
+def threshold_trim(x: torch.Tensor, base: torch.Tensor, threshold: float, rescale: bool) -> Trim:
+    """Keeps the entries with ``|x - base| >= threshold`` (TIES trim_scope: model)."""
+    magnitudes = (x - base).abs_().reshape(-1)
+    return _with_rescale(magnitudes >= threshold, magnitudes, rescale, "l1", 1.0, None)
 
 
-# Tensors at least this large are sparsified one model per thread.
-PARALLEL_SPARSIFY = 1 << 20
+def _with_rescale(
+    mask: torch.Tensor, magnitudes: torch.Tensor, rescale: bool, mode: RescaleMode, density: float,
+    work_dtype: torch.dtype | None,
+) -> Trim:
+    if not rescale:
+        return Trim(mask, work_dtype=work_dtype)
+    if mode == "inverse_density":
+        return Trim(mask, divide=density if density > 0 else None, work_dtype=work_dtype)
+    before = magnitudes.sum()
+    after = (magnitudes * mask).sum()
+    if before >= L1_EPS and after >= L1_EPS:
+        return Trim(mask, multiply=before / after, work_dtype=work_dtype)
+    return Trim(mask, work_dtype=work_dtype)
 
 
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max(2, torch.get_num_threads()), thread_name_prefix="sparsify")
-
-
-def _rescaled(
-    delta: torch.Tensor, mask: torch.Tensor, rescale: bool, mode: RescaleMode, density: float
-) -> torch.Tensor:
-    if rescale and mode == "inverse_density":
-        return delta * mask / density if density > 0 else delta * mask
-    return masked(delta, mask, rescale)
-
-
-def magnitude_mask(delta: torch.Tensor, density: float, ties: TrimTies = "sort") -> torch.Tensor:
-    """1 for the ``max(1, int(density * numel))`` entries of largest magnitude, 0 elsewhere.
+def magnitude_mask(magnitudes: torch.Tensor, density: float, ties: TrimTies = "sort") -> torch.Tensor:
+    """True for the ``max(1, int(density * n))`` largest of the flat ``magnitudes``.
 
     ``ties="sort"`` keeps exactly that many, breaking ties at the threshold as
     ``torch.argsort(descending=True)`` does, which is what mergekit does, so bf16
@@ -168,40 +238,29 @@ def magnitude_mask(delta: torch.Tensor, density: float, ties: TrimTies = "sort")
     keeps every entry at or above the k-th largest magnitude, as the TIES
     paper's code, found by selection in O(n): several times faster on CPU.
     """
-    mask = torch.zeros_like(delta)
-    if density <= 0 or delta.numel() == 0:
+    n = magnitudes.numel()
+    mask = torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
+    if density <= 0 or n == 0:
         return mask
     # mergekit keeps at least one entry.
-    k = max(1, int(density * delta.numel()))
-    magnitudes = delta.abs().reshape(-1)
-    if magnitudes.device.type == "cpu":
-        magnitudes = magnitudes.float()
+    k = max(1, int(density * n))
+    keys = magnitudes.float() if magnitudes.device.type == "cpu" else magnitudes
     if ties == "keep":
-        threshold = torch.kthvalue(magnitudes, magnitudes.numel() - k + 1).values
-        return (delta.abs() >= threshold.to(delta.dtype)).to(delta.dtype)
-    top = torch.argsort(magnitudes, descending=True)[:k]
-    mask.view(-1)[top] = 1
+        return magnitudes >= torch.kthvalue(keys, n - k + 1).values.to(magnitudes.dtype)
+    mask[torch.argsort(keys, descending=True)[:k]] = True
     return mask
 
 
-def bernoulli_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Keeps each entry with probability ``density``, from a seeded generator."""
-    probabilities = torch.full_like(delta, density)
-    return torch.bernoulli(probabilities, generator=generator)
-
-
-def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def breadcrumbs_mask(magnitudes: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Drops the largest ``gamma * n`` and the smallest ``n - density*n - gamma*n`` entries."""
-    n = delta.numel()
+    n = magnitudes.numel()
     keep = int(density * n)
     top = int(gamma * n)
     bottom = n - keep - top
     if bottom < 0:
         bottom, top = 0, n - keep
-    magnitudes = delta.abs().reshape(-1)
-    if magnitudes.device.type == "cpu":
-        magnitudes = magnitudes.float()
-    order = torch.argsort(magnitudes, descending=False)
-    mask = torch.zeros_like(delta)
-    mask.view(-1)[order[bottom : n - top]] = 1
+    keys = magnitudes.float() if magnitudes.device.type == "cpu" else magnitudes
+    order = torch.argsort(keys, descending=False)
+    mask = torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
+    mask[order[bottom : n - top]] = True
     return mask

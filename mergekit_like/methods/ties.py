@@ -10,9 +10,9 @@ from mergekit_like.methods.registry import PerModel, merge_method
 from mergekit_like.methods.task_vectors import (
     Consensus,
     TrimTies,
-    combine_task_vectors,
-    masked,
-    sparse_task_vectors,
+    make_trims,
+    merge_task_vectors,
+    threshold_trim,
 )
 
 
@@ -40,10 +40,7 @@ def ties(
         # Keep |d| at or above the model-wide k-th largest magnitude, as the original TIES code.
         if thresholds is None:
             raise ValueError("trim_scope 'model' needs the model-wide thresholds")
-        deltas = [masked(x - base, (x - base).abs() >= t, rescale) for x, t in zip(tensors, thresholds)]
+        trims = [threshold_trim(x, base, t, rescale) for x, t in zip(tensors, thresholds)]
     else:
-        deltas = sparse_task_vectors(tensors, base, density, "magnitude", rescale=rescale, trim_ties=trim_ties)
-    return combine_task_vectors(
-        base, deltas, weight, consensus=consensus, normalize=normalize, scale=lambda_
-    )
-
+        trims = make_trims(tensors, base, density, "magnitude", rescale=rescale, trim_ties=trim_ties)
+    return merge_task_vectors(base, tensors, weight, trims, consensus=consensus, normalize=normalize, scale=lambda_)
