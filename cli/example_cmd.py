@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from mergekit_like.cli.output import console, handle_errors, print_json
 
-from mergekit_like.example import PRESETS, write_example
+from mergekit_like.example import PRESETS, write_example, write_trajectory
 from mergekit_like.io.dtypes import parse_dtype
 from mergekit_like.io.sharding import parse_size
 
@@ -29,6 +29,8 @@ def example(
     size: str = typer.Option("tiny", "--size", help=f"Preset: {', '.join(PRESETS)}."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Dtype of the weights."),
     shard_size: str = typer.Option("400KB", "--shard-size", help="Largest shard, e.g. 400KB, 2GB."),
+    trajectory: int = typer.Option(0, "--trajectory", min=0,
+                                   help="Also write run/checkpoint-100 .. of a pretend training run."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing example directories."),
     as_json: bool = typer.Option(False, "--json", help="Print the written paths as JSON."),
 ) -> None:
@@ -38,6 +40,10 @@ def example(
         directory, shape=PRESETS[size], finetunes=finetunes, dtype=parse_dtype(dtype),
         max_shard_size=parse_size(shard_size), overwrite=overwrite,
     )
+    if trajectory:
+        steps = tuple(100 * (i + 1) for i in range(trajectory))
+        paths += write_trajectory(directory / "run", shape=PRESETS[size], steps=steps, dtype=parse_dtype(dtype),
+                                  overwrite=overwrite)
     if as_json:
         print_json({"models": [str(p) for p in paths]})
     else:

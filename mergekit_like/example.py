@@ -131,6 +131,32 @@ def write_model(
     return Path(directory)
 
 
+def write_trajectory(
+    directory: str | Path,
+    *,
+    shape: LlamaShape = PRESETS["tiny"],
+    steps: tuple[int, ...] = (100, 200, 300, 400, 500),
+    dtype: torch.dtype = torch.bfloat16,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Writes ``checkpoint-STEP/`` directories of a pretend training run (a random walk from the base)."""
+    directory = Path(directory)
+    specs = llama_tensor_specs(shape, dtype)
+    paths = []
+    for number, step in enumerate(steps, 1):
+        path = directory / f"checkpoint-{step}"
+        with atomic_directory(path, overwrite=overwrite) as temp:
+            with ShardedWriter(temp, specs) as writer:
+                for spec in specs:
+                    walk = sum(_noise(spec, 10_000 + i, 0.002) for i in range(1, number + 1))
+                    values = _noise(spec, 0, 0.02) + walk + (1.0 if spec.name.endswith("norm.weight") else 0.0)
+                    writer.write(spec.name, values.to(dtype))
+            (temp / "config.json").write_text(json.dumps(llama_config(shape, dtype), indent=2) + "\n")
+            (temp / "trainer_state.json").write_text(json.dumps({"global_step": step}) + "\n")
+        paths.append(path)
+    return paths
+
+
 def write_example(
     directory: str | Path,
     *,

@@ -71,3 +71,10 @@ def test_convert_refuses_existing_output_then_overwrites(tmp_path: Path) -> None
 def test_version() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.startswith("mergekit-like ")
+
+
+def test_example_trajectory_is_averageable(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["example", str(tmp_path / "ex"), "--finetunes", "1", "--trajectory", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["average", str(tmp_path / "ex" / "run"), "--method", "swa", "--list", "--json"])
+    assert [c["step"] for c in json.loads(result.stdout)["checkpoints"]] == [100, 200, 300]

@@ -1,0 +1,177 @@
+"""The training hook and its sidecar process, on CPU models."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from mergekit_like.averaging import EMA as OfflineEMA
+from mergekit_like.hook import EMA, LAWA, SFA, SWA, WeightAveraging
+from mergekit_like.io import open_checkpoint
+
+
+def tiny_model(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 2)).to(dtype)
+
+
+def train_steps(model: torch.nn.Module, steps: int, hook: WeightAveraging | None = None,
+                seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """A deterministic 'training': random updates; returns the weights after every step."""
+    g = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(steps):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.dtype))
+            model.train()
+            model(torch.randn(4, 6, generator=g).to(next(model.parameters()).dtype))
+        history.append({n: t.detach().clone() for n, t in model.state_dict().items()})
+        if hook is not None:
+            hook.step()
+    return history
+
+
+def read(path: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(path) as ckpt:
+        return {n: ckpt.read(n) for n in ckpt.names()}
+
+
+def test_hook_averages_equal_the_offline_classes_and_averaged_model(tmp_path: Path) -> None:
+    model = tiny_model()
+    reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    hook = WeightAveraging(model, [EMA(0.9, per_checkpoint=True), SWA(), LAWA(k=3, nu=2)], snapshot_every=1,
+                           out_dir=tmp_path / "avg", save_every=4, strict=True)
+    history = []
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+            model(torch.randn(4, 6, generator=g))
+        history.append({n: t.detach().clone() for n, t in model.state_dict().items()})
+        reference.update_parameters(model)
+        hook.step()
+    live_ema = hook.averaged_state_dict("ema_0.9")
+    counts = hook.close()
+    assert counts.taken == 10 and counts.skipped == 0
+    for name, value in reference.module.state_dict().items():
+        if value.is_floating_point():
+            assert torch.equal(live_ema[name], value), name
+    offline = OfflineEMA(0.9, per_checkpoint=True)
+    for step, snapshot in enumerate(history, 1):
+        offline.update(snapshot, step)
+    final = read(tmp_path / "avg" / "ema_0.9" / "latest")
+    for name, value in offline.result().items():
+        assert torch.equal(final[name], value.to(final[name].dtype)), name
+    assert final["1.num_batches_tracked"].item() == 10  # integer buffers: the newest
+    swa = read(tmp_path / "avg" / "swa" / "latest")
+    mean = torch.stack([h["0.weight"] for h in history]).mean(0)
+    torch.testing.assert_close(swa["0.weight"], mean)
+    lawa = read(tmp_path / "avg" / "lawa_k3_nu2" / "latest")  # kept every 2 steps from 1: 5, 7, 9
+    torch.testing.assert_close(lawa["0.weight"], (history[4]["0.weight"] + history[6]["0.weight"]
+                                                 + history[8]["0.weight"]) / 3)
+    saved = sorted(p.name for p in (tmp_path / "avg" / "ema_0.9").iterdir())
+    assert saved == ["latest", "state", "step_10", "step_8"]  # keep_last=2, plus the state
+
+
+def test_bf16_model_gets_a_float32_ema_that_moves(tmp_path: Path) -> None:
+    model = torch.nn.Linear(1, 1, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    hook = WeightAveraging(model, [EMA(0.99, per_checkpoint=True)], out_dir=tmp_path / "avg", strict=True)
+    hook.step()
+    with torch.no_grad():
+        model.weight.fill_(1.5)
+    for _ in range(100):
+        hook.step()
+    ema = hook.averaged_state_dict("ema_0.99")["weight"]
+    hook.close()
+    assert ema.dtype == torch.float32
+    assert ema.item() == pytest.approx(1.5 - 0.5 * 0.99 ** 100, abs=1e-5)  # a bf16 EMA stays at 1.0
+
+
+def test_back_pressure_skips_and_counts_instead_of_waiting(tmp_path: Path) -> None:
+    model = torch.nn.Linear(512, 512)
+    hook = WeightAveraging(model, [EMA(0.9)], out_dir=tmp_path / "avg", snapshot_every=1)
+    assert hook.wait_until_ready()
+    for _ in range(200):
+        hook.step()  # far faster than the sidecar can fold in 1 MB snapshots
+    counts = hook.close()
+    assert counts.taken + counts.skipped == 200 and counts.skipped > 0 and counts.taken >= 1
+
+
+def test_sfa_merge_back_is_exact_and_periodic() -> None:
+    model = tiny_model(torch.bfloat16)
+    hook = WeightAveraging(model, [SFA(beta=0.25, p=0.5, steps_per_task=4)])
+    hook.start_task()
+    anchor = {n: t.clone() for n, t in model.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    for step in range(1, 5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype))
+        before = {n: t.clone() for n, t in model.state_dict().items()}
+        hook.step()
+        for name, value in model.state_dict().items():
+            if not value.is_floating_point():
+                continue
+            expected = torch.lerp(before[name], anchor[name], 0.25) if step % 2 == 0 else before[name]
+            assert torch.equal(value, expected), (step, name)
+    hook.close()
+
+
+def test_killed_sidecar_is_restarted_and_resumes_from_its_saved_state(tmp_path: Path) -> None:
+    model = tiny_model()
+    hook = WeightAveraging(model, [EMA(0.5, per_checkpoint=True)], out_dir=tmp_path / "avg", save_every=1,
+                           strict=True)
+    history = train_steps(model, 3, hook)
+    hook.averaged_state_dict("ema_0.5")  # the three snapshots are folded in and saved
+    os.kill(hook._process.pid, signal.SIGKILL)
+    hook._process.join()
+    with pytest.warns(UserWarning, match="sidecar died"):
+        history += train_steps(model, 2, hook, seed=2)
+    counts = hook.close()
+    assert counts.sidecar_restarts == 1
+    expected = OfflineEMA(0.5, per_checkpoint=True)
+    for step, snapshot in enumerate(history, 1):
+        expected.update(snapshot, step)
+    final = read(tmp_path / "avg" / "ema_0.5" / "latest")
+    torch.testing.assert_close(final["0.weight"], expected.result()["0.weight"])
+
+
+TRAINER = """
+import sys, time, torch
+from mergekit_like.hook import WeightAveraging, EMA
+model = torch.nn.Linear(4, 4)
+hook = WeightAveraging(model, [EMA(0.9)], out_dir=sys.argv[1], strict=True)
+for _ in range(5):
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    hook.step()
+hook.averaged_state_dict("ema_0.9")
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_killed_trainer_makes_the_sidecar_save_and_exit(tmp_path: Path) -> None:
+    out = tmp_path / "avg"
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, str(out)], stdout=subprocess.PIPE, text=True)
+    assert trainer.stdout is not None and trainer.stdout.readline().strip() == "ready"
+    trainer.kill()
+    trainer.wait()
+    deadline = time.time() + 60
+    while not (out / "ema_0.9" / "latest").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    final = read(out / "ema_0.9" / "latest")
+    assert final["weight"].shape == (4, 4)
+    assert not [p for p in out.rglob(".*tmp-*")]  # no partial directories
