@@ -175,3 +175,22 @@ def test_killed_trainer_makes_the_sidecar_save_and_exit(tmp_path: Path) -> None:
     final = read(out / "ema_0.9" / "latest")
     assert final["weight"].shape == (4, 4)
     assert not [p for p in out.rglob(".*tmp-*")]  # no partial directories
+
+
+def test_a_resumed_run_continues_the_saved_averages(tmp_path: Path) -> None:
+    model = tiny_model()
+    first = WeightAveraging(model, [EMA(0.5, per_checkpoint=True), LAWA(k=2)], out_dir=tmp_path / "avg",
+                            strict=True)
+    history = train_steps(model, 3, first)
+    first.close()
+    resumed = WeightAveraging(model, [EMA(0.5, per_checkpoint=True), LAWA(k=2)], out_dir=tmp_path / "avg",
+                              strict=True, start_step=3)
+    history += train_steps(model, 2, resumed, seed=7)
+    resumed.close()
+    expected = OfflineEMA(0.5, per_checkpoint=True)
+    for step, snapshot in enumerate(history, 1):
+        expected.update(snapshot, step)
+    final = read(tmp_path / "avg" / "ema_0.5" / "latest")
+    torch.testing.assert_close(final["0.weight"], expected.result()["0.weight"])
+    lawa = read(tmp_path / "avg" / "lawa_k2_nu0" / "latest")
+    torch.testing.assert_close(lawa["0.weight"], (history[3]["0.weight"] + history[4]["0.weight"]) / 2)

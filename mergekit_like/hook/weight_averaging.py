@@ -91,6 +91,7 @@ class WeightAveraging:
         strict: bool = False,
         keep_last: int = 2,
         sidecar_device: str = "cpu",
+        start_step: int = 0,
     ) -> None:
         if snapshot_every < 1:
             raise ValueError("snapshot_every must be at least 1")
@@ -104,7 +105,8 @@ class WeightAveraging:
         self.strict = strict
         self.out_dir = Path(out_dir)
         self.counts = SnapshotCounts()
-        self.step_count = 0
+        # A resumed run passes its global step; the sidecar restores the averages saved in out_dir.
+        self.step_count = start_step
         self.active = _is_rank_zero()  # under DDP every rank holds the same weights: rank 0 snapshots
         self._closed = False
         self._warned = False

@@ -1,0 +1,58 @@
+"""Under DDP (2 CPU processes, gloo) only rank 0 keeps averages, equal to a single-process run."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mergekit_like.hook import EMA, WeightAveraging
+from mergekit_like.io import open_checkpoint
+
+STEPS = 4
+
+
+def train(model: torch.nn.Module, hook: WeightAveraging) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(STEPS):
+        x = torch.randn(8, 3, generator=g)  # the same batch on every rank
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        optimizer.step()
+        hook.step()
+    hook.close()
+
+
+def worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+    hook = WeightAveraging(model.module, [EMA(0.5, per_checkpoint=True)], out_dir=out, strict=True)
+    assert hook.active == (rank == 0)
+    train(model, hook)
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_rank_zero_averages_equal_a_single_process_run(tmp_path: Path) -> None:
+    mp.spawn(worker, args=(free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    train(model, WeightAveraging(model, [EMA(0.5, per_checkpoint=True)], out_dir=tmp_path / "single", strict=True))
+    results = []
+    for run in ("ddp", "single"):
+        with open_checkpoint(tmp_path / run / "ema_0.5" / "latest") as ckpt:
+            results.append({n: ckpt.read(n) for n in ckpt.names()})
+    assert results[0].keys() == results[1].keys()
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]), name
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["ema_0.5"]  # one set of averages
