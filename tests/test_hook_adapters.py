@@ -1,0 +1,63 @@
+"""The training-framework adapters (skipped when the framework is absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergekit_like.hook import EMA
+from mergekit_like.io import open_checkpoint
+
+
+def test_hf_trainer_callback_writes_averages(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from mergekit_like.hook.adapters import hf_trainer_callback
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=4,
+                                          per_device_train_batch_size=2, report_to=[], save_strategy="no",
+                                          use_cpu=True, disable_tqdm=True)
+    callback = hf_trainer_callback([EMA(0.9)], out_dir=tmp_path / "avg", strict=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()
+    assert callback.averaging.counts.taken == 4
+    latest = tmp_path / "avg" / "ema_0.9" / "latest"
+    with open_checkpoint(latest) as ckpt:
+        assert "model.embed_tokens.weight" in ckpt
+    assert (latest / "config.json").exists()  # ready to load with from_pretrained
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(latest)
+    assert loaded.config.hidden_size == 16
+
+
+def test_lightning_callback_writes_averages(tmp_path: Path) -> None:
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        pl = pytest.importorskip("pytorch_lightning")
+    from mergekit_like.hook.adapters import lightning_callback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, _index):
+            return self.layer(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=4)
+    callback = lightning_callback([EMA(0.9)], out_dir=tmp_path / "avg", strict=True)
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, callbacks=[callback])
+    trainer.fit(Tiny(), data)
+    assert callback.averaging.counts.taken == 4
+    assert (tmp_path / "avg" / "ema_0.9" / "latest").exists()
