@@ -5,7 +5,15 @@ from __future__ import annotations
 import logging
 
 import typer
-from mergekit_like.cli import average_cmd, convert_cmd, example_cmd, inspect_cmd, merge_cmd, soup_cmd
+from mergekit_like.cli import (
+    average_cmd,
+    consolidate_cmd,
+    convert_cmd,
+    example_cmd,
+    inspect_cmd,
+    merge_cmd,
+    soup_cmd,
+)
 from mergekit_like.cli.output import DEBUG
 
 from mergekit_like import __version__
@@ -40,6 +48,7 @@ def _root(
 merge_cmd.register(app)
 average_cmd.register(app)
 soup_cmd.register(app)
+consolidate_cmd.register(app)
 inspect_cmd.register(app)
 example_cmd.register(app)
 convert_cmd.register(app)

@@ -34,7 +34,7 @@ def lightning_callback(averages: list[Any], **options: Any) -> Any:
     try:
         from lightning.pytorch import Callback
     except ImportError:
-        from pytorch_lightning import Callback
+        from pytorch_lightning import Callback  # type: ignore[assignment]
 
     class WeightAveragingCallback(Callback):  # type: ignore[misc]
         def __init__(self) -> None:

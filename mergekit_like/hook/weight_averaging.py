@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 
 from mergekit_like.averaging.base import Averager
 from mergekit_like.averaging.lawa import LAWA
+from mergekit_like.hook.shards import is_sharded, local_tensor, shard_directory, write_manifest
 from mergekit_like.hook.sidecar import Averages, SidecarConfig, run_sidecar
 
 logger = logging.getLogger(__name__)
@@ -70,11 +71,11 @@ class SnapshotCounts:
     sidecar_restarts: int = 0
 
 
-def _is_rank_zero() -> bool:
+def _rank() -> int:
     distributed = torch.distributed
     if distributed.is_available() and distributed.is_initialized():
-        return distributed.get_rank() == 0
-    return True
+        return int(distributed.get_rank())
+    return 0
 
 
 class WeightAveraging:
@@ -104,17 +105,24 @@ class WeightAveraging:
         self.snapshot_every = snapshot_every
         self.strict = strict
         self.out_dir = Path(out_dir)
+        # FSDP/DTensor: every rank averages its own shard; otherwise (DDP) the ranks hold the same
+        # weights and rank 0 alone snapshots.
+        self.sharded = is_sharded(model)
+        rank = _rank()
+        sidecar_dir = shard_directory(self.out_dir, rank) if self.sharded else self.out_dir
+        if self.sharded and rank == 0:
+            write_manifest(self.out_dir, model, _model_config(model))
         self.counts = SnapshotCounts()
         # A resumed run passes its global step; the sidecar restores the averages saved in out_dir.
         self.step_count = start_step
-        self.active = _is_rank_zero()  # under DDP every rank holds the same weights: rank 0 snapshots
+        self.active = self.sharded or rank == 0
         self._closed = False
         self._warned = False
         self._anchor: dict[str, torch.Tensor] | None = None
         self._task_step = 0
         self._pending: tuple[int, Any] | None = None  # (step, CUDA event) of a copy in flight
-        self._settings = SidecarConfig(self.out_dir, self.averagers, save_every, keep_last,
-                                       _model_config(model), os.getpid(), sidecar_device)
+        self._settings = SidecarConfig(sidecar_dir, self.averagers, save_every, keep_last,
+                                       None if self.sharded else _model_config(model), os.getpid(), sidecar_device)
         if self.active and self.averagers:
             self._tensors = _snapshot_tensors(model)
             self._buffers = {n: _shared_like(t) for n, t in self._tensors.items()}
@@ -285,8 +293,8 @@ class WeightAveraging:
 
 
 def _snapshot_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers, by state-dict name (detached, live storage)."""
-    return {name: tensor.detach() for name, tensor in model.state_dict(keep_vars=True).items()}
+    """Parameters and persistent buffers by state-dict name (detached, live storage; local shards)."""
+    return {name: local_tensor(tensor).detach() for name, tensor in model.state_dict(keep_vars=True).items()}
 
 
 def _shared_like(tensor: torch.Tensor) -> torch.Tensor:
