@@ -12,6 +12,7 @@ from mergekit_like.cli import (
     example_cmd,
     inspect_cmd,
     merge_cmd,
+    push_cmd,
     soup_cmd,
 )
 from mergekit_like.cli.output import DEBUG
@@ -49,6 +50,7 @@ merge_cmd.register(app)
 average_cmd.register(app)
 soup_cmd.register(app)
 consolidate_cmd.register(app)
+push_cmd.register(app)
 inspect_cmd.register(app)
 example_cmd.register(app)
 convert_cmd.register(app)

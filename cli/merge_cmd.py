@@ -8,10 +8,12 @@ from typing import Any
 
 import typer
 from mergekit_like.cli.output import RichProgress, console, handle_errors, human_bytes, print_json
+from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 
 from mergekit_like.card import RECIPE_FILE, write_model_card, write_recipe
 from mergekit_like.engine import MergePlan, Variant, planned_merge, run_merge
 from mergekit_like.errors import RecipeError
+from mergekit_like.hub import model_resolver
 from mergekit_like.io import parse_size
 from mergekit_like.io.dtypes import parse_dtype
 from mergekit_like.methods import all_methods
@@ -51,9 +53,13 @@ def merge(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop; reads no tensor data."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT once the new one is complete."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pytorch_model*.bin pickles."),
+    push_to_hub: str = typer.Option(None, "--push-to-hub", help="Push the output to ORG/NAME once complete."),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
+    token: str = token_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
+    warn_if_token_on_command_line(token)
     recipe = _recipe(args, method, base, param, compute_dtype, out_dtype, seed)
     if vocab_mismatch is not None:
         recipe = dataclasses.replace(recipe, vocab_mismatch=vocab_mismatch)
@@ -65,7 +71,8 @@ def merge(
         max_shard = parse_size(shard_size)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--shard-size") from None
-    with planned_merge(recipe, allow_pickle=allow_pickle) as plan:
+    resolver = model_resolver(allow_pickle=allow_pickle, token=token)  # Hub ids: fetched into the cache
+    with planned_merge(recipe, allow_pickle=allow_pickle, resolve_model=resolver) as plan:
         if dry_run:
             _print_plan(plan, as_json)
             return
@@ -75,11 +82,17 @@ def merge(
             write_recipe(directory, recipe)
             write_model_card(directory, recipe, title=output.name,
                              has_config=(directory / "config.json").exists(),
-                             command=command, variant=variant.label)
+                             command=command, variant=variant.label,
+                             paths={ref: r.path for ref, r in resolver.resolved.items()})
 
         with RichProgress("merge", enabled=not (quiet or as_json)) as progress:
             result = run_merge(plan, output, device=device, overwrite=overwrite,
                                max_shard_size=max_shard, progress=progress, finalize=finalize)
+    if push_to_hub:
+        for written in result.outputs:
+            target = push_to_hub if len(result.outputs) == 1 else f"{push_to_hub}-{written.directory.name}"
+            push_and_report(written.directory, target, private=private, revision=None, commit_message=None,
+                            create_pr=False, token=token, quiet=quiet or as_json)
     summary = {
         "method": recipe.merge_method,
         "outputs": [str(o.directory) for o in result.outputs],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,15 +11,10 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from mergekit_like import __version__
+from mergekit_like.hub import is_hub_id
 from mergekit_like.recipe import MergeRecipe, dump_recipe
 
 RECIPE_FILE = "merge_recipe.yml"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-
-
-def is_hub_id(ref: str) -> bool:
-    """``org/name`` (optionally ``@revision``) that is not a local path."""
-    return bool(_HUB_ID.match(ref)) and not Path(ref).exists()
 
 
 def write_recipe(directory: Path, recipe: MergeRecipe) -> None:
@@ -43,6 +37,7 @@ class CardContent:
     command: str | None = None
     note: str | None = None
     relation: str = "merge"
+    license: str | None = None
 
 
 def write_card(directory: Path, card: CardContent) -> None:
@@ -54,6 +49,7 @@ def write_card(directory: Path, card: CardContent) -> None:
         base_model_relation=card.relation if hub_ids else None,
         tags=["merge", "mergekit-like", card.method],
         library_name="transformers" if card.has_config else None,
+        license=card.license,
     )
     lines = [
         f"# {card.title}",
@@ -84,15 +80,40 @@ def write_model_card(
     has_config: bool,
     command: str | None = None,
     variant: str | None = None,
+    paths: Mapping[str, Path] | None = None,
 ) -> None:
-    """The card of a merge."""
+    """The card of a merge; ``paths`` (ref -> local directory) adds Hub commits and licenses."""
     method = recipe.method
-    inputs = [(ref, "base" if ref == recipe.base_model else "") for ref in _all_refs(recipe)]
+    refs = _all_refs(recipe)
+    inputs = [(ref, ", ".join(filter(None, ["base" if ref == recipe.base_model else "",
+                                            _revision_note(ref, paths)])))
+              for ref in refs]
     write_card(directory, CardContent(
         title=title + (f" ({variant})" if variant else ""), method=method.name, paper=method.paper,
         description=method.description, inputs=inputs, recipe=recipe.to_dict(), has_config=has_config,
         command=command, note=f"This output is the sweep value `{variant}`." if variant else None,
+        license=common_license([paths.get(r, Path(r)) if paths else Path(r) for r in refs]),
     ))
+
+
+def _revision_note(ref: str, paths: Mapping[str, Path] | None) -> str:
+    path = paths.get(ref) if paths else None
+    if path is None or not is_hub_id(ref) or path.parent.name != "snapshots":
+        return ""
+    return f"commit {path.name}"
+
+
+def common_license(paths: Sequence[Path]) -> str | None:
+    """The license every input's model card states, when they all state the same one."""
+    licenses = set()
+    for path in paths:
+        readme = (path if path.is_dir() else path.parent) / "README.md"
+        try:
+            licenses.add(ModelCard.load(readme).data.license if readme.is_file() else None)
+        except Exception:
+            licenses.add(None)
+    (only,) = licenses if len(licenses) == 1 else (None,)
+    return only if isinstance(only, str) else None
 
 
 def _all_refs(recipe: MergeRecipe) -> list[str]:

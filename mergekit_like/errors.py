@@ -97,3 +97,23 @@ class RecipeError(MergekitLikeError, ValueError):
 
 class MergeError(_Located, ArithmeticError):
     """A merge kernel cannot compute a tensor (for example a zero weight sum)."""
+
+
+class HubError(_Located, RuntimeError):
+    """Talking to the Hugging Face Hub failed, or what was to be pushed is not fit to push."""
+
+
+class HubAuthError(HubError, PermissionError):
+    """No token, or a token without the needed permission (HTTP 401/403)."""
+
+
+class HubNotFoundError(HubError, FileNotFoundError):
+    """The repo, revision or file does not exist on the Hub (or is private)."""
+
+
+class HubNetworkError(HubError, ConnectionError):
+    """The Hub could not be reached, or kept failing after retries."""
+
+
+class InvalidRepoIdError(HubError, ValueError):
+    """A repo name the Hub would refuse."""
