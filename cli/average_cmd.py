@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from mergekit_like.cli.output import RichProgress, console, handle_errors, human_bytes, print_json
+from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 
 from mergekit_like.averaging.offline import (
     AverageOutput,
@@ -74,9 +75,13 @@ def average(
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard (decimal units)."),
     list_only: bool = typer.Option(False, "--list", help="Print the checkpoints found, in order, and stop."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT once the new one is complete."),
+    push_to_hub: str = typer.Option(None, "--push-to-hub", help="Push the output(s) to ORG/NAME once complete."),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
+    token: str = token_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
+    warn_if_token_on_command_line(token)
     points = _trajectory(paths, method, anchor)
     outputs = _outputs(points, method, decay, half_life, per_checkpoint, start, end, k, nu, every_step, beta)
     if list_only:
@@ -103,6 +108,10 @@ def average(
             points, outputs, output, out_dtype=parse_dtype(out_dtype) if out_dtype else None,
             overwrite=overwrite, max_shard_size=_size(shard_size), progress=progress, finalize=finalize,
         )
+    for w in written if push_to_hub else []:
+        target = push_to_hub if len(written) == 1 else f"{push_to_hub}-{w.directory.name}"
+        push_and_report(w.directory, target, private=private, revision=None, commit_message=None,
+                        create_pr=False, token=token, quiet=quiet or as_json)
     if as_json:
         print_json({"method": method, "outputs": [str(w.directory) for w in written],
                     "checkpoints": len(points)})

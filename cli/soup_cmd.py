@@ -7,10 +7,12 @@ from pathlib import Path
 
 import typer
 from mergekit_like.cli.output import RichProgress, console, err_console, handle_errors, human_bytes, print_json
+from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 from rich.table import Table
 
 from mergekit_like.card import RECIPE_FILE, write_model_card, write_recipe
 from mergekit_like.engine import planned_merge, run_merge
+from mergekit_like.hub import model_resolver
 from mergekit_like.soup import GreedySoupResult, SoupStep, command_evaluator, greedy_soup, uniform_soup_recipe
 
 HELP = """Average fine-tuned models into a soup.
@@ -38,14 +40,19 @@ def soup(
     compute_dtype: str = typer.Option(None, "--compute-dtype", help="Dtype to average in (default float32)."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard (decimal units)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT once the new one is complete."),
+    push_to_hub: str = typer.Option(None, "--push-to-hub", help="Push the soup to ORG/NAME once complete."),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
+    token: str = token_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
+    warn_if_token_on_command_line(token)
     from mergekit_like.io import check_target, parse_size
 
     check_target(output, overwrite=overwrite)
     result: GreedySoupResult | None = None
     ingredients = list(models)
+    resolver = model_resolver(token=token)  # Hub ids are fetched into the cache once
     if greedy:
         if not eval_cmd:
             raise typer.BadParameter("--greedy needs --eval-cmd", param_hint="--eval-cmd")
@@ -53,7 +60,7 @@ def soup(
         result = greedy_soup(
             models, command_evaluator(eval_cmd), lower_is_better=lower_is_better, tolerance=tolerance,
             workdir=output.absolute().parent, compute_dtype=compute_dtype,
-            on_step=_print_step if show else None,
+            on_step=_print_step if show else None, resolve_model=resolver,
         )
         ingredients = result.kept
         if show:
@@ -73,9 +80,13 @@ def soup(
             readme = directory / "README.md"
             readme.write_text(readme.read_text() + "\n" + note + "\n")
 
-    with planned_merge(recipe) as plan, RichProgress("soup", enabled=not (quiet or as_json)) as progress:
+    with planned_merge(recipe, resolve_model=resolver) as plan, \
+            RichProgress("soup", enabled=not (quiet or as_json)) as progress:
         merged = run_merge(plan, output, overwrite=overwrite, max_shard_size=parse_size(shard_size),
                            progress=progress, finalize=finalize)
+    if push_to_hub:
+        push_and_report(output, push_to_hub, private=private, revision=None, commit_message=None,
+                        create_pr=False, token=token, quiet=quiet or as_json)
     if as_json:
         print_json({"output": str(output), "ingredients": ingredients,
                     **({"greedy": result.to_dict()} if result else {})})

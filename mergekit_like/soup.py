@@ -96,12 +96,16 @@ def greedy_soup(
     workdir: str | Path | None = None,
     compute_dtype: str | None = None,
     on_step: Callable[[SoupStep], None] | None = None,
+    resolve_model: Callable[[str], Path] = Path,
 ) -> GreedySoupResult:
-    """Chooses the ingredients of a greedy soup; returns them with every score seen."""
+    """Chooses the ingredients of a greedy soup; returns them with every score seen.
+
+    ``resolve_model`` turns an ingredient reference into a local directory (Hub ids).
+    """
     if len(set(models)) != len(models):
         raise EvaluationError("an ingredient is listed twice")
     sign = -1.0 if lower_is_better else 1.0
-    alone = {m: evaluate(Path(m)) for m in models}
+    alone = {m: evaluate(resolve_model(m)) for m in models}
     ranked = sorted(models, key=lambda m: -sign * alone[m])
     kept = [ranked[0]]
     best = alone[ranked[0]]
@@ -111,7 +115,8 @@ def greedy_soup(
     with tempfile.TemporaryDirectory(prefix="greedy-soup-", dir=workdir) as scratch:
         for number, candidate in enumerate(ranked[1:], 1):
             soup_dir = Path(scratch) / f"soup-{number}"
-            with planned_merge(uniform_soup_recipe([*kept, candidate], compute_dtype)) as plan:
+            recipe = uniform_soup_recipe([*kept, candidate], compute_dtype)
+            with planned_merge(recipe, resolve_model=resolve_model) as plan:
                 run_merge(plan, soup_dir)
             score = evaluate(soup_dir)
             better = sign * (score - best) > tolerance
