@@ -194,12 +194,20 @@ class _Repo:
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, headers: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.headers = dict(headers or {})
+        self.extra = dict(extra or {})  # more fields of the JSON error body
 
 
 @dataclass
@@ -311,7 +319,9 @@ def _valid_name(name: str) -> bool:
 
 def _valid_path(path: str) -> bool:
     parts = path.split("/")
-    return bool(path) and not path.startswith("/") and all(p not in ("", ".", "..") for p in parts) and parts[0] != ".git"
+    return (
+        bool(path) and not path.startswith("/") and all(p not in ("", ".", "..") for p in parts) and parts[0] != ".git"
+    )
 
 
 def _pattern_lines(content: str) -> list[str]:
@@ -358,6 +368,7 @@ class FakeHub:
         page_size: int = 1000,
         allow_pr_from_readers: bool = True,
         auto_create_branches: bool = False,
+        anonymous_not_found_status: int = 404,
     ):
         self._tmp: str | None = None
         if root is None:
@@ -370,6 +381,9 @@ class FakeHub:
         self.page_size = page_size  # tree / commit listing page size (Link: rel="next" pagination)
         self.allow_pr_from_readers = allow_pr_from_readers  # as on the Hub: any valid token may open a PR
         self.auto_create_branches = auto_create_branches  # the Hub answers RevisionNotFound instead
+        # Status of "repo not found / private" without a token: the real Hub answers 401 (still X-Error-Code
+        # RepoNotFound, so still RepositoryNotFoundError client-side); 404 by default here.
+        self.anonymous_not_found_status = anonymous_not_found_status
         self.requests: list[RequestRecord] = []
         self.server_errors: list[str] = []  # tracebacks of unexpected exceptions in handlers
         self._faults: list[FaultRule] = []
@@ -417,7 +431,7 @@ class FakeHub:
         if self._httpd is None:
             raise RuntimeError("FakeHub is not started")
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host if isinstance(host, str) else host.decode()}:{port}"
 
     # ---------------------------------------------------------------- test helpers
 
@@ -564,7 +578,13 @@ class FakeHub:
             for path in delete:
                 tree.pop(path, None)
             for path, value in files.items():
-                data = value.read_bytes() if isinstance(value, Path) else value.encode() if isinstance(value, str) else value
+                data = (
+                    value.read_bytes()
+                    if isinstance(value, Path)
+                    else value.encode()
+                    if isinstance(value, str)
+                    else value
+                )
                 if self._is_lfs(repo, tree, path, len(data), data[:512]):
                     sha256 = hashlib.sha256(data).hexdigest()
                     dest = repo.path / "lfs" / sha256
@@ -603,7 +623,11 @@ class FakeHub:
     @staticmethod
     def _lfs_entry(sha256: str, size: int) -> dict[str, Any]:
         pointer = _lfs_pointer(sha256, size)
-        return {"oid": _git_oid(pointer), "size": size, "lfs": {"sha256": sha256, "size": size, "pointerSize": len(pointer)}}
+        return {
+            "oid": _git_oid(pointer),
+            "size": size,
+            "lfs": {"sha256": sha256, "size": size, "pointerSize": len(pointer)},
+        }
 
     @staticmethod
     def _blob_path(repo: _Repo, entry: Mapping[str, Any]) -> Path:
@@ -724,7 +748,9 @@ class FakeHub:
                 return
             except Exception:
                 self.server_errors.append(traceback.format_exc())
-                resp = self._error(HubError(500, "Internal Error - We're working hard to fix this as soon as possible!"))
+                resp = self._error(
+                    HubError(500, "Internal Error - We're working hard to fix this as soon as possible!")
+                )
         try:
             body.drain()
         except (ConnectionError, TimeoutError, ValueError):
@@ -737,6 +763,7 @@ class FakeHub:
                 return
             if rule.truncate is None or resp is None:
                 resp = self._error(HubError(rule.status, rule.message, headers=rule.headers))
+        assert resp is not None
         record.status = resp.status
         try:
             self._send(h, resp, method, truncate=rule.truncate if rule is not None else None)
@@ -771,7 +798,9 @@ class FakeHub:
         h.wfile.flush()
 
     @staticmethod
-    def _json(obj: Any, status: int = 200, headers: Iterable[tuple[str, str]] = (), content_type: str = "application/json") -> _Resp:
+    def _json(
+        obj: Any, status: int = 200, headers: Iterable[tuple[str, str]] = (), content_type: str = "application/json"
+    ) -> _Resp:
         return _Resp(status, [("Content-Type", content_type), *headers], json.dumps(obj).encode())
 
     def _error(self, err: HubError) -> _Resp:
@@ -779,7 +808,7 @@ class FakeHub:
         if err.code:
             headers.append(("X-Error-Code", err.code))
         headers.extend(err.headers.items())
-        return self._json({"error": err.message}, err.status, headers)
+        return self._json({"error": err.message, **err.extra}, err.status, headers)
 
     def _route(self, method: str, segs: list[str]) -> tuple[Any, str]:
         n = len(segs)
@@ -838,14 +867,13 @@ class FakeHub:
     def _get_repo(self, ctx: _Ctx, repo_type: str, repo_id: str, *, write: bool = False, pr: bool = False) -> _Repo:
         repo = self._repos.get((repo_type, repo_id.lower()))
         if repo is None or (repo.private and not (ctx.token and ctx.token.can_read(repo.namespace))):
-            raise HubError(404, "Repository not found", "RepoNotFound")
+            status = 404 if ctx.token is not None else self.anonymous_not_found_status
+            raise HubError(status, "Repository not found", "RepoNotFound")
         if write:
             if ctx.token is None:
                 raise HubError(401, "You must be authenticated to write to this repository")
             if not ctx.token.can_write(repo.namespace) and not (pr and self.allow_pr_from_readers):
-                raise HubError(
-                    403, f"You don't have the rights to write to the {repo_type} repository {repo.repo_id}"
-                )
+                raise HubError(403, f"You don't have the rights to write to the {repo_type} repository {repo.repo_id}")
         return repo
 
     @staticmethod
@@ -968,7 +996,12 @@ class FakeHub:
         with self._lock:
             existing = self._repos.get((repo_type, repo_id.lower()))
             if existing is not None:
-                raise HubError(409, f"You already created this {repo_type} repo: {existing.repo_id}")
+                # The client reads "url" from this 409 body when exist_ok=True.
+                raise HubError(
+                    409,
+                    f"You already created this {repo_type} repo",
+                    extra={"url": self._repo_url(existing), "name": existing.repo_id},
+                )
             repo = self._create_repo(repo_type, repo_id, private, tok.user)
         return self._json({"url": self._repo_url(repo), "name": repo_id, "id": repo.uid})
 
@@ -1002,7 +1035,11 @@ class FakeHub:
                     sibling.update(size=entry["size"], blobId=entry["oid"])
                     if entry["lfs"]:
                         lfs = entry["lfs"]
-                        sibling["lfs"] = {"size": lfs["size"], "sha256": lfs["sha256"], "pointerSize": lfs["pointerSize"]}
+                        sibling["lfs"] = {
+                            "size": lfs["size"],
+                            "sha256": lfs["sha256"],
+                            "pointerSize": lfs["pointerSize"],
+                        }
                 siblings.append(sibling)
             info: dict[str, Any] = {
                 "_id": repo.uid,
@@ -1049,7 +1086,7 @@ class FakeHub:
             files = repo.commits[sha]["files"]
             dirs = self._dirs(files)
             if path and path not in dirs:
-                raise HubError(404, f"{path} does not exist on \"{rev}\"", "EntryNotFound", {"X-Repo-Commit": sha})
+                raise HubError(404, f'{path} does not exist on "{rev}"', "EntryNotFound", {"X-Repo-Commit": sha})
             prefix = path + "/" if path else ""
 
             def wanted(p: str) -> bool:
@@ -1090,13 +1127,16 @@ class FakeHub:
         with self._lock:
             repo = self._get_repo(ctx, repo_type, repo_id)
             data: dict[str, Any] = {
-                "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s} for b, s in repo.branches.items()],
+                "branches": [
+                    {"name": b, "ref": f"refs/heads/{b}", "targetCommit": s} for b, s in repo.branches.items()
+                ],
                 "converts": [],
                 "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": s} for t, s in repo.tags.items()],
             }
             if ctx.flag("include_prs"):
                 data["pullRequests"] = [
-                    {"name": f"refs/pr/{n}", "ref": f"refs/pr/{n}", "targetCommit": s} for n, s in sorted(repo.prs.items())
+                    {"name": f"refs/pr/{n}", "ref": f"refs/pr/{n}", "targetCommit": s}
+                    for n, s in sorted(repo.prs.items())
                 ]
         return self._json(data)
 
@@ -1131,7 +1171,13 @@ class FakeHub:
         payload = ctx.json()
         with self._lock:
             repo = self._get_repo(ctx, repo_type, repo_id, write=True)
-            if not branch or branch.startswith(("refs/", "/")) or ".." in branch or " " in branch or branch.endswith("/"):
+            if (
+                not branch
+                or branch.startswith(("refs/", "/"))
+                or ".." in branch
+                or " " in branch
+                or branch.endswith("/")
+            ):
                 raise HubError(400, f"Invalid branch name: {branch!r}")
             if branch in repo.branches:
                 raise HubError(409, "Reference already exists")
@@ -1296,7 +1342,9 @@ class FakeHub:
                     received += len(chunk)
                     f.write(chunk)
             if received != size or digest.hexdigest() != oid:
-                raise HubError(400, f"Uploaded content does not match: got {received} bytes, sha256 {digest.hexdigest()}")
+                raise HubError(
+                    400, f"Uploaded content does not match: got {received} bytes, sha256 {digest.hexdigest()}"
+                )
             os.replace(tmp, lfs_dir / oid)
         finally:
             if os.path.exists(tmp):
@@ -1465,7 +1513,6 @@ def patch_hf_client(mp: pytest.MonkeyPatch, endpoint: str, hf_home: str | Path) 
 
     Everything goes through `mp`, so `mp.undo()` (end of the fixture / MonkeyPatch.context) restores it all.
     """
-    import huggingface_hub
     from huggingface_hub import constants
 
     endpoint = endpoint.rstrip("/")
@@ -1548,12 +1595,13 @@ def patch_hf_client(mp: pytest.MonkeyPatch, endpoint: str, hf_home: str | Path) 
         mp.setattr(hf_api.api, "endpoint", endpoint)
         mp.setattr(hf_api.api, "_whoami_cache", {})
     # HfFileSystem instances are cached by fsspec with the endpoint they were built with.
-    with contextlib.suppress(ImportError, AttributeError):
-        huggingface_hub.HfFileSystem.clear_instance_cache()
+    _clear_hf_filesystem_cache()
 
 
 @contextlib.contextmanager
-def serve_fake_hub(root: str | Path | None = None, hf_home: str | Path | None = None, **kwargs: Any) -> Iterator[FakeHub]:
+def serve_fake_hub(
+    root: str | Path | None = None, hf_home: str | Path | None = None, **kwargs: Any
+) -> Iterator[FakeHub]:
     """Outside pytest fixtures: start a FakeHub and point huggingface_hub at it for the duration of the block."""
     import huggingface_hub
 
@@ -1563,10 +1611,16 @@ def serve_fake_hub(root: str | Path | None = None, hf_home: str | Path | None = 
         mp = stack.enter_context(pytest.MonkeyPatch.context())
         huggingface_hub.close_session()  # no pooled connection to a previous server
         stack.callback(huggingface_hub.close_session)
+        stack.callback(_clear_hf_filesystem_cache)
         patch_hf_client(mp, hub.endpoint, home)
         yield hub
-        with contextlib.suppress(ImportError, AttributeError):
-            huggingface_hub.HfFileSystem.clear_instance_cache()
+
+
+def _clear_hf_filesystem_cache() -> None:
+    with contextlib.suppress(ImportError, AttributeError):
+        import huggingface_hub
+
+        huggingface_hub.HfFileSystem.clear_instance_cache()
 
 
 @pytest.fixture
@@ -1579,3 +1633,5 @@ def fake_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
     base = tmp_path_factory.mktemp("fake_hub")
     with serve_fake_hub(base / "storage", base / "hf_home") as hub:
         yield hub
+    # An exception inside a handler is a bug of the fake, not of the code under test: report it.
+    assert not hub.server_errors, "fake Hub handler crashed:\n" + "\n".join(hub.server_errors)
