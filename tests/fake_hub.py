@@ -301,6 +301,45 @@ def _git_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\x00" % len(data) + data).hexdigest()
 
 
+# The subset of the Hub's model-card metadata rules that the tool's cards exercise.
+_CARD_RELATIONS = {"adapter", "merge", "quantized", "finetune"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _card_metadata_errors(content: str) -> list[str]:
+    """What the Hub's validate-yaml refuses: front matter that is not a mapping, or bad fields."""
+    import yaml
+
+    match = re.match(r"^---\n(.*?)\n---", content, re.S)
+    if not match:
+        return []
+    try:
+        meta = yaml.safe_load(match.group(1))
+    except yaml.YAMLError as exc:
+        return [f"invalid YAML: {exc}"]
+    if meta is None:
+        return []
+    if not isinstance(meta, dict):
+        return ["metadata must be a mapping"]
+    errors = []
+    base = meta.get("base_model")
+    bases = base if isinstance(base, list) else [base] if base is not None else []
+    if any(not isinstance(b, str) or not _REPO_ID.match(b) for b in bases):
+        errors.append(f'"base_model" must be Hub repo ids, got {base!r}')
+    relation = meta.get("base_model_relation")
+    if relation is not None and relation not in _CARD_RELATIONS:
+        errors.append(f'"base_model_relation" must be one of {sorted(_CARD_RELATIONS)}')
+    if relation is not None and not bases:
+        errors.append('"base_model_relation" needs "base_model"')
+    tags = meta.get("tags")
+    if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
+        errors.append('"tags" must be a list of strings')
+    for key in ("license", "library_name", "pipeline_tag"):
+        if key in meta and not isinstance(meta[key], str):
+            errors.append(f'"{key}" must be a string')
+    return errors
+
+
 def _lfs_pointer(sha256: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
@@ -1017,7 +1056,10 @@ class FakeHub:
         return self._json({})
 
     def _h_validate_yaml(self, ctx: _Ctx) -> _Resp:
-        ctx.json()
+        body = ctx.json()
+        errors = _card_metadata_errors(body.get("content", "") if isinstance(body, dict) else "")
+        if errors:
+            return self._json({"errors": [{"message": e} for e in errors]}, 400)
         return self._json({"errors": [], "warnings": []})
 
     def _h_repo_info(self, ctx: _Ctx) -> _Resp:

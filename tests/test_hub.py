@@ -135,3 +135,11 @@ def test_push_refuses_partial_and_temporary_directories(tmp_path: Path) -> None:
     assert any("temporary directory" in p for p in validate_for_push(temp))
     with pytest.raises(HubError, match="no README.md"):
         push(plain, "alice/x")
+
+
+def test_a_card_the_hub_would_refuse_is_not_pushed(fake_hub: FakeHub, tmp_path: Path) -> None:
+    out = merged(tmp_path, [str(p) for p in models(tmp_path)])
+    (out / "README.md").write_text("---\nbase_model: [not a repo id!]\nbase_model_relation: blend\n---\n# x\n")
+    problems = validate_for_push(out)
+    assert any("model card's YAML front matter is invalid" in p and "base_model" in p for p in problems)
+    assert fake_hub.count("commit") == 0
