@@ -131,8 +131,14 @@ def _card_problems(directory: Path) -> list[str]:
         return [f"{directory} has no README.md model card (every mergekit-like output writes one)"]
     try:
         card = ModelCard.load(readme)
-        card.validate(repo_type="model")
-    except Exception as exc:
+    except Exception as exc:  # any failure to parse means an invalid card
+        return [f"{readme}: the model card's YAML front matter is invalid ({_first_line(exc)})"]
+    try:
+        # The Hub's own metadata check; it answers 400 (a ValueError here) for a card it would refuse.
+        _calling_hub("validate-yaml", lambda: card.validate(repo_type="model"))
+    except ValueError as exc:
+        if isinstance(exc, HubError):
+            raise
         return [f"{readme}: the model card's YAML front matter is invalid ({_first_line(exc)})"]
     return []
 
@@ -214,13 +220,21 @@ def _calling_hub(repo_id: str, call: Callable[[], T], token: str | None = None) 
             f"{repo_id}: the Hub answered {status or 'an error'} ({_first_line(exc)})",
             fix="retry later; a re-run uploads only what is missing",
         ) from None
-    except (OSError, ConnectionError) as exc:
-        if isinstance(exc, HubError):
+    except Exception as exc:  # noqa: BLE001 - transport errors of whichever HTTP library the client uses
+        if isinstance(exc, HubError) or not _is_transport_error(exc):
             raise
         raise HubNetworkError(
             f"{repo_id}: cannot reach the Hub at {_endpoint()} ({type(exc).__name__})",
             fix="check the network (or HF_ENDPOINT); a re-run uploads only what is missing",
         ) from None
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    """Connection refused, reset or timed out, from the OS or from the client's HTTP library."""
+    if isinstance(exc, (OSError, ConnectionError, TimeoutError)):
+        return True
+    module = type(exc).__module__.split(".")[0]
+    return module in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
 
 
 def _auth_error(repo_id: str, status: int, has_token: bool) -> HubAuthError:

@@ -143,3 +143,12 @@ def test_a_card_the_hub_would_refuse_is_not_pushed(fake_hub: FakeHub, tmp_path: 
     problems = validate_for_push(out)
     assert any("model card's YAML front matter is invalid" in p and "base_model" in p for p in problems)
     assert fake_hub.count("commit") == 0
+
+
+def test_network_failure_is_one_clear_line(fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    out = merged(tmp_path, [str(p) for p in models(tmp_path)])
+    fake_hub.fail_next("/api/", drop=True, times=50)  # every API call: the connection is cut
+    result = runner.invoke(app, ["push", str(out), "alice/net"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "cannot reach the Hub" in result.output or "answered" in result.output
