@@ -220,7 +220,7 @@ def _calling_hub(repo_id: str, call: Callable[[], T], token: str | None = None) 
             f"{repo_id}: the Hub answered {status or 'an error'} ({_first_line(exc)})",
             fix="retry later; a re-run uploads only what is missing",
         ) from None
-    except Exception as exc:  # noqa: BLE001 - transport errors of whichever HTTP library the client uses
+    except Exception as exc:
         if isinstance(exc, HubError) or not _is_transport_error(exc):
             raise
         raise HubNetworkError(
