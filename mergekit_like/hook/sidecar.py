@@ -27,6 +27,7 @@ import torch
 
 from mergekit_like.averaging.base import Averager
 from mergekit_like.averaging.lawa import LAWA
+from mergekit_like.io.atomic import pid_alive
 from mergekit_like.io.outputs import WriteItem, write_checkpoints
 from mergekit_like.io.reader import open_checkpoint
 from mergekit_like.io.sharding import TensorSpec
@@ -91,13 +92,8 @@ def run_sidecar(
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return os.getppid() == pid  # re-parented: our trainer is gone even if its pid was reused
+    # Re-parented means our trainer is gone, even if its pid was reused since.
+    return pid_alive(pid) and os.getppid() == pid
 
 
 class Sidecar:

@@ -45,7 +45,8 @@ def _temp_name(target: Path, mark: str) -> Path:
     return target.parent / f".{target.name}{mark}{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,7 +68,7 @@ def stale_temporaries(target: str | Path) -> list[Path]:
             if not candidate.name.startswith(prefix):
                 continue
             pid_text = candidate.name[len(prefix):].split("-", 1)[0]
-            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            if pid_text.isdigit() and not pid_alive(int(pid_text)):
                 stale.append(candidate)
     return stale
 
