@@ -14,6 +14,7 @@ from mergekit_like.cli import (
     merge_cmd,
     push_cmd,
     soup_cmd,
+    verify_cmd,
 )
 from mergekit_like.cli.output import DEBUG
 
@@ -51,6 +52,7 @@ average_cmd.register(app)
 soup_cmd.register(app)
 consolidate_cmd.register(app)
 push_cmd.register(app)
+verify_cmd.register(app)
 inspect_cmd.register(app)
 example_cmd.register(app)
 convert_cmd.register(app)

@@ -53,6 +53,7 @@ def merge(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop; reads no tensor data."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT once the new one is complete."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pytorch_model*.bin pickles."),
+    check_finite: bool = typer.Option(False, "--check-finite", help="Refuse inputs holding NaN or Inf values."),
     push_to_hub: str = typer.Option(None, "--push-to-hub", help="Push the output to ORG/NAME once complete."),
     private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
     token: str = token_option(),
@@ -73,6 +74,7 @@ def merge(
         raise typer.BadParameter(str(exc), param_hint="--shard-size") from None
     resolver = model_resolver(allow_pickle=allow_pickle, token=token)  # Hub ids: fetched into the cache
     with planned_merge(recipe, allow_pickle=allow_pickle, resolve_model=resolver) as plan:
+        plan.check_finite = check_finite
         if dry_run:
             _print_plan(plan, as_json)
             return

@@ -17,18 +17,19 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergekit_like.errors import MergeError, RecipeError
+from mergekit_like.errors import InvalidCheckpointError, MergeError, RecipeError
 from mergekit_like.io.atomic import check_target
 from mergekit_like.io.outputs import WriteItem, refuse_output_among_inputs, write_checkpoints
 from mergekit_like.io.reader import Checkpoint, open_checkpoint
 from mergekit_like.io.safetensors_format import TensorEntry
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
+from mergekit_like.io.verify import nonfinite_count
 from mergekit_like.io.writer import WrittenCheckpoint
 from mergekit_like.methods.model_topk import TopKThreshold
 from mergekit_like.methods.registry import BaseUse, MergeMethod
@@ -76,7 +77,8 @@ class MergePlan:
     side_file_source: str
     # The model whose names, shapes (and, with vocab_mismatch: base, rows) the output follows.
     reference: str
-    warnings: list[str] = field(default_factory=list)
+    # Refuse inputs holding NaN or Inf (the CLI's --check-finite); off by default: it costs a pass.
+    check_finite: bool = False
 
     @property
     def input_refs(self) -> list[str]:
@@ -477,7 +479,13 @@ def _loader(
     reference: list[torch.Tensor] = []  # read only if some model's rows need fitting
 
     def read(ref: str) -> torch.Tensor:
-        return plan.checkpoints[ref].read(tensor.name, device=device, rows=rows).to(tensor.compute_dtype)
+        raw = plan.checkpoints[ref].read(tensor.name, device=device, rows=rows)
+        if plan.check_finite and (bad := nonfinite_count(raw)):
+            raise InvalidCheckpointError(
+                f"{bad} NaN or infinite values in model '{ref}'", path=plan.checkpoints[ref].layout.source,
+                tensor=tensor.name, fix="the model is corrupt or diverged; leave it out of the merge",
+            )
+        return raw.to(tensor.compute_dtype)
 
     def load(ref: str | None) -> torch.Tensor:
         assert ref is not None

@@ -64,6 +64,10 @@ class OutputExistsError(_Located, FileExistsError):
     """The output directory exists and is not empty, and overwriting was not asked for."""
 
 
+class OutputLockedError(_Located, BlockingIOError):
+    """Another run is writing the same output directory right now."""
+
+
 class OutputWriteError(_Located, OSError):
     """Writing the output failed (disk full, permissions); nothing partial was kept."""
 

@@ -11,6 +11,7 @@ same target once its owning process is gone.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mergekit_like.errors import OutputExistsError, OutputWriteError
+from mergekit_like.errors import OutputExistsError, OutputLockedError, OutputWriteError
 
 logger = logging.getLogger(__name__)
 
@@ -112,16 +113,51 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputWriteError(f"cannot create the parent directory ({exc.strerror})", path=target.parent) from exc
-    _remove_stale(target)
-    temp = _temp_name(target, TEMP_MARK)
-    temp.mkdir()
+    with _exclusive(target):
+        _remove_stale(target)
+        temp = _temp_name(target, TEMP_MARK)
+        temp.mkdir()
+        try:
+            yield temp
+            fsync_tree(temp)
+            _move_into_place(temp, target, overwrite)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+
+
+LOCK_MARK = ".lock"
+
+
+@contextmanager
+def _exclusive(target: Path) -> Iterator[None]:
+    """Holds ``.NAME.lock`` beside the target: a second run into the same target is refused."""
+    lock_path = target.parent / f".{target.name}{LOCK_MARK}"
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputLockedError(
+                "another run is writing this output now", path=target,
+                fix=f"wait for it to finish, or choose another output (lock: {lock_path.name})",
+            ) from None
+        # The holder before us may have removed the file after we opened it: lock the current one.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
     try:
-        yield temp
-        fsync_tree(temp)
-        _move_into_place(temp, target, overwrite)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+        yield
+    finally:
+        try:
+            os.unlink(lock_path)
+        finally:
+            os.close(fd)
 
 
 def _move_into_place(temp: Path, target: Path, overwrite: bool) -> None:

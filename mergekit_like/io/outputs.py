@@ -18,6 +18,7 @@ import torch
 
 from mergekit_like.errors import IncompatibleModelsError
 from mergekit_like.io.atomic import atomic_directory, check_target
+from mergekit_like.io.checksums import write_checksums
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
 from mergekit_like.io.sidefiles import copy_side_files
 from mergekit_like.io.writer import ShardedWriter, WrittenCheckpoint
@@ -81,7 +82,9 @@ def write_checkpoints(
             for writer in writers:
                 writer.abort()
             raise
-        for index, directory in enumerate(directories):
+        for index, (directory, result) in enumerate(zip(directories, written)):
+            files = list(result.shards) + ([result.index] if result.index else [])
+            write_checksums(directory, files)
             if side_files_from is not None:
                 copy_side_files(side_files_from, directory, out_dtype)
             if finalize is not None:
