@@ -182,7 +182,7 @@ def _method(name: Any, problems: list[str]) -> MergeMethod | None:
     if name is None:
         problems.append(f"merge_method is missing (one of: {', '.join(methods)})")
         return None
-    if name not in methods:
+    if not isinstance(name, str) or name not in methods:
         problems.append(f"unknown merge_method {name!r} (known: {', '.join(methods)})")
         return None
     return methods[name]
