@@ -38,6 +38,9 @@ UNSUPPORTED_KEYS = {
 }
 # Parameters that must lie in [0, 1].
 FRACTIONS = {"density", "gamma"}
+# Negative weights negate a task vector ("forgetting by negation", Ilharco et al. 2023):
+# meaningful for task arithmetic only; elsewhere they are a mistake.
+NEGATIVE_WEIGHTS_ALLOWED = {"task_arithmetic"}
 
 
 @dataclass(frozen=True)
@@ -283,7 +286,13 @@ def _check_param(
     problem = check_value_form(value)
     if problem:
         return [f"{where}: {name}: {problem}"]
-    return [f"{where}: {name}: {p}" for p in _check_leaves(spec, numeric_values(value))]
+    problems = [f"{where}: {name}: {p}" for p in _check_leaves(spec, numeric_values(value))]
+    if name == "weight" and method.name not in NEGATIVE_WEIGHTS_ALLOWED:
+        negative = [v for v in numeric_values(value) if isinstance(v, (int, float)) and v < 0]
+        if negative:
+            problems.append(f"{where}: weight: {negative[0]!r} is negative (only task_arithmetic takes negative "
+                            "weights, to subtract a task)")
+    return problems
 
 
 def _check_leaves(spec: ParamSpec, leaves: Sequence[Any]) -> list[str]:

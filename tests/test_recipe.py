@@ -128,3 +128,13 @@ def test_recipe_file_errors(tmp_path: Path) -> None:
     bad.write_text("merge_method: [unclosed")
     with pytest.raises(RecipeError, match="bad.yml: not valid YAML"):
         load_recipe(bad)
+
+
+def test_negative_weights_only_for_task_arithmetic() -> None:
+    data = ties_recipe()
+    data["models"][0]["parameters"]["weight"] = -1.0
+    (problem,) = problems_of(data)
+    assert "-1.0 is negative" in problem
+    negation = {"merge_method": "task_arithmetic", "base_model": "base",
+                "models": [{"model": "a", "parameters": {"weight": -1.0}}]}
+    assert parse_recipe(negation).inputs[0].parameters["weight"] == -1.0
