@@ -18,7 +18,7 @@ import logging
 import os
 import queue
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,9 +223,3 @@ def _prune(root: Path, keep_last: int) -> None:
     for old in saved[: max(0, len(saved) - keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
 
-
-def saved_steps(out_dir: str | Path, label: str) -> Iterator[int]:
-    """The steps at which average ``label`` was written, oldest first."""
-    root = Path(out_dir) / label
-    for path in sorted(root.glob("step_*"), key=lambda p: int(p.name[5:])):
-        yield int(path.name[5:])
