@@ -8,6 +8,7 @@ does not support are errors, never silently ignored.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from mergekit_like.errors import RecipeError, UnsupportedDtypeError
 from mergekit_like.io.dtypes import dtype_name, parse_dtype
 from mergekit_like.methods.registry import BaseUse, MergeMethod, ParamSpec, all_methods
 from mergekit_like.parameters import check_value_form, is_gradient, numeric_values
+
+logger = logging.getLogger(__name__)
 
 # mergekit keys we understand, and our own extensions.
 RECIPE_KEYS = {
@@ -38,9 +41,10 @@ UNSUPPORTED_KEYS = {
 }
 # Parameters that must lie in [0, 1].
 FRACTIONS = {"density", "gamma"}
-# Negative weights negate a task vector ("forgetting by negation", Ilharco et al. 2023):
-# meaningful for task arithmetic only; elsewhere they are a mistake.
-NEGATIVE_WEIGHTS_ALLOWED = {"task_arithmetic"}
+# Negative weights negate a task vector ("forgetting by negation", Ilharco et al. 2023) and
+# extrapolate soups; mergekit accepts them, so shared recipes keep working, but outside
+# task arithmetic they are more often a typo, so they are reported as a warning.
+NEGATIVE_WEIGHTS_EXPECTED = {"task_arithmetic"}
 
 
 @dataclass(frozen=True)
@@ -287,11 +291,11 @@ def _check_param(
     if problem:
         return [f"{where}: {name}: {problem}"]
     problems = [f"{where}: {name}: {p}" for p in _check_leaves(spec, numeric_values(value))]
-    if name == "weight" and method.name not in NEGATIVE_WEIGHTS_ALLOWED:
+    if name == "weight" and method.name not in NEGATIVE_WEIGHTS_EXPECTED:
         negative = [v for v in numeric_values(value) if isinstance(v, (int, float)) and v < 0]
         if negative:
-            problems.append(f"{where}: weight: {negative[0]!r} is negative (only task_arithmetic takes negative "
-                            "weights, to subtract a task)")
+            logger.warning("%s: weight %r is negative; %s will extrapolate rather than average "
+                           "(negative weights are meant for task_arithmetic)", where, negative[0], method.name)
     return problems
 
 
