@@ -9,8 +9,10 @@ from mergekit_like.cli.output import console, err_console, handle_errors, human_
 
 from mergekit_like.io.verify import verify_checkpoint
 
-HELP = """Check a checkpoint: index and shards consistent, every header valid, every tensor readable,
-values finite, and shards matching checksums.sha256 when present. Exit 0 only when all holds.
+HELP = """Check a checkpoint completely: structure, every tensor, NaN/Inf, checksums.sha256.
+
+Index and shards consistent, every header valid, every tensor readable, values finite, and
+shards matching checksums.sha256 when present. Exit 0 only when all holds.
 
 Example: mergekit-like verify ./merged
 """
