@@ -103,6 +103,8 @@ class Sidecar:
         self.settings = settings
         self.buffers = buffers
         self.averagers = [copy.deepcopy(a) for a in settings.averagers]
+        for averager in self.averagers:  # the float32 state lives on the sidecar's device
+            averager.device = torch.device(settings.device)
         self.last_step: int | None = None
         self.saved_step: int | None = None
         self.restore()
@@ -198,6 +200,8 @@ def _state_tensors(averager: Averages) -> list[tuple[int | None, dict[str, torch
 
 def _load_state(averager: Averages, snapshots: Sequence[tuple[int, dict[str, torch.Tensor]]],
                 meta: dict[str, Any]) -> None:
+    device = averager.device or torch.device("cpu")
+    snapshots = [(step, {n: t.to(device) for n, t in tensors.items()}) for step, tensors in snapshots]
     if isinstance(averager, LAWA):
         averager.window.clear()
         averager.window.extend(snapshots)
