@@ -170,7 +170,12 @@ def test_killed_trainer_makes_the_sidecar_save_and_exit(tmp_path: Path) -> None:
     trainer.kill()
     trainer.wait()
     deadline = time.time() + 60
-    while not (out / "ema_0.9" / "latest").exists() and time.time() < deadline:
+
+    def settled() -> bool:  # the sidecar has written the average and its state, and exited
+        return (out / "ema_0.9" / "latest").exists() and (out / "ema_0.9" / "state" / "state.json").exists() \
+            and not list(out.rglob(".*tmp-*"))
+
+    while not settled() and time.time() < deadline:
         time.sleep(0.2)
     final = read(out / "ema_0.9" / "latest")
     assert final["weight"].shape == (4, 4)

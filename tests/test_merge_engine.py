@@ -205,13 +205,13 @@ def test_vocab_mismatch_base_keeps_the_base_vocabulary(tmp_path: Path) -> None:
 def test_elementwise_methods_merged_in_row_blocks_equal_whole_tensors(
     three: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, params: list[str]
 ) -> None:
-    import mergekit_like.engine as engine
+    import mergekit_like.plan as plan_module
 
     base, a, b = map(str, three)
     models = [a, b] if method == "linear" else [a]
     recipe = recipe_from_cli(method, models, base=None if method == "linear" else base, params=params)
     whole = read_all(merge(recipe, tmp_path / "whole"))
-    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 7)  # "w" is 4x6: blocks of one row
+    monkeypatch.setattr(plan_module, "CHUNK_ELEMENTS", 7)  # "w" is 4x6: blocks of one row
     with planned_merge(recipe) as plan:
         assert [t.chunks for t in plan.tensors if t.name == "w"] == [((0, 1), (1, 2), (2, 3), (3, 4))]
         run_merge(plan, tmp_path / "blocks")
@@ -220,7 +220,7 @@ def test_elementwise_methods_merged_in_row_blocks_equal_whole_tensors(
 
 
 def test_row_chunks_cover_every_row_within_budget() -> None:
-    from mergekit_like.engine import row_chunks
+    from mergekit_like.plan import row_chunks
 
     assert row_chunks((10, 3), budget=100) is None
     chunks = row_chunks((10, 3), budget=7)
