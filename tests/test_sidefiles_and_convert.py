@@ -41,3 +41,9 @@ def test_new_transformers_dtype_key_is_updated(tmp_path: Path) -> None:
     convert_checkpoint(src, tmp_path / "out", dtype=torch.float16)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["dtype"] == "float16" and "torch_dtype" not in config
+
+
+def test_non_hugging_face_config_gains_no_keys(tmp_path: Path) -> None:
+    src = write_checkpoint(tmp_path / "src", {"w": torch.ones(2)}, config={"d_model": 8})
+    convert_checkpoint(src, tmp_path / "out", dtype=torch.float16)
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == {"d_model": 8}

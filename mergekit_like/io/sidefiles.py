@@ -62,7 +62,11 @@ def _write_config(source: Path, destination: Path, out_dtype: torch.dtype | None
         shutil.copyfile(source, destination)
         return
     if isinstance(config, dict) and out_dtype is not None:
-        present = [k for k in CONFIG_DTYPE_KEYS if k in config] or ["torch_dtype"]
+        # A Hugging Face config (it has model_type) gets the dtype key transformers reads; any
+        # other config keeps its keys, since a strict loader may refuse one it does not know.
+        present = [k for k in CONFIG_DTYPE_KEYS if k in config]
+        if not present and "model_type" in config:
+            present = ["torch_dtype"]
         for key in present:
             config[key] = dtype_name(out_dtype)
     destination.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
