@@ -26,6 +26,8 @@ CHILD = r"""
 import json, sys, time
 import torch
 import mergekit_like.io as io
+from mergekit_like.memory import return_freed_tensors_to_the_os
+return_freed_tensors_to_the_os()  # as the CLI does at start
 mode, src, dst = sys.argv[1:4]
 t0 = time.perf_counter()
 if mode == "copy":

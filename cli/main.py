@@ -19,6 +19,7 @@ from mergekit_like.cli import (
 from mergekit_like.cli.output import DEBUG
 
 from mergekit_like import __version__
+from mergekit_like.memory import return_freed_tensors_to_the_os
 
 app = typer.Typer(
     name="mergekit-like",
@@ -59,6 +60,7 @@ convert_cmd.register(app)
 
 
 def main() -> None:
+    return_freed_tensors_to_the_os()
     app()
 
 

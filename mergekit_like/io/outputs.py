@@ -36,8 +36,10 @@ class WriteItem(NamedTuple):
 # WriteItems in any order the producer likes: a producer may finish one output's
 # tensor long before another's and should not hold it.
 TensorStream = Iterable[WriteItem]
-# Writes waiting for the writer thread; bounds the memory they hold.
-WRITE_QUEUE = 4
+# Bytes of tensors handed to the writer thread and not yet written. A larger tensor goes
+# alone and is written before the next is read, so memory holds one of the largest tensors
+# plus this budget, never a shard.
+WRITE_QUEUE_BYTES = 64 * 1024 * 1024
 
 
 def refuse_output_among_inputs(output: str | Path, inputs: Mapping[str, Path]) -> None:
@@ -97,17 +99,34 @@ def write_checkpoints(
 
 def _write_in_background(writers: Sequence[ShardedWriter], items: TensorStream) -> None:
     """Hands each item to a writer thread, so disk writes overlap reading and computing."""
-    pending: queue.Queue[WriteItem | None] = queue.Queue(maxsize=WRITE_QUEUE)
+    pending: queue.Queue[WriteItem | None] = queue.Queue()
     failure: list[BaseException] = []
+    room = threading.Condition()
+    queued = [0]  # bytes handed to the writer thread and not yet written
+
+    def size(item: WriteItem) -> int:
+        return item.value.numel() * item.value.element_size()
 
     def drain() -> None:
-        while (item := pending.get()) is not None:
-            if failure:
-                continue  # keep draining so the producer never blocks on a dead writer
+        while True:
+            item = pending.get()
+            if item is None:
+                return
+            nbytes = size(item)
             try:
-                writers[item.output].write(item.name, item.value, row_start=item.row_start)
+                if not failure:  # after a failure, keep draining so the producer never blocks
+                    writers[item.output].write(item.name, item.value, row_start=item.row_start)
             except BaseException as exc:
                 failure.append(exc)
+            del item  # written: let it go before waiting for the next one
+            with room:
+                queued[0] -= nbytes
+                room.notify()
+
+    def reserve(nbytes: int) -> None:
+        with room:
+            room.wait_for(lambda: queued[0] == 0 or queued[0] + nbytes <= WRITE_QUEUE_BYTES)
+            queued[0] += nbytes
 
     thread = threading.Thread(target=drain, name="writer", daemon=True)
     thread.start()
@@ -115,7 +134,15 @@ def _write_in_background(writers: Sequence[ShardedWriter], items: TensorStream) 
         for item in items:
             if failure:
                 break
+            nbytes = size(item)
+            reserve(nbytes)
             pending.put(item)
+            del item  # the writer owns it now; holding it here would keep it alive during the next read
+            if nbytes > WRITE_QUEUE_BYTES:
+                # A tensor over the budget is written before the next is read, so memory never
+                # holds two of the largest tensors at once.
+                with room:
+                    room.wait_for(lambda: queued[0] == 0)
     finally:
         pending.put(None)
         thread.join()
