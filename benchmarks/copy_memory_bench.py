@@ -27,10 +27,11 @@ import json, sys, time
 import torch
 import mergekit_like.io as io
 from mergekit_like.memory import return_freed_tensors_to_the_os
-return_freed_tensors_to_the_os()  # as the CLI does at start
 mode, src, dst = sys.argv[1:4]
+if mode == "copy-low-memory":  # as `mergekit-like --low-memory` does
+    return_freed_tensors_to_the_os()
 t0 = time.perf_counter()
-if mode == "copy":
+if mode.startswith("copy"):
     written = io.convert_checkpoint(src, dst, max_shard_size=io.parse_size("2GB"))
     nbytes = written.total_bytes
 else:
@@ -72,6 +73,7 @@ def main() -> None:
             params, total = ckpt.num_parameters, ckpt.total_bytes
         baseline = run_child("baseline", model, tmp_path / "unused")
         copy = run_child("copy", model, tmp_path / "copy")
+        low = run_child("copy-low-memory", model, tmp_path / "copy-low")
 
     mb = 1e6
     bound = baseline["peak_rss"] + 2 * largest.nbytes
@@ -84,6 +86,8 @@ def main() -> None:
         ("copy's RSS above baseline / largest tensor", f"{(copy['peak_rss'] - baseline['peak_rss']) / largest.nbytes:.2f}x"),
         ("bound: baseline + 2 x largest", f"{bound / mb:,.0f} MB -> {'PASS' if copy['peak_rss'] < bound else 'FAIL'}"),
         ("copy wall time (warm page cache)", f"{copy['seconds']:.1f} s, {copy['bytes'] / copy['seconds'] / 1e9:.2f} GB/s"),
+        ("with --low-memory: peak RSS, time", f"{low['peak_rss'] / mb:,.0f} MB "
+         f"({(low['peak_rss'] - baseline['peak_rss']) / largest.nbytes:.2f}x the largest tensor), {low['seconds']:.1f} s"),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"\nidentity copy through reader + writer ({os.cpu_count()} cores)")

@@ -43,8 +43,13 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    low_memory: bool = typer.Option(
+        False, "--low-memory", help="Return freed tensors to the OS at once: lower peak RSS, somewhat slower."
+    ),
 ) -> None:
     DEBUG["enabled"] = debug
+    if low_memory:
+        return_freed_tensors_to_the_os()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
 
 
@@ -60,7 +65,6 @@ convert_cmd.register(app)
 
 
 def main() -> None:
-    return_freed_tensors_to_the_os()
     app()
 
 
