@@ -36,6 +36,9 @@ import functools
 import hashlib
 import json
 import math
+import shutil
+import subprocess
+import sys
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
@@ -344,3 +347,25 @@ if __name__ == "__main__":  # quick self-check: domain sizes, parameter count an
     print(f"train step: {(time.perf_counter() - t) / 20 * 1000:.0f} ms")
     t = time.perf_counter()
     print(f"eval python/test: {evaluate(m, 'python'):.3f} in {time.perf_counter() - t:.2f}s")
+
+
+# -- running the tool's CLI ------------------------------------------------------------
+
+
+def cli() -> str:
+    exe = Path(sys.executable).with_name("mergekit-like")
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("mergekit-like")
+    if not found:
+        sys.exit("mergekit-like is not installed next to this Python nor on PATH")
+    return found
+
+
+def run_cli(args: list[str]) -> float:
+    t = time.perf_counter()
+    done = subprocess.run([cli(), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"mergekit-like {' '.join(args[:2])} ... failed (exit {done.returncode}):\n"
+                 f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return time.perf_counter() - t

@@ -36,7 +36,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,25 +51,6 @@ from common import TrainConfig  # noqa: E402
 
 DOMAIN = "python"
 METHODS = ("raw", "lawa", "ema", "swa")
-
-
-def cli() -> str:
-    exe = Path(sys.executable).with_name("mergekit-like")
-    if exe.exists():
-        return str(exe)
-    found = shutil.which("mergekit-like")
-    if not found:
-        sys.exit("mergekit-like is not installed next to this Python nor on PATH")
-    return found
-
-
-def run_cli(args: list[str]) -> float:
-    t = time.perf_counter()
-    done = subprocess.run([cli(), *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"mergekit-like {' '.join(args[:2])} ... failed (exit {done.returncode}):\n"
-                 f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return time.perf_counter() - t
 
 
 def state_of(directory: Path) -> dict[str, torch.Tensor]:
@@ -137,12 +117,12 @@ def one_run(work: Path, lr: float, seed: int, a: argparse.Namespace) -> dict:
     run_dir, hook_dir, lawa_dir = work / "run", work / "hook", work / "lawa_cli"
 
     # The LAWA curve through the CLI: one output per checkpoint.
-    t_cli = run_cli(["average", str(run_dir), "--method", "lawa", "--k", str(a.k), "--nu", str(a.nu),
+    t_cli = common.run_cli(["average", str(run_dir), "--method", "lawa", "--k", str(a.k), "--nu", str(a.nu),
                      "--every-step", "-o", str(lawa_dir), "-q"])
     # Final EMA / SWA through the CLI, to check against the hook's.
-    t_cli += run_cli(["average", str(run_dir), "--method", "ema", "--decay", f"{a.decay:g}",
+    t_cli += common.run_cli(["average", str(run_dir), "--method", "ema", "--decay", f"{a.decay:g}",
                       "-o", str(work / "ema_cli"), "-q"])
-    t_cli += run_cli(["average", str(run_dir), "--method", "swa", "--start", str(a.warmup),
+    t_cli += common.run_cli(["average", str(run_dir), "--method", "swa", "--start", str(a.warmup),
                       "-o", str(work / "swa_cli"), "-q"])
 
     eval_steps = list(range(a.eval_every, a.steps + 1, a.eval_every))

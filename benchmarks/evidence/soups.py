@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,25 +42,6 @@ RUN_SETS = {
     "same_lr": [(3e-3, 0), (3e-3, 1), (3e-3, 2), (3e-3, 3), (3e-3, 4)],  # one lr, five data orders
 }
 RUNS = RUN_SETS["mixed"]
-
-
-def cli() -> str:
-    exe = Path(sys.executable).with_name("mergekit-like")
-    if exe.exists():
-        return str(exe)
-    found = shutil.which("mergekit-like")
-    if not found:
-        sys.exit("mergekit-like is not installed next to this Python nor on PATH")
-    return found
-
-
-def run_cli(args: list[str]) -> float:
-    t = time.perf_counter()
-    done = subprocess.run([cli(), *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"mergekit-like {' '.join(args[:2])} ... failed (exit {done.returncode}):\n"
-                 f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return time.perf_counter() - t
 
 
 def scores(model: common.TinyGPT) -> dict[str, float]:
@@ -95,12 +74,12 @@ def one_study(seed: int, work: Path, pre_steps: int, ft_steps: int) -> dict:
     t_ft = time.perf_counter() - t0 - t_pre
 
     uniform_dir = work / "uniform_soup"
-    t_uniform = run_cli(["soup", *map(str, ft_dirs), "-o", str(uniform_dir), "-q"])
+    t_uniform = common.run_cli(["soup", *map(str, ft_dirs), "-o", str(uniform_dir), "-q"])
     out["uniform"] = scores(common.load_model(uniform_dir))
 
     greedy_dir = work / "greedy_soup"
     eval_cmd = f"{sys.executable} {HERE / 'eval_cmd.py'} {{path}} --domain B --split val"
-    t_greedy = run_cli(["soup", *map(str, ft_dirs), "-o", str(greedy_dir), "--greedy",
+    t_greedy = common.run_cli(["soup", *map(str, ft_dirs), "-o", str(greedy_dir), "--greedy",
                         "--eval-cmd", eval_cmd, "--lower-is-better", "-q"])
     greedy_log = json.loads((greedy_dir / "soup_scores.json").read_text())
     kept = [Path(k).name for k in greedy_log["kept"]]
