@@ -132,6 +132,8 @@ class WeightAveraging:
 
     # -- the sidecar ------------------------------------------------------------------
     def _start_sidecar(self) -> None:
+        if hasattr(self, "_commands"):  # a restart: the dead sidecar's channels go first
+            self._close_channels(flush=False)
         context = mp.get_context("spawn")
         self._commands = context.Queue()
         self._replies = context.Queue()
@@ -279,11 +281,17 @@ class WeightAveraging:
             except queue.Empty:
                 logger.warning("the averaging sidecar did not finish its last save in %s s", CLOSE_TIMEOUT)
             self._process.join(timeout=30)
-        for channel in (self._commands, self._replies):
-            channel.close()
-            channel.join_thread()
+        self._close_channels(flush=True)
         logger.info("snapshots taken %d, skipped %d", self.counts.taken, self.counts.skipped)
         return self.counts
+
+    def _close_channels(self, *, flush: bool) -> None:
+        for channel in (self._commands, self._replies):
+            channel.close()
+            if flush:
+                channel.join_thread()
+            else:
+                channel.cancel_join_thread()  # nobody reads the dead sidecar's pipe any more
 
     def __enter__(self) -> WeightAveraging:
         return self
