@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo import free_port, join_group, leave_group
 
 from mergekit_like.hook import EMA, WeightAveraging
 from mergekit_like.io import open_checkpoint
@@ -28,19 +27,14 @@ def train(model: torch.nn.Module, hook: WeightAveraging) -> None:
 
 
 def worker(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    join_group(rank, port)
     torch.manual_seed(0)
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
     hook = WeightAveraging(model.module, [EMA(0.5, per_checkpoint=True)], out_dir=out, strict=True)
     assert hook.active == (rank == 0)
     train(model, hook)
-    dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    del model, hook
+    leave_group()
 
 
 def test_ddp_rank_zero_averages_equal_a_single_process_run(tmp_path: Path) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo import free_port, join_group, leave_group
 from typer.testing import CliRunner
 
 from mergekit_like.averaging import EMA as OfflineEMA
@@ -27,7 +26,7 @@ def model_and_steps() -> tuple[torch.nn.Module, list[torch.Tensor]]:
 
 
 def worker(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    join_group(rank, port)
     from torch.distributed.fsdp import fully_shard
 
     model, batches = model_and_steps()
@@ -40,15 +39,13 @@ def worker(rank: int, port: int, out: str) -> None:
         optimizer.step()
         hook.step()
     hook.close()
-    dist.destroy_process_group()
+    del model, hook, optimizer
+    leave_group()
 
 
 def test_fsdp_shards_are_averaged_per_rank_and_consolidated(tmp_path: Path) -> None:
     pytest.importorskip("torch.distributed.fsdp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, str(tmp_path / "avg")), nprocs=2, join=True)
+    mp.spawn(worker, args=(free_port(), str(tmp_path / "avg")), nprocs=2, join=True)
     assert (tmp_path / "avg" / "shards" / "manifest.json").exists()
     result = CliRunner().invoke(app, ["consolidate", str(tmp_path / "avg"), "--average", "ema_0.5",
                                       "-o", str(tmp_path / "ema")])
