@@ -24,8 +24,8 @@ from mergekit_like.io.outputs import WriteItem, refuse_output_among_inputs, writ
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
 from mergekit_like.io.verify import nonfinite_count
 from mergekit_like.io.writer import WrittenCheckpoint
-from mergekit_like.methods.model_topk import TopKThreshold
 from mergekit_like.methods.registry import BaseUse
+from mergekit_like.methods.topk import TopKThreshold
 from mergekit_like.plan import (
     MergePlan,
     ModelResolver,

@@ -26,9 +26,11 @@ from typing import Literal
 
 import torch
 
+from mergekit_like.methods.topk import top_k_mask
+
 Consensus = Literal["sum", "count"]
 Sparsification = Literal["magnitude", "bernoulli", "breadcrumbs"]
-TrimTies = Literal["sort", "keep"]
+TrimTies = Literal["sort", "index", "keep"]
 RescaleMode = Literal["l1", "inverse_density"]
 
 # Below this the weight sum counts as zero when normalising without consensus (as mergekit).
@@ -37,9 +39,9 @@ ZERO_WEIGHT_SUM = 1e-8
 L1_EPS = 1e-7
 # Elements per block in the element-wise phase.
 BLOCK = 1 << 20
-# Masks of tensors in this size range are computed one model per thread: the sorts
-# dominate TIES and each runs mostly on one core. Larger ones go one at a time, to
-# bound the memory of the sort's index array (8 bytes an element).
+# Masks of tensors from PARALLEL_MIN entries up are computed one model per thread: the
+# sorts and counts run on one core each. Tensors over PARALLEL_MAX that need a sort go
+# one at a time, to bound the memory of the sort's index array (8 bytes an entry).
 PARALLEL_MIN, PARALLEL_MAX = 1 << 16, 1 << 24
 
 
@@ -100,20 +102,23 @@ def combine_task_vectors(
     normalize: bool,
     scale: float,
 ) -> torch.Tensor:
-    """``base + scale * merged``, where merged is the (sign-agreeing, normalised) weighted sum."""
-    stacked = torch.stack(list(deltas), dim=0)
-    w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
-    w = w.reshape((-1,) + (1,) * (stacked.dim() - 1))
-    weighted = stacked * w
+    """``base + scale * merged``, where merged is the (sign-agreeing, normalised) weighted sum.
+
+    Model by model rather than on a stacked tensor: the same numbers (the sums run in model
+    order, as a reduction over the stacked models does), without the stacked copies.
+    """
+    # The weights in the compute dtype, as mergekit's weight tensor.
+    w = [torch.tensor(x, dtype=deltas[0].dtype, device=deltas[0].device) for x in weights]
+    weighted = [d * wi for d, wi in zip(deltas, w)]
     if consensus is not None:
-        agree = sign_agreement(weighted, consensus).to(stacked.dtype)
-        merged = (weighted * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
+        agree = sign_agreement(weighted, consensus)
+        merged = _sum_in_order([x * a for x, a in zip(weighted, agree)])
+        divisor = _sum_in_order([wi * a for wi, a in zip(w, agree)])
         divisor[divisor == 0] = 1
     else:
-        merged = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < ZERO_WEIGHT_SUM] = 1
+        merged = _sum_in_order(weighted)
+        divisor = _sum_in_order(w)
+        divisor = torch.where(divisor.abs() < ZERO_WEIGHT_SUM, torch.ones_like(divisor), divisor)
     if normalize:
         merged = merged / divisor
     if scale != 1:
@@ -121,16 +126,26 @@ def combine_task_vectors(
     return base + merged
 
 
-def sign_agreement(weighted: torch.Tensor, method: Consensus) -> torch.Tensor:
-    """Per model and entry: does its sign equal the elected sign? (zero never agrees)."""
-    signs = weighted.sign()
+def _sum_in_order(terms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sum in model order, accumulated (as torch's reductions do) in float32 for 16-bit dtypes."""
+    dtype = terms[0].dtype
+    total = terms[0].float() if dtype in (torch.bfloat16, torch.float16) else terms[0].clone()
+    for term in terms[1:]:
+        total += term
+    return total.to(dtype)
+
+
+def sign_agreement(weighted: Sequence[torch.Tensor], method: Consensus) -> list[torch.Tensor]:
+    """Per model: where its sign equals the elected sign (zero never agrees)."""
+    signs = [x.sign() for x in weighted]
     if method == "sum":
-        elected = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
+        votes = _sum_in_order(weighted)
     elif method == "count":
-        elected = (signs.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
+        votes = _sum_in_order(signs)
     else:
         raise ValueError(f"unknown consensus method {method!r}; use 'sum' or 'count'")
-    return signs == elected
+    elected = (votes >= 0).to(weighted[0].dtype) * 2 - 1
+    return [s == elected for s in signs]
 
 
 # -- the whole-tensor phase: masks and rescale factors ---------------------------------
@@ -156,8 +171,9 @@ def make_trims(
                          generator=generator, trim_ties=trim_ties)
 
     # Random draws must happen in model order to be reproducible, so DARE never goes parallel.
+    sorts = method == "breadcrumbs" or (method == "magnitude" and trim_ties == "sort")
     parallel = (method != "bernoulli" and base.device.type == "cpu" and len(tensors) > 1
-                and PARALLEL_MIN <= base.numel() <= PARALLEL_MAX)
+                and PARALLEL_MIN <= base.numel() and (base.numel() <= PARALLEL_MAX or not sorts))
     if parallel:
         return list(_pool().map(one, tensors, densities, gammas))
     return [one(x, d, g) for x, d, g in zip(tensors, densities, gammas)]
@@ -232,21 +248,25 @@ def _with_rescale(
 def magnitude_mask(magnitudes: torch.Tensor, density: float, ties: TrimTies = "sort") -> torch.Tensor:
     """True for the ``max(1, int(density * n))`` largest of the flat ``magnitudes``.
 
-    ``ties="sort"`` keeps exactly that many, breaking ties at the threshold as
-    ``torch.argsort(descending=True)`` does, which is what mergekit does, so bf16
-    merges match it entry for entry (a full sort: O(n log n)). ``ties="keep"``
-    keeps every entry at or above the k-th largest magnitude, as the TIES
-    paper's code, found by selection in O(n): several times faster on CPU.
+    Entries tied at the threshold make "the k largest" ambiguous; ``ties`` says which survive:
+
+    - ``"sort"`` breaks them as ``torch.argsort(descending=True)`` does, which is what
+      mergekit does, so merges match it entry for entry. A full sort, O(n log n), and the
+      order among equal entries is whatever the device's sort gives.
+    - ``"index"`` keeps exactly k too, breaking ties by position (the lowest flat index
+      first, the order of a stable sort). Found by selection in O(n): several times
+      faster, and the same on every device.
+    - ``"keep"`` keeps every entry at or above the k-th largest, as the TIES paper's code.
     """
     n = magnitudes.numel()
-    mask = torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
     if density <= 0 or n == 0:
-        return mask
+        return torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
     # mergekit keeps at least one entry.
     k = max(1, int(density * n))
+    if ties != "sort":
+        return top_k_mask(magnitudes.reshape(-1), k, ties)
     keys = magnitudes.float() if magnitudes.device.type == "cpu" else magnitudes
-    if ties == "keep":
-        return magnitudes >= torch.kthvalue(keys, n - k + 1).values.to(magnitudes.dtype)
+    mask = torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
     mask[torch.argsort(keys, descending=True)[:k]] = True
     return mask
 
