@@ -199,3 +199,27 @@ def test_a_resumed_run_continues_the_saved_averages(tmp_path: Path) -> None:
     torch.testing.assert_close(final["0.weight"], expected.result()["0.weight"])
     lawa = read(tmp_path / "avg" / "lawa_k2_nu0" / "latest")
     torch.testing.assert_close(lawa["0.weight"], (history[3]["0.weight"] + history[4]["0.weight"]) / 2)
+
+
+def test_sfa_end_of_task_merges_once_when_the_last_step_already_merged() -> None:
+    model = tiny_model()
+    hook = WeightAveraging(model, [SFA(beta=0.5, p=0.5, steps_per_task=4)])
+    hook.start_task()
+    anchor = {n: t.clone() for n, t in model.state_dict().items()}
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        hook.step()  # merges at task steps 2 and 4
+    merged = {n: t.clone() for n, t in model.state_dict().items()}
+    hook.end_task()  # step 4 merged already: nothing more
+    assert all(torch.equal(model.state_dict()[n], merged[n]) for n in merged)
+    weight = "0.weight" if "0.weight" in anchor else next(iter(anchor))
+    # the same four steps by hand: +1 each step, a merge toward the anchor after steps 2 and 4
+    expected = anchor[weight].clone()
+    for step in range(1, 5):
+        expected += 1.0
+        if step % 2 == 0:
+            expected = torch.lerp(expected, anchor[weight], 0.5)
+    assert torch.equal(model.state_dict()[weight], expected)
+    hook.close()

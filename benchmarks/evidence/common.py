@@ -41,6 +41,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -266,8 +267,24 @@ def sample_batch(data: torch.Tensor, batch: int, n_ctx: int, gen: torch.Generato
     return chunk[:, :-1], chunk[:, 1:]
 
 
-def train(model: TinyGPT, domain: str, cfg: TrainConfig, log_every: int = 0) -> list[float]:
-    """Trains in place on ``domain``'s train split; returns the training losses."""
+def train(
+    model: TinyGPT,
+    domain: str,
+    cfg: TrainConfig,
+    log_every: int = 0,
+    *,
+    after_step: Callable[[int], None] | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    replay: torch.Tensor | None = None,
+    replay_per_batch: int = 0,
+) -> list[float]:
+    """Trains in place on ``domain``'s train split; returns the training losses.
+
+    ``after_step(step)`` runs after each optimizer step (1-based: a hook's ``step()``,
+    checkpoint saves); ``penalty()`` is added to each step's loss (e.g. an L2 pull toward
+    earlier weights); ``replay_per_batch`` of each batch's windows come from the ``replay``
+    bytes instead of the domain (a replay buffer of earlier tasks).
+    """
     data = load_split(domain, "train")
     gen = torch.Generator().manual_seed(cfg.seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -280,12 +297,18 @@ def train(model: TinyGPT, domain: str, cfg: TrainConfig, log_every: int = 0) -> 
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        x, y = sample_batch(data, cfg.batch, model.cfg.n_ctx, gen)
+        x, y = sample_batch(data, cfg.batch - replay_per_batch, model.cfg.n_ctx, gen)
+        if replay is not None and replay_per_batch:
+            rx, ry = sample_batch(replay, replay_per_batch, model.cfg.n_ctx, gen)
+            x, y = torch.cat([x, rx]), torch.cat([y, ry])
         loss = F.cross_entropy(model(x).reshape(-1, model.cfg.vocab_size), y.reshape(-1))
+        objective = loss + penalty() if penalty is not None else loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if after_step is not None:
+            after_step(step + 1)
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             print(f"    step {step + 1}/{cfg.steps} loss {sum(losses[-log_every:]) / log_every:.3f} "

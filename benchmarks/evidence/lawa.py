@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -74,36 +73,20 @@ def train_run(work: Path, lr: float, seed: int, steps: int, warmup: int, nu: int
 
     run_dir, hook_dir = work / "run", work / "hook"
     cfg = TrainConfig(steps=steps, lr=lr, warmup=warmup, seed=seed)
-    model = common.new_model(1000 + seed)  # same init for every lr of a seed
-    data = common.load_split(DOMAIN, "train")
-    gen = torch.Generator().manual_seed(cfg.seed)  # same data order for every lr of a seed
-    decay_p = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay_p, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    model = common.new_model(1000 + seed)  # same init and data order for every lr of a seed
     averages = [LAWA(k=k, nu=nu), EMA(decay=decay), SWA(start=warmup)]
     labels = {"lawa_hook": averages[0].label, "ema": averages[1].label, "swa": averages[2].label}
     avg = WeightAveraging(model, averages, snapshot_every=nu, out_dir=hook_dir, save_every=eval_every,
                           keep_last=100_000, strict=True)
-    model.train()
-    losses = []
-    t0 = time.perf_counter()
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = common._lr_at(step, cfg)
-        x, y = common.sample_batch(data, cfg.batch, model.cfg.n_ctx, gen)
-        loss = F.cross_entropy(model(x).reshape(-1, model.cfg.vocab_size), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+
+    def after_step(step: int) -> None:
         avg.step()
-        losses.append(loss.item())
-        if (step + 1) % nu == 0:
-            common.save_model(model, run_dir / f"checkpoint-{step + 1}")
-        if (step + 1) % max(1, steps // 4) == 0:
-            print(f"    [lr {lr:g} seed {seed}] step {step + 1}/{steps} train loss "
-                  f"{statistics.fmean(losses[-(steps // 4):]):.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        if step % nu == 0:
+            common.save_model(model, run_dir / f"checkpoint-{step}")
+
+    t0 = time.perf_counter()
+    print(f"    [lr {lr:g} seed {seed}] training {steps} steps", flush=True)
+    losses = common.train(model, DOMAIN, cfg, log_every=max(1, steps // 4), after_step=after_step)
     counts = avg.close()
     return {"labels": labels, "train_loss": losses, "train_s": time.perf_counter() - t0,
             "snapshots": {"taken": counts.taken, "skipped": counts.skipped, "restarts": counts.sidecar_restarts}}

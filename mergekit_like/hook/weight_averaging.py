@@ -120,6 +120,7 @@ class WeightAveraging:
         self._warned = False
         self._anchor: dict[str, torch.Tensor] | None = None
         self._task_step = 0
+        self._merged_at: int | None = None  # the task step of the last merge-back
         self._pending: tuple[int, Any] | None = None  # (step, CUDA event) of a copy in flight
         self._settings = SidecarConfig(sidecar_dir, self.averagers, save_every, keep_last,
                                        None if self.sharded else _model_config(model), os.getpid(), sidecar_device)
@@ -216,10 +217,12 @@ class WeightAveraging:
         self._anchor = {n: _host_copy(t) for n, t in _snapshot_tensors(self.model).items()
                         if t.is_floating_point()}
         self._task_step = 0
+        self._merged_at = None
 
     def end_task(self) -> None:
-        """The end-of-task merge-back."""
-        self.merge_back()
+        """The end-of-task merge-back (none if the task's last step just merged)."""
+        if self._merged_at != self._task_step:
+            self.merge_back()
 
     def _sfa_step(self) -> None:
         assert self.sfa is not None
@@ -241,6 +244,7 @@ class WeightAveraging:
                 for start in range(0, flat_live.numel(), SFA_CHUNK):
                     part = flat_anchor[start:start + SFA_CHUNK].to(live.device, non_blocking=True)
                     flat_live[start:start + SFA_CHUNK].lerp_(part, beta)
+        self._merged_at = self._task_step
         if self.sfa.rolling:
             self.start_task()
 
