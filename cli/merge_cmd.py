@@ -50,6 +50,11 @@ def merge(
     ),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard (decimal units)."),
+    memory_budget: str = typer.Option(
+        "512MiB", "--memory-budget",
+        help="Tensor bytes in flight for element-wise methods (row blocks, read-ahead); whole-tensor "
+        "methods (ties, slerp, model_stock) hold each tensor whole.",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop; reads no tensor data."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT once the new one is complete."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pytorch_model*.bin pickles."),
@@ -68,12 +73,10 @@ def merge(
             raise typer.BadParameter("use error or base", param_hint="--vocab-mismatch")
     if output is None and not dry_run:
         raise typer.BadParameter("give the output directory with -o/--output", param_hint="-o")
-    try:
-        max_shard = parse_size(shard_size)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--shard-size") from None
+    max_shard = _size(shard_size, "--shard-size")
+    budget = _size(memory_budget, "--memory-budget")
     resolver = model_resolver(allow_pickle=allow_pickle, token=token)  # Hub ids: fetched into the cache
-    with planned_merge(recipe, allow_pickle=allow_pickle, resolve_model=resolver) as plan:
+    with planned_merge(recipe, allow_pickle=allow_pickle, resolve_model=resolver, memory_budget=budget) as plan:
         plan.check_finite = check_finite
         if dry_run:
             _print_plan(plan, as_json)
@@ -128,6 +131,13 @@ def _recipe(
         return dataclasses.replace(recipe, **overrides)
     return recipe_from_cli(method, args, base=base, params=params, compute_dtype=compute_dtype,
                            out_dtype=out_dtype, seed=seed or 0)
+
+
+def _size(text: str, option: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
 
 
 def _print_plan(plan: MergePlan, as_json: bool) -> None:

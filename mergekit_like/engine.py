@@ -125,6 +125,17 @@ def read_inputs(
     return _Inputs(tensor, rows, models, base)
 
 
+def prefetch_inputs(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> None:
+    """Starts the kernel reading a later item's bytes, so the disk has work queued while we compute."""
+    refs = [tensor.copy_from] if tensor.copy_from is not None else list(plan.input_refs) + (
+        [plan.recipe.base_model] if plan.method.base is not BaseUse.NONE and plan.recipe.base_model else [])
+    for ref in refs:
+        checkpoint = plan.checkpoints[ref]
+        if tensor.name in checkpoint:
+            checkpoint.prefetch(tensor.name, rows if tuple(checkpoint.entry(tensor.name).shape) == tensor.shape
+                                else None)
+
+
 def compute(plan: MergePlan, inputs: _Inputs, device: torch.device,
             thresholds: list[float] | None = None) -> list[torch.Tensor]:
     """The merged value of one work item for each variant, in the output dtype, on the CPU."""
@@ -210,9 +221,11 @@ def run_merge(
                 inputs = pending.result()
                 following = items[position + 1] if position + 1 < len(items) else None
                 # Read ahead only what fits the budget beside the item in hand.
-                ahead = following is not None and _item_bytes(plan, *following) <= READ_AHEAD_BYTES
+                ahead = following is not None and _item_bytes(plan, *following) <= plan.memory_budget // 2
                 if following is not None and ahead:
                     pending = reader.submit(read_inputs, plan, following[0], torch_device, following[1])
+                if position + 2 < len(items):
+                    prefetch_inputs(plan, *items[position + 2])
                 values = compute(plan, inputs, torch_device, thresholds)
                 del inputs
                 if following is not None and not ahead:
@@ -229,10 +242,6 @@ def run_merge(
         finalize=(lambda directory, i: finalize(directory, plan.variants[i])) if finalize else None,
     )
     return MergeResult(outputs, plan.read_bytes, plan.write_bytes)
-
-
-# The most bytes of inputs (in the compute dtype) read ahead while another item computes.
-READ_AHEAD_BYTES = 256 * 1024 * 1024
 
 
 def _item_bytes(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> int:

@@ -69,6 +69,8 @@ class MergePlan:
     reference: str
     # Refuse inputs holding NaN or Inf (the CLI's --check-finite); off by default: it costs a pass.
     check_finite: bool = False
+    # Bytes of tensor data in flight (see DEFAULT_MEMORY_BUDGET).
+    memory_budget: int = 0
 
     @property
     def input_refs(self) -> list[str]:
@@ -117,10 +119,11 @@ ModelResolver = Callable[[str], Path]
 
 @contextmanager
 def planned_merge(
-    recipe: MergeRecipe, *, allow_pickle: bool = False, resolve_model: ModelResolver = Path
+    recipe: MergeRecipe, *, allow_pickle: bool = False, resolve_model: ModelResolver = Path,
+    memory_budget: int | None = None,
 ) -> Iterator[MergePlan]:
     """Plans ``recipe`` (see :func:`plan_merge`) and closes the inputs afterwards."""
-    plan = plan_merge(recipe, allow_pickle=allow_pickle, resolve_model=resolve_model)
+    plan = plan_merge(recipe, allow_pickle=allow_pickle, resolve_model=resolve_model, memory_budget=memory_budget)
     try:
         yield plan
     finally:
@@ -128,12 +131,18 @@ def planned_merge(
 
 
 def plan_merge(
-    recipe: MergeRecipe, *, allow_pickle: bool = False, resolve_model: ModelResolver = Path
+    recipe: MergeRecipe, *, allow_pickle: bool = False, resolve_model: ModelResolver = Path,
+    memory_budget: int | None = None,
 ) -> MergePlan:
     """Opens every input, checks them against each other and resolves every parameter.
 
-    Raises :class:`RecipeError` listing every problem found; no tensor data is read.
+    ``memory_budget`` (bytes, default :data:`DEFAULT_MEMORY_BUDGET`) sizes the row blocks
+    of element-wise merges and the engine's read-ahead. Raises :class:`RecipeError`
+    listing every problem found; no tensor data is read.
     """
+    budget = memory_budget or DEFAULT_MEMORY_BUDGET
+    if budget < MIN_MEMORY_BUDGET:
+        raise RecipeError([f"memory budget {budget:,} bytes is below the minimum of {MIN_MEMORY_BUDGET:,}"])
     method = recipe.method
     refs = _needed_refs(recipe, method)
     checkpoints: dict[str, Checkpoint] = {}
@@ -149,7 +158,8 @@ def plan_merge(
         tensors = []
         for name in names:
             try:
-                tensors.append(_plan_tensor(recipe, method, checkpoints, reference, name, positions[name], variants))
+                tensors.append(_plan_tensor(recipe, method, checkpoints, reference, name, positions[name], variants,
+                                            budget))
             except _TensorProblems as found:
                 problems += found.problems
         problems += _check_model_scope(method, tensors)
@@ -157,7 +167,7 @@ def plan_merge(
             raise _recipe_error(problems)
         stack.pop_all()
     source = _side_file_source(recipe, reference)
-    return MergePlan(recipe, method, checkpoints, tensors, variants, source, reference)
+    return MergePlan(recipe, method, checkpoints, tensors, variants, source, reference, memory_budget=budget)
 
 
 def uses_model_scope(method: MergeMethod, tensors: Sequence[TensorPlan]) -> bool:
@@ -230,6 +240,7 @@ def _plan_tensor(
     name: str,
     position: LayerPosition,
     variants: list[Variant],
+    memory_budget: int,
 ) -> TensorPlan:
     entries = {ref: ckpt.entry(name) for ref, ckpt in checkpoints.items() if name in ckpt}
     ref_entry = entries[reference]
@@ -250,18 +261,23 @@ def _plan_tensor(
     if problems:
         raise _TensorProblems(problems)
     same_shapes = all(e.shape == ref_entry.shape for e in entries.values())
-    chunks = row_chunks(ref_entry.shape) if method.elementwise and same_shapes else None
+    # A quarter of the budget for the inputs of the block in compute: the rest holds the next
+    # block read ahead (half) and the temporaries and result (a quarter).
+    block_elements = memory_budget // (4 * len(entries) * compute.itemsize)
+    chunks = row_chunks(ref_entry.shape, block_elements) if method.elementwise and same_shapes else None
     return TensorPlan(name, ref_entry.shape, out_dtype, compute, None, tuple(params), read_bytes, chunks)
 
 
-# Element-wise merges of tensors larger than this go row block by row block, so memory
-# holds a few blocks per input instead of whole tensors (embeddings can be GBs).
-CHUNK_ELEMENTS = 4 * 1024 * 1024
+# The bytes of tensor data the pipeline holds at once for element-wise merges: the block in
+# compute, the next one read ahead, temporaries and results. Element-wise merges of larger
+# tensors go row block by row block (embeddings can be GBs). Methods that need whole tensors
+# (ties, slerp, model_stock) hold each tensor whole whatever the budget.
+DEFAULT_MEMORY_BUDGET = 512 * 1024 * 1024
+MIN_MEMORY_BUDGET = 1024 * 1024
 
 
-def row_chunks(shape: tuple[int, ...], budget: int | None = None) -> tuple[tuple[int, int], ...] | None:
+def row_chunks(shape: tuple[int, ...], budget: int) -> tuple[tuple[int, int], ...] | None:
     """Row ranges of at most ``budget`` elements each, or None for a tensor that fits whole."""
-    budget = budget or CHUNK_ELEMENTS
     numel = math.prod(shape)
     if numel <= budget or len(shape) < 2 or shape[0] < 2:
         return None

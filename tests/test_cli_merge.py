@@ -87,3 +87,13 @@ def test_wise_ft_sweep_through_the_cli(example_models: list[Path], tmp_path: Pat
 def test_merge_help_has_an_example() -> None:
     result = runner.invoke(app, ["merge", "--help"])
     assert result.exit_code == 0 and "--method ties" in result.stdout
+
+
+def test_memory_budget_is_checked_before_any_work(example_models: list[Path], tmp_path: Path) -> None:
+    result = quick_ties(example_models, tmp_path / "small", "--memory-budget", "1KB")
+    assert result.exit_code == 2 and "memory budget" in result.output
+    result = quick_ties(example_models, tmp_path / "words", "--memory-budget", "plenty")
+    assert result.exit_code == 2 and "--memory-budget" in result.output
+    assert not (tmp_path / "small").exists() and not (tmp_path / "words").exists()
+    result = quick_ties(example_models, tmp_path / "ok", "--memory-budget", "8MiB", "-q")
+    assert result.exit_code == 0, result.output

@@ -11,7 +11,7 @@ import yaml
 from huggingface_hub import ModelCard
 
 from helpers import write_checkpoint
-from mergekit_like.engine import planned_merge, run_merge
+from mergekit_like.engine import plan_merge, planned_merge, run_merge
 from mergekit_like.errors import IncompatibleModelsError, RecipeError
 from mergekit_like.io import open_checkpoint
 from mergekit_like.io.reader import Checkpoint
@@ -211,12 +211,20 @@ def test_elementwise_methods_merged_in_row_blocks_equal_whole_tensors(
     models = [a, b] if method == "linear" else [a]
     recipe = recipe_from_cli(method, models, base=None if method == "linear" else base, params=params)
     whole = read_all(merge(recipe, tmp_path / "whole"))
-    monkeypatch.setattr(plan_module, "CHUNK_ELEMENTS", 7)  # "w" is 4x6: blocks of one row
-    with planned_merge(recipe) as plan:
+    monkeypatch.setattr(plan_module, "MIN_MEMORY_BUDGET", 1)
+    # Two float32 inputs: a quarter of 224 bytes holds 7 elements of each, and "w" is 4x6, so
+    # blocks of one row; half the budget cannot hold the next item, so nothing is read ahead.
+    with planned_merge(recipe, memory_budget=224) as plan:
         assert [t.chunks for t in plan.tensors if t.name == "w"] == [((0, 1), (1, 2), (2, 3), (3, 4))]
         run_merge(plan, tmp_path / "blocks")
     blocks = read_all(tmp_path / "blocks")
     assert all(torch.equal(whole[n], blocks[n]) for n in whole)
+
+
+def test_a_memory_budget_below_the_minimum_is_refused(three: list[Path]) -> None:
+    recipe = recipe_from_cli("linear", [str(p) for p in three[1:]], params=["weight=0.5,0.5"])
+    with pytest.raises(RecipeError, match="memory budget"):
+        plan_merge(recipe, memory_budget=1000)
 
 
 def test_row_chunks_cover_every_row_within_budget() -> None:
