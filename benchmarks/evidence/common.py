@@ -32,6 +32,8 @@ downloads:
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -40,8 +42,9 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -392,3 +395,44 @@ def run_cli(args: list[str]) -> float:
         sys.exit(f"mergekit-like {' '.join(args[:2])} ... failed (exit {done.returncode}):\n"
                  f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return time.perf_counter() - t
+
+
+# -- what every study's command line shares ------------------------------------------------
+
+
+def study_parser(description: str) -> argparse.ArgumentParser:
+    """The options every study has: seeds, --quick, --workdir, --out, --replot."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--quick", action="store_true", help="one seed, few steps (smoke test)")
+    parser.add_argument("--workdir", type=Path, help="where models are written (default: a temporary directory)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the saved .json")
+    return parser
+
+
+@contextlib.contextmanager
+def workdir(given: Path | None, prefix: str) -> Iterator[Path]:
+    """``given``, or a temporary directory removed afterwards."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+
+
+def saved(out: Path, stem: str) -> dict:
+    return json.loads((out / f"{stem}.json").read_text())
+
+
+def publish(out: Path, stem: str, data: dict, text: str, plot: Callable[[Path], None], *,
+            save_json: bool = True) -> None:
+    """Writes STEM.md, STEM.png and (unless replotting) STEM.json into ``out`` and prints the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text)
+    if save_json:
+        (out / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
+    plot(out / f"{stem}.png")
+    print("\n" + text)
+    print(f"wrote {out / stem}.md and .png" + (" and .json" if save_json else ""))

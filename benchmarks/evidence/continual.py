@@ -38,10 +38,8 @@ with --quick).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -324,37 +322,27 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Study 1: continual learning (SFA)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = common.study_parser("Study 1: continual learning (SFA)")
     parser.add_argument("--pretrain-steps", type=int, default=600, help="steps on task A")
     parser.add_argument("--task-steps", type=int, default=300, help="steps on each of B and C")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--l2", type=float, default=0.01, help="weight of the L2 penalty")
-    parser.add_argument("--quick", action="store_true", help="one seed, few steps (smoke test)")
-    parser.add_argument("--workdir", type=Path, help="where models are written (default: a temporary directory)")
-    parser.add_argument("--out", type=Path, default=common.RESULTS, help="results directory")
-    parser.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the saved .json")
     a = parser.parse_args()
     if a.quick:
         a.seeds, a.pretrain_steps, a.task_steps = a.seeds[:1], 60, 30
     stem = "continual_quick" if a.quick else "continual"
-    a.out.mkdir(parents=True, exist_ok=True)
     if a.replot:
-        saved = json.loads((a.out / f"{stem}.json").read_text())
-        results, meta = saved["results"], saved["meta"]
+        data = common.saved(a.out, stem)
     else:
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="continual-") as tmp:
-            work = a.workdir or Path(tmp)
+        with common.workdir(a.workdir, "continual-") as work:
             results = [one_seed(seed, work / f"seed{seed}", a) for seed in a.seeds]
         meta = {"params": common.num_params(common.new_model(0)), "pretrain_steps": a.pretrain_steps,
                 "task_steps": a.task_steps, "lr": a.lr, "l2": a.l2, "wall_s": time.perf_counter() - t0,
                 "threads": torch.get_num_threads(), "torch": torch.__version__}
-        (a.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    text = report(results, meta)
-    (a.out / f"{stem}.md").write_text(text)
-    plot(results, a.out / f"{stem}.png")
-    print("\n" + text)
+        data = {"meta": meta, "results": results}
+    common.publish(a.out, stem, data, report(data["results"], data["meta"]),
+                   lambda path: plot(data["results"], path), save_json=not a.replot)
 
 
 if __name__ == "__main__":

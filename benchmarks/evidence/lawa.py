@@ -33,11 +33,9 @@ Writes benchmarks/results/lawa.md, lawa.png and lawa.json (``lawa_quick.*`` with
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -309,8 +307,7 @@ def plot(runs: list[dict], meta: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Study 2: early weight averaging (LAWA)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = common.study_parser("Study 2: early weight averaging (LAWA)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 1e-3], help="peak learning rates")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--warmup", type=int, default=40)
@@ -318,49 +315,28 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--decay", type=float, default=0.98, help="EMA decay per step")
     parser.add_argument("--eval-every", type=int, default=40, help="a multiple of --nu")
-    parser.add_argument("--quick", action="store_true", help="one seed, few steps (smoke test)")
-    parser.add_argument("--workdir", type=Path, help="where runs are written (default: a temporary directory)")
-    parser.add_argument("--out", type=Path, default=common.RESULTS, help="results directory")
-    parser.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the saved .json")
     a = parser.parse_args()
     stem = "lawa_quick" if a.quick else "lawa"
-    if a.replot:
-        saved = json.loads((a.out / f"{stem}.json").read_text())
-        (a.out / f"{stem}.md").write_text(report(saved["runs"], saved["meta"]))
-        plot(saved["runs"], saved["meta"], a.out / f"{stem}.png")
-        print(f"rewrote {a.out / (stem + '.md')} and {stem}.png")
-        return
     if a.quick:
         a.seeds, a.steps, a.warmup, a.nu, a.eval_every = a.seeds[:1], 90, 10, 10, 30
     if a.eval_every % a.nu:
         parser.error("--eval-every must be a multiple of --nu")
-    t0 = time.perf_counter()
-    print(common.describe_domains((DOMAIN,)), flush=True)
-    common.load_split(DOMAIN, "test")
-    tmp = None
-    work = a.workdir
-    if work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="lawa-study-")
-        work = Path(tmp.name)
-    try:
-        runs = [one_run(work / f"lr{lr:g}_seed{seed}", lr, seed, a) for seed in a.seeds for lr in a.lrs]
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    per = a.decay ** a.nu
-    meta = {"params": common.num_params(common.new_model(0)), "cfg": vars(common.GPTConfig()),
-            "steps": a.steps, "warmup": a.warmup, "nu": a.nu, "k": a.k, "decay": a.decay,
-            "eval_every": a.eval_every, "lrs": a.lrs, "seeds": a.seeds,
-            "ema_lag": a.nu * per / (1 - per), "lawa_lag": a.nu * (a.k - 1) / 2,
-            "wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "torch": torch.__version__}
-    a.out.mkdir(parents=True, exist_ok=True)
-    text = report(runs, meta)
-    (a.out / f"{stem}.md").write_text(text)
-    (a.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
-    plot(runs, meta, a.out / f"{stem}.png")
-    print()
-    print(text)
-    print(f"wrote {a.out / (stem + '.md')}, {stem}.png, {stem}.json")
+    if a.replot:
+        data = common.saved(a.out, stem)
+    else:
+        t0 = time.perf_counter()
+        print(common.describe_domains((DOMAIN,)), flush=True)
+        with common.workdir(a.workdir, "lawa-study-") as work:
+            runs = [one_run(work / f"lr{lr:g}_seed{seed}", lr, seed, a) for seed in a.seeds for lr in a.lrs]
+        per = a.decay ** a.nu
+        meta = {"params": common.num_params(common.new_model(0)), "cfg": vars(common.GPTConfig()),
+                "steps": a.steps, "warmup": a.warmup, "nu": a.nu, "k": a.k, "decay": a.decay,
+                "eval_every": a.eval_every, "lrs": a.lrs, "seeds": a.seeds,
+                "ema_lag": a.nu * per / (1 - per), "lawa_lag": a.nu * (a.k - 1) / 2,
+                "wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "torch": torch.__version__}
+        data = {"meta": meta, "runs": runs}
+    common.publish(a.out, stem, data, report(data["runs"], data["meta"]),
+                   lambda path: plot(data["runs"], data["meta"], path), save_json=not a.replot)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,9 @@ Writes benchmarks/results/soups.md, soups.png and soups.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -185,54 +183,31 @@ def plot(studies: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Study 3: model soups")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = common.study_parser("Study 3: model soups")
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--finetune-steps", type=int, default=150)
-    parser.add_argument("--quick", action="store_true", help="one seed, few steps (smoke test)")
-    parser.add_argument("--workdir", type=Path, help="keep checkpoints here (default: a temporary directory)")
-    parser.add_argument("--out", type=Path, default=common.RESULTS, help="results directory")
     parser.add_argument("--runs", choices=sorted(RUN_SETS), default="mixed",
                         help="fine-tune set: mixed lrs (soups.*) or one lr, five data orders (soups_same_lr.*)")
-    parser.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the saved .json")
     args = parser.parse_args()
     global RUNS
     RUNS = [tuple(r) for r in RUN_SETS[args.runs]]
-    suffix = "" if args.runs == "mixed" else f"_{args.runs}"
-    if args.replot:
-        stem = ("soups_quick" if args.quick else "soups") + suffix
-        saved = json.loads((args.out / f"{stem}.json").read_text())
-        (args.out / f"{stem}.md").write_text(report(saved["studies"], saved["meta"]))
-        plot(saved["studies"], args.out / f"{stem}.png")
-        print(f"rewrote {args.out / (stem + '.md')} and {stem}.png")
-        return
+    stem = ("soups_quick" if args.quick else "soups") + ("" if args.runs == "mixed" else f"_{args.runs}")
     if args.quick:
         args.seeds, args.pretrain_steps, args.finetune_steps = args.seeds[:1], 40, 10
-    t0 = time.perf_counter()
-    print(common.describe_domains(("python", "licenses")), flush=True)
-    tmp = None
-    work = args.workdir
-    if work is None:
-        tmp = tempfile.TemporaryDirectory(prefix="soups-study-")
-        work = Path(tmp.name)
-    try:
-        studies = [one_study(s, work / f"seed{s}", args.pretrain_steps, args.finetune_steps) for s in args.seeds]
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    import torch
-    meta = {"runs": args.runs, "params": common.num_params(common.new_model(0)), "cfg": vars(common.GPTConfig()),
-            "pre_steps": args.pretrain_steps, "ft_steps": args.finetune_steps,
-            "wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "torch": torch.__version__}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = ("soups_quick" if args.quick else "soups") + suffix
-    text = report(studies, meta)
-    (args.out / f"{stem}.md").write_text(text)
-    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "studies": studies}, indent=2) + "\n")
-    plot(studies, args.out / f"{stem}.png")
-    print()
-    print(text)
-    print(f"wrote {args.out / (stem + '.md')}, {stem}.png, {stem}.json")
+    if args.replot:
+        data = common.saved(args.out, stem)
+    else:
+        t0 = time.perf_counter()
+        print(common.describe_domains(("python", "licenses")), flush=True)
+        with common.workdir(args.workdir, "soups-study-") as work:
+            studies = [one_study(s, work / f"seed{s}", args.pretrain_steps, args.finetune_steps) for s in args.seeds]
+        import torch
+        meta = {"runs": args.runs, "params": common.num_params(common.new_model(0)),
+                "cfg": vars(common.GPTConfig()), "pre_steps": args.pretrain_steps, "ft_steps": args.finetune_steps,
+                "wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "torch": torch.__version__}
+        data = {"meta": meta, "studies": studies}
+    common.publish(args.out, stem, data, report(data["studies"], data["meta"]),
+                   lambda path: plot(data["studies"], path), save_json=not args.replot)
 
 
 if __name__ == "__main__":
