@@ -32,3 +32,14 @@ def test_cuda_merge_matches_cpu(example_models_f32: list[Path], tmp_path: Path, 
             outputs[device] = {n: ckpt.read(n) for n in ckpt.names()}
     for name, expected in outputs["cpu"].items():
         torch.testing.assert_close(outputs["cuda"][name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_index_trim_keeps_the_same_entries_on_cuda() -> None:
+    from mergekit_like.methods.task_vectors import magnitude_mask
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2_000_000, generator=g).bfloat16()
+    magnitudes = ((base.float() + 0.01 * torch.randn(2_000_000, generator=g)).bfloat16() - base).abs()
+    for density in (0.1, 0.5, 0.9):
+        cpu = magnitude_mask(magnitudes, density, "index")
+        assert torch.equal(magnitude_mask(magnitudes.cuda(), density, "index").cpu(), cpu)
