@@ -128,13 +128,13 @@ class Checkpoint:
         it for the item after the next, so the disk always has reads queued.
         """
         entry = self.entry(name)
-        if entry.start == PICKLED or not hasattr(os, "posix_fadvise"):
+        if entry.start == PICKLED:
             return
         row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else entry.nbytes
         start, stop = rows if rows is not None else (0, entry.shape[0] if entry.shape else 1)
         length = row_bytes * (stop - start) if rows is not None else entry.nbytes
         if length:
-            os.posix_fadvise(self._fd(entry.file), entry.start + start * row_bytes, length, os.POSIX_FADV_WILLNEED)
+            _advise(self._fd(entry.file), entry.start + start * row_bytes, length, "POSIX_FADV_WILLNEED")
 
     def _read_range(self, entry: TensorEntry, offset: int, nbytes: int, out: torch.Tensor | None) -> torch.Tensor:
         if out is None:
@@ -161,8 +161,7 @@ class Checkpoint:
         fd = self._fds.get(path)
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):  # reads go front to back: a larger kernel read-ahead
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            _advise(fd, 0, 0, "POSIX_FADV_SEQUENTIAL")  # reads go front to back: a larger kernel read-ahead
         return fd
 
     # -- lifetime -----------------------------------------------------------
@@ -182,6 +181,16 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, tensors={len(self)}, files={len(self.files)})"
+
+
+def _advise(fd: int, offset: int, length: int, advice: str) -> None:
+    """A read-pattern hint to the kernel; where the platform or file system has none, nothing."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        os.posix_fadvise(fd, offset, length, getattr(os, advice))
+    except OSError:
+        pass  # a hint only: reads work the same without it
 
 
 def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
