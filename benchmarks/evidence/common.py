@@ -436,3 +436,9 @@ def publish(out: Path, stem: str, data: dict, text: str, plot: Callable[[Path], 
     plot(out / f"{stem}.png")
     print("\n" + text)
     print(f"wrote {out / stem}.md and .png" + (" and .json" if save_json else ""))
+
+
+def run_meta(started: float, **settings: object) -> dict:
+    """What every study records beside its settings: model size and shape, wall time, threads, torch."""
+    return {"params": num_params(new_model(0)), "cfg": vars(GPTConfig()), **settings,
+            "wall_s": time.perf_counter() - started, "threads": torch.get_num_threads(), "torch": torch.__version__}

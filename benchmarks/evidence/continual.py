@@ -337,9 +337,7 @@ def main() -> None:
         t0 = time.perf_counter()
         with common.workdir(a.workdir, "continual-") as work:
             results = [one_seed(seed, work / f"seed{seed}", a) for seed in a.seeds]
-        meta = {"params": common.num_params(common.new_model(0)), "pretrain_steps": a.pretrain_steps,
-                "task_steps": a.task_steps, "lr": a.lr, "l2": a.l2, "wall_s": time.perf_counter() - t0,
-                "threads": torch.get_num_threads(), "torch": torch.__version__}
+        meta = common.run_meta(t0, pretrain_steps=a.pretrain_steps, task_steps=a.task_steps, lr=a.lr, l2=a.l2)
         data = {"meta": meta, "results": results}
     common.publish(a.out, stem, data, report(data["results"], data["meta"]),
                    lambda path: plot(data["results"], path), save_json=not a.replot)

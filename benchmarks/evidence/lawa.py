@@ -329,11 +329,9 @@ def main() -> None:
         with common.workdir(a.workdir, "lawa-study-") as work:
             runs = [one_run(work / f"lr{lr:g}_seed{seed}", lr, seed, a) for seed in a.seeds for lr in a.lrs]
         per = a.decay ** a.nu
-        meta = {"params": common.num_params(common.new_model(0)), "cfg": vars(common.GPTConfig()),
-                "steps": a.steps, "warmup": a.warmup, "nu": a.nu, "k": a.k, "decay": a.decay,
-                "eval_every": a.eval_every, "lrs": a.lrs, "seeds": a.seeds,
-                "ema_lag": a.nu * per / (1 - per), "lawa_lag": a.nu * (a.k - 1) / 2,
-                "wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "torch": torch.__version__}
+        meta = common.run_meta(t0, steps=a.steps, warmup=a.warmup, nu=a.nu, k=a.k, decay=a.decay,
+                               eval_every=a.eval_every, lrs=a.lrs, seeds=a.seeds,
+                               ema_lag=a.nu * per / (1 - per), lawa_lag=a.nu * (a.k - 1) / 2)
         data = {"meta": meta, "runs": runs}
     common.publish(a.out, stem, data, report(data["runs"], data["meta"]),
                    lambda path: plot(data["runs"], data["meta"], path), save_json=not a.replot)

@@ -33,8 +33,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import common  # noqa: E402
@@ -226,9 +224,7 @@ def main() -> None:
         t0 = time.perf_counter()
         with common.workdir(a.workdir, "multitask-") as work:
             results = [one_seed(seed, work / f"seed{seed}", a.base_steps, a.finetune_steps) for seed in a.seeds]
-        meta = {"params": common.num_params(common.new_model(0)), "base_steps": a.base_steps,
-                "ft_steps": a.finetune_steps, "wall_s": time.perf_counter() - t0,
-                "threads": torch.get_num_threads(), "torch": torch.__version__}
+        meta = common.run_meta(t0, base_steps=a.base_steps, ft_steps=a.finetune_steps)
         data = {"meta": meta, "results": results}
     common.publish(a.out, stem, data, report(data["results"], data["meta"]),
                    lambda path: plot(data["results"], path), save_json=not a.replot)

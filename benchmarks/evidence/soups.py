@@ -201,10 +201,7 @@ def main() -> None:
         print(common.describe_domains(("python", "licenses")), flush=True)
         with common.workdir(args.workdir, "soups-study-") as work:
             studies = [one_study(s, work / f"seed{s}", args.pretrain_steps, args.finetune_steps) for s in args.seeds]
-        import torch
-        meta = {"runs": args.runs, "params": common.num_params(common.new_model(0)),
-                "cfg": vars(common.GPTConfig()), "pre_steps": args.pretrain_steps, "ft_steps": args.finetune_steps,
-                "wall_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), "torch": torch.__version__}
+        meta = common.run_meta(t0, runs=args.runs, pre_steps=args.pretrain_steps, ft_steps=args.finetune_steps)
         data = {"meta": meta, "studies": studies}
     common.publish(args.out, stem, data, report(data["studies"], data["meta"]),
                    lambda path: plot(data["studies"], path), save_json=not args.replot)
