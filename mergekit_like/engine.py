@@ -127,9 +127,7 @@ def read_inputs(
 
 def prefetch_inputs(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> None:
     """Starts the kernel reading a later item's bytes, so the disk has work queued while we compute."""
-    refs = [tensor.copy_from] if tensor.copy_from is not None else list(plan.input_refs) + (
-        [plan.recipe.base_model] if plan.method.base is not BaseUse.NONE and plan.recipe.base_model else [])
-    for ref in refs:
+    for ref in [tensor.copy_from] if tensor.copy_from is not None else _merged_sources(plan):
         checkpoint = plan.checkpoints[ref]
         if tensor.name in checkpoint:
             checkpoint.prefetch(tensor.name, rows if tuple(checkpoint.entry(tensor.name).shape) == tensor.shape
@@ -246,8 +244,13 @@ def run_merge(
 
 def _item_bytes(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> int:
     numel = math.prod(tensor.shape) if rows is None else (rows[1] - rows[0]) * math.prod(tensor.shape[1:])
-    inputs = len(plan.input_refs) + (1 if plan.method.base is not BaseUse.NONE else 0)
-    return numel * torch.empty((), dtype=tensor.compute_dtype).element_size() * inputs
+    return numel * tensor.compute_dtype.itemsize * len(_merged_sources(plan))
+
+
+def _merged_sources(plan: MergePlan) -> list[str]:
+    """Every checkpoint a merged tensor is read from: the models, then the base if the method uses one."""
+    base = plan.recipe.base_model
+    return list(plan.input_refs) + ([base] if plan.method.base is not BaseUse.NONE and base is not None else [])
 
 
 def _side_file_dir(plan: MergePlan) -> Path:
