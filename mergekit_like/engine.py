@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +69,10 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` is the first GPU when there is one, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise MergeError(f"'{device}' is not a device", fix="use cpu, cuda, cuda:N or auto") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("CUDA was asked for but is not available", fix="use --device cpu or auto")
     return resolved
@@ -114,15 +117,22 @@ class _Inputs:
 
 
 def read_inputs(
-    plan: MergePlan, tensor: TensorPlan, device: torch.device, rows: tuple[int, int] | None = None
+    plan: MergePlan, tensor: TensorPlan, device: torch.device, rows: tuple[int, int] | None = None,
+    readers: Executor | None = None,
 ) -> _Inputs:
-    """Reads one tensor (or rows of it) from every input the method needs."""
+    """Reads one tensor (or rows of it) from every input the method needs.
+
+    With ``readers``, the inputs are read concurrently, one task per checkpoint: the
+    disk then has a request queued for every file at once, and the casts to the
+    compute dtype run side by side.
+    """
     if tensor.copy_from is not None:
         return _Inputs(tensor, rows, [plan.checkpoints[tensor.copy_from].read(tensor.name)], None)
     load = _loader(plan, tensor, device, rows)
-    models = [load(ref) for ref in plan.input_refs]
-    base = load(plan.recipe.base_model) if plan.method.base is not BaseUse.NONE else None
-    return _Inputs(tensor, rows, models, base)
+    sources = _merged_sources(plan)
+    values = list(readers.map(load, sources)) if readers is not None else [load(ref) for ref in sources]
+    with_base = len(sources) > len(plan.input_refs)
+    return _Inputs(tensor, rows, values[:len(plan.input_refs)], values[-1] if with_base else None)
 
 
 def prefetch_inputs(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> None:
@@ -193,11 +203,14 @@ def run_merge(
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     progress: ProgressSink | None = None,
     finalize: Callable[[Path, Variant], None] | None = None,
+    pipeline: bool = True,
 ) -> MergeResult:
     """Streams the merge into ``output`` (one subdirectory per variant for sweeps), atomically.
 
     ``finalize(directory, variant)`` runs for each output directory before it is
     moved into place (the CLI writes the model card and recipe there).
+    ``pipeline=False`` reads, computes and writes one item at a time in this
+    thread: slower, the same bytes, and a plain stack trace when debugging.
     """
     progress = progress or NullProgress()
     torch_device = resolve_device(device)
@@ -208,38 +221,69 @@ def run_merge(
     thresholds = model_topk_thresholds(plan, torch_device, progress) if passes == 3 else None
 
     items = [(t, rows) for t in plan.tensors for rows in (t.chunks or [None])]
-
-    def merged() -> Iterator[WriteItem]:
-        # Reading the next item overlaps computing this one (file reads and torch ops
-        # release the GIL); the writer thread in write_checkpoints overlaps both.
-        with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="reader") as reader:
-            pending = reader.submit(read_inputs, plan, items[0][0], torch_device, items[0][1]) if items else None
-            for position, (tensor, rows) in enumerate(items):
-                assert pending is not None
-                inputs = pending.result()
-                following = items[position + 1] if position + 1 < len(items) else None
-                # Read ahead only what fits the budget beside the item in hand.
-                ahead = following is not None and _item_bytes(plan, *following) <= plan.memory_budget // 2
-                if following is not None and ahead:
-                    pending = reader.submit(read_inputs, plan, following[0], torch_device, following[1])
-                if position + 2 < len(items):
-                    prefetch_inputs(plan, *items[position + 2])
-                values = compute(plan, inputs, torch_device, thresholds)
-                del inputs
-                if following is not None and not ahead:
-                    pending = reader.submit(read_inputs, plan, following[0], torch_device, following[1])
-                for index, value in enumerate(values):
-                    yield WriteItem(index, tensor.name, value, rows[0] if rows else None)
-                if rows is None or rows[1] == tensor.shape[0]:
-                    progress.advance(tensor.name, tensor.read_bytes)
-
+    stream = _pipelined if pipeline else _sequential
+    merged = stream(plan, items, lambda i: compute(plan, i, torch_device, thresholds), torch_device, progress)
     outputs = write_checkpoints(
-        output, [v.label for v in plan.variants], plan.specs(), merged(),
+        output, [v.label for v in plan.variants], plan.specs(), merged,
         overwrite=overwrite, max_shard_size=max_shard_size, side_files_from=_side_file_dir(plan),
         out_dtype=_uniform_out_dtype(plan),
         finalize=(lambda directory, i: finalize(directory, plan.variants[i])) if finalize else None,
     )
     return MergeResult(outputs, plan.read_bytes, plan.write_bytes)
+
+
+Item = tuple[TensorPlan, tuple[int, int] | None]
+Compute = Callable[[_Inputs], list[torch.Tensor]]
+
+
+def _pipelined(
+    plan: MergePlan, items: list[Item], compute_item: Compute, device: torch.device, progress: ProgressSink
+) -> Iterator[WriteItem]:
+    """Reading the next item overlaps computing this one (file reads and torch ops release the GIL).
+
+    The writer thread in write_checkpoints overlaps both. An error in any stage ends
+    the generator; leaving the executors' blocks then waits for reads in flight, so
+    no thread outlives the merge.
+    """
+    with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="reader") as reader, \
+            ThreadPoolExecutor(len(_merged_sources(plan)), thread_name_prefix="read") as readers:
+
+        def read_ahead(item: Item) -> Future[_Inputs]:
+            return reader.submit(read_inputs, plan, item[0], device, item[1], readers)
+
+        pending = read_ahead(items[0]) if items else None
+        for position, (tensor, rows) in enumerate(items):
+            assert pending is not None
+            inputs = pending.result()
+            following = items[position + 1] if position + 1 < len(items) else None
+            # Read ahead only what fits the budget beside the item in hand.
+            ahead = following is not None and _item_bytes(plan, *following) <= plan.memory_budget // 2
+            if following is not None and ahead:
+                pending = read_ahead(following)
+            if position + 2 < len(items):
+                prefetch_inputs(plan, *items[position + 2])
+            values = compute_item(inputs)
+            del inputs
+            if following is not None and not ahead:
+                pending = read_ahead(following)
+            yield from _written(tensor, rows, values, progress)
+
+
+def _sequential(
+    plan: MergePlan, items: list[Item], compute_item: Compute, device: torch.device, progress: ProgressSink
+) -> Iterator[WriteItem]:
+    with torch.no_grad():
+        for tensor, rows in items:
+            yield from _written(tensor, rows, compute_item(read_inputs(plan, tensor, device, rows)), progress)
+
+
+def _written(
+    tensor: TensorPlan, rows: tuple[int, int] | None, values: list[torch.Tensor], progress: ProgressSink
+) -> Iterator[WriteItem]:
+    for index, value in enumerate(values):
+        yield WriteItem(index, tensor.name, value, rows[0] if rows else None)
+    if rows is None or rows[1] == tensor.shape[0]:
+        progress.advance(tensor.name, tensor.read_bytes)
 
 
 def _item_bytes(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> int:

@@ -7,7 +7,7 @@ The format is ``sha256sum``'s (``<hex>  <file>`` per line), so
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 CHECKSUMS = "checksums.sha256"
@@ -22,8 +22,10 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_checksums(directory: Path, files: Iterable[str]) -> None:
-    lines = [f"{sha256_of(directory / name)}  {name}\n" for name in sorted(files)]
+def write_checksums(directory: Path, files: Iterable[str], known: Mapping[str, str] | None = None) -> None:
+    """Writes the manifest; ``known`` digests (computed while writing) spare reading those files back."""
+    known = known or {}
+    lines = [f"{known.get(name) or sha256_of(directory / name)}  {name}\n" for name in sorted(files)]
     (directory / CHECKSUMS).write_text("".join(lines), encoding="utf-8")
 
 

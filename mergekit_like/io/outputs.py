@@ -86,13 +86,14 @@ def write_checkpoints(
             raise
         for index, (directory, result) in enumerate(zip(directories, written)):
             files = list(result.shards) + ([result.index] if result.index else [])
-            write_checksums(directory, files)
+            write_checksums(directory, files, result.digests)
             if side_files_from is not None:
                 copy_side_files(side_files_from, directory, out_dtype)
             if finalize is not None:
                 finalize(directory, index)
     return [
-        WrittenCheckpoint(output / label if label else output, w.shards, w.index, w.total_bytes, w.num_tensors)
+        WrittenCheckpoint(output / label if label else output, w.shards, w.index, w.total_bytes, w.num_tensors,
+                          w.digests)
         for label, w in zip(labels, written)
     ]
 

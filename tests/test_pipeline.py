@@ -1,0 +1,128 @@
+"""The pipelined engine: same bytes as the one-item-at-a-time path; any stage's failure ends all."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import mergekit_like.engine as engine
+from helpers import write_checkpoint
+from mergekit_like.engine import planned_merge, run_merge
+from mergekit_like.errors import MergeError, OutputWriteError
+from mergekit_like.io import open_checkpoint
+from mergekit_like.io.reader import Checkpoint
+from mergekit_like.io.writer import ShardedWriter
+from mergekit_like.recipe import recipe_from_cli
+
+METHODS = [
+    ("linear", ["weight=0.3,0.7"]),
+    ("task_arithmetic", ["weight=0.5,1.0"]),
+    ("ties", ["density=0.5", "weight=1.0,0.4"]),
+    ("dare_ties", ["density=0.6", "weight=1.0"]),
+    ("slerp", ["t=0.3"]),
+]
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> list[Path]:
+    g = torch.Generator().manual_seed(11)
+    paths = []
+    for name in ("base", "a", "b"):
+        tensors = {f"model.layers.{i}.w": torch.randn(32, 16, generator=g).to(torch.bfloat16) for i in range(4)}
+        tensors["embed"] = torch.randn(64, 16, generator=g).to(torch.bfloat16)
+        tensors["steps"] = torch.arange(3)
+        paths.append(write_checkpoint(tmp_path / name, tensors, max_shard_size=3000))
+    return paths
+
+
+def _recipe(models: list[Path], method: str, params: list[str]):
+    base, a, b = map(str, models)
+    if method == "slerp":
+        return recipe_from_cli(method, [base, b], base=base, params=params)
+    return recipe_from_cli(method, [a, b], base=None if method == "linear" else base, params=params)
+
+
+def _read_all(path: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(path) as ckpt:
+        return {n: ckpt.read(n) for n in ckpt.names()}
+
+
+def _merge(recipe, out: Path, **kwargs) -> Path:
+    with planned_merge(recipe, memory_budget=kwargs.pop("memory_budget", None)) as plan:
+        run_merge(plan, out, **kwargs)
+    return out
+
+
+def _engine_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(("reader", "read_", "writer"))]
+
+
+@pytest.mark.parametrize(("method", "params"), METHODS)
+def test_pipelined_and_sequential_paths_write_the_same_bytes(
+    models: list[Path], tmp_path: Path, method: str, params: list[str]
+) -> None:
+    recipe = _recipe(models, method, params)
+    sequential = _read_all(_merge(recipe, tmp_path / "sequential", pipeline=False))
+    pipelined = _read_all(_merge(recipe, tmp_path / "pipelined"))
+    assert sequential.keys() == pipelined.keys()
+    assert all(torch.equal(sequential[n], pipelined[n]) for n in sequential)
+    assert (tmp_path / "sequential" / "checksums.sha256").read_text() == (
+        tmp_path / "pipelined" / "checksums.sha256").read_text()
+
+
+def _fail_on_call(number: int, error: BaseException):
+    calls = [0]
+
+    def maybe_fail() -> None:
+        calls[0] += 1
+        if calls[0] == number:
+            raise error
+
+    return maybe_fail
+
+
+@pytest.mark.parametrize("stage", ["read", "compute", "write"])
+def test_a_failure_in_any_stage_stops_the_others_and_leaves_nothing(
+    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    recipe = _recipe(models, "task_arithmetic", ["weight=0.5,1.0"])
+    error = {"read": OSError("disk read failed"), "compute": MergeError("kernel failed"),
+             "write": OutputWriteError("disk write failed")}[stage]
+    fail = _fail_on_call(4, error)
+    if stage == "read":
+        real_read = Checkpoint.read
+
+        def read(self, *args, **kwargs):
+            fail()
+            return real_read(self, *args, **kwargs)
+
+        monkeypatch.setattr(Checkpoint, "read", read)
+    elif stage == "compute":
+        real_compute = engine.compute
+
+        def compute(*args, **kwargs):
+            fail()
+            return real_compute(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "compute", compute)
+    else:
+        real_write = ShardedWriter.write
+
+        def write(self, *args, **kwargs):
+            fail()
+            return real_write(self, *args, **kwargs)
+
+        monkeypatch.setattr(ShardedWriter, "write", write)
+    with pytest.raises(type(error)):
+        _merge(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert _engine_threads() == []
+
+
+def test_an_unknown_device_is_a_clear_error() -> None:
+    with pytest.raises(MergeError, match="'gpu' is not a device"):
+        engine.resolve_device("gpu")
