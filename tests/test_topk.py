@@ -113,3 +113,42 @@ def test_ties_with_index_trim_is_ties_with_a_stable_sort() -> None:
     merged = (trimmed * agree).sum(0) / torch.where(divisor == 0, 1.0, divisor)
     torch.testing.assert_close(got, base + merged.reshape(base.shape), rtol=1e-6, atol=1e-6)
     assert (got != base).float().mean() > 0.3  # the merge did something
+
+
+def unstable_top_k(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """mergekit's mask: whatever torch's (unstable) descending argsort puts first."""
+    mask = torch.zeros(magnitudes.numel(), dtype=torch.bool)
+    mask[torch.argsort(magnitudes.float(), descending=True)[:k]] = True
+    return mask
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["plain", "quantised", "one_value_block"])
+def test_sort_ties_skip_the_sort_only_when_no_tie_decides(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, kind: str
+) -> None:
+    magnitudes = magnitudes_of(kind, 300_007, dtype)
+    k = int(0.3 * magnitudes.numel())
+    expected = unstable_top_k(magnitudes, k)
+    threshold = magnitudes.float().sort(descending=True).values[k - 1]
+    ambiguous = int((magnitudes.float() == threshold).sum()) > 1 and bool(
+        (magnitudes.float() == threshold).sum() + (magnitudes.float() > threshold).sum() != k)
+    sorted_ = [0]
+    real_argsort = torch.argsort
+
+    def counting_argsort(*args, **kwargs):
+        sorted_[0] += 1
+        return real_argsort(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "argsort", counting_argsort)
+    mask = magnitude_mask(magnitudes, 0.3, "sort")
+    assert torch.equal(mask, expected)
+    assert sorted_[0] == (1 if ambiguous else 0)
+
+
+def test_sort_ties_with_the_kth_value_ending_a_tie_group_need_no_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    magnitudes = torch.arange(10_000, dtype=torch.float32).flip(0) // 10  # groups of 10 equal values
+    monkeypatch.setattr(torch, "argsort", lambda *a, **k: pytest.fail("sorted"))
+    mask = magnitude_mask(magnitudes, 0.5, "sort")  # k = 5,000 ends a group of ten
+    assert torch.equal(mask, magnitudes >= magnitudes.sort(descending=True).values[4999])
+    assert int(mask.sum()) == 5000

@@ -246,17 +246,19 @@ def _collect_entries(
 def _open_pickle(layout: CheckpointLayout) -> Checkpoint:
     pickled: dict[Path, dict[str, torch.Tensor]] = {}
     entries: dict[str, TensorEntry] = {}
+    owner: dict[str, Path] = {}
     for file in layout.files:
         state = _load_pickle(file)
         pickled[file] = state
         for name, tensor in state.items():
-            if layout.weight_map is not None and layout.weight_map.get(name) != file:
-                continue
-            if name in entries:
+            if name in owner:  # checked before the index filter, as for safetensors shards
                 raise InvalidCheckpointError(
-                    f"tensor is stored in two shards, {entries[name].file.name} and {file.name}",
+                    f"tensor is stored in two shards, {owner[name].name} and {file.name}",
                     path=layout.source, tensor=name, fix="the checkpoint is inconsistent; save it again",
                 )
+            owner[name] = file
+            if layout.weight_map is not None and layout.weight_map.get(name) != file:
+                continue
             nbytes = tensor.numel() * tensor.element_size()
             entries[name] = TensorEntry(name, tensor.dtype, tuple(tensor.shape), file, PICKLED, nbytes)
     if layout.weight_map is not None:

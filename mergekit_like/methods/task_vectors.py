@@ -43,6 +43,8 @@ BLOCK = 1 << 20
 # sorts and counts run on one core each. Tensors over PARALLEL_MAX that need a sort go
 # one at a time, to bound the memory of the sort's index array (8 bytes an entry).
 PARALLEL_MIN, PARALLEL_MAX = 1 << 16, 1 << 24
+# From this size up, trim_ties: sort first tries to do without the sort (see magnitude_mask).
+SORT_AVOIDABLE_MIN = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,14 @@ def magnitude_mask(magnitudes: torch.Tensor, density: float, ties: TrimTies = "s
     # mergekit keeps at least one entry.
     k = max(1, int(density * n))
     if ties != "sort":
-        return top_k_mask(magnitudes.reshape(-1), k, ties)
+        mask = top_k_mask(magnitudes.reshape(-1), k, ties)
+        assert mask is not None
+        return mask
+    # A sort decides only which of the entries tied at the threshold are kept; when all of
+    # them are, the O(n) selection gives the sort's mask (common for float32 task vectors).
+    exact = top_k_mask(magnitudes.reshape(-1), k, "unambiguous") if n >= SORT_AVOIDABLE_MIN else None
+    if exact is not None:
+        return exact
     keys = magnitudes.float() if magnitudes.device.type == "cpu" else magnitudes
     mask = torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
     mask[torch.argsort(keys, descending=True)[:k]] = True

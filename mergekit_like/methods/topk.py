@@ -65,11 +65,16 @@ def kth_largest_bits(magnitudes: torch.Tensor, k: int) -> int:
     return selector.threshold_bits()
 
 
-def top_k_mask(magnitudes: torch.Tensor, k: int, ties: Literal["index", "keep"] = "index") -> torch.Tensor:
+def top_k_mask(
+    magnitudes: torch.Tensor, k: int, ties: Literal["index", "keep", "unambiguous"] = "index"
+) -> torch.Tensor | None:
     """True for the k largest of the flat, non-negative ``magnitudes`` (1 <= k <= numel), in O(n).
 
     ``ties="index"`` keeps exactly k, the lowest indices first among entries equal to the
-    k-th largest (a stable sort's order); ``"keep"`` keeps all of those.
+    k-th largest (a stable sort's order); ``"keep"`` keeps all of those; ``"unambiguous"``
+    returns the mask only when no tie decides which entries are the k largest (every entry
+    equal to the k-th largest is among them) and None otherwise, so that any way of breaking
+    ties, a sort's included, gives that mask.
 
     A large tensor starts from a guess: the k-th largest of a fixed random sample. Checking
     it takes the two comparisons the mask is made of anyway, and it is right whenever the
@@ -102,9 +107,20 @@ def top_k_mask(magnitudes: torch.Tensor, k: int, ties: Literal["index", "keep"] 
         count_above = int(torch.count_nonzero(above))
     if ties == "keep":
         return above.logical_or_(tied)
+    if ties == "unambiguous":
+        count_tied = int(torch.count_nonzero(tied))
+        if count_above + count_tied != k or _is_nan_pattern(threshold, magnitudes.dtype):
+            return None  # NaN payloads differ in bits but are equal to a sort
+        return above.logical_or_(tied)
     cut = _position_of_nth(tied, k - count_above) + 1
     above[:cut] |= tied[:cut]
     return above
+
+
+def _is_nan_pattern(pattern: int, dtype: torch.dtype) -> bool:
+    """Whether a bit pattern of :func:`magnitude_bits` for ``dtype`` is a NaN."""
+    value = torch.tensor([pattern], dtype=torch.int64).to(_BITS[dtype]).view(dtype)
+    return bool(torch.isnan(value).item())
 
 
 def _sample(bits: torch.Tensor) -> torch.Tensor:
