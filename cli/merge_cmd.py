@@ -62,6 +62,8 @@ def merge(
     push_to_hub: str = typer.Option(None, "--push-to-hub", help="Push the output to ORG/NAME once complete."),
     private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
     token: str = token_option(),
+    pipeline: bool = typer.Option(True, "--pipeline/--no-pipeline",
+                                  help="Overlap reading, merging and writing (off: one step at a time, to debug)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
@@ -75,7 +77,7 @@ def merge(
         raise typer.BadParameter("give the output directory with -o/--output", param_hint="-o")
     max_shard = _size(shard_size, "--shard-size")
     budget = _size(memory_budget, "--memory-budget")
-    resolver = model_resolver(allow_pickle=allow_pickle, token=token)  # Hub ids: fetched into the cache
+    resolver = model_resolver(allow_pickle=allow_pickle, token=token, quiet=quiet or as_json)  # Hub ids: to the cache
     with planned_merge(recipe, allow_pickle=allow_pickle, resolve_model=resolver, memory_budget=budget) as plan:
         plan.check_finite = check_finite
         if dry_run:
@@ -84,15 +86,15 @@ def merge(
         command = f"mergekit-like merge {RECIPE_FILE} -o OUTPUT"
 
         def finalize(directory: Path, variant: Variant) -> None:
-            write_recipe(directory, recipe)
+            paths = {ref: r.path for ref, r in resolver.resolved.items()}
+            write_recipe(directory, recipe, paths=paths)
             write_model_card(directory, recipe, title=output.name,
                              has_config=(directory / "config.json").exists(),
-                             command=command, variant=variant.label,
-                             paths={ref: r.path for ref, r in resolver.resolved.items()})
+                             command=command, variant=variant.label, paths=paths)
 
         with RichProgress("merge", enabled=not (quiet or as_json)) as progress:
             result = run_merge(plan, output, device=device, overwrite=overwrite,
-                               max_shard_size=max_shard, progress=progress, finalize=finalize)
+                               max_shard_size=max_shard, progress=progress, finalize=finalize, pipeline=pipeline)
     if push_to_hub:
         for written in result.outputs:
             target = push_to_hub if len(result.outputs) == 1 else f"{push_to_hub}-{written.directory.name}"
@@ -121,9 +123,9 @@ def _recipe(
         if len(args) != 1 or not args[0].endswith((".yml", ".yaml")):
             raise RecipeError(["give a recipe .yml, or --method with the models to merge"])
         recipe = load_recipe(args[0])
-        overrides: dict[str, Any] = {}
         if compute_dtype:
-            overrides["compute_dtype"] = parse_dtype(compute_dtype)
+            recipe = recipe.with_compute_dtype(parse_dtype(compute_dtype))
+        overrides: dict[str, Any] = {}
         if out_dtype:
             overrides["out_dtype"] = parse_dtype(out_dtype)
         if seed is not None:

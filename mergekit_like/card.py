@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,16 +13,43 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from mergekit_like import __version__
-from mergekit_like.hub import is_hub_id
+from mergekit_like.hub import is_hub_id, split_ref
 from mergekit_like.recipe import MergeRecipe, dump_recipe
+
+logger = logging.getLogger(__name__)
 
 RECIPE_FILE = "merge_recipe.yml"
 
 
-def write_recipe(directory: Path, recipe: MergeRecipe) -> None:
-    """Writes the fully resolved recipe, with the seed and tool version, to rerun the merge."""
-    text = dump_recipe(recipe, extra={"written by": f"mergekit-like {__version__}"})
+def write_recipe(directory: Path, recipe: MergeRecipe, *, paths: Mapping[str, Path] | None = None) -> None:
+    """Writes the fully resolved recipe, with the seed and tool version, to rerun the merge.
+
+    Resolved: every method parameter is written (defaults included), local inputs as
+    absolute paths (the rerun may start elsewhere), and Hub inputs pinned to the commit
+    they were read at, which ``paths`` (ref -> the directory the input was read from, as
+    for :func:`write_model_card`) gives.
+    """
+    text = dump_recipe(resolved_recipe(recipe, paths), extra={"written by": f"mergekit-like {__version__}"})
     (directory / RECIPE_FILE).write_text(text, encoding="utf-8")
+
+
+def resolved_recipe(recipe: MergeRecipe, paths: Mapping[str, Path] | None = None) -> MergeRecipe:
+    """``recipe`` with every default filled in and every input reference made reproducible."""
+    refs = _all_refs(recipe)
+    if recipe.tokenizer_source not in (None, "base"):
+        refs.append(str(recipe.tokenizer_source))
+    return recipe.with_defaults().with_refs({ref: pinned_ref(ref, paths) for ref in refs})
+
+
+def pinned_ref(ref: str, paths: Mapping[str, Path] | None = None) -> str:
+    """An absolute local path, or a Hub id at its commit (``org/name@sha``) when ``paths`` tells it."""
+    if not is_hub_id(ref):
+        return os.path.abspath(ref)
+    commit = _hub_commit(ref, paths)
+    if commit is None:
+        logger.info("'%s' is written without a pinned commit; a rerun reads its revision of that time", ref)
+        return ref
+    return f"{split_ref(ref)[0]}@{commit}"
 
 
 @dataclass(frozen=True)
@@ -97,10 +126,16 @@ def write_model_card(
 
 
 def _revision_note(ref: str, paths: Mapping[str, Path] | None) -> str:
+    commit = _hub_commit(ref, paths)
+    return f"commit {commit}" if commit else ""
+
+
+def _hub_commit(ref: str, paths: Mapping[str, Path] | None) -> str | None:
+    # The Hub cache keeps every revision under snapshots/<commit sha>.
     path = paths.get(ref) if paths else None
     if path is None or not is_hub_id(ref) or path.parent.name != "snapshots":
-        return ""
-    return f"commit {path.name}"
+        return None
+    return path.name
 
 
 def common_license(paths: Sequence[Path]) -> str | None:

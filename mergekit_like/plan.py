@@ -150,7 +150,7 @@ def plan_merge(
         for ref in refs:
             checkpoints[ref] = stack.enter_context(open_checkpoint(resolve_model(ref), allow_pickle=allow_pickle))
         problems: list[str] = []
-        reference = refs[0]  # the base when the method uses one
+        reference = _reference(recipe, refs)
         names = checkpoints[reference].names()
         problems += _check_names(checkpoints, reference)
         variants = _variants(recipe)
@@ -196,6 +196,16 @@ def _needed_refs(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
     if method.base is not BaseUse.NONE and recipe.base_model is not None:
         refs = [recipe.base_model, *refs]
     return refs
+
+
+def _reference(recipe: MergeRecipe, refs: Sequence[str]) -> str:
+    """The model the output follows: names, shapes, integer tensors and default output dtype.
+
+    The base whenever the recipe names one, also for methods that merge it as one of the
+    models (linear): integer tensors come "from the base, else the first model".
+    """
+    base = recipe.base_model
+    return base if base is not None and base in refs else refs[0]
 
 
 def _check_names(checkpoints: dict[str, Checkpoint], reference: str) -> list[str]:

@@ -8,6 +8,7 @@ does not support are errors, never silently ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,7 @@ import yaml
 
 from mergekit_like.errors import RecipeError, UnsupportedDtypeError
 from mergekit_like.io.dtypes import dtype_name, parse_dtype
-from mergekit_like.methods.registry import BaseUse, MergeMethod, ParamSpec, all_methods
+from mergekit_like.methods.registry import COMPATIBILITY_PARAMS, BaseUse, MergeMethod, ParamSpec, all_methods
 from mergekit_like.parameters import check_value_form, is_gradient, numeric_values
 
 logger = logging.getLogger(__name__)
@@ -92,8 +93,46 @@ class MergeRecipe:
         value = self.parameters.get(name) if name else None
         return list(value) if isinstance(value, list) and is_gradient(value) else None
 
+    def with_defaults(self) -> MergeRecipe:
+        """This recipe with every method parameter it leaves out set, globally, to its default.
+
+        A value set per model or by a filter still wins (per-model > global), and a filter
+        that matches nothing falls through to the global value as it fell to the default,
+        so the merge is unchanged; the recipe just no longer depends on this tool's defaults.
+        """
+        filled = dict(self.parameters)
+        for key, spec in self.method.params.items():
+            if key not in filled and not spec.required:
+                filled[key] = spec.default
+        return dataclasses.replace(self, parameters=filled)
+
+    def with_refs(self, refs: Mapping[str, str]) -> MergeRecipe:
+        """This recipe with model references renamed (``refs``: old -> new; others kept)."""
+        def rename(ref: str) -> str:
+            return refs.get(ref, ref)
+
+        tokenizer = self.tokenizer_source
+        return dataclasses.replace(
+            self,
+            models=tuple(dataclasses.replace(m, model=rename(m.model)) for m in self.models),
+            base_model=None if self.base_model is None else rename(self.base_model),
+            # "base" names the base model, whatever it is called.
+            tokenizer_source=tokenizer if tokenizer in (None, "base") else rename(str(tokenizer)),
+        )
+
+    def with_compute_dtype(self, dtype: torch.dtype) -> MergeRecipe:
+        """Computes in ``dtype`` and writes what the recipe would have written.
+
+        mergekit's ``dtype`` sets both the compute and the output dtype; overriding only
+        the compute dtype (``--compute-dtype``) must not move the output dtype with it.
+        """
+        out = self.out_dtype
+        if out is None and self.dtype_sets_output:
+            out = self.compute_dtype
+        return dataclasses.replace(self, compute_dtype=dtype, out_dtype=out, dtype_sets_output=False)
+
     def to_dict(self) -> dict[str, Any]:
-        """The recipe in YAML-ready form (mergekit's keys plus this tool's)."""
+        """The recipe in YAML-ready form (mergekit's keys plus this tool's), as given."""
         data: dict[str, Any] = {"merge_method": self.merge_method}
         if self.base_model is not None:
             data["base_model"] = self.base_model
@@ -283,8 +322,12 @@ def _check_param(
         return [f"{where}: unknown parameter '{name}' for {method.name} "
                 f"(known: {', '.join(sorted(method.params)) or 'none'})"]
     if name in method.ignored_params:
-        return []
-    spec = method.params[name]
+        # Every ignored parameter is one that changes no number in mergekit either.
+        logger.debug("%s: '%s' is accepted for mergekit compatibility and has no effect on %s",
+                     where, name, method.name)
+        spec = COMPATIBILITY_PARAMS[name]
+    else:
+        spec = method.params[name]
     if per_model_scope and not spec.per_model:
         return [f"{where}: '{name}' is shared by all models; set it under the global parameters"]
     problem = check_value_form(value)

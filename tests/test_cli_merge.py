@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 from huggingface_hub import ModelCard
 from typer.testing import CliRunner
@@ -97,3 +100,39 @@ def test_memory_budget_is_checked_before_any_work(example_models: list[Path], tm
     assert not (tmp_path / "small").exists() and not (tmp_path / "words").exists()
     result = quick_ties(example_models, tmp_path / "ok", "--memory-budget", "8MiB", "-q")
     assert result.exit_code == 0, result.output
+
+
+def read_all(path: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(path) as ckpt:
+        return {n: ckpt.read(n) for n in ckpt.names()}
+
+
+def test_written_recipe_is_resolved_and_reruns_bit_for_bit_from_another_cwd(
+    example_models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = tmp_path / "first"
+    first.mkdir()
+    monkeypatch.chdir(first)
+    base, ft1, ft2 = (os.path.relpath(p, first) for p in example_models[:3])
+    # mergekit's form, relative paths, the method's defaults left out.
+    given = {"merge_method": "ties", "base_model": base, "dtype": "bfloat16",
+             "models": [{"model": ft1, "parameters": {"weight": 0.7, "density": 0.4}},
+                        {"model": ft2, "parameters": {"weight": 0.3, "density": 0.6}}]}
+    Path("recipe.yml").write_text(yaml.safe_dump(given))
+    result = runner.invoke(app, ["merge", "recipe.yml", "-o", "out", "-q"])
+    assert result.exit_code == 0, result.output
+    written = yaml.safe_load((first / "out" / "merge_recipe.yml").read_text())
+    assert written["base_model"] == str(example_models[0])
+    assert [m["model"] for m in written["models"]] == [str(p) for p in example_models[1:3]]
+    assert written["parameters"] == {"normalize": True, "density": 1.0, "rescale": False, "lambda": 1.0,
+                                     "consensus": "sum", "trim_scope": "tensor", "trim_ties": "sort"}
+    assert written["dtype"] == "bfloat16" and written["seed"] == 0
+
+    second = tmp_path / "elsewhere" / "deeper"
+    second.mkdir(parents=True)
+    monkeypatch.chdir(second)
+    result = runner.invoke(app, ["merge", str(first / "out" / "merge_recipe.yml"), "-o", "again", "-q"])
+    assert result.exit_code == 0, result.output
+    original, rerun = read_all(first / "out"), read_all(second / "again")
+    assert original.keys() == rerun.keys()
+    assert all(original[n].dtype == rerun[n].dtype and torch.equal(original[n], rerun[n]) for n in original)

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from huggingface_hub import ModelCard
 
 from helpers import write_checkpoint
 from mergekit_like.engine import plan_merge, planned_merge, run_merge
 from mergekit_like.errors import IncompatibleModelsError, RecipeError
 from mergekit_like.io import open_checkpoint
 from mergekit_like.io.reader import Checkpoint
-from mergekit_like.recipe import load_recipe, parse_recipe, recipe_from_cli
+from mergekit_like.recipe import parse_recipe, recipe_from_cli
 
 
 def merge(recipe, out: Path, **kwargs) -> Path:
@@ -47,7 +44,7 @@ def test_integer_tensors_are_copied_from_the_base(three: list[Path], tmp_path: P
 
 
 def test_linear_output_equals_the_formula(three: list[Path], tmp_path: Path) -> None:
-    base, a, b = map(str, three)
+    _base, a, b = map(str, three)
     out = merge(recipe_from_cli("linear", [a, b], params=["weight=3,1"]), tmp_path / "o")
     ta, tb = read_all(Path(a)), read_all(Path(b))
     torch.testing.assert_close(read_all(out)["w"], (3 * ta["w"] + tb["w"]) / 4)
@@ -85,7 +82,7 @@ def test_missing_tensor_is_reported(tmp_path: Path) -> None:
 
 
 def test_output_equal_to_an_input_is_refused(three: list[Path]) -> None:
-    base, a, b = map(str, three)
+    _base, a, b = map(str, three)
     recipe = recipe_from_cli("linear", [a, b], params=["weight=1"])
     with pytest.raises(IncompatibleModelsError, match="would replace input"):
         merge(recipe, Path(a), overwrite=True)
@@ -190,7 +187,8 @@ def test_vocab_mismatch_base_keeps_the_base_vocabulary(tmp_path: Path) -> None:
     base_rows = torch.arange(12.0).reshape(6, 2)
     small = write_checkpoint(tmp_path / "small", {"model.embed_tokens.weight": base_rows[:4] + 1})
     # "big" is listed first in one run and "small" in the other: padding must use the base, not an input
-    big = write_checkpoint(tmp_path / "big", {"model.embed_tokens.weight": torch.cat([base_rows + 2, torch.ones(2, 2)])})
+    big_rows = torch.cat([base_rows + 2, torch.ones(2, 2)])
+    big = write_checkpoint(tmp_path / "big", {"model.embed_tokens.weight": big_rows})
     base = write_checkpoint(tmp_path / "base", {"model.embed_tokens.weight": base_rows})
     expected = base_rows + 2 + torch.tensor([1.0] * 4 + [0.0] * 2).unsqueeze(1)  # small adds 1 on its 4 rows only
     for order in ((small, big), (big, small)):
@@ -234,3 +232,42 @@ def test_row_chunks_cover_every_row_within_budget() -> None:
     chunks = row_chunks((10, 3), budget=7)
     assert chunks == ((0, 2), (2, 4), (4, 6), (6, 8), (8, 10))
     assert row_chunks((1, 1000), budget=10) is None  # one row cannot be split
+
+
+def test_methods_without_a_base_copy_integer_tensors_from_a_listed_base(three: list[Path], tmp_path: Path) -> None:
+    base, a, _ = map(str, three)  # "steps" differs: arange(3) + the model's index
+    recipe = parse_recipe({"merge_method": "linear", "base_model": base,
+                           "models": [{"model": a, "parameters": {"weight": 1.0}},
+                                      {"model": base, "parameters": {"weight": 1.0}}]})
+    out = read_all(merge(recipe, tmp_path / "o"))
+    assert torch.equal(out["steps"], read_all(Path(base))["steps"])
+    torch.testing.assert_close(out["w"], (read_all(Path(a))["w"] + read_all(Path(base))["w"]) / 2)
+
+
+def test_a_listed_base_also_sets_the_default_output_dtype(tmp_path: Path) -> None:
+    ft = write_checkpoint(tmp_path / "ft", {"w": torch.ones(2, 3)})
+    base = write_checkpoint(tmp_path / "base", {"w": torch.zeros(2, 3, dtype=torch.bfloat16)})
+    recipe = parse_recipe({"merge_method": "uniform_soup", "base_model": str(base),
+                           "models": [str(ft), str(base)]})
+    assert read_all(merge(recipe, tmp_path / "o"))["w"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(("method", "ignored"), [
+    ("task_arithmetic", {"int8_mask": True, "rescale": True, "density": 0.3}),
+    ("dare_linear", {"int8_mask": True}),
+    ("breadcrumbs", {"int8_mask": True}),
+    ("ties", {"int8_mask": True}),
+])
+def test_parameters_mergekit_ignores_change_no_number(
+    method: str, ignored: dict, three: list[Path], tmp_path: Path
+) -> None:
+    base, a, b = map(str, three)
+    data = {"merge_method": method, "base_model": base, "parameters": {"weight": 0.6, "density": 0.5},
+            "models": [{"model": a}, {"model": b}]}
+    if method == "task_arithmetic":
+        del data["parameters"]["density"]
+    plain = read_all(merge(parse_recipe(data), tmp_path / "plain"))
+    data["parameters"] = {**data["parameters"], **ignored}
+    with_ignored = read_all(merge(parse_recipe(data), tmp_path / "ignored"))
+    assert plain.keys() == with_ignored.keys()
+    assert all(torch.equal(plain[n], with_ignored[n]) for n in plain)

@@ -595,6 +595,22 @@ def test_registry_duplicate_name_raises(monkeypatch: pytest.MonkeyPatch) -> None
         merge_method("linear", paper="https://example.org", description="d")(dummy)
 
 
+def test_registry_ignores_only_parameters_mergekit_leaves_unused(monkeypatch: pytest.MonkeyPatch) -> None:
+    all_methods()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    def dummy(tensors: list[torch.Tensor], *, density: float = 1.0) -> torch.Tensor:
+        return tensors[0]
+
+    with pytest.raises(TypeError, match="ignored parameter 'epsilon' is not one of"):
+        merge_method("closed_form_eps", paper="https://example.org", description="d",
+                     ignored_params=("epsilon",))(dummy)
+    with pytest.raises(TypeError, match="'density' is both a kernel parameter and ignored"):
+        merge_method("closed_form_both", paper="https://example.org", description="d",
+                     ignored_params=("density",))(dummy)
+    assert get_method("task_arithmetic").ignored_params == {"int8_mask", "rescale", "density"}
+
+
 @pytest.mark.parametrize("name", sorted(all_methods()))
 def test_every_method_has_a_paper_link(name: str) -> None:
     paper = get_method(name).paper

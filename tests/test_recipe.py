@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergekit_like.card import RECIPE_FILE, pinned_ref, resolved_recipe, write_recipe
 from mergekit_like.errors import RecipeError
 from mergekit_like.recipe import dump_recipe, load_recipe, parse_recipe, recipe_from_cli
 
@@ -126,7 +127,7 @@ def test_recipe_file_errors(tmp_path: Path) -> None:
         load_recipe(tmp_path / "missing.yml")
     bad = tmp_path / "bad.yml"
     bad.write_text("merge_method: [unclosed")
-    with pytest.raises(RecipeError, match="bad.yml: not valid YAML"):
+    with pytest.raises(RecipeError, match=r"bad\.yml: not valid YAML"):
         load_recipe(bad)
 
 
@@ -138,3 +139,105 @@ def test_negative_weights_warn_outside_task_arithmetic(caplog: pytest.LogCapture
     negation = {"merge_method": "task_arithmetic", "base_model": "base",
                 "models": [{"model": "a", "parameters": {"weight": -1.0}}]}
     assert parse_recipe(negation).inputs[0].parameters["weight"] == -1.0
+
+
+# Every parameter mergekit 0.1.5 accepts for each method, with a value other than the default
+# (merge_methods/registry.py and generalized_task_arithmetic.py: the task-arithmetic family
+# shares int8_mask, normalize, rescale, lambda, weight and density; breadcrumbs adds gamma).
+_FAMILY = ({"int8_mask": True, "normalize": True, "rescale": True, "lambda": 0.5}, {"weight": 0.7, "density": 0.5})
+_CRUMBS = (_FAMILY[0], {**_FAMILY[1], "gamma": 0.02})
+MERGEKIT_PARAMETERS = {
+    "task_arithmetic": _FAMILY,
+    "ties": _FAMILY,
+    "dare_linear": _FAMILY,
+    "dare_ties": _FAMILY,
+    "breadcrumbs": _CRUMBS,
+    "breadcrumbs_ties": _CRUMBS,
+    "linear": ({"normalize": False}, {"weight": 0.7}),
+    "slerp": ({"t": 0.3}, {}),
+    "model_stock": ({"filter_wise": True}, {}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(MERGEKIT_PARAMETERS))
+def test_every_parameter_mergekit_accepts_parses(method: str) -> None:
+    global_params, per_model = MERGEKIT_PARAMETERS[method]
+    others = ["a"] if method == "slerp" else ["a", "b"]
+    data = {
+        "merge_method": method,
+        "models": [{"model": m, "parameters": dict(per_model)} for m in others],
+        "parameters": dict(global_params),
+    }
+    if method == "linear":
+        data["base_model"] = "a"  # linear takes no base; a listed one is merged as a model
+    else:
+        data["base_model"] = "base"
+        data["models"].append({"model": "base"})
+    recipe = parse_recipe(data)
+    assert dict(recipe.parameters) == global_params
+    assert all(dict(m.parameters) == per_model for m in recipe.models if m.model != "base")
+
+
+def test_ignored_parameters_are_checked_as_mergekit_checks_them() -> None:
+    data = {"merge_method": "task_arithmetic", "base_model": "base",
+            "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 1.5, "int8_mask": True}}],
+            "parameters": {"int8_mask": "yes", "rescale": 2}}
+    problems = problems_of(data)
+    assert any("parameters: int8_mask: 'yes' is not true or false" in p for p in problems)
+    assert any("rescale: 2 is not true or false" in p for p in problems)
+    assert any("density: 1.5 is outside [0, 1]" in p for p in problems)
+    assert any("'int8_mask' is shared by all models" in p for p in problems)
+    assert len(problems) == 4
+
+
+def test_parameters_that_would_change_numbers_stay_errors() -> None:
+    # DELLA's epsilon and breadcrumbs' gamma change mergekit's numbers; ties implements neither.
+    problems = problems_of(ties_recipe(parameters={"epsilon": 0.1, "gamma": 0.01}))
+    assert any("unknown parameter 'epsilon' for ties" in p for p in problems)
+    assert any("unknown parameter 'gamma' for ties" in p for p in problems)
+    (problem,) = problems_of({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}}],
+                              "parameters": {"int8_mask": True}})
+    assert "unknown parameter 'int8_mask' for linear" in problem
+
+
+def test_with_defaults_writes_every_method_parameter_and_keeps_given_values() -> None:
+    recipe = parse_recipe(ties_recipe()).with_defaults()
+    assert dict(recipe.parameters) == {
+        "normalize": True, "density": 1.0, "rescale": False, "lambda": 1.0, "consensus": "sum",
+        "trim_scope": "tensor", "trim_ties": "sort",
+    }
+    assert recipe.models[0].parameters["density"] == 0.5  # per-model values still win
+    assert recipe.with_defaults() == recipe
+
+
+def test_resolved_recipe_has_absolute_paths_and_pinned_hub_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "cache" / "models--org--ft" / "snapshots" / sha
+    data = {"merge_method": "task_arithmetic", "base_model": "models/base", "tokenizer_source": "org/ft",
+            "models": [{"model": "org/ft", "parameters": {"weight": 1.0}}, {"model": "org/other@main"}],
+            "parameters": {"weight": 0.5}}
+    recipe = resolved_recipe(parse_recipe(data), paths={"org/ft": snapshot, "models/base": Path("models/base")})
+    assert recipe.base_model == str(tmp_path / "models" / "base")
+    assert [m.model for m in recipe.models] == [f"org/ft@{sha}", "org/other@main"]  # no commit known: kept
+    assert recipe.tokenizer_source == f"org/ft@{sha}"
+    assert recipe.parameters == {"weight": 0.5, "normalize": False, "lambda": 1.0}
+    assert pinned_ref("org/ft") == "org/ft"
+    write_recipe(tmp_path, parse_recipe(data), paths={"org/ft": snapshot})
+    assert load_recipe(tmp_path / RECIPE_FILE) == recipe
+
+
+def test_compute_dtype_override_keeps_the_output_dtype_that_dtype_set() -> None:
+    recipe = parse_recipe(ties_recipe()).with_compute_dtype(torch.float32)
+    assert recipe.compute_dtype == torch.float32 and recipe.out_dtype == torch.bfloat16
+    assert not recipe.dtype_sets_output
+    explicit = parse_recipe(ties_recipe(out_dtype="float16")).with_compute_dtype(torch.float32)
+    assert explicit.out_dtype == torch.float16
+    data = ties_recipe()
+    del data["dtype"]
+    without = parse_recipe(data).with_compute_dtype(torch.float64)
+    assert without.compute_dtype == torch.float64 and without.out_dtype is None
+    assert parse_recipe(recipe.to_dict()) == recipe  # and it survives the written recipe

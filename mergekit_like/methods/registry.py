@@ -80,7 +80,7 @@ class MergeMethod:
     uses_generator: bool
     # Takes ``thresholds``: each model's whole-model top-k magnitude (TIES trim_scope: model).
     uses_model_topk: bool = False
-    # Accepted for compatibility with mergekit recipes, and ignored (e.g. int8_mask).
+    # Accepted for compatibility with mergekit recipes, and ignored (see COMPATIBILITY_PARAMS).
     ignored_params: frozenset[str] = frozenset()
     # A parameter whose list value means "one output per value" rather than a gradient.
     sweep_param: str | None = None
@@ -91,6 +91,18 @@ class MergeMethod:
     def __call__(self, tensors: list[torch.Tensor], **kwargs: Any) -> torch.Tensor:
         return self.kernel(tensors, **kwargs)
 
+
+# Parameters mergekit declares for a whole method family (its generalized task arithmetic)
+# although some members never read them: task_arithmetic neither sparsifies (density,
+# rescale) nor elects signs (int8_mask), and int8_mask only picks the dtype of a sign mask
+# that is compared, never multiplied, so it changes no number in any method. A method
+# lists the ones it ignores; recipes may set them, and their values are checked as
+# mergekit checks them.
+COMPATIBILITY_PARAMS: dict[str, ParamSpec] = {
+    "int8_mask": ParamSpec("int8_mask", bool, per_model=False, default=False),
+    "rescale": ParamSpec("rescale", bool, per_model=False, default=False),
+    "density": ParamSpec("density", float, per_model=True, default=1.0),
+}
 
 _REGISTRY: dict[str, MergeMethod] = {}
 
@@ -122,6 +134,7 @@ def merge_method(
                 raise TypeError(f"{kernel.__name__}: parameter {parameter.name} must be keyword-only")
             spec = _param_spec(parameter, hints[parameter.name])
             params[spec.recipe_name] = spec
+        _check_ignored(kernel.__name__, ignored_params, params)
         uses_base = "base" in signature.parameters
         base_use = base or (BaseUse.REQUIRED if uses_base else BaseUse.NONE)
         kernel = _broadcasting_per_model(kernel, [p for p in params.values() if p.per_model])
@@ -136,6 +149,14 @@ def merge_method(
         return kernel
 
     return register
+
+
+def _check_ignored(kernel: str, ignored: tuple[str, ...], params: dict[str, ParamSpec]) -> None:
+    for name in ignored:
+        if name not in COMPATIBILITY_PARAMS:
+            raise TypeError(f"{kernel}: ignored parameter {name!r} is not one of {sorted(COMPATIBILITY_PARAMS)}")
+        if name in params:
+            raise TypeError(f"{kernel}: parameter {name!r} is both a kernel parameter and ignored")
 
 
 def _broadcasting_per_model(

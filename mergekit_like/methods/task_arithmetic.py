@@ -13,6 +13,9 @@ from mergekit_like.methods.task_vectors import merge_task_vectors
     elementwise=True,
     paper="https://arxiv.org/abs/2212.04089",
     description="base + lambda * sum w_i (x_i - base), optionally divided by sum w_i.",
+    # mergekit declares these for its whole task-arithmetic family; task_arithmetic
+    # neither sparsifies nor elects signs, so there they change nothing.
+    ignored_params=("int8_mask", "rescale", "density"),
 )
 def task_arithmetic(
     tensors: list[torch.Tensor],
