@@ -34,12 +34,8 @@ def warn_if_token_on_command_line(token: str | None) -> None:
 
 def push_and_report(directory: Path, repo_id: str, *, private: bool, revision: str | None,
                     commit_message: str | None, create_pr: bool, token: str | None, quiet: bool) -> PushResult:
-    if quiet:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
     result = push(directory, repo_id, private=private, revision=revision, commit_message=commit_message,
-                  create_pr=create_pr, token=token)
+                  create_pr=create_pr, token=token, quiet=quiet)  # quiet: no upload progress bars either
     if not quiet:
         where = result.pr_url or result.commit_url or f"{repo_id}@{result.revision}"
         console.print(f"pushed {directory} to {repo_id} ({where})", highlight=False)

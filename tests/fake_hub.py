@@ -33,7 +33,8 @@ headers as the Hub does (RepoNotFound, RevisionNotFound, EntryNotFound).
 Fault injection: ``fake_hub.fail_next("/commit/", status=500, times=1)`` makes the next matching request fail
 (``after=True``: process it, then answer the error, i.e. a lost response; ``drop=True``: close the connection
 without answering; ``truncate=N``: send only N bytes of the body). ``count(endpoint)`` counts requests per endpoint
-name (see ``ENDPOINTS``), ``commits(repo_id)`` lists a repo's commits in creation order.
+name (see ``ENDPOINTS``), ``user_agents(endpoint)`` lists the User-Agent header of each request, ``commits(repo_id)``
+lists a repo's commits in creation order.
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ class RequestRecord:
     status: int | None = None  # None: connection dropped
     user: str | None = None
     injected: bool = False
+    user_agent: str | None = None  # so tests can check what the client says it is
 
 
 @dataclass
@@ -538,6 +540,11 @@ class FakeHub:
                 and (path_contains is None or path_contains in r.path)
             )
 
+    def user_agents(self, endpoint: str | None = None) -> list[str | None]:
+        """The User-Agent header of every request received (matching `endpoint`), in arrival order."""
+        with self._lock:
+            return [r.user_agent for r in self.requests if endpoint is None or r.endpoint == endpoint]
+
     def reset_counters(self) -> None:
         with self._lock:
             self.requests.clear()
@@ -763,7 +770,10 @@ class FakeHub:
         token_str = auth[7:].strip() if auth.lower().startswith("bearer ") else None
         token = self.tokens.get(token_str) if token_str else None
         handler, endpoint = self._route(method, segs)
-        record = RequestRecord(method=method, path=target, endpoint=endpoint, user=token.user if token else None)
+        record = RequestRecord(
+            method=method, path=target, endpoint=endpoint, user=token.user if token else None,
+            user_agent=h.headers.get("User-Agent"),
+        )
         with self._lock:
             self.requests.append(record)
             rule = next((r for r in self._faults if r.matches(method, endpoint, target, h.path)), None)

@@ -301,3 +301,11 @@ def test_client_patching_is_restored(tmp_path: Path) -> None:
         assert constants.HF_HUB_CACHE == str(tmp_path / "home" / "hub")
     assert (constants.ENDPOINT, constants.HF_HUB_CACHE, os.environ.get("HF_ENDPOINT")) == (endpoint, cache, env)
     assert huggingface_hub.hf_api.api.endpoint == endpoint
+
+
+def test_requests_record_the_user_agent(fake_hub: FakeHub) -> None:
+    fake_hub.api("hf_writer", library_name="probe-tool", library_version="9.9").whoami()
+    get_session().get(f"{fake_hub.endpoint}/api/whoami-v2", headers={"User-Agent": "plain/1"})
+    agents = fake_hub.user_agents("whoami")
+    assert len(agents) == 2 and "probe-tool/9.9" in (agents[0] or "") and agents[1] == "plain/1"
+    assert fake_hub.user_agents("commit") == []
