@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
 import typer
-from mergekit_like.cli.output import RichProgress, console, handle_errors, human_bytes, print_json
+from mergekit_like.cli.output import RichProgress, console, err_console, handle_errors, human_bytes, print_json
 from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 
 from mergekit_like.averaging.offline import (
     AverageOutput,
+    MemoryBound,
     ema_outputs,
     lawa_outputs,
-    peak_states,
     run_average,
     sfa_outputs,
     swa_outputs,
+    trajectory_memory_bound,
 )
-from mergekit_like.averaging.trajectory import TrajectoryPoint, discover, from_paths
-from mergekit_like.card import CardContent, write_card
-from mergekit_like.errors import RecipeError
-from mergekit_like.io import open_checkpoint, parse_size
+from mergekit_like.averaging.trajectory import TrajectoryPoint, discover, from_paths, root_weights
+from mergekit_like.card import CardContent, common_license, write_card
+from mergekit_like.errors import CheckpointNotFoundError, RecipeError
+from mergekit_like.hub import ModelResolver, model_resolver
+from mergekit_like.io import parse_size
 from mergekit_like.io.dtypes import parse_dtype
 
 HELP = """Average the checkpoints of a training run (one streaming pass).
@@ -58,7 +61,8 @@ def _floats(text: str | None, option: str) -> list[float]:
 
 @handle_errors
 def average(
-    paths: list[Path] = typer.Argument(..., help="A run directory, or checkpoints listed in training order."),
+    paths: list[str] = typer.Argument(
+        ..., help="A run directory, or checkpoints listed in training order; local paths or ORG/NAME[@REV]."),
     method: str = typer.Option(..., "--method", "-m", help="ema, swa, lawa or sfa."),
     output: Path = typer.Option(None, "--output", "-o", help="Output directory."),
     decay: str = typer.Option(None, "--decay", help="EMA decay per step; several: 0.99,0.999 (one output each)."),
@@ -70,9 +74,10 @@ def average(
     nu: int = typer.Option(0, "--nu", min=0, help="LAWA: the least steps between averaged checkpoints."),
     every_step: bool = typer.Option(False, "--every-step", help="LAWA: one output at every checkpoint."),
     beta: float = typer.Option(0.5, "--beta", min=0.0, max=1.0, help="SFA: pull toward the anchor."),
-    anchor: Path = typer.Option(None, "--anchor", help="SFA: the checkpoint at the start of the task."),
+    anchor: str = typer.Option(None, "--anchor", help="SFA: the checkpoint at the start of the task (or ORG/NAME)."),
     out_dtype: str = typer.Option(None, "--out-dtype", help="Dtype to write (default: the checkpoints')."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard (decimal units)."),
+    check_finite: bool = typer.Option(False, "--check-finite", help="Refuse checkpoints holding NaN or Inf values."),
     list_only: bool = typer.Option(False, "--list", help="Print the checkpoints found, in order, and stop."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT once the new one is complete."),
     push_to_hub: str = typer.Option(None, "--push-to-hub", help="Push the output(s) to ORG/NAME once complete."),
@@ -82,31 +87,41 @@ def average(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     warn_if_token_on_command_line(token)
-    points = _trajectory(paths, method, anchor)
-    outputs = _outputs(points, method, decay, half_life, per_checkpoint, start, end, k, nu, every_step, beta)
+    resolver = model_resolver(token=token, quiet=quiet or as_json)  # Hub ids: fetched into the cache once
+    settings = _settings(method, decay, half_life, per_checkpoint, start, end, k, nu, every_step, beta)
     if list_only:
-        _print_list(points, outputs, as_json)
+        points = _trajectory(paths, method, anchor, resolver, listing=True)
+        _print_list(points, *_listed_outputs(points, method, settings, anchor), as_json)
         return
+    points = _trajectory(paths, method, anchor, resolver)
+    outputs = _outputs(points, method, settings)
     if output is None:
         raise typer.BadParameter("give the output directory with -o/--output", param_hint="-o")
-    settings = {"method": method, "checkpoints": [str(p.path) for p in points],
-                "steps": [p.step for p in points], **_settings(method, decay, half_life, per_checkpoint,
-                                                               start, end, k, nu, every_step, beta)}
+    refs = {r.path: ref for ref, r in resolver.resolved.items()}  # local path -> what the user typed
+    recipe = {"method": method, "checkpoints": [refs.get(p.path, str(p.path)) for p in points],
+              "steps": [p.step for p in points], **settings}
+    command = _command(paths, method, settings, anchor, out_dtype)
+    license_ = common_license([p.path for p in points])
 
     def finalize(directory: Path, index: int) -> None:
         out = outputs[index]
         paper, description = PAPERS[method]
-        inputs = [(str(points[i].path), f"step {points[i].step}") for i in out.indices]
         write_card(directory, CardContent(
             title=output.name + (f" ({out.label})" if len(outputs) > 1 else ""), method=method, paper=paper,
-            description=description, inputs=inputs, recipe={**settings, "output": out.label},
-            has_config=(directory / "config.json").exists(), relation="merge",
+            description=description, inputs=[_card_input(points[i], resolver) for i in out.indices],
+            recipe={**recipe, "output": out.label}, has_config=(directory / "config.json").exists(),
+            command=command, relation="merge", license=license_,
         ))
+
+    def announce(bound: MemoryBound) -> None:
+        if not (quiet or as_json):
+            err_console.print(f"memory bound: {human_bytes(bound.bytes)} ({bound.describe()})", highlight=False)
 
     with RichProgress("average", enabled=not (quiet or as_json)) as progress:
         written = run_average(
             points, outputs, output, out_dtype=parse_dtype(out_dtype) if out_dtype else None,
             overwrite=overwrite, max_shard_size=_size(shard_size), progress=progress, finalize=finalize,
+            check_finite=check_finite, announce=announce,
         )
     for w in written if push_to_hub else []:
         target = push_to_hub if len(written) == 1 else f"{push_to_hub}-{w.directory.name}"
@@ -128,68 +143,128 @@ def _size(text: str) -> int:
         raise typer.BadParameter(str(exc), param_hint="--shard-size") from None
 
 
-def _trajectory(paths: list[Path], method: str, anchor: Path | None) -> list[TrajectoryPoint]:
-    if method == "sfa":
-        if anchor is None:
-            raise RecipeError(["sfa needs --anchor: the checkpoint at the start of the task"])
-        model = discover(paths[0])[-1] if len(paths) == 1 and _is_run_dir(paths[0]) else from_paths(paths)[-1]
-        return [TrajectoryPoint(0, anchor), TrajectoryPoint(1, model.path)]
-    if len(paths) == 1 and _is_run_dir(paths[0]):
-        return discover(paths[0])
-    return from_paths(paths)
+def _trajectory(paths: list[str], method: str, anchor: str | None, resolve: ModelResolver, *,
+                listing: bool = False) -> list[TrajectoryPoint]:
+    """The checkpoints to average; for sfa, [anchor, model]. ``listing`` lists sfa's model without an anchor."""
+    found = _found(paths, resolve)
+    if method != "sfa" or (listing and anchor is None):
+        return found
+    if anchor is None:
+        raise RecipeError(["sfa needs --anchor: the checkpoint at the start of the task"])
+    if len(paths) > 1:
+        raise RecipeError([f"sfa averages one model with its anchor, but {len(paths)} were given "
+                           f"({', '.join(paths[:3])}); give the one model to pull toward --anchor"])
+    # A run directory stands for its newest checkpoint: the model at the end of the task.
+    return [TrajectoryPoint(0, resolve(anchor)), TrajectoryPoint(1, found[-1].path)]
 
 
-def _is_run_dir(path: Path) -> bool:
-    """A directory that is not itself a checkpoint."""
-    return path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin"))
+def _found(paths: list[str], resolve: ModelResolver) -> list[TrajectoryPoint]:
+    local = [resolve(p) for p in paths]
+    if len(local) == 1 and local[0].is_dir():
+        return _in_directory(local[0])
+    return from_paths(local)
 
 
-def _outputs(points: list[TrajectoryPoint], method: str, decay: str | None, half_life: str | None,
-             per_checkpoint: bool, start: int | None, end: int | None, k: int, nu: int, every_step: bool,
-             beta: float) -> list[AverageOutput]:
-    if method == "ema":
-        decays, half_lives = _floats(decay, "--decay"), _floats(half_life, "--half-life")
-        if not decays and not half_lives:
-            raise RecipeError(["ema needs --decay or --half-life"])
-        bad = [d for d in decays if not 0 <= d < 1] + [h for h in half_lives if h <= 0]
-        if bad:
-            raise RecipeError([f"decays must lie in [0, 1) and half-lives be positive; got {bad}"])
-        return ema_outputs(points, decays, half_lives, per_checkpoint)
-    if method == "swa":
-        return swa_outputs(points, start, end)
-    if method == "lawa":
-        return lawa_outputs(points, k, nu, every_step)
-    if method == "sfa":
-        return sfa_outputs(beta)
-    raise RecipeError([f"unknown averaging method {method!r} (known: ema, swa, lawa, sfa)"])
+def _in_directory(directory: Path) -> list[TrajectoryPoint]:
+    """The step-named checkpoints inside ``directory``, or the directory itself when it has none."""
+    try:
+        points = discover(directory)
+    except CheckpointNotFoundError:
+        if not root_weights(directory):
+            raise
+        return from_paths([directory])  # nothing step-named inside: the directory is one checkpoint
+    ignored = root_weights(directory)
+    if ignored:
+        names = ", ".join(p.name for p in ignored[:3]) + (", ..." if len(ignored) > 3 else "")
+        err_console.print(f"warning: {directory}: ignoring the weights at its root ({names}); averaging its "
+                          f"{len(points)} step-named checkpoints (list checkpoints explicitly to choose)",
+                          highlight=False, soft_wrap=True)
+    return points
+
+
+def _card_input(point: TrajectoryPoint, resolver: ModelResolver) -> tuple[str, str]:
+    """(reference, role) for the card: Hub inputs by repo id and commit, local ones by path."""
+    for ref, resolved in resolver.resolved.items():
+        if resolved.path == point.path and resolved.repo_id is not None:
+            return ref, f"step {point.step}, commit {resolved.commit}"
+    return str(point.path), f"step {point.step}"
+
+
+def _command(paths: list[str], method: str, settings: dict[str, Any], anchor: str | None,
+             out_dtype: str | None) -> str:
+    """The command line that reproduces this run; never the token (it is not a setting)."""
+    words = ["mergekit-like", "average", *paths, "--method", method]
+    for key, value in settings.items():
+        option = "--" + key.replace("_", "-")
+        if value is True:
+            words.append(option)
+        elif value is not False:
+            words += [option, str(value)]
+    if anchor is not None:
+        words += ["--anchor", anchor]
+    if out_dtype is not None:
+        words += ["--out-dtype", out_dtype]
+    return shlex.join([*words, "-o", "OUTPUT"])
 
 
 def _settings(method: str, decay: str | None, half_life: str | None, per_checkpoint: bool,
               start: int | None, end: int | None, k: int, nu: int, every_step: bool, beta: float
               ) -> dict[str, Any]:
+    """The options that apply to ``method`` (those not given left out): for the outputs and the card."""
     by_method: dict[str, dict[str, Any]] = {
         "ema": {"decay": decay, "half_life": half_life, "per_checkpoint": per_checkpoint},
         "swa": {"start": start, "end": end},
         "lawa": {"k": k, "nu": nu, "every_step": every_step},
         "sfa": {"beta": beta},
     }
-    chosen = by_method[method]
-    return {key: value for key, value in chosen.items() if value is not None}
+    if method not in by_method:
+        raise RecipeError([f"unknown averaging method {method!r} (known: {', '.join(by_method)})"])
+    return {key: value for key, value in by_method[method].items() if value is not None}
 
 
-def _print_list(points: list[TrajectoryPoint], outputs: list[AverageOutput], as_json: bool) -> None:
-    with open_checkpoint(points[-1].path) as newest:
-        largest = max((e.numel for e in newest.entries()), default=0)
-    bound = (peak_states(outputs) + 1) * largest * 4
+def _outputs(points: list[TrajectoryPoint], method: str, settings: dict[str, Any]) -> list[AverageOutput]:
+    if method == "ema":
+        decays = _floats(settings.get("decay"), "--decay")
+        half_lives = _floats(settings.get("half_life"), "--half-life")
+        if not decays and not half_lives:
+            raise RecipeError(["ema needs --decay or --half-life"])
+        bad = [d for d in decays if not 0 <= d < 1] + [h for h in half_lives if h <= 0]
+        if bad:
+            raise RecipeError([f"decays must lie in [0, 1) and half-lives be positive; got {bad}"])
+        return ema_outputs(points, decays, half_lives, settings["per_checkpoint"])
+    if method == "swa":
+        return swa_outputs(points, settings.get("start"), settings.get("end"))
+    if method == "lawa":
+        return lawa_outputs(points, settings["k"], settings["nu"], settings["every_step"])
+    return sfa_outputs(settings["beta"])
+
+
+def _listed_outputs(points: list[TrajectoryPoint], method: str, settings: dict[str, Any],
+                    anchor: str | None) -> tuple[list[AverageOutput], str | None]:
+    """The outputs, or why they cannot be shown: --list lists the checkpoints even without the settings."""
+    if method == "sfa" and anchor is None:
+        return [], "sfa needs --anchor"
+    try:
+        return _outputs(points, method, settings), None
+    except RecipeError as exc:
+        return [], str(exc)
+
+
+def _print_list(points: list[TrajectoryPoint], outputs: list[AverageOutput], unshown: str | None,
+                as_json: bool) -> None:
+    bound = trajectory_memory_bound(points, outputs) if outputs else None
     if as_json:
         print_json({"checkpoints": [{"step": p.step, "path": str(p.path)} for p in points],
                     "outputs": [{"label": o.label, "steps": [points[i].step for i in o.indices]} for o in outputs],
-                    "memory_bound_bytes": bound})
+                    "memory_bound_bytes": bound.bytes if bound else None, "outputs_not_shown": unshown})
         return
     for point in points:
-        console.print(f"{point.step:>10}  {point.path}", highlight=False)
+        console.print(f"{point.step:>10}  {point.path}", highlight=False, soft_wrap=True)
+    if unshown:
+        console.print(f"outputs not shown: {unshown}", highlight=False, soft_wrap=True)
     for out in outputs:
         steps = ", ".join(str(points[i].step) for i in out.indices)
         console.print(f"output {out.label or '.'}: steps {steps}", highlight=False, soft_wrap=True)
-    console.print(f"memory bound: {peak_states(outputs)} float32 state(s) + 1 read tensor of the largest "
-                  f"({human_bytes(bound)})", highlight=False)
+    if bound is not None:
+        console.print(f"memory bound: {human_bytes(bound.bytes)} ({bound.describe()})", highlight=False,
+                      soft_wrap=True)

@@ -52,7 +52,7 @@ def soup(
     check_target(output, overwrite=overwrite)
     result: GreedySoupResult | None = None
     ingredients = list(models)
-    resolver = model_resolver(token=token)  # Hub ids are fetched into the cache once
+    resolver = model_resolver(token=token, quiet=quiet or as_json)  # Hub ids are fetched into the cache once
     if greedy:
         if not eval_cmd:
             raise typer.BadParameter("--greedy needs --eval-cmd", param_hint="--eval-cmd")
@@ -68,14 +68,16 @@ def soup(
     recipe = uniform_soup_recipe(ingredients, compute_dtype)
 
     def finalize(directory: Path, _variant: object) -> None:
-        write_recipe(directory, recipe)
+        # Where each ingredient was read from: the card names Hub commits and the inputs' common license.
+        paths = {ref: r.path for ref, r in resolver.resolved.items()}
+        write_recipe(directory, recipe, paths=paths)
         note = None
         if result is not None:
             (directory / SCORES_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
             note = (f"Greedy soup: kept {len(result.kept)} of {len(models)} ingredients; score {result.score:g}. "
                     f"Every score is in `{SCORES_FILE}`.")
         write_model_card(directory, recipe, title=output.name, has_config=(directory / "config.json").exists(),
-                         command=f"mergekit-like merge {RECIPE_FILE} -o OUTPUT", variant=None)
+                         command=f"mergekit-like merge {RECIPE_FILE} -o OUTPUT", variant=None, paths=paths)
         if note:
             readme = directory / "README.md"
             readme.write_text(readme.read_text() + "\n" + note + "\n")

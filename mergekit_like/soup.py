@@ -2,14 +2,16 @@
 
 Greedy: score every ingredient alone, sort best first, start the soup with the
 best, then add each next ingredient only if the uniform soup with it scores
-strictly better (by more than ``tolerance``) than the best so far. Candidate
-soups are written to a temporary directory and removed.
+strictly better (by more than ``tolerance``) than the best so far. Each
+candidate soup is written to a temporary directory and removed as soon as it
+is scored, so the disk holds one candidate at a time, not one per ingredient.
 """
 
 from __future__ import annotations
 
 import math
 import shlex
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
@@ -97,10 +99,13 @@ def greedy_soup(
     compute_dtype: str | None = None,
     on_step: Callable[[SoupStep], None] | None = None,
     resolve_model: Callable[[str], Path] = Path,
+    keep_soups: str | Path | None = None,
 ) -> GreedySoupResult:
     """Chooses the ingredients of a greedy soup; returns them with every score seen.
 
     ``resolve_model`` turns an ingredient reference into a local directory (Hub ids).
+    ``keep_soups``: a directory in which to keep every candidate soup (``soup-N``) for
+    inspection; without it each candidate is deleted right after it is scored.
     """
     if len(set(models)) != len(models):
         raise EvaluationError("an ingredient is listed twice")
@@ -114,11 +119,13 @@ def greedy_soup(
         on_step(steps[0])
     with tempfile.TemporaryDirectory(prefix="greedy-soup-", dir=workdir) as scratch:
         for number, candidate in enumerate(ranked[1:], 1):
-            soup_dir = Path(scratch) / f"soup-{number}"
+            soup_dir = Path(keep_soups or scratch) / f"soup-{number}"
             recipe = uniform_soup_recipe([*kept, candidate], compute_dtype)
             with planned_merge(recipe, resolve_model=resolve_model) as plan:
                 run_merge(plan, soup_dir)
             score = evaluate(soup_dir)
+            if keep_soups is None:
+                shutil.rmtree(soup_dir)  # a soup is a whole model: never hold one per ingredient on disk
             better = sign * (score - best) > tolerance
             if better:
                 kept.append(candidate)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,27 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from helpers import write_checkpoint
-from mergekit_like.averaging import EMA, LAWA, SWA, UniformMean, decay_from_half_life, lawa_selection, sfa_merge
-from mergekit_like.averaging.offline import ema_outputs, lawa_outputs, peak_states, run_average, swa_outputs
+from mergekit_like.averaging import (
+    EMA,
+    LAWA,
+    SWA,
+    UniformMean,
+    decay_from_half_life,
+    lawa_selection,
+    offline,
+    sfa_merge,
+)
+from mergekit_like.averaging.offline import (
+    ema_outputs,
+    lawa_outputs,
+    memory_bound,
+    peak_states,
+    run_average,
+    sfa_outputs,
+    swa_outputs,
+)
 from mergekit_like.averaging.sfa import AnchorPull
-from mergekit_like.averaging.trajectory import TrajectoryPoint, discover, from_paths
+from mergekit_like.averaging.trajectory import discover, from_paths, root_weights, step_of
 from mergekit_like.errors import CheckpointNotFoundError, IncompatibleModelsError, InvalidCheckpointError, RecipeError
 from mergekit_like.io import open_checkpoint
 
@@ -52,10 +70,11 @@ def test_ema_stays_in_float32_for_bf16_snapshots() -> None:
 
 
 def test_integer_tensors_come_from_the_newest_snapshot() -> None:
-    for averager in (EMA(0.9), SWA(), UniformMean()):
+    for averager in (EMA(0.9), SWA(), UniformMean(), LAWA(k=2), AnchorPull(0.5)):
         averager.update(snap(1.0, 5), 1)
         averager.update(snap(3.0, 7), 2)
-        assert averager.result()["n"].item() == 7
+        assert averager.result()["n"].item() == 7, type(averager).__name__
+        assert averager.result()["n"].dtype == torch.int64, type(averager).__name__
 
 
 def test_swa_window_and_running_mean() -> None:
@@ -156,7 +175,7 @@ def test_duplicate_and_conflicting_steps_are_errors(tmp_path: Path) -> None:
     with pytest.raises(InvalidCheckpointError, match="both at step 100"):
         discover(run)
     (run / "checkpoint-100" / "trainer_state.json").write_text(json.dumps({"global_step": 99}))
-    with pytest.raises(InvalidCheckpointError, match="name says step 100 but trainer_state.json says 99"):
+    with pytest.raises(InvalidCheckpointError, match=r"name says step 100 but trainer_state\.json says 99"):
         discover(run)
 
 
@@ -168,6 +187,28 @@ def test_unparseable_and_empty_runs(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointNotFoundError, match="holds no checkpoints"):
         discover(tmp_path / "empty")
+
+
+def test_only_unparseable_entries_name_them(tmp_path: Path) -> None:
+    for name in ("best", "final"):
+        write_checkpoint(tmp_path / "run" / name, {"w": torch.ones(1)})
+    with pytest.raises(InvalidCheckpointError, match="no step number in the name of best, final"):
+        discover(tmp_path / "run")
+
+
+def test_root_weights_beside_step_named_checkpoints_are_not_points(tmp_path: Path) -> None:
+    run = make_run(tmp_path, [10, 20])
+    write_checkpoint(run, {"w": torch.ones(3, 2)})  # a Trainer's final model.safetensors at the root
+    (run / "training_args.bin").write_bytes(b"not weights")
+    assert [p.path.name for p in discover(run)] == ["checkpoint-10", "checkpoint-20"]
+    assert [p.name for p in root_weights(run)] == ["model.safetensors"]
+
+
+def test_deeply_nested_trainer_state_is_the_tools_error(tmp_path: Path) -> None:
+    checkpoint = write_checkpoint(tmp_path / "final", {"w": torch.ones(1)})
+    (checkpoint / "trainer_state.json").write_text("[" * 100_000)
+    with pytest.raises(InvalidCheckpointError, match=r"trainer_state\.json: is not a JSON object"):
+        step_of(checkpoint)
 
 
 def test_explicit_list_keeps_order_and_numbers_positions(tmp_path: Path) -> None:
@@ -224,5 +265,77 @@ def test_checkpoints_with_different_tensors_are_refused(tmp_path: Path) -> None:
     run = make_run(tmp_path, [1, 2])
     write_checkpoint(run / "checkpoint-3", {"v": torch.ones(1)})
     points = discover(run)
-    with pytest.raises(IncompatibleModelsError, match="checkpoint-1 .*missing"):
+    with pytest.raises(IncompatibleModelsError, match=r"checkpoint-1 .*missing"):
         run_average(points, ema_outputs(points, [0.9]), tmp_path / "out")
+
+
+def input_fds(directory: Path) -> int:
+    """How many of this process's file descriptors point into ``directory``."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed between listdir and readlink
+        count += target.startswith(str(directory))
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors through /proc")
+def test_many_checkpoints_never_hold_more_open_files_than_the_cap(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = list(range(1, offline.MAX_OPEN_FILES + 7))
+    run = make_run(tmp_path, steps)
+    points = discover(run)
+    most = 0
+    original = offline.Checkpoint.read
+
+    def counting_read(self: offline.Checkpoint, name: str, **kwargs: object) -> torch.Tensor:
+        nonlocal most
+        tensor = original(self, name, **kwargs)  # type: ignore[arg-type]
+        most = max(most, input_fds(run))
+        return tensor
+
+    monkeypatch.setattr(offline.Checkpoint, "read", counting_read)
+    written = run_average(points, swa_outputs(points, None, None), tmp_path / "out")
+    assert most == 1  # over the cap: each checkpoint's file is closed after its read
+    mean = sum(range(len(steps))) / len(steps)  # checkpoint i holds the value i
+    assert read(written[0].directory)["w"][0, 0].item() == pytest.approx(mean)
+    assert input_fds(run) == 0
+
+
+def test_few_checkpoints_stay_open_across_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    closed: list[Path] = []
+    original = offline.Checkpoint.close
+
+    def recording_close(self: offline.Checkpoint) -> None:
+        closed.append(self.path)
+        original(self)
+
+    monkeypatch.setattr(offline.Checkpoint, "close", recording_close)
+    points = discover(make_run(tmp_path, [1, 2, 3]))
+    run_average(points, swa_outputs(points, None, None), tmp_path / "out")
+    assert len(closed) == 3  # once each, at the end; not after every tensor (2 tensors x 3 checkpoints)
+
+
+def test_memory_bound_counts_states_read_tensor_temporaries_and_cast(tmp_path: Path) -> None:
+    points = discover(make_run(tmp_path, [1, 2, 3], dtype=torch.bfloat16))
+    outputs = ema_outputs(points, decays=[0.9, 0.99])
+    with open_checkpoint(points[-1].path) as newest:
+        bound = memory_bound(newest, outputs, files=3)
+    n = 3 * 2  # the largest tensor, "w", in bf16
+    assert bound.bytes == n * (2 * 4 + 2 + 2 * 4 + 2) and bound.states == 2 and bound.tensor == "w"
+    assert peak_states(sfa_outputs(0.5)) == 2  # SFA's state holds the anchor as well
+
+
+def test_check_finite_names_the_tensor_and_the_checkpoint(tmp_path: Path) -> None:
+    run = make_run(tmp_path, [1, 2, 3])
+    write_checkpoint(run / "checkpoint-2", {"w": torch.tensor([[0.0, float("nan")]] * 3),
+                                            "count": torch.tensor(2)})
+    points = discover(run)
+    outputs = ema_outputs(points, [0.9])
+    with pytest.raises(InvalidCheckpointError, match=r"checkpoint-2: tensor 'w': 3 NaN or infinite values") as info:
+        run_average(points, outputs, tmp_path / "out", check_finite=True)
+    assert "step 2" in str(info.value)
+    assert not (tmp_path / "out").exists()
+    run_average(points, outputs, tmp_path / "unchecked")  # without the flag the NaN is averaged in

@@ -13,10 +13,18 @@ from typer.testing import CliRunner
 
 from helpers import write_checkpoint
 from mergekit_like.cli.main import app
+from mergekit_like.hub import push
 from mergekit_like.io import open_checkpoint
 from mergekit_like.soup import command_evaluator, greedy_soup
 
+pytest.register_assert_rewrite("fake_hub")
+from fake_hub import FakeHub  # noqa: E402
+
+pytest_plugins = ["fake_hub"]
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
+
 runner = CliRunner()
+TOKEN = "hf_writer"  # the fake Hub's user alice, who may write to alice/*
 
 
 def value_of(path: Path) -> float:
@@ -37,7 +45,8 @@ def test_average_list_prints_checkpoints_in_order_and_the_memory_bound(tmp_path:
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [c["step"] for c in data["checkpoints"]] == [100, 200, 300]
-    assert data["outputs"][0]["steps"] == [200, 300] and data["memory_bound_bytes"] == 2 * 4 * 4
+    # 4 float32 elements x (1 state + the read tensor + 2 float32 temporaries + the cast written)
+    assert data["outputs"][0]["steps"] == [200, 300] and data["memory_bound_bytes"] == 4 * 4 * 5
 
 
 def test_average_ema_with_two_decays_writes_two_outputs_with_cards(tmp_path: Path) -> None:
@@ -136,3 +145,107 @@ def test_failing_or_silent_eval_command_is_a_clear_error(tmp_path: Path) -> None
                                  "-o", str(tmp_path / "b")])
     assert silent.exit_code == 2 and "printed no number" in silent.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# Scores a checkpoint by the loss (w - 2)^2, lower is better.
+LOSS = EVAL.replace("print(-(w - 2.0) ** 2)", "print((w - 2.0) ** 2)")
+
+
+def test_soup_cli_lower_is_better_keeps_the_lowest_loss(tmp_path: Path) -> None:
+    script = tmp_path / "loss.py"
+    script.write_text(LOSS)
+    models = soup_models(tmp_path, [1.0, 10.0])  # losses 1 and 64; their soup (5.5) 12.25
+    result = runner.invoke(app, ["soup", *models, "--greedy", "--lower-is-better",
+                                 "--eval-cmd", f"{sys.executable} {script} {{path}}", "-o", str(tmp_path / "s"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    greedy = json.loads(result.stdout)["greedy"]
+    assert greedy["kept"] == [models[0]] and greedy["score"] == 1.0  # higher-is-better would keep m1 alone
+    assert value_of(tmp_path / "s") == 1.0
+
+
+def test_greedy_soup_deletes_each_candidate_right_after_scoring(tmp_path: Path) -> None:
+    models = soup_models(tmp_path, [1.0, 3.0, 10.0, 2.5])
+    on_disk: list[list[str]] = []
+
+    def evaluate(path: Path) -> float:
+        if path.name.startswith("soup-"):
+            on_disk.append(sorted(p.name for p in path.parent.iterdir()))
+        return -((value_of(path) - 2.0) ** 2)
+
+    result = greedy_soup(models, evaluate, workdir=tmp_path)
+    assert [s.kept for s in result.steps] == [True, True, True, False]
+    assert on_disk == [["soup-1"], ["soup-2"], ["soup-3"]]  # never an earlier candidate beside the current
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    greedy_soup(models, evaluate, workdir=tmp_path, keep_soups=kept)
+    assert sorted(p.name for p in kept.iterdir()) == ["soup-1", "soup-2", "soup-3"]
+
+
+# -- model cards and Hub inputs ----------------------------------------------------------
+
+
+def licensed_run(tmp_path: Path, licenses: list[str]) -> Path:
+    run = tmp_path / "run"
+    for step, license_ in enumerate(licenses, 1):
+        path = write_checkpoint(run / f"checkpoint-{step}", {"w": torch.full((4,), float(step))},
+                                config={"model_type": "llama"})
+        (path / "README.md").write_text(f"---\nlicense: {license_}\n---\n# checkpoint\n")
+    return run
+
+
+def test_average_card_states_the_common_license_and_the_command_without_the_token(tmp_path: Path) -> None:
+    run = licensed_run(tmp_path, ["mit", "mit"])
+    secret = "hf_not_to_be_written"
+    result = runner.invoke(app, ["average", str(run), "--method", "ema", "--decay", "0.5", "-o",
+                                 str(tmp_path / "out"), "-q", "--token", secret])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "out" / "README.md").read_text()
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.license == "mit"
+    assert "## Reproduce" in text
+    assert f"mergekit-like average {run} --method ema --decay 0.5 -o OUTPUT" in text
+    assert secret not in text and "--token" not in text
+    mixed = licensed_run(tmp_path / "mixed", ["mit", "apache-2.0"])
+    result = runner.invoke(app, ["average", str(mixed), "--method", "swa", "-o", str(tmp_path / "m"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert ModelCard.load(tmp_path / "m" / "README.md").data.license is None  # inputs disagree
+
+
+def hub_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """checkpoint-1 and -2 (values 1 and 2, apache-2.0), pushed as alice/ckpt-1 and alice/ckpt-2."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    run = licensed_run(tmp_path, ["apache-2.0", "apache-2.0"])
+    local = [run / "checkpoint-1", run / "checkpoint-2"]
+    for step, path in enumerate(local, 1):
+        push(path, f"alice/ckpt-{step}")
+    return local
+
+
+def test_average_reads_checkpoints_and_the_anchor_from_the_hub(fake_hub: FakeHub, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _, second = hub_checkpoints(tmp_path, monkeypatch)
+    result = runner.invoke(app, ["average", "alice/ckpt-1", "alice/ckpt-2@main", "--method", "swa",
+                                 "-o", str(tmp_path / "swa"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert value_of(tmp_path / "swa") == 1.5
+    card = ModelCard.load(tmp_path / "swa" / "README.md")
+    assert card.data.base_model == ["alice/ckpt-1", "alice/ckpt-2"]
+    assert card.data.license == "apache-2.0"
+    assert f"commit {fake_hub.head('alice/ckpt-1')}" in card.text
+    result = runner.invoke(app, ["average", str(second), "--method", "sfa", "--beta", "0.25",
+                                 "--anchor", "alice/ckpt-1", "-o", str(tmp_path / "sfa"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert value_of(tmp_path / "sfa") == 0.75 * 2.0 + 0.25 * 1.0
+    assert "alice/ckpt-1" in ModelCard.load(tmp_path / "sfa" / "README.md").data.base_model
+
+
+def test_soup_card_names_hub_commits_and_the_common_license(fake_hub: FakeHub, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    _, second = hub_checkpoints(tmp_path, monkeypatch)
+    result = runner.invoke(app, ["soup", "alice/ckpt-1", str(second), "-o", str(tmp_path / "soup"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert value_of(tmp_path / "soup") == 1.5
+    card = ModelCard.load(tmp_path / "soup" / "README.md")
+    assert card.data.license == "apache-2.0"
+    assert f"commit {fake_hub.head('alice/ckpt-1')}" in card.text

@@ -4,13 +4,17 @@ For each tensor name, the checkpoints are read in step order, one tensor at a
 time, and fed to the state-update classes of every requested output (several
 EMA decays, or LAWA at every position, from one read pass). An output's
 tensor is written as soon as its last checkpoint has been folded in, so memory
-holds one float32 state per output *in progress*, plus the tensor being read,
-never a model and never all checkpoints.
+holds one float32 state per output *in progress*, plus the tensor being read
+and its float32 temporaries, never a model and never all checkpoints
+(:func:`memory_bound`). With many checkpoints the files are not all kept open:
+beyond :data:`MAX_OPEN_FILES` shards, each checkpoint's file is closed after its
+tensor is read and reopened for the next tensor.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,12 +28,21 @@ from mergekit_like.averaging.lawa import lawa_selection
 from mergekit_like.averaging.sfa import AnchorPull
 from mergekit_like.averaging.swa import SWA, UniformMean
 from mergekit_like.averaging.trajectory import TrajectoryPoint
-from mergekit_like.errors import IncompatibleModelsError, RecipeError
+from mergekit_like.errors import IncompatibleModelsError, InvalidCheckpointError, RecipeError
 from mergekit_like.io.outputs import WriteItem, refuse_output_among_inputs, write_checkpoints
 from mergekit_like.io.reader import Checkpoint, open_checkpoint
+from mergekit_like.io.safetensors_format import TensorEntry
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
+from mergekit_like.io.verify import nonfinite_count
 from mergekit_like.io.writer import WrittenCheckpoint
 from mergekit_like.progress import NullProgress, ProgressSink
+
+logger = logging.getLogger(__name__)
+
+# Shard files kept open across tensors. Beyond it a run over hundreds of checkpoints would hit the
+# process's descriptor limit (often 1024), so each checkpoint is reopened per tensor instead: one
+# open() per tensor and checkpoint, negligible next to reading the tensor.
+MAX_OPEN_FILES = 64
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,7 @@ class AverageOutput:
     label: str | None
     indices: tuple[int, ...]  # positions in the trajectory, oldest first
     make: Callable[[], Averager]  # a fresh state for each tensor
+    state_tensors: int = 1  # float32 tensors one state holds per name (SFA keeps the anchor too)
 
     @property
     def last(self) -> int:
@@ -79,17 +93,64 @@ def lawa_outputs(points: Sequence[TrajectoryPoint], k: int, nu: int, every_step:
 
 def sfa_outputs(beta: float) -> list[AverageOutput]:
     """(1 - beta) theta + beta theta_o for a two-point trajectory [anchor, model]."""
-    return [AverageOutput(f"sfa_beta{beta:g}", (0, 1), lambda: AnchorPull(beta))]
+    return [AverageOutput(f"sfa_beta{beta:g}", (0, 1), lambda: AnchorPull(beta), state_tensors=2)]
 
 
 def peak_states(outputs: Sequence[AverageOutput]) -> int:
-    """The most output states alive at once (each one float32 tensor of the current name)."""
-    events = sorted([(o.indices[0], 1) for o in outputs] + [(o.last + 0.5, -1) for o in outputs])
+    """The most float32 state tensors of the current name alive at once, over all outputs."""
+    events = sorted([(o.indices[0], o.state_tensors) for o in outputs]
+                    + [(o.last + 0.5, -o.state_tensors) for o in outputs])
     alive = peak = 0
     for _, change in events:
         alive += change
         peak = max(peak, alive)
     return peak
+
+
+@dataclass(frozen=True)
+class MemoryBound:
+    """The most tensor memory a run holds at once, and the terms it is made of."""
+
+    bytes: int
+    states: int  # float32 state tensors alive at once
+    tensor: str  # the tensor that needs the most
+    open_files: int  # shard files kept open at once
+
+    def describe(self) -> str:
+        return (f"{self.states} float32 state(s) + the tensor read + 2 float32 temporaries + the cast written, "
+                f"for the largest tensor '{self.tensor}'; at most {self.open_files} input file(s) open")
+
+
+def memory_bound(newest: Checkpoint, outputs: Sequence[AverageOutput], files: int,
+                 out_dtype: torch.dtype | None = None) -> MemoryBound:
+    """The bound for averaging checkpoints shaped like ``newest`` into ``outputs``; ``files``: input shards.
+
+    Per tensor of n elements: 4n per float32 state, the tensor read in its own dtype, two float32
+    temporaries (the read tensor's float32 copy, and the mean's difference), and the result cast to the
+    output dtype while it is written.
+    """
+    states = peak_states(outputs)
+
+    def need(entry: TensorEntry) -> int:
+        written = out_dtype if out_dtype is not None and entry.dtype.is_floating_point else entry.dtype
+        return entry.numel * (4 * states + entry.dtype.itemsize + 2 * 4 + written.itemsize)
+
+    largest = max(newest.entries(), key=need, default=None)
+    # Beyond the cap each checkpoint is closed after its read: one input file open at a time.
+    open_files = files if files <= MAX_OPEN_FILES else 1
+    return MemoryBound(need(largest) if largest else 0, states, largest.name if largest else "", open_files)
+
+
+def trajectory_memory_bound(points: Sequence[TrajectoryPoint], outputs: Sequence[AverageOutput],
+                            out_dtype: torch.dtype | None = None, allow_pickle: bool = False) -> MemoryBound:
+    """:func:`memory_bound` from the checkpoints' headers alone (no tensor is read)."""
+    needed = sorted({i for o in outputs for i in o.indices}) or range(len(points))
+    files = 0
+    for i in needed:
+        with open_checkpoint(points[i].path, allow_pickle=allow_pickle) as checkpoint:
+            files += len(checkpoint.files)
+    with open_checkpoint(points[-1].path, allow_pickle=allow_pickle) as newest:
+        return memory_bound(newest, outputs, files, out_dtype)
 
 
 def check_trajectory(checkpoints: Sequence[Checkpoint], points: Sequence[TrajectoryPoint]) -> None:
@@ -126,10 +187,14 @@ def run_average(
     allow_pickle: bool = False,
     progress: ProgressSink | None = None,
     finalize: Callable[[Path, int], None] | None = None,
+    check_finite: bool = False,
+    announce: Callable[[MemoryBound], None] | None = None,
 ) -> list[WrittenCheckpoint]:
     """Writes every output of ``outputs`` from one streaming pass over the checkpoints.
 
     A single output is written to ``output`` itself, several to subdirectories named by their labels.
+    ``check_finite`` refuses a checkpoint tensor holding NaN or Inf values, naming tensor and checkpoint.
+    ``announce`` receives the memory bound once the headers are read, before any tensor is.
     """
     sink = progress or NullProgress()
     with ExitStack() as stack:
@@ -142,8 +207,14 @@ def run_average(
             for e in newest.entries()
         ]
         needed = sorted({i for o in outputs for i in o.indices})
+        files = sum(len(checkpoints[i].files) for i in needed)
+        bound = memory_bound(newest, outputs, files, out_dtype)
+        logger.info("memory bound: %d bytes: %s", bound.bytes, bound.describe())
+        if announce is not None:
+            announce(bound)
         sink.start(len(specs), sum(checkpoints[i].entry(s.name).nbytes for s in specs for i in needed))
-        stream = _averaged(checkpoints, points, outputs, specs, needed, sink)
+        reader = _Reader(checkpoints, points, keep_open=files <= MAX_OPEN_FILES, check_finite=check_finite)
+        stream = _averaged(reader, points, outputs, specs, needed, sink)
         # One output is the output directory itself; several are subdirectories named by label.
         labels = [o.label for o in outputs] if len(outputs) > 1 else [None]
         return write_checkpoints(
@@ -153,8 +224,34 @@ def run_average(
         )
 
 
+class _Reader:
+    """Reads one tensor of one checkpoint, keeping the files open across tensors only when they are few."""
+
+    def __init__(self, checkpoints: Sequence[Checkpoint], points: Sequence[TrajectoryPoint], *,
+                 keep_open: bool, check_finite: bool) -> None:
+        self.checkpoints = checkpoints
+        self.points = points
+        self.keep_open = keep_open
+        self.check_finite = check_finite
+
+    def read(self, index: int, name: str) -> torch.Tensor:
+        checkpoint = self.checkpoints[index]
+        tensor = checkpoint.read(name)
+        # close() drops a pickle checkpoint's loaded tensors, so only safetensors files are released;
+        # Checkpoint reopens a closed file on the next read.
+        if not self.keep_open and checkpoint.layout.format == "safetensors":
+            checkpoint.close()
+        if self.check_finite and (bad := nonfinite_count(tensor)):
+            raise InvalidCheckpointError(
+                f"{bad} NaN or infinite values in the checkpoint at step {self.points[index].step}",
+                path=self.points[index].path, tensor=name,
+                fix="the run diverged or the file is corrupt; list the checkpoints to average without it",
+            )
+        return tensor
+
+
 def _averaged(
-    checkpoints: Sequence[Checkpoint],
+    reader: _Reader,
     points: Sequence[TrajectoryPoint],
     outputs: Sequence[AverageOutput],
     specs: Sequence[TensorSpec],
@@ -167,7 +264,7 @@ def _averaged(
             states: dict[int, Averager] = {}
             read = 0
             for i in needed:
-                tensor = checkpoints[i].read(spec.name)
+                tensor = reader.read(i, spec.name)
                 read += tensor.numel() * tensor.element_size()
                 for n in consumers[i]:
                     state = states.setdefault(n, outputs[n].make())

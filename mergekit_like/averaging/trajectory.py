@@ -5,7 +5,10 @@ Recognised: ``checkpoint-1000/`` (Hugging Face Trainer), ``step_1000/``,
 ``*.safetensors`` files whose name ends in a number (``ema_1000.safetensors``).
 A directory's step comes from its name, or else from its ``trainer_state.json``
 (``global_step``); if both exist they must agree. Duplicate or unreadable steps
-are errors that name the paths.
+are errors that name the paths. Weight files at the run directory's root without
+a step in their name (a Trainer's final ``model.safetensors``, or its shards) are
+the directory's own checkpoint, not a point of the trajectory: see
+:func:`root_weights`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from mergekit_like.errors import CheckpointNotFoundError, InvalidCheckpointError
 _DIR_STEP = re.compile(r"^(?:checkpoint|step|iter|global_step|ckpt)[_-]?(\d+)$")
 _FILE_STEP = re.compile(r"(\d+)$")
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+# Other files that make the run directory itself a checkpoint; training_args.bin (a pickle of the
+# Trainer's arguments, at the root of every Trainer run) is not one of them.
+_ROOT_CHECKPOINT = re.compile(r"^(?:.*\.safetensors\.index\.json|pytorch_model.*\.bin(?:\.index\.json)?)$")
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -43,7 +49,8 @@ def _trainer_step(directory: Path) -> int | None:
         return None
     try:
         step = json.loads(state_file.read_text(encoding="utf-8")).get("global_step")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError):
+        # RecursionError: json nests one Python frame per bracket, so a corrupt '[[[[...' exhausts the stack.
         raise InvalidCheckpointError(
             "is not a JSON object", path=state_file, fix="fix or remove it, or list the checkpoints explicitly"
         ) from None
@@ -75,7 +82,7 @@ def step_of(path: Path) -> int | None:
 
 
 def discover(run_dir: str | Path) -> list[TrajectoryPoint]:
-    """The checkpoints inside ``run_dir``, ordered by step."""
+    """The checkpoints inside ``run_dir``, ordered by step (root-level weights without a step are skipped)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointNotFoundError("is not a directory of checkpoints", path=run_dir,
@@ -84,19 +91,18 @@ def discover(run_dir: str | Path) -> list[TrajectoryPoint]:
     unreadable: list[Path] = []
     for entry in sorted(run_dir.iterdir()):
         if entry.is_dir() and _holds_weights(entry):
-            candidate: Path | None = entry
-        elif entry.is_file() and entry.name.endswith(".safetensors"):
-            candidate = entry
+            step = step_of(entry)
+        elif _is_weight_file(entry):
+            step = step_of(entry)
+            if step is None:
+                continue  # the run directory's own weights: root_weights() names them
         else:
-            candidate = None
-        if candidate is None:
             continue
-        step = step_of(candidate)
         if step is None:
-            unreadable.append(candidate)
+            unreadable.append(entry)
         else:
-            points.append(TrajectoryPoint(step, candidate))
-    if unreadable and points:
+            points.append(TrajectoryPoint(step, entry))
+    if unreadable:
         raise InvalidCheckpointError(
             f"no step number in the name of {', '.join(p.name for p in unreadable[:3])}", path=run_dir,
             fix="name checkpoints like checkpoint-1000 or step_1000, or list them explicitly in order",
@@ -107,6 +113,16 @@ def discover(run_dir: str | Path) -> list[TrajectoryPoint]:
             path=run_dir, fix="point at the run's output directory, or list the checkpoints explicitly",
         )
     return ordered(points, where=run_dir)
+
+
+def root_weights(run_dir: str | Path) -> list[Path]:
+    """Weight files at the root of ``run_dir`` that :func:`discover` does not treat as trajectory points."""
+    return [f for f in sorted(Path(run_dir).iterdir())
+            if (_is_weight_file(f) and step_of(f) is None) or _ROOT_CHECKPOINT.match(f.name)]
+
+
+def _is_weight_file(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(".safetensors")
 
 
 def from_paths(paths: Sequence[str | Path]) -> list[TrajectoryPoint]:
