@@ -167,6 +167,8 @@ def load_recipe(path: str | Path) -> MergeRecipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError([f"not valid YAML ({str(exc).splitlines()[0]})"], source=path) from None
+    except RecursionError:  # the YAML parser recurses once per level of nesting
+        raise RecipeError(["nested too deeply to be a recipe"], source=path) from None
     return parse_recipe(data, source=path)
 
 

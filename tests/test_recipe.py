@@ -241,3 +241,10 @@ def test_compute_dtype_override_keeps_the_output_dtype_that_dtype_set() -> None:
     without = parse_recipe(data).with_compute_dtype(torch.float64)
     assert without.compute_dtype == torch.float64 and without.out_dtype is None
     assert parse_recipe(recipe.to_dict()) == recipe  # and it survives the written recipe
+
+
+def test_a_recipe_nested_too_deeply_is_a_recipe_error(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yml"
+    path.write_text("[" * 100_000)
+    with pytest.raises(RecipeError, match="nested too deeply"):
+        load_recipe(path)
