@@ -26,6 +26,7 @@ from mergekit_like.errors import (
 )
 from mergekit_like.io.layout import CheckpointLayout, resolve
 from mergekit_like.io.safetensors_format import SafetensorsHeader, TensorEntry, read_header
+from mergekit_like.readahead import advise, will_need
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class Checkpoint:
         start, stop = rows if rows is not None else (0, entry.shape[0] if entry.shape else 1)
         length = row_bytes * (stop - start) if rows is not None else entry.nbytes
         if length:
-            _advise(self._fd(entry.file), entry.start + start * row_bytes, length, "POSIX_FADV_WILLNEED")
+            will_need(self._fd(entry.file), entry.start + start * row_bytes, length)
 
     def _read_range(self, entry: TensorEntry, offset: int, nbytes: int, out: torch.Tensor | None) -> torch.Tensor:
         if out is None:
@@ -161,7 +162,7 @@ class Checkpoint:
         fd = self._fds.get(path)
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            _advise(fd, 0, 0, "POSIX_FADV_SEQUENTIAL")  # reads go front to back: a larger kernel read-ahead
+            advise(fd, 0, 0, "POSIX_FADV_SEQUENTIAL")  # reads go front to back: a larger kernel read-ahead
         return fd
 
     # -- lifetime -----------------------------------------------------------
@@ -181,16 +182,6 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, tensors={len(self)}, files={len(self.files)})"
-
-
-def _advise(fd: int, offset: int, length: int, advice: str) -> None:
-    """A read-pattern hint to the kernel; where the platform or file system has none, nothing."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    try:
-        os.posix_fadvise(fd, offset, length, getattr(os, advice))
-    except OSError:
-        pass  # a hint only: reads work the same without it
 
 
 def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
