@@ -9,9 +9,10 @@ plan itself comes from :mod:`mergekit_like.plan`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,12 +222,15 @@ def run_merge(
     items = [(t, rows) for t in plan.tensors for rows in (t.chunks or [None])]
     stream = _pipelined if pipeline else _sequential
     merged = stream(plan, items, lambda i: compute(plan, i, torch_device, thresholds), torch_device, progress)
-    outputs = write_checkpoints(
-        output, [v.label for v in plan.variants], plan.specs(), merged,
-        overwrite=overwrite, max_shard_size=max_shard_size, side_files_from=_side_file_dir(plan),
-        out_dtype=_uniform_out_dtype(plan),
-        finalize=(lambda directory, i: finalize(directory, plan.variants[i])) if finalize else None,
-    )
+    # Closed on any exit: a writer failure otherwise leaves the generator (and its reader
+    # thread) alive for as long as the traceback refers to it.
+    with contextlib.closing(merged):
+        outputs = write_checkpoints(
+            output, [v.label for v in plan.variants], plan.specs(), merged,
+            overwrite=overwrite, max_shard_size=max_shard_size, side_files_from=_side_file_dir(plan),
+            out_dtype=_uniform_out_dtype(plan),
+            finalize=(lambda directory, i: finalize(directory, plan.variants[i])) if finalize else None,
+        )
     return MergeResult(outputs, plan.read_bytes, plan.write_bytes)
 
 
@@ -236,7 +240,7 @@ Compute = Callable[[_Inputs], list[torch.Tensor]]
 
 def _pipelined(
     plan: MergePlan, items: list[Item], compute_item: Compute, device: torch.device, progress: ProgressSink
-) -> Iterator[WriteItem]:
+) -> Generator[WriteItem, None, None]:
     """Reading the next item overlaps computing this one (file reads and torch ops release the GIL).
 
     The writer thread in write_checkpoints overlaps both. An error in any stage ends
@@ -268,7 +272,7 @@ def _pipelined(
 
 def _sequential(
     plan: MergePlan, items: list[Item], compute_item: Compute, device: torch.device, progress: ProgressSink
-) -> Iterator[WriteItem]:
+) -> Generator[WriteItem, None, None]:
     with torch.no_grad():
         for tensor, rows in items:
             yield from _written(tensor, rows, compute_item(read_inputs(plan, tensor, device, rows)), progress)
@@ -276,7 +280,7 @@ def _sequential(
 
 def _written(
     tensor: TensorPlan, rows: tuple[int, int] | None, values: list[torch.Tensor], progress: ProgressSink
-) -> Iterator[WriteItem]:
+) -> Generator[WriteItem, None, None]:
     for index, value in enumerate(values):
         yield WriteItem(index, tensor.name, value, rows[0] if rows else None)
     if rows is None or rows[1] == tensor.shape[0]:
