@@ -169,6 +169,10 @@ def load_recipe(path: str | Path) -> MergeRecipe:
         raise RecipeError([f"not valid YAML ({str(exc).splitlines()[0]})"], source=path) from None
     except RecursionError:  # the YAML parser recurses once per level of nesting
         raise RecipeError(["nested too deeply to be a recipe"], source=path) from None
+    except (ValueError, TypeError, LookupError, AttributeError) as exc:
+        # PyYAML's constructors raise these for bad tagged scalars ('!!int ~', '!!timestamp x')
+        # and for integers past Python's digit limit.
+        raise RecipeError([f"not valid YAML ({type(exc).__name__}: {str(exc)[:100]})"], source=path) from None
     return parse_recipe(data, source=path)
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,8 +14,8 @@ import torch
 
 from helpers import write_checkpoint
 from mergekit_like.errors import OutputExistsError, OutputWriteError
-from mergekit_like.io import ShardedWriter, TensorSpec, atomic_directory, convert_checkpoint, open_checkpoint
-from mergekit_like.io.atomic import stale_temporaries
+from mergekit_like.io import ShardedWriter, TensorSpec, atomic, atomic_directory, convert_checkpoint, open_checkpoint
+from mergekit_like.io.atomic import OLD_MARK, TEMP_MARK, stale_temporaries
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -116,3 +119,128 @@ def test_target_that_is_a_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(OutputExistsError, match="not a directory"):
         with atomic_directory(tmp_path / "out", overwrite=True):
             pass
+
+
+# -- a kill between the two renames of a replacement (the fallback without RENAME_EXCHANGE) --
+
+
+def test_a_kill_between_the_renames_never_loses_the_previous_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "w").write_text("previous")
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # the swap by two renames
+    real_rename = os.rename
+
+    def killed_before_moving_in(src: str | Path, dst: str | Path) -> None:
+        if Path(dst) == target and TEMP_MARK in Path(src).name:
+            os.kill(os.getpid(), signal.SIGKILL)  # nothing runs after this, as in a real kill
+        real_rename(src, dst)
+
+    pid = os.fork()
+    if pid == 0:  # the child: a run that replaces the target and dies halfway
+        try:
+            monkeypatch.setattr(os, "rename", killed_before_moving_in)
+            with atomic_directory(target, overwrite=True) as temp:
+                (temp / "w").write_text("new")
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    assert not target.exists()
+    # What the kill left: the previous output moved aside under the dead run's pid, no target.
+    assert any(p.name.startswith(f".out{OLD_MARK}{pid}-") for p in stale_temporaries(target))
+    # The next run puts the previous output back, says so, and refuses to replace it unasked.
+    with caplog.at_level(logging.WARNING, logger=atomic.__name__):
+        with pytest.raises(OutputExistsError, match="not empty"):
+            with atomic_directory(target):
+                pass
+    assert (target / "w").read_text() == "previous"
+    assert "restored" in caplog.text and str(target) in caplog.text
+    assert leftovers(tmp_path) == []
+    with atomic_directory(target, overwrite=True) as temp:
+        (temp / "w").write_text("new")
+    assert (target / "w").read_text() == "new" and leftovers(tmp_path) == []
+
+
+def test_a_backup_is_removed_once_the_new_output_is_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill after the new output moved in leaves a backup beside a complete target: not restored."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "w").write_text("new")
+    dead_pid = 2**22 + 12345
+    monkeypatch.setattr(os, "getpid", lambda: dead_pid)
+    backup = atomic._temp_name(target, OLD_MARK)  # named exactly as the code names it
+    monkeypatch.undo()
+    backup.mkdir()
+    (backup / "w").write_text("previous")
+    with atomic_directory(target, overwrite=True) as temp:
+        (temp / "w").write_text("newer")
+    assert (target / "w").read_text() == "newer" and leftovers(tmp_path) == []
+
+
+def test_replacing_a_target_swaps_both_directories_in_one_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    if not atomic._exchange(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
+    assert (b / "x").exists() and not (a / "x").exists()
+
+    def must_not_run(temp: Path, target: Path) -> None:
+        raise AssertionError("fell back to two renames")
+
+    monkeypatch.setattr(atomic, "_swap_by_two_renames", must_not_run)
+    with atomic_directory(b, overwrite=True) as temp:
+        (temp / "y").write_text("new")
+    assert sorted(p.name for p in b.iterdir()) == ["y"] and leftovers(tmp_path) == []
+
+
+def test_the_two_rename_fallback_replaces_a_target_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_directory(target, overwrite=True) as temp:
+        (temp / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"] and leftovers(tmp_path) == []
+
+
+# -- out of space outside the shard data: manifest, side files, fsync, renames --------------
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
+def test_out_of_space_anywhere_in_the_block_is_an_output_write_error(tmp_path: Path, code: int) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(OutputWriteError, match=r"(?i)config\.json: no space left on device.*free space") as info:
+        with atomic_directory(target, overwrite=True) as temp:
+            (temp / "model.safetensors").write_bytes(b"written")
+            raise OSError(code, os.strerror(code), str(temp / "config.json"))
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == code
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    assert leftovers(tmp_path) == []
+
+
+def test_out_of_space_while_flushing_names_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(root: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")  # os.fsync names no file
+
+    monkeypatch.setattr(atomic, "fsync_tree", full)
+    target = tmp_path / "out"
+    with pytest.raises(OutputWriteError, match=rf"^{re.escape(str(target))}: no space left on device"):
+        with atomic_directory(target) as temp:
+            (temp / "x").write_text("x")
+    assert not target.exists() and leftovers(tmp_path) == []
+
+
+def test_other_os_errors_pass_through_unchanged(tmp_path: Path) -> None:
+    with pytest.raises(PermissionError) as info:
+        with atomic_directory(tmp_path / "out"):
+            raise PermissionError(errno.EACCES, "Permission denied", "x")
+    assert not isinstance(info.value, OutputWriteError) and leftovers(tmp_path) == []

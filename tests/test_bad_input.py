@@ -212,6 +212,15 @@ def test_sharded_pickle_index(tmp_path: Path) -> None:
         assert torch.equal(ckpt.read("b"), torch.zeros(3))
 
 
+def test_a_tensor_in_two_pickle_shards_is_an_error_even_where_the_index_picks_one(tmp_path: Path) -> None:
+    torch.save({"a": torch.ones(2)}, tmp_path / "pytorch_model-00001-of-00002.bin")
+    torch.save({"a": torch.zeros(2), "b": torch.zeros(3)}, tmp_path / "pytorch_model-00002-of-00002.bin")
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
+        "a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}))
+    with pytest.raises(InvalidCheckpointError, match="stored in two shards, pytorch_model-00001-of-00002.bin and"):
+        open_checkpoint(tmp_path, allow_pickle=True)
+
+
 def test_pickle_that_weights_only_refuses_is_an_error_not_code_execution(tmp_path: Path) -> None:
     import pickle
 
@@ -264,3 +273,36 @@ def test_unknown_tensor_name_is_a_clear_error(tmp_path: Path) -> None:
     write_checkpoint(tmp_path, {"w": torch.ones(1)})
     with open_checkpoint(tmp_path) as ckpt, pytest.raises(CheckpointNotFoundError, match="tensor 'nope'"):
         ckpt.read("nope")
+
+
+def test_sharded_checkpoint_without_its_index_asks_for_one(tmp_path: Path) -> None:
+    directory = sharded(tmp_path)
+    (directory / "model.safetensors.index.json").unlink()
+    with pytest.raises(InvalidCheckpointError) as info:
+        open_checkpoint(directory)
+    message = str(info.value)
+    assert message.startswith(f"{directory}: holds several candidate checkpoints")
+    assert "model-00001-of-00002.safetensors" in message and "add an index" in message
+
+
+def test_indexed_shard_that_links_outside_the_directory_is_refused(tmp_path: Path) -> None:
+    directory = sharded(tmp_path)
+    shard = directory / "model-00002-of-00002.safetensors"
+    outside = tmp_path / "elsewhere.safetensors"
+    shard.rename(outside)  # a valid shard, but not inside the checkpoint
+    shard.symlink_to(outside)
+    with pytest.raises(UnsafeCheckpointError, match=r"index.json: tensor 'w\d'.*model-00002-of-00002.safetensors.*"
+                                                    r"outside the checkpoint directory"):
+        open_checkpoint(directory)
+
+
+def test_convert_with_a_config_nested_too_deeply_is_a_one_line_error(tmp_path: Path) -> None:
+    from mergekit_like.cli.main import app
+    from typer.testing import CliRunner
+
+    source = write_checkpoint(tmp_path / "src", {"w": torch.ones(2)})
+    (source / "config.json").write_text("[" * 100_000)
+    result = CliRunner().invoke(app, ["convert", str(source), "-o", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 2, result.output
+    assert f"{source / 'config.json'}: config is nested too deeply" in result.output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

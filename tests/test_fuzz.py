@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergekit_like.averaging.trajectory import step_of
-from mergekit_like.errors import MergekitLikeError
+from mergekit_like.errors import InvalidCheckpointError, MergekitLikeError
 from mergekit_like.io import open_checkpoint
 from mergekit_like.io.safetensors_format import parse_header
 from mergekit_like.io.sidefiles import copy_side_files
-from mergekit_like.recipe import parse_recipe
+from mergekit_like.recipe import load_recipe, parse_recipe
 
 # benchmarks/fuzz_inputs.py raises the count for long runs by hand.
 EXAMPLES = int(os.environ.get("MERGEKIT_LIKE_FUZZ_EXAMPLES", "150"))
@@ -109,8 +110,37 @@ def test_recipes(data: object) -> None:
         pass
 
 
+# Pieces of recipe YAML, joined at random: keys, scalars YAML reads as other types, flow and
+# block syntax, anchors and aliases (recursive ones too), tags, including one that would run code.
+YAML_PIECES = [
+    "merge_method: ", "linear", "ties", "slerp", "models:", "\n", "\n  ", "- ", "- model: ", "a", "./m",
+    "base_model: ", "parameters:", " weight: ", " density: ", "t: ", "dtype: ", "bfloat16", "slices:",
+    "1", "-1", "0.5", "1e400", "-.inf", ".nan", "0x1F", "0o17", "2020-01-01", "~", "null", "yes", "[", "]",
+    "{", "}", ", ", ": ", "? ", "&a ", "*a", "<<: *a", "!!binary ", "!!set ", "!!str ", "!!map ", "!!seq ",
+    "!!omap ", "!!pairs ", "!!null ", "!!int ", "!!float ", "!!bool ", "!!timestamp ", "!!python/object/apply:os.system [touch pwned]", "|", ">", "'", '"',
+    "#", "---", "...", "%YAML 1.1", "\t",
+]
+recipe_texts = (
+    st.lists(st.sampled_from(YAML_PIECES), max_size=40).map("".join)
+    | recipes.map(lambda r: yaml.safe_dump(r, allow_unicode=True))
+    | st.text(max_size=400)
+)
+
+
 @FUZZ
-@given(content=st.binary(max_size=80) | json_values.map(lambda v: json.dumps(v).encode()))
+@given(content=recipe_texts.map(lambda t: t.encode("utf-8", "surrogatepass")) | st.binary(max_size=1000))
+def test_recipe_files(tmp_path_factory: pytest.TempPathFactory, content: bytes) -> None:
+    path = tmp_path_factory.mktemp("fuzz") / "recipe.yml"
+    path.write_bytes(content)
+    try:
+        load_recipe(path)
+    except MergekitLikeError:
+        pass
+    assert not (Path.cwd() / "pwned").exists()
+
+
+@FUZZ
+@given(content=st.binary(max_size=1000) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_trainer_state(tmp_path_factory: pytest.TempPathFactory, content: bytes) -> None:
     directory = tmp_path_factory.mktemp("fuzz") / "checkpoint-7"
     directory.mkdir()
@@ -122,7 +152,7 @@ def test_trainer_state(tmp_path_factory: pytest.TempPathFactory, content: bytes)
 
 
 @FUZZ
-@given(content=st.binary(max_size=80) | json_values.map(lambda v: json.dumps(v).encode()))
+@given(content=st.binary(max_size=1000) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_config_json_is_copied_or_passed_through(tmp_path_factory: pytest.TempPathFactory, content: bytes) -> None:
     source = tmp_path_factory.mktemp("src")
     (source / "config.json").write_bytes(content)
@@ -140,6 +170,52 @@ RECIPE_CRASHERS = [
 def test_recipe_regressions_found_by_fuzzing(data: object) -> None:
     with pytest.raises(MergekitLikeError):
         parse_recipe(data)
+
+
+RECIPE_TEXT_CRASHERS = [
+    pytest.param(b"[" * 2_000, id="nested-too-deeply"),
+    pytest.param(b"merge_method: linear\nmodels: " + b"- " * 3000 + b"x", id="nested-block-sequences"),
+    *(pytest.param(text, id=text.decode()[:14]) for text in (
+        b"!!int ~", b"!!int ", b"!!float ---", b"!!float ", b"!!bool x", b"!!timestamp x",
+        b"!!timestamp 2020-13-45",
+    )),
+    pytest.param(b"merge_method: " + b"1" * 5000, id="huge-integer"),
+]
+
+
+@pytest.mark.parametrize("content", RECIPE_TEXT_CRASHERS)
+def test_recipe_file_regressions(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "recipe.yml").write_bytes(content)
+    with pytest.raises(MergekitLikeError, match=r"recipe\.yml"):
+        load_recipe(tmp_path / "recipe.yml")
+
+
+@pytest.mark.parametrize("content", [
+    pytest.param(b"[" * 100_000, id="nested-too-deeply"),
+    pytest.param(b'{"global_step": ' + b"1" * 5000 + b"}", id="huge-integer"),
+])
+def test_trainer_state_regressions(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "checkpoint-7").mkdir()
+    (tmp_path / "checkpoint-7" / "trainer_state.json").write_bytes(content)
+    with pytest.raises(MergekitLikeError, match=r"trainer_state\.json"):
+        step_of(tmp_path / "checkpoint-7")
+
+
+def test_config_regression_nested_too_deeply_is_refused_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_bytes(b"[" * 100_000)
+    (tmp_path / "dst").mkdir()
+    with pytest.raises(InvalidCheckpointError, match=r"src/config\.json: config is nested too deeply"):
+        copy_side_files(tmp_path / "src", tmp_path / "dst", torch.bfloat16)
+
+
+def test_config_regression_integer_past_the_digit_limit_is_copied_unchanged(tmp_path: Path) -> None:
+    content = b'{"vocab_size": ' + b"1" * 5000 + b"}"  # valid JSON that json.loads refuses
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_bytes(content)
+    (tmp_path / "dst").mkdir()
+    assert copy_side_files(tmp_path / "src", tmp_path / "dst", torch.bfloat16) == ["config.json"]
+    assert (tmp_path / "dst" / "config.json").read_bytes() == content
 
 
 def test_regressions_found_by_fuzzing(tmp_path: Path) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import multiprocessing
 import os
-import signal
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from multiprocessing.context import ForkServerContext
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import pytest
@@ -15,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from helpers import write_checkpoint
-from mergekit_like.cli.main import app
+from mergekit_like.cli.main import app, main
 from mergekit_like.errors import OutputLockedError, OutputWriteError
 from mergekit_like.io import atomic_directory, convert_checkpoint
 from mergekit_like.io.checksums import CHECKSUMS
@@ -30,8 +35,36 @@ def two_models(tmp_path: Path, rows: int = 64) -> list[Path]:
                              config={"model_type": "llama"}) for name in ("a", "b")]
 
 
-def merge_args(models: list[Path], out: Path) -> list[str]:
-    return ["merge", "--method", "linear", *map(str, models), "-p", "weight=1,1", "-o", str(out), "-q"]
+def merge_args(models: list[Path], out: Path, weights: str = "1,1") -> list[str]:
+    return ["merge", "--method", "linear", *map(str, models), "-p", f"weight={weights}", "-o", str(out), "-q"]
+
+
+def _run_cli(argv: list[str], stderr_path: str | None = None) -> None:
+    """``mergekit-like ARGV`` in a child process of the fork server (its exit code is the CLI's)."""
+    if stderr_path is not None:
+        os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+    torch.set_num_threads(1)  # starting a thread pool per child costs more than these tiny merges
+    sys.argv = ["mergekit-like", *argv]
+    main()
+
+
+@pytest.fixture(scope="module")
+def cli_processes() -> Iterator[ForkServerContext]:
+    """Fresh CLI processes without paying torch's 2 s import for each.
+
+    A fork server imports the CLI once, before any torch op (so no OpenMP pool is forked),
+    and forks a clean child per run: a real process that can be SIGKILLed, 50x cheaper
+    than a new interpreter.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["mergekit_like.cli.main", __name__])
+    yield context
+
+
+def start_cli(context: ForkServerContext, argv: list[str], stderr_path: Path | None = None) -> BaseProcess:
+    process = context.Process(target=_run_cli, args=(argv, None if stderr_path is None else str(stderr_path)))
+    process.start()
+    return process
 
 
 # -- verify -------------------------------------------------------------------------
@@ -88,41 +121,83 @@ def test_a_second_run_into_the_same_target_is_refused(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".out.lock"))  # released and removed
 
 
+def test_a_second_cli_merge_while_the_lock_is_held_exits_2_and_touches_nothing(
+    tmp_path: Path, cli_processes: ForkServerContext
+) -> None:
+    models = two_models(tmp_path, rows=4)
+    target = tmp_path / "out"
+    # The lock a first run holds while it writes (io/atomic.py): flock on .NAME.lock beside the target.
+    with open(tmp_path / ".out.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        second = start_cli(cli_processes, merge_args(models, target), tmp_path / "stderr.txt")
+        second.join(60)
+    assert second.exitcode == 2
+    message = (tmp_path / "stderr.txt").read_text()
+    assert "another run is writing this output now" in message and str(target) in message
+    assert not target.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
 # -- runs that die --------------------------------------------------------------------
 
 
-def complete_or_absent(target: Path) -> str:
+def shard_bytes(target: Path) -> bytes | None:
+    """The output's weights, or None when there is no output; a present output must verify."""
     if not target.exists():
-        return "absent"
-    assert verify_checkpoint(target).ok
-    return "complete"
+        return None
+    assert verify_checkpoint(target).ok  # every file whole: the checksum manifest matches
+    return (target / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("kill_after", [0.0, 0.05, 0.15, 0.4])
-def test_sigkill_at_any_moment_leaves_the_old_target_or_nothing(tmp_path: Path, kill_after: float) -> None:
-    models = two_models(tmp_path, rows=4096)  # 32 MB per model: the merge takes a while
+def run_to_completion(context: ForkServerContext, argv: list[str]) -> float:
+    started = time.perf_counter()
+    process = start_cli(context, argv)
+    process.join(60)
+    assert process.exitcode == 0
+    return time.perf_counter() - started
+
+
+# Fractions of an uninterrupted run: early (reading), middle (writing shards), late (manifest,
+# side files, fsync, the rename into place and removing the old output). Some runs start with
+# no output at all, the others replace a complete previous one.
+KILL_POINTS = [(0.1, False), (0.35, True), (0.6, False), (0.8, False), (0.9, True), (0.97, False), (0.995, False)]
+
+
+def test_sigkill_at_moments_over_the_whole_run_leaves_the_old_output_or_nothing(
+    tmp_path: Path, cli_processes: ForkServerContext
+) -> None:
+    models = two_models(tmp_path, rows=256)  # 2 MB per model: a run is mostly fixed costs
     target = tmp_path / "out"
-    args = [sys.executable, "-c", "from mergekit_like.cli.main import main; main()",
-            *merge_args(models, target), "--overwrite"]
-    if kill_after >= 0.15:  # half the cases start from a previous complete output
-        assert subprocess.run(args, capture_output=True).returncode == 0
-    previous = (target / "model.safetensors").read_bytes() if target.exists() else None
-    process = subprocess.Popen(args)
-    deadline = time.time() + 60
-    while not list(tmp_path.glob(".out.tmp-*")) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)  # wait until the run is writing
-    time.sleep(kill_after)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    state = complete_or_absent(target)
-    if previous is not None:
-        # The old output survives whole, or the new one replaced it whole; never a mix.
-        assert state == "complete"
-        assert (target / "model.safetensors").read_bytes() == previous
-    # The next run cleans up what the killed one left and completes.
-    assert subprocess.run(args, capture_output=True).returncode == 0
-    assert verify_checkpoint(target).ok
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    versions = {w: [*merge_args(models, target, w), "--overwrite"] for w in ("1,1", "1,3")}
+    expected: dict[str, bytes | None] = {}
+    durations = []
+    for weights, argv in versions.items():
+        durations.append(run_to_completion(cli_processes, argv))
+        expected[weights] = shard_bytes(target)
+    duration = min(durations)
+    assert expected["1,1"] != expected["1,3"]  # so a kill shows which version survived
+    for i, (fraction, start_absent) in enumerate(KILL_POINTS):
+        weights = ("1,1", "1,3")[i % 2]
+        if start_absent:
+            shutil.rmtree(target)
+        previous = shard_bytes(target)
+        for _ in range(8):
+            process = start_cli(cli_processes, versions[weights])
+            started = time.perf_counter()
+            process.join(fraction * duration)
+            if process.is_alive():
+                break
+            # Faster than the measured runs (a shared CPU varies), it finished whole: aim earlier.
+            assert process.exitcode == 0
+            duration = min(duration, time.perf_counter() - started) * 0.95
+            previous = shard_bytes(target)
+        assert process.is_alive(), f"the run ended before the kill point {fraction}"
+        process.kill()
+        process.join()
+        assert shard_bytes(target) in (previous, expected[weights]), f"kill point {fraction}"
+        # The next run restores or removes what the killed one left, and completes.
+        run_to_completion(cli_processes, versions[weights])
+        assert shard_bytes(target) == expected[weights]
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
 # -- full disks -------------------------------------------------------------------------

@@ -114,13 +114,38 @@ def test_property_every_tensor_and_byte_survives_any_sharding(
     else:
         assert not index_path.exists()
     seen = {}
+    holder = {}
     for file in shard_files:
         with safe_open(file, "pt") as f:  # the reference loader validates offsets itself
+            assert f.metadata() == {"format": "pt"}  # transformers refuses shards without it
             for key in f.keys():
                 assert key not in seen
                 seen[key] = f.get_tensor(key)
+                holder[key] = file.name
     assert set(seen) == set(tensors)
+    if len(shard_files) > 1:
+        assert index["weight_map"] == holder  # the index points at the shard that holds each tensor
     with open_checkpoint(directory) as ckpt:
         for name, expected in tensors.items():
             assert bitwise_equal(seen[name], expected)
             assert bitwise_equal(ckpt.read(name), expected)
+
+
+def test_an_index_with_another_name_and_its_shards_are_read(tmp_path: Path) -> None:
+    """Diffusers saves ``diffusion_pytorch_model.safetensors.index.json`` and matching shards."""
+    from mergekit_like.io import ShardedWriter, TensorSpec
+
+    tensors = {f"unet.{i}.w": torch.full((8,), float(i)) for i in range(4)}
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    with ShardedWriter(tmp_path, specs, max_shard_size=40, prefix="diffusion_pytorch_model") as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    assert index.is_file() and not (tmp_path / "model.safetensors.index.json").exists()
+    shards = sorted(p.name for p in tmp_path.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) == 4
+    with open_checkpoint(tmp_path) as ckpt:
+        assert ckpt.layout.index_path == index
+        assert sorted(p.name for p in ckpt.files) == shards
+        for name, expected in tensors.items():
+            assert torch.equal(ckpt.read(name), expected)

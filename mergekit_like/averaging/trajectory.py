@@ -49,7 +49,8 @@ def _trainer_step(directory: Path) -> int | None:
         return None
     try:
         step = json.loads(state_file.read_text(encoding="utf-8")).get("global_step")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError):
+    except (ValueError, AttributeError, RecursionError):
+        # ValueError covers bad JSON, bad UTF-8 and integers past Python's digit limit;
         # RecursionError: json nests one Python frame per bracket, so a corrupt '[[[[...' exhausts the stack.
         raise InvalidCheckpointError(
             "is not a JSON object", path=state_file, fix="fix or remove it, or list the checkpoints explicitly"

@@ -6,17 +6,25 @@ place only when complete. An existing target is replaced only after the new
 output is complete; an exception, Ctrl-C or a full disk removes the
 temporary directory and leaves the old target untouched. A temporary left by
 a killed run (SIGKILL cannot be caught) is removed by the next run into the
-same target once its owning process is gone.
+same target once its owning process is gone; a previous output that a killed
+run had moved aside is put back instead, never removed.
+
+Replacing a target swaps the two directories with one ``renameat2(RENAME_EXCHANGE)``
+where the kernel and filesystem support it, so the target never disappears;
+elsewhere two renames leave a moment without a target, which recovery covers.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
+import functools
 import logging
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,9 +83,28 @@ def stale_temporaries(target: str | Path) -> list[Path]:
 
 
 def _remove_stale(target: Path) -> None:
-    for path in stale_temporaries(target):
+    """Puts back an output a killed run had moved aside, then removes the rest it left."""
+    stale = stale_temporaries(target)
+    backups = [p for p in stale if p.name.startswith(f".{target.name}{OLD_MARK}")]
+    if backups and _absent_or_empty(target):
+        # Killed between moving the old output aside and moving the new one in: the
+        # backup is the last complete output (removal first renames it to a temporary).
+        restored = max(backups, key=lambda p: p.stat().st_ctime)
+        os.rename(restored, target)
+        logger.warning("restored %s from %s, moved aside by an interrupted run", target, restored.name)
+        stale.remove(restored)
+    for path in stale:
         logger.warning("removing %s, left by an interrupted run", path)
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _absent_or_empty(target: Path) -> bool:
+    # An empty directory may have been made since the kill (mkdir -p); it holds nothing to keep.
+    if target.is_symlink():
+        return False
+    if not target.exists():
+        return True
+    return target.is_dir() and not any(target.iterdir())
 
 
 def fsync_tree(root: Path) -> None:
@@ -113,8 +140,9 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputWriteError(f"cannot create the parent directory ({exc.strerror})", path=target.parent) from exc
-    with _exclusive(target):
+    with _no_space_is_a_write_error(target), _exclusive(target):
         _remove_stale(target)
+        check_target(target, overwrite=overwrite)  # a restored previous output counts
         temp = _temp_name(target, TEMP_MARK)
         temp.mkdir()
         try:
@@ -124,6 +152,32 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
             raise
+
+
+OUT_OF_SPACE = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "no space left on device (disk quota exceeded)",
+    errno.EFBIG: "no space left on device for a file this large (file size limit exceeded)",
+}
+
+
+@contextmanager
+def _no_space_is_a_write_error(target: Path) -> Iterator[None]:
+    """Turns a full disk anywhere in a run (side files, manifest, fsync, rename) into one clear error.
+
+    The shard writer names its own file and tensor; this catches what it does not see.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, OutputWriteError) or exc.errno not in OUT_OF_SPACE:
+            raise
+        where = exc.filename if exc.filename is not None else target
+        raise OutputWriteError(
+            OUT_OF_SPACE[exc.errno], path=where,
+            fix=f"free space on the device holding {target.parent} or write the output elsewhere; "
+                "nothing partial was kept",
+        ) from exc
 
 
 LOCK_MARK = ".lock"
@@ -161,17 +215,61 @@ def _exclusive(target: Path) -> Iterator[None]:
 
 
 def _move_into_place(temp: Path, target: Path, overwrite: bool) -> None:
+    """Renames ``temp`` to ``target``; an old target ends up at ``temp``, then is removed."""
     check_target(target, overwrite=overwrite)  # it may have appeared while we worked
-    old = None
-    if target.exists():
-        old = _temp_name(target, OLD_MARK)
-        os.rename(target, old)
+    if not target.exists():
+        os.rename(temp, target)
+    elif not _exchange(temp, target):
+        _swap_by_two_renames(temp, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _swap_by_two_renames(temp: Path, target: Path) -> None:
+    """Swaps the directories where RENAME_EXCHANGE is missing; a kill between the first two
+    renames leaves the old output as ``.NAME.old-PID-*``, which the next run restores."""
+    old = _temp_name(target, OLD_MARK)
+    os.rename(target, old)
     try:
         os.rename(temp, target)
     except BaseException:
-        if old is not None:
-            os.rename(old, target)
+        os.rename(old, target)
         raise
-    fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    # Renamed to a temporary before removal, so a kill during the removal never
+    # leaves a half-deleted backup that recovery would mistake for a whole output.
+    os.rename(old, temp)
+
+
+AT_FDCWD = -100
+RENAME_EXCHANGE = 2
+# Kernel or filesystem without RENAME_EXCHANGE: fall back to two renames.
+EXCHANGE_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Callable[..., int] | None:
+    """libc's renameat2 (glibc 2.28+), or None where there is none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    try:
+        function = libc.renameat2
+    except AttributeError:
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two existing paths; False where the system cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in EXCHANGE_UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from mergekit_like.errors import InvalidCheckpointError
 from mergekit_like.io.dtypes import dtype_name
 
 logger = logging.getLogger(__name__)
@@ -57,10 +58,13 @@ def copy_side_files(source: str | Path, destination: str | Path, out_dtype: torc
 def _write_config(source: Path, destination: Path, out_dtype: torch.dtype | None) -> None:
     try:
         config = json.loads(source.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except ValueError:
+        # Bad JSON, bad UTF-8, and integers past Python's digit limit (valid JSON) all land here.
         logger.warning("%s is not valid JSON; copied unchanged", source)
         shutil.copyfile(source, destination)
         return
+    except RecursionError:
+        raise _nested_too_deeply(source) from None
     if isinstance(config, dict) and out_dtype is not None:
         # A Hugging Face config (it has model_type) gets the dtype key transformers reads; any
         # other config keeps its keys, since a strict loader may refuse one it does not know.
@@ -70,3 +74,10 @@ def _write_config(source: Path, destination: Path, out_dtype: torch.dtype | None
         for key in present:
             config[key] = dtype_name(out_dtype)
     destination.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _nested_too_deeply(source: Path) -> InvalidCheckpointError:
+    return InvalidCheckpointError(
+        "config is nested too deeply to read", path=source,
+        fix="repair or replace the source model's config.json (transformers configs are a few levels deep)",
+    )
