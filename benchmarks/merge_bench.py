@@ -30,6 +30,11 @@ How it measures:
 * Read floor: the time a fresh process takes to read the same input files (16 MB reads, in
   storage order), under the same cache condition, best of ``--repeat``; "x floor" is a run's
   wall time over the floor of its inputs.
+* Startup: the time a fresh process of each tool's Python takes to import its command line
+  (``mergekit_like.cli.main``; ``mergekit.scripts.run_yaml``), torch included, under the same
+  cache condition (a cold cache drops torch's own files too), best of ``--repeat``. A command
+  cannot finish before it has started and read its inputs, so "x (startup + floor)" is the
+  wall time over that sum: the ratio to the limit a command-line run can reach.
 * Agreement: both tools' outputs are loaded with safetensors (in a child process) and compared
   tensor by tensor: max abs difference, and max difference in bf16 units in the last place.
 
@@ -293,6 +298,28 @@ def read_floor(files: list[Path], cache: str, repeat: int) -> float:
     return min(times)
 
 
+STARTUP_MODULE = {OURS: "mergekit_like.cli.main", MERGEKIT: "mergekit.scripts.run_yaml"}
+
+
+def startup_time(python: str, module: str, cache: str, files: list[Path], repeat: int) -> float:
+    """Seconds for a fresh process of ``python`` to import ``module``, best of ``repeat``."""
+    times = []
+    for _ in range(repeat):
+        prepare_cache(cache, files)
+        out = subprocess.run([sys.executable, "-I", "-S", "-c", STARTUP, python, module],
+                             capture_output=True, text=True, check=True)
+        times.append(float(out.stdout.strip()))
+    return min(times)
+
+
+STARTUP = r"""
+import subprocess, sys, time
+t0 = time.perf_counter()
+subprocess.run([sys.argv[1], "-c", "import " + sys.argv[2]], check=True)
+print(time.perf_counter() - t0)
+"""
+
+
 def warm_up(files: list[Path]) -> None:
     """Reads the files once so that the run finds them in the page cache."""
     buf = bytearray(16 << 20)
@@ -335,29 +362,30 @@ def compare(a: Path, b: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def format_table(runs: list[Run], floors: dict[int, float]) -> list[str]:
-    header = ["tool", "method", "device", "wall s", "GB/s", "x floor", "floor target", "peak RSS MB",
-              "speedup", "target", "RSS frac", "target (<=0.33)"]
+def format_table(runs: list[Run], floors: dict[int, float], startups: dict[str, float]) -> list[str]:
+    header = ["tool", "method", "device", "wall s", "GB/s", "x floor", "floor target", "x (startup + floor)",
+              "peak RSS MB", "speedup", "target", "RSS frac", "target (<=0.33)"]
     rows = []
     by_key = {(r.tool, r.method, r.device): r for r in runs}
     for r in runs:
         if r.error or not r.seconds:
-            rows.append([r.tool, r.method, r.device, "ERROR"] + [""] * 8)
+            rows.append([r.tool, r.method, r.device, "ERROR"] + [""] * 9)
             continue
         over_floor = r.wall / floors[r.input_bytes]
         floor_target = FLOOR_TARGETS.get(r.method) if r.tool == OURS else None
         row = [r.tool, r.method, r.device, f"{r.wall:.1f}", f"{r.input_bytes / r.wall / 1e9:.2f}",
                f"{over_floor:.2f}",
                f"<={floor_target:g} {'PASS' if over_floor <= floor_target else 'FAIL'}" if floor_target else "",
+               f"{r.wall / (startups[r.tool] + floors[r.input_bytes]):.2f}" if r.tool in startups else "",
                f"{r.rss / 1e6:,.0f}", "", "", "", ""]
         ref = by_key.get((MERGEKIT, BASELINE_OF.get(r.method, r.method), r.device))
         if r.tool == OURS and ref is not None and ref.seconds and not ref.error:
             speedup, frac = ref.wall / r.wall, r.rss / ref.rss
             target = SPEEDUP_TARGETS.get(r.method)
-            row[8] = f"{speedup:.2f}x"
-            row[9] = f">={target:g}x {'PASS' if speedup >= target else 'FAIL'}" if target else "-"
-            row[10] = f"{frac:.2f}"
-            row[11] = "PASS" if frac <= RSS_FRACTION_TARGET else "FAIL"
+            row[9] = f"{speedup:.2f}x"
+            row[10] = f">={target:g}x {'PASS' if speedup >= target else 'FAIL'}" if target else "-"
+            row[11] = f"{frac:.2f}"
+            row[12] = "PASS" if frac <= RSS_FRACTION_TARGET else "FAIL"
         rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
@@ -432,6 +460,11 @@ def main() -> None:
             recipes[method].write_text(RECIPES[method].format(**{k: str(v) for k, v in dirs.items()}))
 
         floors: dict[int, float] = {}  # by input bytes: linear reads 3 models, the others 4
+        startups: dict[str, float] = {}
+        pythons = {OURS: our_python} | ({MERGEKIT: interpreter_of(mergekit)} if mergekit is not None else {})
+        for tool, python in pythons.items():
+            startups[tool] = startup_time(python, STARTUP_MODULE[tool], cache, [], args.repeat)
+            print(f"startup of {tool} ({cache}): {startups[tool]:.2f} s", flush=True)
         for run in runs:
             files = input_files(run.method, dirs)
             run.input_bytes = sum(f.stat().st_size for f in files)
@@ -481,7 +514,10 @@ def main() -> None:
         floor_note = ", ".join(f"{b / 1e9:.2f} GB in {t:.2f} s ({b / t / 1e9:.2f} GB/s)" for b, t in floors.items())
         lines = [f"merge benchmark: {args.size} bf16 Llama-style, base + {NUM_FINETUNES} fine-tunes, "
                  f"{os.cpu_count()} cores; {cache_note}; best of {args.repeat}",
-                 f"  read floor: {floor_note}", *[f"  {n}" for n in notes], "", *format_table(runs, floors)]
+                 f"  read floor: {floor_note}",
+                 "  startup (a fresh process importing the command line): "
+                 + ", ".join(f"{tool} {t:.2f} s" for tool, t in startups.items()),
+                 *[f"  {n}" for n in notes], "", *format_table(runs, floors, startups)]
         if agreement:
             lines += ["", "outputs, ours vs mergekit:", *agreement]
         for r in runs:

@@ -95,6 +95,8 @@ def top_k_mask(
         ordered = _sample(bits).sort(descending=True).values
         rank = k / n * SAMPLE_SIZE
         threshold = int(ordered[min(int(rank), SAMPLE_SIZE - 1)])
+        if ties == "unambiguous" and int((ordered == threshold).sum()) > 1:
+            return None  # a tie inside the sample: the whole tensor surely has a tie group there
         above, tied = bits > threshold, bits == threshold
         count_above = int(torch.count_nonzero(above))
         if not count_above < k <= count_above + int(torch.count_nonzero(tied)):
