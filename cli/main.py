@@ -19,7 +19,7 @@ from mergekit_like.cli import (
 from mergekit_like.cli.output import DEBUG
 
 from mergekit_like import __version__
-from mergekit_like.memory import return_freed_tensors_to_the_os
+from mergekit_like.memory import return_freed_tensors_to_the_os, share_one_malloc_arena
 
 app = typer.Typer(
     name="mergekit-like",
@@ -48,6 +48,7 @@ def _root(
     ),
 ) -> None:
     DEBUG["enabled"] = debug
+    share_one_malloc_arena()
     if low_memory:
         return_freed_tensors_to_the_os()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")

@@ -66,6 +66,14 @@ def fit_rows(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 
+# Casts that change no value (every bf16 or f16 number is a float32 number), so a kernel that
+# lets type promotion widen its inputs computes exactly what it would on cast inputs.
+EXACT_WIDENINGS = frozenset({
+    (torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.float64),
+    (torch.float16, torch.float64), (torch.float32, torch.float64),
+})
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` is the first GPU when there is one, else the CPU."""
     if device == "auto":
@@ -128,10 +136,10 @@ def read_inputs(
     if tensor.copy_from is not None:
         return _Inputs(tensor, rows, [plan.checkpoints[tensor.copy_from].read(tensor.name)], None)
     load = _loader(plan, tensor, device, rows)
-    sources = _merged_sources(plan)
-    values = [load(ref) for ref in sources]
-    with_base = len(sources) > len(plan.input_refs)
-    return _Inputs(tensor, rows, values[:len(plan.input_refs)], values[-1] if with_base else None)
+    as_stored = plan.method.inputs_as_stored
+    models = [load(ref, as_stored) for ref in plan.input_refs]
+    base = load(plan.recipe.base_model) if plan.method.base is not BaseUse.NONE else None
+    return _Inputs(tensor, rows, models, base)
 
 
 def prefetch_inputs(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> None:
@@ -169,26 +177,29 @@ def compute(plan: MergePlan, inputs: _Inputs, device: torch.device,
 
 def _loader(
     plan: MergePlan, tensor: TensorPlan, device: torch.device, rows: tuple[int, int] | None = None
-) -> Callable[[str | None], torch.Tensor]:
+) -> Callable[..., torch.Tensor]:
     reference: list[torch.Tensor] = []  # read only if some model's rows need fitting
 
-    def read(ref: str) -> torch.Tensor:
+    def read(ref: str, as_stored: bool = False) -> torch.Tensor:
         raw = plan.checkpoints[ref].read(tensor.name, device=device, rows=rows)
         if plan.check_finite and (bad := nonfinite_count(raw)):
             raise InvalidCheckpointError(
                 f"{bad} NaN or infinite values in model '{ref}'", path=plan.checkpoints[ref].layout.source,
                 tensor=tensor.name, fix="the model is corrupt or diverged; leave it out of the merge",
             )
+        if as_stored and (raw.dtype, tensor.compute_dtype) in EXACT_WIDENINGS:
+            return raw
         return raw.to(tensor.compute_dtype)
 
-    def load(ref: str | None) -> torch.Tensor:
+    def load(ref: str | None, as_stored: bool = False) -> torch.Tensor:
+        """``as_stored``: a model for a kernel that takes models in a dtype widening to the compute dtype."""
         assert ref is not None
-        value = read(ref)
+        value = read(ref, as_stored)
         if rows is not None or tuple(value.shape) == tensor.shape:
             return value
         if not reference:
             reference.append(read(plan.reference))
-        return fit_rows(value, reference[0])
+        return fit_rows(value.to(tensor.compute_dtype), reference[0])
 
     return load
 

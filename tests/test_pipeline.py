@@ -126,3 +126,26 @@ def test_a_failure_in_any_stage_stops_the_others_and_leaves_nothing(
 def test_an_unknown_device_is_a_clear_error() -> None:
     with pytest.raises(MergeError, match="'gpu' is not a device"):
         engine.resolve_device("gpu")
+
+
+@pytest.mark.parametrize(("method", "params"), [m for m in METHODS if m[0] not in ("linear", "slerp")])
+def test_models_handed_over_as_stored_merge_as_if_cast_first(
+    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, params: list[str]
+) -> None:
+    recipe = _recipe(models, method, params)
+    seen: list[torch.dtype] = []
+    real_compute = engine.compute
+
+    def compute(plan, inputs, *args, **kwargs):
+        if inputs.base is not None:
+            seen.extend(x.dtype for x in inputs.models)
+        return real_compute(plan, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "compute", compute)
+    as_stored = _read_all(_merge(recipe, tmp_path / "as_stored"))
+    assert set(seen) == {torch.bfloat16}  # bf16 models, float32 compute: no cast
+    monkeypatch.setattr(engine, "EXACT_WIDENINGS", frozenset())
+    seen.clear()
+    cast_first = _read_all(_merge(recipe, tmp_path / "cast_first"))
+    assert set(seen) == {torch.float32}
+    assert all(torch.equal(as_stored[n], cast_first[n]) for n in as_stored)

@@ -10,6 +10,7 @@ from mergekit_like.methods.task_vectors import make_trims, merge_task_vectors
 
 @merge_method(
     "breadcrumbs",
+    inputs_as_stored=True,
     paper="https://arxiv.org/abs/2312.06795",
     description="Drop the largest gamma and smallest entries of each task vector; task arithmetic.",
     ignored_params=("int8_mask",),  # mergekit accepts it; without sign election it is unused

@@ -10,6 +10,7 @@ from mergekit_like.methods.task_vectors import Consensus, make_trims, merge_task
 
 @merge_method(
     "breadcrumbs_ties",
+    inputs_as_stored=True,
     paper="https://arxiv.org/abs/2312.06795",
     description="Breadcrumbs sparsification, then TIES sign election and disjoint mean.",
     ignored_params=("int8_mask",),

@@ -10,6 +10,7 @@ from mergekit_like.methods.task_vectors import RescaleMode, make_trims, merge_ta
 
 @merge_method(
     "dare_linear",
+    inputs_as_stored=True,
     paper="https://arxiv.org/abs/2311.03099",
     description="Drop task-vector entries at random (seeded), rescale, task arithmetic.",
     ignored_params=("int8_mask",),  # mergekit accepts it; without sign election it is unused

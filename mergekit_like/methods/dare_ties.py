@@ -10,6 +10,7 @@ from mergekit_like.methods.task_vectors import Consensus, RescaleMode, make_trim
 
 @merge_method(
     "dare_ties",
+    inputs_as_stored=True,
     paper="https://arxiv.org/abs/2311.03099",
     description="Drop task-vector entries at random (seeded), rescale, TIES sign election.",
     ignored_params=("int8_mask",),

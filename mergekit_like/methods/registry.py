@@ -87,6 +87,10 @@ class MergeMethod:
     # Each output entry depends only on the same entry of the inputs, so large tensors
     # may be merged block by block.
     elementwise: bool = False
+    # The kernel uses each model only through ``x - base``, which type promotion computes in
+    # base's dtype: models may be handed over in their stored dtype when it widens exactly
+    # to the compute dtype (bf16 to float32), saving a cast and half their memory.
+    inputs_as_stored: bool = False
 
     def __call__(self, tensors: list[torch.Tensor], **kwargs: Any) -> torch.Tensor:
         return self.kernel(tensors, **kwargs)
@@ -118,6 +122,7 @@ def merge_method(
     ignored_params: tuple[str, ...] = (),
     sweep_param: str | None = None,
     elementwise: bool = False,
+    inputs_as_stored: bool = False,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Registers a kernel as merge method ``name``; a duplicate name is an error."""
 
@@ -144,7 +149,7 @@ def merge_method(
             uses_generator="generator" in signature.parameters,
             uses_model_topk="thresholds" in signature.parameters,
             ignored_params=frozenset(ignored_params), sweep_param=sweep_param,
-            elementwise=elementwise,
+            elementwise=elementwise, inputs_as_stored=inputs_as_stored,
         )
         return kernel
 

@@ -10,6 +10,7 @@ from mergekit_like.methods.task_vectors import merge_task_vectors
 
 @merge_method(
     "task_arithmetic",
+    inputs_as_stored=True,
     elementwise=True,
     paper="https://arxiv.org/abs/2212.04089",
     description="base + lambda * sum w_i (x_i - base), optionally divided by sum w_i.",

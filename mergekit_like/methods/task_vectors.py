@@ -40,8 +40,9 @@ L1_EPS = 1e-7
 # Elements per block in the element-wise phase.
 BLOCK = 1 << 20
 # Masks of tensors from PARALLEL_MIN entries up are computed one model per thread: the
-# sorts and counts run on one core each. Tensors over PARALLEL_MAX that need a sort go
-# one at a time, to bound the memory of the sort's index array (8 bytes an entry).
+# sorts and counts run on one core each. Tensors over PARALLEL_MAX go one at a time: each
+# trim in flight holds a float copy of its task vector's magnitudes (and a sort's 8-byte
+# index per entry), which for an embedding is hundreds of MB.
 PARALLEL_MIN, PARALLEL_MAX = 1 << 16, 1 << 24
 # From this size up, trim_ties: sort first tries to do without the sort (see magnitude_mask).
 SORT_AVOIDABLE_MIN = 1 << 12
@@ -173,9 +174,8 @@ def make_trims(
                          generator=generator, trim_ties=trim_ties)
 
     # Random draws must happen in model order to be reproducible, so DARE never goes parallel.
-    sorts = method == "breadcrumbs" or (method == "magnitude" and trim_ties == "sort")
     parallel = (method != "bernoulli" and base.device.type == "cpu" and len(tensors) > 1
-                and PARALLEL_MIN <= base.numel() and (base.numel() <= PARALLEL_MAX or not sorts))
+                and PARALLEL_MIN <= base.numel() <= PARALLEL_MAX)
     if parallel:
         return list(_pool().map(one, tensors, densities, gammas))
     return [one(x, d, g) for x, d, g in zip(tensors, densities, gammas)]

@@ -18,6 +18,7 @@ from mergekit_like.methods.task_vectors import (
 
 @merge_method(
     "ties",
+    inputs_as_stored=True,
     paper="https://arxiv.org/abs/2306.01708",
     description="Trim task vectors to their largest entries, elect signs, disjoint mean.",
     ignored_params=("int8_mask",),
