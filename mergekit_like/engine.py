@@ -167,8 +167,6 @@ def compute(plan: MergePlan, inputs: _Inputs, device: torch.device,
             kwargs["generator"] = tensor_generator(recipe.seed, tensor.name, device)
         if method.uses_model_topk:
             kwargs["thresholds"] = thresholds
-        if method.uses_compute_dtype:
-            kwargs["compute_dtype"] = tensor.compute_dtype
         try:
             merged = method.kernel(inputs.models, **kwargs)
         except MergeError as exc:

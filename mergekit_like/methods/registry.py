@@ -42,7 +42,7 @@ class BaseUse(Enum):
     REQUIRED = "required"
 
 
-_CONTEXT_ARGS = {"tensors", "base", "generator", "thresholds", "compute_dtype"}
+_CONTEXT_ARGS = {"tensors", "base", "generator", "thresholds"}
 
 
 @dataclass(frozen=True)
@@ -87,13 +87,10 @@ class MergeMethod:
     # Each output entry depends only on the same entry of the inputs, so large tensors
     # may be merged block by block.
     elementwise: bool = False
-    # The kernel combines each model only with a tensor of the compute dtype (``x - base``,
-    # or an accumulator of ``compute_dtype``), so type promotion computes in that dtype:
-    # models may be handed over in their stored dtype when it widens exactly to the compute
-    # dtype (bf16 to float32), saving a cast and half their memory.
+    # The kernel uses each model only through ``x - base``, which type promotion computes in
+    # base's dtype: models may be handed over in their stored dtype when it widens exactly
+    # to the compute dtype (bf16 to float32), saving a cast and half their memory.
     inputs_as_stored: bool = False
-    # Takes ``compute_dtype``: the dtype to compute and return in.
-    uses_compute_dtype: bool = False
 
     def __call__(self, tensors: list[torch.Tensor], **kwargs: Any) -> torch.Tensor:
         return self.kernel(tensors, **kwargs)
@@ -145,8 +142,6 @@ def merge_method(
         _check_ignored(kernel.__name__, ignored_params, params)
         uses_base = "base" in signature.parameters
         base_use = base or (BaseUse.REQUIRED if uses_base else BaseUse.NONE)
-        if inputs_as_stored and not {"base", "compute_dtype"} & set(signature.parameters):
-            raise TypeError(f"{kernel.__name__}: inputs_as_stored needs a base or compute_dtype argument")
         kernel = _broadcasting_per_model(kernel, [p for p in params.values() if p.per_model])
         _REGISTRY[name] = MergeMethod(
             name=name, kernel=kernel, params=params, base=base_use, min_models=min_models,
@@ -155,7 +150,6 @@ def merge_method(
             uses_model_topk="thresholds" in signature.parameters,
             ignored_params=frozenset(ignored_params), sweep_param=sweep_param,
             elementwise=elementwise, inputs_as_stored=inputs_as_stored,
-            uses_compute_dtype="compute_dtype" in signature.parameters,
         )
         return kernel
 

@@ -11,9 +11,8 @@ from mergekit_like.methods.registry import merge_method
 @merge_method(
     "uniform_soup",
     elementwise=True,
-    inputs_as_stored=True,
     paper="https://arxiv.org/abs/2203.05482",
     description="Uniform model soup: the mean of the models (linear with equal weights).",
 )
-def uniform_soup(tensors: list[torch.Tensor], *, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    return weighted_average(tensors, [1.0] * len(tensors), normalize=True, dtype=compute_dtype)
+def uniform_soup(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return weighted_average(tensors, [1.0] * len(tensors), normalize=True)
