@@ -97,8 +97,7 @@ def average(
     outputs = _outputs(points, method, settings)
     if output is None:
         raise typer.BadParameter("give the output directory with -o/--output", param_hint="-o")
-    refs = {r.path: ref for ref, r in resolver.resolved.items()}  # local path -> what the user typed
-    recipe = {"method": method, "checkpoints": [refs.get(p.path, str(p.path)) for p in points],
+    recipe = {"method": method, "checkpoints": [_recipe_reference(p.path, resolver) for p in points],
               "steps": [p.step for p in points], **settings}
     command = _command(paths, method, settings, anchor, out_dtype)
     license_ = common_license([p.path for p in points])
@@ -167,10 +166,12 @@ def _found(paths: list[str], resolve: ModelResolver) -> list[TrajectoryPoint]:
 
 def _in_directory(directory: Path) -> list[TrajectoryPoint]:
     """The step-named checkpoints inside ``directory``, or the directory itself when it has none."""
+    own_weights = bool(root_weights(directory))
     try:
-        points = discover(directory)
+        # With weights at its root, unnumbered subfolders (say, an export) are not checkpoints.
+        points = discover(directory, skip_unnumbered=own_weights)
     except CheckpointNotFoundError:
-        if not root_weights(directory):
+        if not own_weights:
             raise
         return from_paths([directory])  # nothing step-named inside: the directory is one checkpoint
     ignored = root_weights(directory)
@@ -184,10 +185,30 @@ def _in_directory(directory: Path) -> list[TrajectoryPoint]:
 
 def _card_input(point: TrajectoryPoint, resolver: ModelResolver) -> tuple[str, str]:
     """(reference, role) for the card: Hub inputs by repo id and commit, local ones by path."""
+    ref, folder, commit = _hub_reference(point.path, resolver)
+    role = f"step {point.step}" + (f", folder {folder}" if folder else "")
+    return ref, role + (f", commit {commit}" if commit else "")
+
+
+def _recipe_reference(path: Path, resolver: ModelResolver) -> str:
+    ref, folder, _ = _hub_reference(path, resolver)
+    return f"{ref}/{folder}" if folder else ref
+
+
+def _hub_reference(path: Path, resolver: ModelResolver) -> tuple[str, str | None, str | None]:
+    """(what the user typed, the folder inside that Hub repo, its commit), or (path, None, None).
+
+    A checkpoint inside a downloaded training run is named by the repo and its folder there,
+    never by its path in the local cache, which holds the user's home and means nothing elsewhere.
+    """
     for ref, resolved in resolver.resolved.items():
-        if resolved.path == point.path and resolved.repo_id is not None:
-            return ref, f"step {point.step}, commit {resolved.commit}"
-    return str(point.path), f"step {point.step}"
+        if resolved.repo_id is None:
+            continue
+        if resolved.path == path:
+            return ref, None, resolved.commit
+        if path.is_relative_to(resolved.path):
+            return ref, path.relative_to(resolved.path).as_posix(), resolved.commit
+    return str(path), None, None
 
 
 def _command(paths: list[str], method: str, settings: dict[str, Any], anchor: str | None,

@@ -81,9 +81,14 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise MergeError(f"'{device}' is not a device", fix="use cpu, cuda, cuda:N or auto") from None
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda") or (resolved.type == "cpu" and resolved.index):
+        raise MergeError(f"'{device}' is not a device this tool merges on", fix="use cpu, cuda, cuda:N or auto")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("CUDA was asked for but is not available", fix="use --device cpu or auto")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise MergeError(f"there is no GPU {resolved.index} (this machine has {torch.cuda.device_count()})",
+                         fix="use cuda:N with N below that count, or cuda")
     return resolved
 
 

@@ -63,6 +63,14 @@ def test_a_directory_without_step_named_entries_is_one_checkpoint(tmp_path: Path
     assert value_of(tmp_path / "out") == 5.0
 
 
+def test_a_model_directory_with_an_unnumbered_weights_subfolder_is_one_checkpoint(tmp_path: Path) -> None:
+    model = write_checkpoint(tmp_path / "model", {"w": torch.full((4,), 5.0)})
+    write_checkpoint(model / "export", {"w": torch.full((4,), 9.0)})
+    result = runner.invoke(app, ["average", str(model), "--method", "swa", "-o", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert value_of(tmp_path / "out") == 5.0
+
+
 def test_unparseable_checkpoint_names_are_named(tmp_path: Path) -> None:
     for name in ("best", "final"):
         write_checkpoint(tmp_path / "run" / name, {"w": torch.ones(4)})

@@ -240,6 +240,27 @@ def test_average_reads_checkpoints_and_the_anchor_from_the_hub(fake_hub: FakeHub
     assert "alice/ckpt-1" in ModelCard.load(tmp_path / "sfa" / "README.md").data.base_model
 
 
+def test_a_hub_training_run_is_named_by_repo_and_folder_never_by_cache_path(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    from huggingface_hub import HfApi
+
+    run = licensed_run(tmp_path, ["mit", "mit"])
+    api = HfApi(token=TOKEN)  # a raw upload: a run directory is not an output `push` accepts
+    api.create_repo("alice/run")
+    api.upload_folder(folder_path=run, repo_id="alice/run")
+    result = runner.invoke(app, ["average", "alice/run", "--method", "swa", "-o", str(tmp_path / "swa"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert value_of(tmp_path / "swa") == 1.5
+    card = ModelCard.load(tmp_path / "swa" / "README.md")
+    assert card.data.base_model == ["alice/run"]
+    assert f"folder checkpoint-1, commit {fake_hub.head('alice/run')}" in card.text
+    written = (tmp_path / "swa" / "README.md").read_text()
+    assert "alice/run/checkpoint-2" in written  # the recipe in the card
+    assert str(Path.home()) not in written and "snapshots" not in written
+
+
 def test_soup_card_names_hub_commits_and_the_common_license(fake_hub: FakeHub, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     _, second = hub_checkpoints(tmp_path, monkeypatch)

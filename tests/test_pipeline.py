@@ -123,9 +123,11 @@ def test_a_failure_in_any_stage_stops_the_others_and_leaves_nothing(
     assert _engine_threads() == []
 
 
-def test_an_unknown_device_is_a_clear_error() -> None:
-    with pytest.raises(MergeError, match="'gpu' is not a device"):
-        engine.resolve_device("gpu")
+@pytest.mark.parametrize("device", ["tpu", "mps", "meta", "cpu:1"])  # not "gpu": a gpu keyword marks CUDA tests
+def test_a_device_the_tool_cannot_merge_on_is_a_clear_error(device: str) -> None:
+    with pytest.raises(MergeError, match=f"'{device}' is not a device this tool merges on"):
+        engine.resolve_device(device)
+    assert engine.resolve_device("cpu") == torch.device("cpu")
 
 
 @pytest.mark.parametrize(("method", "params"), [m for m in METHODS if m[0] not in ("linear", "slerp")])

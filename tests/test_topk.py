@@ -152,3 +152,15 @@ def test_sort_ties_with_the_kth_value_ending_a_tie_group_need_no_sort(monkeypatc
     mask = magnitude_mask(magnitudes, 0.5, "sort")  # k = 5,000 ends a group of ten
     assert torch.equal(mask, magnitudes >= magnitudes.sort(descending=True).values[4999])
     assert int(mask.sum()) == 5000
+
+
+def test_sort_ties_on_float64_follow_the_sorts_float32_keys() -> None:
+    # Two float64 magnitudes that round to one float32 are a tie to mergekit's CPU sort.
+    g = torch.Generator().manual_seed(2)
+    magnitudes = torch.rand(5000, generator=g, dtype=torch.float64)
+    k = 2500
+    kth = magnitudes.sort(descending=True).values[k - 1]
+    magnitudes[magnitudes == kth] = kth.float().double()
+    magnitudes[17] = kth.float().double() + 1e-12  # equal to the k-th in float32 only
+    expected = unstable_top_k(magnitudes, k)
+    assert torch.equal(magnitude_mask(magnitudes, k / 5000, "sort"), expected)

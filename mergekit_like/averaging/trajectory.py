@@ -82,8 +82,12 @@ def step_of(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def discover(run_dir: str | Path) -> list[TrajectoryPoint]:
-    """The checkpoints inside ``run_dir``, ordered by step (root-level weights without a step are skipped)."""
+def discover(run_dir: str | Path, *, skip_unnumbered: bool = False) -> list[TrajectoryPoint]:
+    """The checkpoints inside ``run_dir``, ordered by step (root-level weights without a step are skipped).
+
+    An entry holding weights but no step number is an error, or with ``skip_unnumbered``
+    left out (for a model directory whose own weights sit at its root).
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointNotFoundError("is not a directory of checkpoints", path=run_dir,
@@ -103,7 +107,7 @@ def discover(run_dir: str | Path) -> list[TrajectoryPoint]:
             unreadable.append(entry)
         else:
             points.append(TrajectoryPoint(step, entry))
-    if unreadable:
+    if unreadable and not skip_unnumbered:
         raise InvalidCheckpointError(
             f"no step number in the name of {', '.join(p.name for p in unreadable[:3])}", path=run_dir,
             fix="name checkpoints like checkpoint-1000 or step_1000, or list them explicitly in order",

@@ -229,11 +229,14 @@ def _swap_by_two_renames(temp: Path, target: Path) -> None:
     """Swaps the directories where RENAME_EXCHANGE is missing; a kill between the first two
     renames leaves the old output as ``.NAME.old-PID-*``, which the next run restores."""
     old = _temp_name(target, OLD_MARK)
-    os.rename(target, old)
+    moved_aside = False
     try:
+        os.rename(target, old)
+        moved_aside = True
         os.rename(temp, target)
-    except BaseException:
-        os.rename(old, target)
+    except BaseException:  # Ctrl-C included: put the old output back at once
+        if moved_aside:
+            os.rename(old, target)
         raise
     # Renamed to a temporary before removal, so a kill during the removal never
     # leaves a half-deleted backup that recovery would mistake for a whole output.

@@ -195,12 +195,15 @@ def _check_shard_name(index_path: Path, tensor: str, shard: str, suffixes: tuple
 
 
 def _inside(path: Path, root: Path) -> bool:
-    """Whether ``path`` resolves inside ``root``, or into the blob store of a Hub cache
-    snapshot (``models--org--name/snapshots/REV`` links its files to ``../../blobs``)."""
+    """Whether ``path`` resolves inside ``root``, or into the blob store of the Hub cache
+    snapshot ``root`` is (or is a folder of, like a training run's ``checkpoint-N``):
+    ``models--org--name/snapshots/REV`` links its files to ``models--org--name/blobs``."""
     real = os.path.realpath(path)
     allowed = [os.path.realpath(root)]
-    if root.parent.name == "snapshots":
-        allowed.append(os.path.realpath(root.parent.parent / "blobs"))
+    for folder in (root, *root.parents):
+        if folder.parent.name == "snapshots":
+            allowed.append(os.path.realpath(folder.parent.parent / "blobs"))
+            break
     return any(os.path.commonpath([real, a]) == a for a in allowed)
 
 

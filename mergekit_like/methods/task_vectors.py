@@ -269,12 +269,13 @@ def magnitude_mask(magnitudes: torch.Tensor, density: float, ties: TrimTies = "s
         mask = top_k_mask(magnitudes.reshape(-1), k, ties)
         assert mask is not None
         return mask
+    keys = magnitudes.float() if magnitudes.device.type == "cpu" else magnitudes
     # A sort decides only which of the entries tied at the threshold are kept; when all of
     # them are, the O(n) selection gives the sort's mask (common for float32 task vectors).
-    exact = top_k_mask(magnitudes.reshape(-1), k, "unambiguous") if n >= SORT_AVOIDABLE_MIN else None
+    # It looks at the sort's keys: float64 magnitudes equal in float32 are ties to the sort.
+    exact = top_k_mask(keys.reshape(-1), k, "unambiguous") if n >= SORT_AVOIDABLE_MIN else None
     if exact is not None:
         return exact
-    keys = magnitudes.float() if magnitudes.device.type == "cpu" else magnitudes
     mask = torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
     mask[torch.argsort(keys, descending=True)[:k]] = True
     return mask
