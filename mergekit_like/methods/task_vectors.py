@@ -266,9 +266,7 @@ def magnitude_mask(magnitudes: torch.Tensor, density: float, ties: TrimTies = "s
     # mergekit keeps at least one entry.
     k = max(1, int(density * n))
     if ties != "sort":
-        mask = top_k_mask(magnitudes.reshape(-1), k, ties)
-        assert mask is not None
-        return mask
+        return top_k_mask(magnitudes.reshape(-1), k, ties)
     keys = magnitudes.float() if magnitudes.device.type == "cpu" else magnitudes
     # A sort decides only which of the entries tied at the threshold are kept; when all of
     # them are, the O(n) selection gives the sort's mask (common for float32 task vectors).

@@ -15,7 +15,7 @@ in memory to sort.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 
@@ -63,6 +63,14 @@ def kth_largest_bits(magnitudes: torch.Tensor, k: int) -> int:
     selector.choose_bucket()
     selector.count_low(magnitudes)
     return selector.threshold_bits()
+
+
+@overload
+def top_k_mask(magnitudes: torch.Tensor, k: int, ties: Literal["index", "keep"] = "index") -> torch.Tensor: ...
+
+
+@overload
+def top_k_mask(magnitudes: torch.Tensor, k: int, ties: Literal["unambiguous"]) -> torch.Tensor | None: ...
 
 
 def top_k_mask(
