@@ -16,6 +16,7 @@ from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -180,9 +181,13 @@ def compute(plan: MergePlan, inputs: _Inputs, device: torch.device,
     return results
 
 
+class _Load(Protocol):
+    def __call__(self, ref: str | None, as_stored: bool = False) -> torch.Tensor: ...
+
+
 def _loader(
     plan: MergePlan, tensor: TensorPlan, device: torch.device, rows: tuple[int, int] | None = None
-) -> Callable[..., torch.Tensor]:
+) -> _Load:
     reference: list[torch.Tensor] = []  # read only if some model's rows need fitting
 
     def read(ref: str, as_stored: bool = False) -> torch.Tensor:
