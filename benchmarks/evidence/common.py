@@ -438,6 +438,18 @@ def publish(out: Path, stem: str, data: dict, text: str, plot: Callable[[Path], 
     print(f"wrote {out / stem}.md and .png" + (" and .json" if save_json else ""))
 
 
+def study_data(args: argparse.Namespace, stem: str, key: str, run: Callable[[Path], list],
+               **settings: object) -> dict:
+    """The saved results (``--replot``), or ``{"meta": run_meta(...), key: run(work)}`` of a fresh
+    run in ``--workdir`` (or a temporary directory)."""
+    if args.replot:
+        return saved(args.out, stem)
+    started = time.perf_counter()
+    with workdir(args.workdir, f"{stem}-") as work:
+        results = run(work)
+    return {"meta": run_meta(started, **settings), key: results}
+
+
 def run_meta(started: float, **settings: object) -> dict:
     """What every study records beside its settings: model size and shape, wall time, threads, torch."""
     return {"params": num_params(new_model(0)), "cfg": vars(GPTConfig()), **settings,

@@ -331,14 +331,8 @@ def main() -> None:
     if a.quick:
         a.seeds, a.pretrain_steps, a.task_steps = a.seeds[:1], 60, 30
     stem = "continual_quick" if a.quick else "continual"
-    if a.replot:
-        data = common.saved(a.out, stem)
-    else:
-        t0 = time.perf_counter()
-        with common.workdir(a.workdir, "continual-") as work:
-            results = [one_seed(seed, work / f"seed{seed}", a) for seed in a.seeds]
-        meta = common.run_meta(t0, pretrain_steps=a.pretrain_steps, task_steps=a.task_steps, lr=a.lr, l2=a.l2)
-        data = {"meta": meta, "results": results}
+    data = common.study_data(a, stem, "results", lambda work: [one_seed(s, work / f"seed{s}", a) for s in a.seeds],
+                             pretrain_steps=a.pretrain_steps, task_steps=a.task_steps, lr=a.lr, l2=a.l2)
     common.publish(a.out, stem, data, report(data["results"], data["meta"]),
                    lambda path: plot(data["results"], path), save_json=not a.replot)
 

@@ -321,18 +321,15 @@ def main() -> None:
         a.seeds, a.steps, a.warmup, a.nu, a.eval_every = a.seeds[:1], 90, 10, 10, 30
     if a.eval_every % a.nu:
         parser.error("--eval-every must be a multiple of --nu")
-    if a.replot:
-        data = common.saved(a.out, stem)
-    else:
-        t0 = time.perf_counter()
+
+    def run(work: Path) -> list:
         print(common.describe_domains((DOMAIN,)), flush=True)
-        with common.workdir(a.workdir, "lawa-study-") as work:
-            runs = [one_run(work / f"lr{lr:g}_seed{seed}", lr, seed, a) for seed in a.seeds for lr in a.lrs]
-        per = a.decay ** a.nu
-        meta = common.run_meta(t0, steps=a.steps, warmup=a.warmup, nu=a.nu, k=a.k, decay=a.decay,
-                               eval_every=a.eval_every, lrs=a.lrs, seeds=a.seeds,
-                               ema_lag=a.nu * per / (1 - per), lawa_lag=a.nu * (a.k - 1) / 2)
-        data = {"meta": meta, "runs": runs}
+        return [one_run(work / f"lr{lr:g}_seed{seed}", lr, seed, a) for seed in a.seeds for lr in a.lrs]
+
+    per = a.decay ** a.nu
+    data = common.study_data(a, stem, "runs", run, steps=a.steps, warmup=a.warmup, nu=a.nu, k=a.k,
+                             decay=a.decay, eval_every=a.eval_every, lrs=a.lrs, seeds=a.seeds,
+                             ema_lag=a.nu * per / (1 - per), lawa_lag=a.nu * (a.k - 1) / 2)
     common.publish(a.out, stem, data, report(data["runs"], data["meta"]),
                    lambda path: plot(data["runs"], data["meta"], path), save_json=not a.replot)
 

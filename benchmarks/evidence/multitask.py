@@ -218,14 +218,10 @@ def main() -> None:
     if a.quick:
         a.seeds, a.base_steps, a.finetune_steps = a.seeds[:1], 60, 20
     stem = "multitask_quick" if a.quick else "multitask"
-    if a.replot:
-        data = common.saved(a.out, stem)
-    else:
-        t0 = time.perf_counter()
-        with common.workdir(a.workdir, "multitask-") as work:
-            results = [one_seed(seed, work / f"seed{seed}", a.base_steps, a.finetune_steps) for seed in a.seeds]
-        meta = common.run_meta(t0, base_steps=a.base_steps, ft_steps=a.finetune_steps)
-        data = {"meta": meta, "results": results}
+    data = common.study_data(
+        a, stem, "results",
+        lambda work: [one_seed(s, work / f"seed{s}", a.base_steps, a.finetune_steps) for s in a.seeds],
+        base_steps=a.base_steps, ft_steps=a.finetune_steps)
     common.publish(a.out, stem, data, report(data["results"], data["meta"]),
                    lambda path: plot(data["results"], path), save_json=not a.replot)
 

@@ -194,15 +194,13 @@ def main() -> None:
     stem = ("soups_quick" if args.quick else "soups") + ("" if args.runs == "mixed" else f"_{args.runs}")
     if args.quick:
         args.seeds, args.pretrain_steps, args.finetune_steps = args.seeds[:1], 40, 10
-    if args.replot:
-        data = common.saved(args.out, stem)
-    else:
-        t0 = time.perf_counter()
+
+    def run(work: Path) -> list:
         print(common.describe_domains(("python", "licenses")), flush=True)
-        with common.workdir(args.workdir, "soups-study-") as work:
-            studies = [one_study(s, work / f"seed{s}", args.pretrain_steps, args.finetune_steps) for s in args.seeds]
-        meta = common.run_meta(t0, runs=args.runs, pre_steps=args.pretrain_steps, ft_steps=args.finetune_steps)
-        data = {"meta": meta, "studies": studies}
+        return [one_study(s, work / f"seed{s}", args.pretrain_steps, args.finetune_steps) for s in args.seeds]
+
+    data = common.study_data(args, stem, "studies", run, runs=args.runs, pre_steps=args.pretrain_steps,
+                             ft_steps=args.finetune_steps)
     common.publish(args.out, stem, data, report(data["studies"], data["meta"]),
                    lambda path: plot(data["studies"], path), save_json=not args.replot)
 
