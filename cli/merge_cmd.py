@@ -107,12 +107,16 @@ def merge(
         "read_bytes": result.read_bytes,
         "write_bytes": result.write_bytes,
     }
+    if result.peak_gpu_bytes is not None:
+        summary["peak_gpu_bytes"] = result.peak_gpu_bytes
     if as_json:
         print_json(summary)
     elif not quiet:
         for written in result.outputs:
             console.print(f"wrote {written.num_tensors} tensors, {human_bytes(written.total_bytes)} "
                           f"in {len(written.shards)} shard(s) to {written.directory}", highlight=False)
+        if result.peak_gpu_bytes is not None:
+            console.print(f"peak GPU memory: {human_bytes(result.peak_gpu_bytes)}", highlight=False)
 
 
 def _recipe(

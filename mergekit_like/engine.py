@@ -4,7 +4,9 @@ For each tensor (or block of rows, for element-wise methods on large tensors)
 a reader thread reads the next inputs while this one is merged on the compute
 device in the compute dtype, cast to the output dtype and handed to the
 writer thread, so memory holds a few tensors at a time, never a model. The
-plan itself comes from :mod:`mergekit_like.plan`.
+plan itself comes from :mod:`mergekit_like.plan`; moving tensors to and from a
+GPU (pinned staging chunks, a copy stream, events) from
+:mod:`mergekit_like.staging`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from mergekit_like.plan import (
     uses_model_scope,
 )
 from mergekit_like.progress import NullProgress, ProgressSink
+from mergekit_like.staging import DeviceStaging
 
 __all__ = [
     "MergePlan", "MergeResult", "ModelResolver", "TensorPlan", "Variant", "plan_merge", "planned_merge",
@@ -50,6 +53,7 @@ class MergeResult:
     outputs: list[WrittenCheckpoint]
     read_bytes: int
     write_bytes: int
+    peak_gpu_bytes: int | None = None  # the most tensor memory allocated on the GPU at once, for CUDA runs
 
 
 def fit_rows(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -101,18 +105,19 @@ def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Genera
     return generator
 
 
-def model_topk_thresholds(plan: MergePlan, device: torch.device, progress: ProgressSink) -> list[float]:
+def model_topk_thresholds(plan: MergePlan, staging: DeviceStaging, progress: ProgressSink) -> list[float]:
     """Each model's k-th largest task-vector magnitude over all merged tensors (two read passes)."""
     merged = [t for t in plan.tensors if t.copy_from is None]
     total = sum(TensorSpec(t.name, t.compute_dtype, t.shape).numel for t in merged)
     densities = merged[0].params[0]["density"] if merged else []
-    selectors = [TopKThreshold(max(1, int(d * total)), device) for d in densities]
+    selectors = [TopKThreshold(max(1, int(d * total)), staging.device) for d in densities]
     for pass_number in (1, 2):
         for tensor in merged:
-            load = _loader(plan, tensor, device)
-            base = load(plan.recipe.base_model)
-            for selector, ref in zip(selectors, plan.input_refs):
-                delta = load(ref) - base
+            inputs = read_inputs(plan, tensor, staging)
+            staging.accept(inputs.tensors(), inputs.fence)
+            assert inputs.base is not None
+            for selector, model in zip(selectors, inputs.models):
+                delta = (model - inputs.base).to(tensor.compute_dtype)
                 selector.first_pass(delta) if pass_number == 1 else selector.second_pass(delta)
             progress.advance(tensor.name, tensor.read_bytes)
         if pass_number == 1:
@@ -129,23 +134,29 @@ class _Inputs:
     rows: tuple[int, int] | None
     models: list[torch.Tensor]
     base: torch.Tensor | None
+    fence: torch.cuda.Event | None = None  # the copies to the device that produce them
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.models + ([self.base] if self.base is not None else [])
 
 
 def read_inputs(
-    plan: MergePlan, tensor: TensorPlan, device: torch.device, rows: tuple[int, int] | None = None
+    plan: MergePlan, tensor: TensorPlan, staging: DeviceStaging, rows: tuple[int, int] | None = None
 ) -> _Inputs:
-    """Reads one tensor (or rows of it) from every input the method needs.
+    """Reads one tensor (or rows of it) from every input the method needs, onto the compute device.
 
     One after the other: the kernel is already reading ahead (see prefetch_inputs), and
-    reading them side by side measured no faster while holding more memory.
+    reading them side by side measured no faster while holding more memory. Copied
+    tensors stay on the host: they are written as they were read.
     """
     if tensor.copy_from is not None:
         return _Inputs(tensor, rows, [plan.checkpoints[tensor.copy_from].read(tensor.name)], None)
-    load = _loader(plan, tensor, device, rows)
-    as_stored = plan.method.inputs_as_stored
-    models = [load(ref, as_stored) for ref in plan.input_refs]
-    base = load(plan.recipe.base_model) if plan.method.base is not BaseUse.NONE else None
-    return _Inputs(tensor, rows, models, base)
+    with staging.copying():
+        load = _loader(plan, tensor, staging, rows)
+        as_stored = plan.method.inputs_as_stored
+        models = [load(ref, as_stored) for ref in plan.input_refs]
+        base = load(plan.recipe.base_model) if plan.method.base is not BaseUse.NONE else None
+        return _Inputs(tensor, rows, models, base, staging.fence())
 
 
 def prefetch_inputs(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> None:
@@ -157,12 +168,13 @@ def prefetch_inputs(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] |
                                 else None)
 
 
-def compute(plan: MergePlan, inputs: _Inputs, device: torch.device,
+def compute(plan: MergePlan, inputs: _Inputs, staging: DeviceStaging,
             thresholds: list[float] | None = None) -> list[torch.Tensor]:
-    """The merged value of one work item for each variant, in the output dtype, on the CPU."""
+    """The merged value of one work item for each variant, in the output dtype, on the compute device."""
     tensor = inputs.tensor
     if tensor.copy_from is not None:
         return inputs.models * len(plan.variants)
+    staging.accept(inputs.tensors(), inputs.fence)
     recipe, method = plan.recipe, plan.method
     results = []
     for params in tensor.params:
@@ -170,14 +182,14 @@ def compute(plan: MergePlan, inputs: _Inputs, device: torch.device,
         if inputs.base is not None:
             kwargs["base"] = inputs.base
         if method.uses_generator:
-            kwargs["generator"] = tensor_generator(recipe.seed, tensor.name, device)
+            kwargs["generator"] = tensor_generator(recipe.seed, tensor.name, staging.device)
         if method.uses_model_topk:
             kwargs["thresholds"] = thresholds
         try:
             merged = method.kernel(inputs.models, **kwargs)
         except MergeError as exc:
             raise MergeError(exc.what, tensor=tensor.name, fix=exc.fix) from None
-        results.append(merged.to(dtype=tensor.out_dtype).cpu())
+        results.append(merged.to(dtype=tensor.out_dtype))
     return results
 
 
@@ -186,12 +198,12 @@ class _Load(Protocol):
 
 
 def _loader(
-    plan: MergePlan, tensor: TensorPlan, device: torch.device, rows: tuple[int, int] | None = None
+    plan: MergePlan, tensor: TensorPlan, staging: DeviceStaging, rows: tuple[int, int] | None = None
 ) -> _Load:
     reference: list[torch.Tensor] = []  # read only if some model's rows need fitting
 
     def read(ref: str, as_stored: bool = False) -> torch.Tensor:
-        raw = plan.checkpoints[ref].read(tensor.name, device=device, rows=rows)
+        raw = staging.read(plan.checkpoints[ref], tensor.name, rows)
         if plan.check_finite and (bad := nonfinite_count(raw)):
             raise InvalidCheckpointError(
                 f"{bad} NaN or infinite values in model '{ref}'", path=plan.checkpoints[ref].layout.source,
@@ -224,6 +236,7 @@ def run_merge(
     progress: ProgressSink | None = None,
     finalize: Callable[[Path, Variant], None] | None = None,
     pipeline: bool = True,
+    staging: DeviceStaging | None = None,
 ) -> MergeResult:
     """Streams the merge into ``output`` (one subdirectory per variant for sweeps), atomically.
 
@@ -231,18 +244,21 @@ def run_merge(
     moved into place (the CLI writes the model card and recipe there).
     ``pipeline=False`` reads, computes and writes one item at a time in this
     thread: slower, the same bytes, and a plain stack trace when debugging.
+    ``staging`` overrides how tensors move to ``device`` and back (the chunk size, for one).
     """
     progress = progress or NullProgress()
-    torch_device = resolve_device(device)
+    staging = staging or DeviceStaging(resolve_device(device))
     check_target(output, overwrite=overwrite)
     refuse_output_among_inputs(output, {ref: c.layout.root for ref, c in plan.checkpoints.items()})
     passes = 3 if uses_model_scope(plan.method, plan.tensors) else 1
     progress.start(len(plan.tensors) * passes, plan.read_bytes * passes)
-    thresholds = model_topk_thresholds(plan, torch_device, progress) if passes == 3 else None
+    if staging.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(staging.device)
+    thresholds = model_topk_thresholds(plan, staging, progress) if passes == 3 else None
 
     items = [(t, rows) for t in plan.tensors for rows in (t.chunks or [None])]
     stream = _pipelined if pipeline else _sequential
-    merged = stream(plan, items, lambda i: compute(plan, i, torch_device, thresholds), torch_device, progress)
+    merged = stream(plan, items, lambda i: compute(plan, i, staging, thresholds), staging, progress)
     # Closed on any exit: a writer failure otherwise leaves the generator (and its reader
     # thread) alive for as long as the traceback refers to it.
     with contextlib.closing(merged):
@@ -252,7 +268,8 @@ def run_merge(
             out_dtype=_uniform_out_dtype(plan),
             finalize=(lambda directory, i: finalize(directory, plan.variants[i])) if finalize else None,
         )
-    return MergeResult(outputs, plan.read_bytes, plan.write_bytes)
+    peak = torch.cuda.max_memory_allocated(staging.device) if staging.device.type == "cuda" else None
+    return MergeResult(outputs, plan.read_bytes, plan.write_bytes, peak)
 
 
 Item = tuple[TensorPlan, tuple[int, int] | None]
@@ -260,7 +277,7 @@ Compute = Callable[[_Inputs], list[torch.Tensor]]
 
 
 def _pipelined(
-    plan: MergePlan, items: list[Item], compute_item: Compute, device: torch.device, progress: ProgressSink
+    plan: MergePlan, items: list[Item], compute_item: Compute, staging: DeviceStaging, progress: ProgressSink
 ) -> Generator[WriteItem, None, None]:
     """Reading the next item overlaps computing this one (file reads and torch ops release the GIL).
 
@@ -271,7 +288,7 @@ def _pipelined(
     with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="reader") as reader:
 
         def read_ahead(item: Item) -> Future[_Inputs]:
-            return reader.submit(read_inputs, plan, item[0], device, item[1])
+            return reader.submit(read_inputs, plan, item[0], staging, item[1])
 
         pending = read_ahead(items[0]) if items else None
         for position, (tensor, rows) in enumerate(items):
@@ -288,22 +305,29 @@ def _pipelined(
             del inputs
             if following is not None and not ahead:
                 pending = read_ahead(following)
-            yield from _written(tensor, rows, values, progress)
+            yield from _written(tensor, rows, values, staging, progress)
 
 
 def _sequential(
-    plan: MergePlan, items: list[Item], compute_item: Compute, device: torch.device, progress: ProgressSink
+    plan: MergePlan, items: list[Item], compute_item: Compute, staging: DeviceStaging, progress: ProgressSink
 ) -> Generator[WriteItem, None, None]:
     with torch.no_grad():
         for tensor, rows in items:
-            yield from _written(tensor, rows, compute_item(read_inputs(plan, tensor, device, rows)), progress)
+            values = compute_item(read_inputs(plan, tensor, staging, rows))
+            yield from _written(tensor, rows, values, staging, progress)
 
 
 def _written(
-    tensor: TensorPlan, rows: tuple[int, int] | None, values: list[torch.Tensor], progress: ProgressSink
+    tensor: TensorPlan, rows: tuple[int, int] | None, values: list[torch.Tensor], staging: DeviceStaging,
+    progress: ProgressSink,
 ) -> Generator[WriteItem, None, None]:
+    """Each variant's value, on the host, as whole tensors or blocks of rows for the writer."""
     for index, value in enumerate(values):
-        yield WriteItem(index, tensor.name, value, rows[0] if rows else None)
+        for offset, block in staging.download(value):
+            if offset is None:
+                yield WriteItem(index, tensor.name, block, rows[0] if rows else None)
+            else:
+                yield WriteItem(index, tensor.name, block, (rows[0] if rows else 0) + offset)
     if rows is None or rows[1] == tensor.shape[0]:
         progress.advance(tensor.name, tensor.read_bytes)
 

@@ -1,0 +1,138 @@
+"""Staging: tensors go to the device and back in bounded chunks, and the bytes do not change.
+
+The chunked path is what CUDA runs; ``staged=True`` runs it on the CPU too, so
+these tests check the chunking (offsets, row blocks, large rows, copied tensors)
+without a GPU. The CUDA-only parts (streams, events) are in test_gpu.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import write_checkpoint
+from mergekit_like.engine import planned_merge, run_merge
+from mergekit_like.io import open_checkpoint
+from mergekit_like.io.reader import Checkpoint
+from mergekit_like.io.writer import ShardedWriter
+from mergekit_like.recipe import recipe_from_cli
+from mergekit_like.staging import DeviceStaging, row_blocks
+
+CPU = torch.device("cpu")
+METHODS = [
+    ("linear", ["weight=0.3,0.7"]),
+    ("task_arithmetic", ["weight=0.5,1.0"]),
+    ("ties", ["density=0.5", "weight=1.0,0.4"]),
+    ("ties", ["density=0.5", "weight=1.0,0.4", "trim_scope=model"]),
+    ("dare_ties", ["density=0.6", "weight=1.0"]),
+    ("slerp", ["t=0.3"]),
+    ("model_stock", []),
+]
+
+
+@pytest.mark.parametrize(("rows", "row_bytes", "chunk", "expected"), [
+    ((0, 10), 4, 12, [(0, 3), (3, 6), (6, 9), (9, 10)]),
+    ((5, 9), 4, 16, [(5, 9)]),
+    ((0, 3), 100, 16, [(0, 1), (1, 2), (2, 3)]),  # a row over the chunk goes alone, whole
+    ((2, 2), 4, 16, []),
+    ((0, 4), 0, 16, [(0, 4)]),
+])
+def test_row_blocks_cover_the_rows_in_order_within_the_chunk(
+    rows: tuple[int, int], row_bytes: int, chunk: int, expected: list[tuple[int, int]]
+) -> None:
+    assert row_blocks(rows, row_bytes, chunk) == expected
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> list[Path]:
+    g = torch.Generator().manual_seed(5)
+    paths = []
+    for name in ("base", "a", "b"):
+        tensors = {f"model.layers.{i}.w": torch.randn(33, 16, generator=g).to(torch.bfloat16) for i in range(3)}
+        tensors["embed"] = torch.randn(70, 16, generator=g).to(torch.bfloat16)
+        tensors["norm"] = torch.randn(16, generator=g).to(torch.bfloat16)
+        tensors["wide"] = torch.randn(2, 200, generator=g).to(torch.bfloat16)  # rows over the chunk
+        tensors["scale"] = torch.tensor(1.5, dtype=torch.bfloat16)
+        tensors["steps"] = torch.arange(3)
+        paths.append(write_checkpoint(tmp_path / name, tensors, max_shard_size=3000))
+    return paths
+
+
+def _recipe(models: list[Path], method: str, params: list[str]):
+    base, a, b = map(str, models)
+    if method == "slerp":
+        return recipe_from_cli(method, [base, b], base=base, params=params)
+    return recipe_from_cli(method, [a, b], base=None if method == "linear" else base, params=params)
+
+
+def _merged(recipe, out: Path, **kwargs) -> dict[str, torch.Tensor]:
+    with planned_merge(recipe, memory_budget=kwargs.pop("memory_budget", None)) as plan:
+        run_merge(plan, out, **kwargs)
+    with open_checkpoint(out) as ckpt:
+        return {n: ckpt.read(n) for n in ckpt.names()}
+
+
+@pytest.mark.parametrize(("method", "params"), METHODS)
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_staged_chunks_give_the_same_bytes(
+    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, params: list[str],
+    pipeline: bool,
+) -> None:
+    import mergekit_like.plan as plan_module
+
+    recipe = _recipe(models, method, params)
+    plain = _merged(recipe, tmp_path / "plain")
+    staging = DeviceStaging(CPU, chunk_bytes=100, staged=True)
+    # A small budget splits element-wise merges into blocks of 5 rows (3 float32 inputs, a
+    # quarter of the budget); staging's 3-row pieces of the output then start inside them.
+    monkeypatch.setattr(plan_module, "MIN_MEMORY_BUDGET", 1)
+    staged = _merged(recipe, tmp_path / "staged", staging=staging, pipeline=pipeline, memory_budget=3840)
+    assert plain.keys() == staged.keys()
+    for name in plain:
+        assert torch.equal(plain[name], staged[name]), name
+
+
+def test_staged_reads_and_writes_hold_at_most_a_chunk_per_piece(
+    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[int] = []
+    writes: list[int] = []
+    real_read, real_write = Checkpoint.read, ShardedWriter.write
+
+    def read(self, name, **kwargs):
+        tensor = real_read(self, name, **kwargs)
+        reads.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    def write(self, name, tensor, **kwargs):
+        writes.append(tensor.numel() * tensor.element_size())
+        return real_write(self, name, tensor, **kwargs)
+
+    monkeypatch.setattr(Checkpoint, "read", read)
+    monkeypatch.setattr(ShardedWriter, "write", write)
+    chunk = 128
+    staging = DeviceStaging(CPU, chunk_bytes=chunk, staged=True)
+    with planned_merge(_recipe(models, "ties", ["density=0.5", "weight=1.0,0.4"])) as plan:
+        run_merge(plan, tmp_path / "out", staging=staging)
+    wide_row = 200 * 2  # a bf16 row of "wide": over the chunk, so read and written alone
+    assert reads and writes
+    assert max(reads) == wide_row and max(writes) == wide_row
+    assert sorted(set(reads))[-2] <= chunk and sorted(set(writes))[-2] <= chunk
+
+
+def test_unstaged_cpu_reads_each_tensor_whole(models: list[Path]) -> None:
+    staging = DeviceStaging(CPU)
+    assert not staging.staged
+    with open_checkpoint(models[0]) as ckpt:
+        with staging.copying():
+            embed = staging.read(ckpt, "embed", rows=(3, 9))
+        staging.accept([embed], staging.fence())
+        assert torch.equal(embed, ckpt.read("embed")[3:9])
+        assert list(staging.download(embed)) == [(None, embed)]
+
+
+def test_staging_refuses_a_chunk_of_no_bytes() -> None:
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        DeviceStaging(CPU, chunk_bytes=0)
