@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -66,11 +66,18 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")  # type: ignore[arg-type]
 
 
+class _Hasher(Protocol):
+    """What the digest needs of hashlib's objects (whose class is private)."""
+
+    def update(self, data: memoryview, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
 class _StreamDigest:
     """sha256 of a file fed by its writes, valid while they arrive front to back without gaps."""
 
     def __init__(self) -> None:
-        self._hash: hashlib._Hash | None = hashlib.sha256()
+        self._hash: _Hasher | None = hashlib.sha256()
         self.position = 0
 
     def update(self, data: memoryview, offset: int) -> None:
