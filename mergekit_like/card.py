@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
 
 from mergekit_like import __version__
 from mergekit_like.hub import is_hub_id, split_ref
@@ -71,6 +70,8 @@ class CardContent:
 
 def write_card(directory: Path, card: CardContent) -> None:
     """Writes README.md: Hub metadata in the front matter, then method, inputs and recipe."""
+    from huggingface_hub import ModelCard, ModelCardData  # here: a tenth of a second every command paid
+
     refs = [ref for ref, _ in card.inputs]
     hub_ids = list(dict.fromkeys(r.split("@")[0] for r in refs if is_hub_id(r)))
     data = ModelCardData(
@@ -140,6 +141,8 @@ def _hub_commit(ref: str, paths: Mapping[str, Path] | None) -> str | None:
 
 def common_license(paths: Sequence[Path]) -> str | None:
     """The license every input's model card states, when they all state the same one."""
+    from huggingface_hub import ModelCard
+
     licenses = set()
     for path in paths:
         readme = (path if path.is_dir() else path.parent) / "README.md"
