@@ -306,6 +306,7 @@ def _pipelined(
             if following is not None and not ahead:
                 pending = read_ahead(following)
             yield from _written(tensor, rows, values, staging, progress)
+            del values  # written: not held on the device while the next item is computed
 
 
 def _sequential(

@@ -61,6 +61,9 @@ class DeviceStaging:
                  staged: bool | None = None) -> None:
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be positive")
+        if device.type == "cuda" and device.index is None:
+            # Pinned now: "cuda" alone means each thread's current device, which may change.
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.chunk_bytes = chunk_bytes
         self.staged = device.type == "cuda" if staged is None else staged
@@ -118,7 +121,7 @@ class DeviceStaging:
             return
         row_bytes = tensor[:1].numel() * tensor.element_size()
         blocks = row_blocks((0, tensor.shape[0]), row_bytes, self.chunk_bytes)
-        if len(blocks) == 1:
+        if len(blocks) <= 1:  # none for a tensor of no rows: still written, whole
             yield None, self._to_host(tensor)
             return
         for first, stop in blocks:

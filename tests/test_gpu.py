@@ -45,8 +45,8 @@ def test_index_trim_keeps_the_same_entries_on_cuda() -> None:
         assert torch.equal(magnitude_mask(magnitudes.cuda(), density, "index").cpu(), cpu)
 
 
-def _merged_on_cuda(recipe, out: Path, **kwargs) -> dict[str, torch.Tensor]:
-    with planned_merge(recipe) as plan:
+def _merged_on_cuda(recipe, out: Path, memory_budget: int | None = None, **kwargs) -> dict[str, torch.Tensor]:
+    with planned_merge(recipe, memory_budget=memory_budget) as plan:
         run_merge(plan, out, device="cuda", **kwargs)
     with open_checkpoint(out) as ckpt:
         return {n: ckpt.read(n) for n in ckpt.names()}
@@ -58,17 +58,31 @@ def _merged_on_cuda(recipe, out: Path, **kwargs) -> dict[str, torch.Tensor]:
     ("dare_ties", ["weight=1,0.6,0.3", "density=0.5"]),
 ])
 def test_cuda_chunks_streams_and_pipeline_do_not_change_the_bytes(
-    example_models: list[Path], tmp_path: Path, method: str, params: list[str]
+    example_models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, params: list[str]
 ) -> None:
-    """Small staging chunks (many copies in flight on the copy stream) and the pipeline's
-    overlap of reading with computing give exactly the bytes of the one-item-at-a-time run."""
+    """Small staging chunks (many copies in flight on the copy stream), row blocks and the
+    pipeline's overlap of reading with computing give exactly the bytes of the
+    one-item-at-a-time run. The copies and the results are made late on purpose (the GPU
+    sleeps first), so a missing wait on an event would compute on, or write, unfilled memory."""
+    import mergekit_like.plan as plan_module
     from mergekit_like.staging import DeviceStaging
+
+    class LateCopies(DeviceStaging):
+        def read(self, checkpoint, name, rows=None):  # type: ignore[no-untyped-def]
+            torch.cuda._sleep(10_000_000)  # on the copy stream: the copies that follow land late
+            return super().read(checkpoint, name, rows)
+
+        def download(self, tensor):  # type: ignore[no-untyped-def]
+            torch.cuda._sleep(10_000_000)  # on the compute stream: the result is finished late
+            return super().download(tensor)
 
     base, *fts = map(str, example_models)
     recipe = recipe_from_cli(method, fts, base=None if method == "linear" else base, params=params)
     sequential = _merged_on_cuda(recipe, tmp_path / "sequential", pipeline=False)
-    small_chunks = DeviceStaging(torch.device("cuda"), chunk_bytes=4096)
-    pipelined = _merged_on_cuda(recipe, tmp_path / "pipelined", staging=small_chunks)
+    monkeypatch.setattr(plan_module, "MIN_MEMORY_BUDGET", 1)
+    late = LateCopies(torch.device("cuda"), chunk_bytes=4096)
+    # 64 KiB: element-wise merges of the larger tensors go in row blocks.
+    pipelined = _merged_on_cuda(recipe, tmp_path / "pipelined", memory_budget=65536, staging=late)
     assert sequential.keys() == pipelined.keys()
     for name, expected in sequential.items():
         assert torch.equal(pipelined[name], expected), name
@@ -85,7 +99,8 @@ def test_cuda_merge_holds_a_few_tensors_on_the_device(example_models: list[Path]
         model_f32 = 2 * plan.read_bytes
     assert result.peak_gpu_bytes is not None
     peak = result.peak_gpu_bytes - before
-    # Inputs of the item in compute and of the one read ahead, in float32, plus ties' temporaries;
-    # the bound is below the inputs' size in float32, so holding the model would fail it.
+    # Inputs of the item in compute and of the one read ahead (models as stored in bf16, the base
+    # in float32), plus ties' temporaries (deltas, masks, a sort's indices); the bound is below
+    # the inputs' size in float32, so holding the model would fail it.
     assert 12 * largest < model_f32
     assert peak <= 12 * largest, (peak, largest)

@@ -55,6 +55,7 @@ def models(tmp_path: Path) -> list[Path]:
         tensors["norm"] = torch.randn(16, generator=g).to(torch.bfloat16)
         tensors["wide"] = torch.randn(2, 200, generator=g).to(torch.bfloat16)  # rows over the chunk
         tensors["scale"] = torch.tensor(1.5, dtype=torch.bfloat16)
+        tensors["empty"] = torch.zeros(0, 16, dtype=torch.bfloat16)
         tensors["steps"] = torch.arange(3)
         paths.append(write_checkpoint(tmp_path / name, tensors, max_shard_size=3000))
     return paths
@@ -120,6 +121,36 @@ def test_staged_reads_and_writes_hold_at_most_a_chunk_per_piece(
     assert reads and writes
     assert max(reads) == wide_row and max(writes) == wide_row
     assert sorted(set(reads))[-2] <= chunk and sorted(set(writes))[-2] <= chunk
+
+
+def test_staged_pickles_give_the_same_bytes(models: list[Path], tmp_path: Path) -> None:
+    for path in models:  # the same tensors, as pytorch_model.bin
+        with open_checkpoint(path) as ckpt:
+            torch.save({n: ckpt.read(n) for n in ckpt.names()}, path / "pytorch_model.bin")
+        for file in path.glob("*.safetensors*"):
+            file.unlink()
+        (path / "model.safetensors.index.json").unlink(missing_ok=True)
+    recipe = _recipe(models, "ties", ["density=0.5", "weight=1.0,0.4"])
+    with planned_merge(recipe, allow_pickle=True) as plan:
+        run_merge(plan, tmp_path / "plain")
+    with planned_merge(recipe, allow_pickle=True) as plan:
+        run_merge(plan, tmp_path / "staged", staging=DeviceStaging(CPU, chunk_bytes=100, staged=True))
+    with open_checkpoint(tmp_path / "plain") as plain, open_checkpoint(tmp_path / "staged") as staged:
+        assert all(torch.equal(plain.read(n), staged.read(n)) for n in plain.names())
+
+
+def test_a_pickled_tensor_read_into_a_buffer_views_it(models: list[Path]) -> None:
+    path = models[0]
+    with open_checkpoint(path) as ckpt:
+        tensors = {n: ckpt.read(n) for n in ckpt.names()}
+    torch.save(tensors, path.parent / "pickled.bin")
+    with open_checkpoint(path.parent / "pickled.bin", allow_pickle=True) as ckpt:
+        buffer = torch.zeros(4096, dtype=torch.uint8)
+        rows = ckpt.read("embed", rows=(2, 5), out=buffer)
+        assert torch.equal(rows, tensors["embed"][2:5])
+        assert rows.data_ptr() == buffer.data_ptr()
+        with pytest.raises(ValueError, match="at least as large"):
+            ckpt.read("embed", out=torch.zeros(8, dtype=torch.uint8))
 
 
 def test_unstaged_cpu_reads_each_tensor_whole(models: list[Path]) -> None:

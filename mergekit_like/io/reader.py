@@ -112,7 +112,12 @@ class Checkpoint:
         shape = (stop - start, *entry.shape[1:]) if rows is not None else entry.shape
         if entry.start == PICKLED:
             whole = self._pickled[entry.file][name].detach()
-            tensor = (whole[start:stop] if rows is not None else whole).clone().contiguous()
+            part = whole[start:stop] if rows is not None else whole
+            if out is None:
+                tensor = part.clone().contiguous()
+            else:
+                nbytes = part.numel() * part.element_size()
+                tensor = _out_buffer(out, nbytes).view(entry.dtype).reshape(part.shape).copy_(part)
         else:
             row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else entry.nbytes
             nbytes = row_bytes * (stop - start) if rows is not None else entry.nbytes
@@ -138,12 +143,7 @@ class Checkpoint:
             will_need(self._fd(entry.file), entry.start + start * row_bytes, length)
 
     def _read_range(self, entry: TensorEntry, offset: int, nbytes: int, out: torch.Tensor | None) -> torch.Tensor:
-        if out is None:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
-        else:
-            if out.dtype != torch.uint8 or out.device.type != "cpu" or out.numel() < nbytes:
-                raise ValueError("out must be a CPU uint8 buffer at least as large as the bytes read")
-            buffer = out[:nbytes]
+        buffer = torch.empty(nbytes, dtype=torch.uint8) if out is None else _out_buffer(out, nbytes)
         view = memoryview(buffer.numpy())  # type: ignore[arg-type]
         fd = self._fd(entry.file)
         done = 0
@@ -182,6 +182,12 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, tensors={len(self)}, files={len(self.files)})"
+
+
+def _out_buffer(out: torch.Tensor, nbytes: int) -> torch.Tensor:
+    if out.dtype != torch.uint8 or out.device.type != "cpu" or out.numel() < nbytes:
+        raise ValueError("out must be a CPU uint8 buffer at least as large as the bytes read")
+    return out[:nbytes]
 
 
 def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoint:

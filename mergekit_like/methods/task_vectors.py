@@ -37,8 +37,11 @@ RescaleMode = Literal["l1", "inverse_density"]
 ZERO_WEIGHT_SUM = 1e-8
 # Below this an L1 norm counts as zero and the rescale is skipped (as mergekit).
 L1_EPS = 1e-7
-# Elements per block in the element-wise phase.
+# Elements per block in the element-wise phase: on the CPU, temporaries that stay in cache;
+# on a GPU, blocks large enough that kernel launches cost little (a dozen float32 temporaries
+# of 64 MB each at most).
 BLOCK = 1 << 20
+GPU_BLOCK = 1 << 24
 # Masks of tensors from PARALLEL_MIN entries up are computed one model per thread: the
 # sorts and counts run on one core each. Tensors over PARALLEL_MAX go one at a time: each
 # trim in flight holds a float copy of its task vector's magnitudes (and a sort's 8-byte
@@ -88,8 +91,9 @@ def merge_task_vectors(
     flat_base = base.reshape(-1)
     flat_models = [x.reshape(-1) for x in tensors]
     out = torch.empty_like(flat_base)
-    for start in range(0, max(flat_base.numel(), 1), BLOCK):
-        block = slice(start, start + BLOCK)
+    step = BLOCK if base.device.type == "cpu" else GPU_BLOCK
+    for start in range(0, max(flat_base.numel(), 1), step):
+        block = slice(start, start + step)
         b = flat_base[block]
         deltas = [t.apply(x[block] - b, block) for x, t in zip(flat_models, trims)]
         out[block] = combine_task_vectors(b, deltas, weights, consensus=consensus, normalize=normalize, scale=scale)
@@ -110,8 +114,9 @@ def combine_task_vectors(
     Model by model rather than on a stacked tensor: the same numbers (the sums run in model
     order, as a reduction over the stacked models does), without the stacked copies.
     """
-    # The weights in the compute dtype, as mergekit's weight tensor.
-    w = [torch.tensor(x, dtype=deltas[0].dtype, device=deltas[0].device) for x in weights]
+    # The weights in the compute dtype, as mergekit's weight tensor. torch.full, not torch.tensor:
+    # the same rounding, without a copy from host memory that waits for the GPU to finish its work.
+    w = [torch.full((), x, dtype=deltas[0].dtype, device=deltas[0].device) for x in weights]
     weighted = [d * wi for d, wi in zip(deltas, w)]
     if consensus is not None:
         agree = sign_agreement(weighted, consensus)
