@@ -19,7 +19,7 @@ from mergekit_like.cli import (
 from mergekit_like.cli.output import DEBUG
 
 from mergekit_like import __version__
-from mergekit_like.memory import return_freed_tensors_to_the_os, share_one_malloc_arena
+from mergekit_like.memory import keep_freed_memory, return_freed_tensors_to_the_os, share_one_malloc_arena
 
 app = typer.Typer(
     name="mergekit-like",
@@ -51,6 +51,8 @@ def _root(
     share_one_malloc_arena()
     if low_memory:
         return_freed_tensors_to_the_os()
+    else:
+        keep_freed_memory()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
 
 
