@@ -51,7 +51,7 @@ def merge(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard (decimal units)."),
     memory_budget: str = typer.Option(
-        "512MiB", "--memory-budget",
+        "256MiB", "--memory-budget",
         help="Tensor bytes in flight for element-wise methods (row blocks, read-ahead); whole-tensor "
         "methods (ties, slerp, model_stock) hold each tensor whole.",
     ),
