@@ -19,7 +19,7 @@ from mergekit_like.cli import (
 from mergekit_like.cli.output import DEBUG
 
 from mergekit_like import __version__
-from mergekit_like.memory import keep_freed_memory, return_freed_tensors_to_the_os, share_one_malloc_arena
+from mergekit_like.memory import return_freed_tensors_to_the_os, share_one_malloc_arena
 
 app = typer.Typer(
     name="mergekit-like",
@@ -44,15 +44,14 @@ def _root(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
     low_memory: bool = typer.Option(
-        False, "--low-memory", help="Return freed tensors to the OS at once: lower peak RSS, somewhat slower."
+        False, "--low-memory",
+        help="Return freed tensors to the OS at once, element-wise merges included: lower peak RSS, slower.",
     ),
 ) -> None:
     DEBUG["enabled"] = debug
     share_one_malloc_arena()
     if low_memory:
         return_freed_tensors_to_the_os()
-    else:
-        keep_freed_memory()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
 
 

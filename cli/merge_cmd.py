@@ -16,6 +16,7 @@ from mergekit_like.errors import RecipeError
 from mergekit_like.hub import model_resolver
 from mergekit_like.io import parse_size
 from mergekit_like.io.dtypes import parse_dtype
+from mergekit_like.memory import keep_freed_memory
 from mergekit_like.methods import all_methods
 from mergekit_like.recipe import MergeRecipe, load_recipe, recipe_from_cli
 
@@ -80,6 +81,8 @@ def merge(
     resolver = model_resolver(allow_pickle=allow_pickle, token=token, quiet=quiet or as_json)  # Hub ids: to the cache
     with planned_merge(recipe, allow_pickle=allow_pickle, resolve_model=resolver, memory_budget=budget) as plan:
         plan.check_finite = check_finite
+        if plan.method.elementwise:
+            keep_freed_memory()  # alike row blocks reuse freed memory without page faults
         if dry_run:
             _print_plan(plan, as_json)
             return

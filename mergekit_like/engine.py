@@ -53,7 +53,9 @@ class MergeResult:
     outputs: list[WrittenCheckpoint]
     read_bytes: int
     write_bytes: int
-    peak_gpu_bytes: int | None = None  # the most tensor memory allocated on the GPU at once, for CUDA runs
+    # CUDA runs: the most tensor memory allocated on the GPU at once during the merge (torch's
+    # process-wide peak, reset when the merge starts, so it includes what was allocated before).
+    peak_gpu_bytes: int | None = None
 
 
 def fit_rows(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -170,7 +172,10 @@ def prefetch_inputs(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] |
 
 def compute(plan: MergePlan, inputs: _Inputs, staging: DeviceStaging,
             thresholds: list[float] | None = None) -> list[torch.Tensor]:
-    """The merged value of one work item for each variant, in the output dtype, on the compute device."""
+    """The merged value of one work item for each variant, in the output dtype.
+
+    On the compute device; tensors copied unmerged stay on the host, as they were read.
+    """
     tensor = inputs.tensor
     if tensor.copy_from is not None:
         return inputs.models * len(plan.variants)
@@ -247,7 +252,10 @@ def run_merge(
     ``staging`` overrides how tensors move to ``device`` and back (the chunk size, for one).
     """
     progress = progress or NullProgress()
-    staging = staging or DeviceStaging(resolve_device(device))
+    torch_device = resolve_device(device)
+    staging = staging or DeviceStaging(torch_device)
+    if staging.device.type != torch_device.type:
+        raise ValueError(f"staging moves tensors to {staging.device}, but the merge is asked to run on {device}")
     check_target(output, overwrite=overwrite)
     refuse_output_among_inputs(output, {ref: c.layout.root for ref, c in plan.checkpoints.items()})
     passes = 3 if uses_model_scope(plan.method, plan.tensors) else 1
@@ -316,6 +324,7 @@ def _sequential(
         for tensor, rows in items:
             values = compute_item(read_inputs(plan, tensor, staging, rows))
             yield from _written(tensor, rows, values, staging, progress)
+            del values
 
 
 def _written(
@@ -325,10 +334,8 @@ def _written(
     """Each variant's value, on the host, as whole tensors or blocks of rows for the writer."""
     for index, value in enumerate(values):
         for offset, block in staging.download(value):
-            if offset is None:
-                yield WriteItem(index, tensor.name, block, rows[0] if rows else None)
-            else:
-                yield WriteItem(index, tensor.name, block, (rows[0] if rows else 0) + offset)
+            row = None if offset is None and rows is None else (rows[0] if rows else 0) + (offset or 0)
+            yield WriteItem(index, tensor.name, block, row)
     if rows is None or rows[1] == tensor.shape[0]:
         progress.advance(tensor.name, tensor.read_bytes)
 

@@ -85,9 +85,8 @@ class DeviceStaging:
             return tensor.to(self.device, non_blocking=tensor.is_pinned())
         span = rows if rows is not None else (0, entry.shape[0])
         target = torch.empty((span[1] - span[0], *entry.shape[1:]), dtype=entry.dtype, device=self.device)
-        row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
-        for first, stop in row_blocks(span, row_bytes, self.chunk_bytes):
-            buffer = self._host_buffer((stop - first) * row_bytes)
+        for first, stop in row_blocks(span, entry.row_bytes, self.chunk_bytes):
+            buffer = self._host_buffer((stop - first) * entry.row_bytes)
             chunk = checkpoint.read(name, rows=(first, stop), out=buffer)
             target[first - span[0]:stop - span[0]].copy_(chunk, non_blocking=self._pin)
         return target
@@ -116,8 +115,8 @@ class DeviceStaging:
 
         Each block is complete when it is yielded, so the writer may write it at once.
         """
-        if not self.staged or tensor.dim() == 0:
-            yield None, self._to_host(tensor)
+        if not self.staged or tensor.dim() == 0 or tensor.device != self.device:
+            yield None, self._to_host(tensor)  # scalars, and tensors copied unmerged on the host, whole
             return
         row_bytes = tensor[:1].numel() * tensor.element_size()
         blocks = row_blocks((0, tensor.shape[0]), row_bytes, self.chunk_bytes)

@@ -20,6 +20,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def kept_memory_calls(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """Records the merge command's calls to keep_freed_memory instead of changing this process's allocator."""
+    calls: list[None] = []
+    monkeypatch.setattr("mergekit_like.cli.merge_cmd.keep_freed_memory", lambda: calls.append(None) or True)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def example_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """base, finetune-1..3 of the tiny Llama-style example (bf16, sharded)."""

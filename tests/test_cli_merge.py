@@ -136,3 +136,15 @@ def test_written_recipe_is_resolved_and_reruns_bit_for_bit_from_another_cwd(
     original, rerun = read_all(first / "out"), read_all(second / "again")
     assert original.keys() == rerun.keys()
     assert all(original[n].dtype == rerun[n].dtype and torch.equal(original[n], rerun[n]) for n in original)
+
+
+def test_freed_memory_is_kept_for_element_wise_merges_only(
+    example_models: list[Path], tmp_path: Path, kept_memory_calls: list[None]
+) -> None:
+    assert quick_ties(example_models, tmp_path / "ties", "--quiet").exit_code == 0
+    assert kept_memory_calls == []  # whole-tensor masks: kept memory fragments, RSS grew by a quarter
+    base, *fts = map(str, example_models)
+    result = runner.invoke(app, ["merge", "--method", "linear", *fts, "-p", "weight=1,1,1", "-o", str(tmp_path / "linear"),
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert kept_memory_calls == [None]

@@ -45,6 +45,15 @@ def test_kept_memory_serves_later_tensors_without_page_faults() -> None:
 
     # Tensors of 40 to 88 MiB: over glibc's largest mmap threshold, so by default each is a
     # fresh mapping, a fault per page; kept, they come from memory freed by earlier ones.
-    pages = 30 * (80 << 20) // 4096
-    assert faults("default") > pages // 2
-    assert faults("keep") < pages // 5  # a few stray fresh blocks at most (seen: 0, or 51,200)
+    # (Seen: 967,740 by default; kept, 0 or 51,200. With transparent huge pages always on,
+    # a fault maps 2 MiB and the default's count is smaller, so the two are compared.)
+    default, kept = faults("default"), faults("keep")
+    assert default > 1000 and kept * 5 < default, (default, kept)
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
+def test_low_memory_wins_over_keeping_freed_memory() -> None:
+    code = ("from mergekit_like.memory import keep_freed_memory, return_freed_tensors_to_the_os; "
+            "print(return_freed_tensors_to_the_os(), keep_freed_memory())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]

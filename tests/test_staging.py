@@ -86,8 +86,9 @@ def test_staged_chunks_give_the_same_bytes(
     recipe = _recipe(models, method, params)
     plain = _merged(recipe, tmp_path / "plain")
     staging = DeviceStaging(CPU, chunk_bytes=100, staged=True)
-    # A small budget splits element-wise merges into blocks of 5 rows (3 float32 inputs, a
-    # quarter of the budget); staging's 3-row pieces of the output then start inside them.
+    # A small budget splits element-wise merges into row blocks (a quarter of the budget holds
+    # 7 rows of each float32 input for linear's 2 models, 5 with a base); staging's 3-row
+    # pieces of the output then start inside them.
     monkeypatch.setattr(plan_module, "MIN_MEMORY_BUDGET", 1)
     staged = _merged(recipe, tmp_path / "staged", staging=staging, pipeline=pipeline, memory_budget=3840)
     assert plain.keys() == staged.keys()
@@ -167,3 +168,15 @@ def test_unstaged_cpu_reads_each_tensor_whole(models: list[Path]) -> None:
 def test_staging_refuses_a_chunk_of_no_bytes() -> None:
     with pytest.raises(ValueError, match="chunk_bytes"):
         DeviceStaging(CPU, chunk_bytes=0)
+
+
+def test_staging_for_another_device_than_the_merge_is_refused(models: list[Path], tmp_path: Path) -> None:
+    class Elsewhere(DeviceStaging):
+        def __init__(self) -> None:
+            super().__init__(CPU)
+            self.device = torch.device("meta")
+
+    with planned_merge(_recipe(models, "linear", ["weight=0.3,0.7"])) as plan:
+        with pytest.raises(ValueError, match="staging moves tensors to meta"):
+            run_merge(plan, tmp_path / "out", staging=Elsewhere())
+    assert not (tmp_path / "out").exists()

@@ -119,9 +119,8 @@ class Checkpoint:
                 nbytes = part.numel() * part.element_size()
                 tensor = _out_buffer(out, nbytes).view(entry.dtype).reshape(part.shape).copy_(part)
         else:
-            row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else entry.nbytes
-            nbytes = row_bytes * (stop - start) if rows is not None else entry.nbytes
-            raw = self._read_range(entry, entry.start + start * row_bytes, nbytes, out)
+            nbytes = entry.row_bytes * (stop - start) if rows is not None else entry.nbytes
+            raw = self._read_range(entry, entry.start + start * entry.row_bytes, nbytes, out)
             tensor = raw.view(entry.dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=entry.dtype)
         if device is not None and torch.device(device).type != "cpu":
             tensor = tensor.to(device, non_blocking=tensor.is_pinned())
@@ -136,11 +135,10 @@ class Checkpoint:
         entry = self.entry(name)
         if entry.start == PICKLED:
             return
-        row_bytes = entry.nbytes // entry.shape[0] if entry.shape and entry.shape[0] else entry.nbytes
         start, stop = rows if rows is not None else (0, entry.shape[0] if entry.shape else 1)
-        length = row_bytes * (stop - start) if rows is not None else entry.nbytes
+        length = entry.row_bytes * (stop - start) if rows is not None else entry.nbytes
         if length:
-            will_need(self._fd(entry.file), entry.start + start * row_bytes, length)
+            will_need(self._fd(entry.file), entry.start + start * entry.row_bytes, length)
 
     def _read_range(self, entry: TensorEntry, offset: int, nbytes: int, out: torch.Tensor | None) -> torch.Tensor:
         buffer = torch.empty(nbytes, dtype=torch.uint8) if out is None else _out_buffer(out, nbytes)

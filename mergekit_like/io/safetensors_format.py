@@ -47,6 +47,11 @@ class TensorEntry:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes per index of the first dimension (all of them for a scalar; 0 with no rows)."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
+
 
 @dataclass(frozen=True)
 class SafetensorsHeader:
