@@ -74,3 +74,13 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.numel() == 0:
         return True
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def base_and_two_recipe(models: list[Path], method: str, params: list[str]) -> Any:
+    """A recipe over (base, a, b): slerp from base to b, linear of a and b, the others a and b on base."""
+    from mergekit_like.recipe import recipe_from_cli
+
+    base, a, b = map(str, models)
+    if method == "slerp":
+        return recipe_from_cli(method, [base, b], base=base, params=params)
+    return recipe_from_cli(method, [a, b], base=None if method == "linear" else base, params=params)

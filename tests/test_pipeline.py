@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import mergekit_like.engine as engine
+from helpers import base_and_two_recipe as _recipe
 from helpers import write_checkpoint
 from mergekit_like.engine import planned_merge, run_merge
 from mergekit_like.errors import MergeError, OutputWriteError
 from mergekit_like.io import open_checkpoint
 from mergekit_like.io.reader import Checkpoint
 from mergekit_like.io.writer import ShardedWriter
-from mergekit_like.recipe import recipe_from_cli
 
 METHODS = [
     ("linear", ["weight=0.3,0.7"]),
@@ -36,13 +36,6 @@ def models(tmp_path: Path) -> list[Path]:
         tensors["steps"] = torch.arange(3)
         paths.append(write_checkpoint(tmp_path / name, tensors, max_shard_size=3000))
     return paths
-
-
-def _recipe(models: list[Path], method: str, params: list[str]):
-    base, a, b = map(str, models)
-    if method == "slerp":
-        return recipe_from_cli(method, [base, b], base=base, params=params)
-    return recipe_from_cli(method, [a, b], base=None if method == "linear" else base, params=params)
 
 
 def _read_all(path: Path) -> dict[str, torch.Tensor]:
