@@ -81,11 +81,11 @@ def merge(
     resolver = model_resolver(allow_pickle=allow_pickle, token=token, quiet=quiet or as_json)  # Hub ids: to the cache
     with planned_merge(recipe, allow_pickle=allow_pickle, resolve_model=resolver, memory_budget=budget) as plan:
         plan.check_finite = check_finite
-        if plan.method.elementwise:
-            keep_freed_memory()  # alike row blocks reuse freed memory without page faults
         if dry_run:
             _print_plan(plan, as_json)
             return
+        if plan.method.elementwise:
+            keep_freed_memory()  # alike row blocks reuse freed memory without page faults
         command = f"mergekit-like merge {RECIPE_FILE} -o OUTPUT"
 
         def finalize(directory: Path, variant: Variant) -> None:

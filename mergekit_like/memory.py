@@ -17,7 +17,7 @@ _M_ARENA_MAX = -8
 MMAP_THRESHOLD = 1024 * 1024
 
 
-_chosen: list[str] = []  # "return" once return_freed_tensors_to_the_os has been asked for
+_returning_freed_memory = False  # set by return_freed_tensors_to_the_os: keep_freed_memory defers to it
 
 
 def return_freed_tensors_to_the_os() -> bool:
@@ -30,7 +30,8 @@ def return_freed_tensors_to_the_os() -> bool:
     cost on every large allocation. The CLI's ``--low-memory`` calls this, and
     :func:`keep_freed_memory` then changes nothing; library users may call it too.
     """
-    _chosen.append("return")
+    global _returning_freed_memory
+    _returning_freed_memory = True
     return _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
@@ -49,7 +50,7 @@ def keep_freed_memory() -> bool:
     whole-tensor methods (TIES) the RSS grew by a quarter, so the CLI calls this for
     element-wise merges only, and never after :func:`return_freed_tensors_to_the_os`.
     """
-    if "return" in _chosen:
+    if _returning_freed_memory:
         return False
     return _mallopt(_M_MMAP_MAX, 0) and _mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # mallopt takes a C int
 

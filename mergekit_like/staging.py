@@ -81,8 +81,7 @@ class DeviceStaging:
         """Tensor ``name`` (or rows of it) on the device, in its stored dtype; call inside :meth:`copying`."""
         entry = checkpoint.entry(name)
         if not self.staged or not entry.shape:
-            tensor = checkpoint.read(name, rows=rows)
-            return tensor.to(self.device, non_blocking=tensor.is_pinned())
+            return checkpoint.read(name, rows=rows, device=self.device)
         span = rows if rows is not None else (0, entry.shape[0])
         target = torch.empty((span[1] - span[0], *entry.shape[1:]), dtype=entry.dtype, device=self.device)
         for first, stop in row_blocks(span, entry.row_bytes, self.chunk_bytes):
@@ -115,12 +114,11 @@ class DeviceStaging:
 
         Each block is complete when it is yielded, so the writer may write it at once.
         """
-        if not self.staged or tensor.dim() == 0 or tensor.device != self.device:
-            yield None, self._to_host(tensor)  # scalars, and tensors copied unmerged on the host, whole
-            return
-        row_bytes = tensor[:1].numel() * tensor.element_size()
-        blocks = row_blocks((0, tensor.shape[0]), row_bytes, self.chunk_bytes)
-        if len(blocks) <= 1:  # none for a tensor of no rows: still written, whole
+        # Whole: unstaged, scalars, tensors copied unmerged on the host, and those of no rows.
+        split = self.staged and tensor.dim() > 0 and tensor.device == self.device
+        row_bytes = tensor[:1].numel() * tensor.element_size() if split else 0
+        blocks = row_blocks((0, tensor.shape[0]), row_bytes, self.chunk_bytes) if split else []
+        if len(blocks) <= 1:
             yield None, self._to_host(tensor)
             return
         for first, stop in blocks:
