@@ -11,14 +11,14 @@ from mergekit_like.cli.output import RichProgress, console, handle_errors, human
 from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 
 from mergekit_like.card import RECIPE_FILE, write_model_card, write_recipe
-from mergekit_like.engine import MergePlan, Variant, planned_merge, run_merge
 from mergekit_like.errors import RecipeError
 from mergekit_like.hub import model_resolver
 from mergekit_like.io import parse_size
 from mergekit_like.io.dtypes import parse_dtype
 from mergekit_like.memory import keep_freed_memory
+from mergekit_like.merge.engine import MergePlan, Variant, planned_merge, run_merge
+from mergekit_like.merge.recipe import MergeRecipe, load_recipe, recipe_from_cli
 from mergekit_like.methods import all_methods
-from mergekit_like.recipe import MergeRecipe, load_recipe, recipe_from_cli
 
 HELP = f"""Merge checkpoints into a new, ready-to-load checkpoint.
 

@@ -11,8 +11,8 @@ from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_to
 from rich.table import Table
 
 from mergekit_like.card import RECIPE_FILE, write_model_card, write_recipe
-from mergekit_like.engine import planned_merge, run_merge
 from mergekit_like.hub import model_resolver
+from mergekit_like.merge.engine import planned_merge, run_merge
 from mergekit_like.soup import GreedySoupResult, SoupStep, command_evaluator, greedy_soup, uniform_soup_recipe
 
 HELP = """Average fine-tuned models into a soup.

@@ -13,7 +13,7 @@ import yaml
 
 from mergekit_like import __version__
 from mergekit_like.hub import is_hub_id, split_ref
-from mergekit_like.recipe import MergeRecipe, dump_recipe
+from mergekit_like.merge.recipe import MergeRecipe, dump_recipe
 
 logger = logging.getLogger(__name__)
 

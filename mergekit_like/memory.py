@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
+
+from mergekit_like.io import libc
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +69,8 @@ def share_one_malloc_arena() -> bool:
 
 
 def _mallopt(parameter: int, value: int) -> bool:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(parameter, value))
-    except (OSError, AttributeError):
+    function = libc.mallopt()
+    if function is None:
         logger.debug("mallopt is not available; allocator settings unchanged")
         return False
+    return bool(function(parameter, value))

@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergekit_like.engine import planned_merge, run_merge
 from mergekit_like.errors import MergekitLikeError
-from mergekit_like.recipe import MergeRecipe, recipe_from_cli
+from mergekit_like.merge.engine import planned_merge, run_merge
+from mergekit_like.merge.recipe import MergeRecipe, recipe_from_cli
 
 Evaluator = Callable[[Path], float]
 

@@ -78,7 +78,7 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def base_and_two_recipe(models: list[Path], method: str, params: list[str]) -> Any:
     """A recipe over (base, a, b): slerp from base to b, linear of a and b, the others a and b on base."""
-    from mergekit_like.recipe import recipe_from_cli
+    from mergekit_like.merge.recipe import recipe_from_cli
 
     base, a, b = map(str, models)
     if method == "slerp":

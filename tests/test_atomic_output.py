@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import write_checkpoint
+
 from mergekit_like.errors import OutputExistsError, OutputWriteError
 from mergekit_like.io import ShardedWriter, TensorSpec, atomic, atomic_directory, convert_checkpoint, open_checkpoint
 from mergekit_like.io.atomic import OLD_MARK, TEMP_MARK, stale_temporaries

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import torch
-from typer.testing import CliRunner
-
 from helpers import write_checkpoint
 from mergekit_like.cli.main import app
+from typer.testing import CliRunner
+
 from mergekit_like.io import open_checkpoint
 from mergekit_like.io.verify import verify_checkpoint
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_checkpoint
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from helpers import write_checkpoint
 from mergekit_like.averaging import (
     EMA,
     LAWA,

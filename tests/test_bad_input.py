@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import write_checkpoint, write_raw_safetensors
+
 from mergekit_like.errors import (
     CheckpointNotFoundError,
     InvalidCheckpointError,

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_checkpoint
 from huggingface_hub import ModelCard
+from mergekit_like.cli.main import app
 from typer.testing import CliRunner
 
-from helpers import write_checkpoint
-from mergekit_like.cli.main import app
 from mergekit_like.hub import push
 from mergekit_like.io import open_checkpoint
 from mergekit_like.soup import command_evaluator, greedy_soup

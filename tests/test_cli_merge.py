@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
+from mergekit_like.cli.main import app
 from typer.testing import CliRunner
 
-from mergekit_like.cli.main import app
 from mergekit_like.io import open_checkpoint
 
 runner = CliRunner()

@@ -22,7 +22,7 @@ from mergekit_like.errors import InvalidCheckpointError, MergekitLikeError
 from mergekit_like.io import open_checkpoint
 from mergekit_like.io.safetensors_format import parse_header
 from mergekit_like.io.sidefiles import copy_side_files
-from mergekit_like.recipe import load_recipe, parse_recipe
+from mergekit_like.merge.recipe import load_recipe, parse_recipe
 
 # benchmarks/fuzz_inputs.py raises the count for long runs by hand.
 EXAMPLES = int(os.environ.get("MERGEKIT_LIKE_FUZZ_EXAMPLES", "150"))

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergekit_like.engine import planned_merge, run_merge
 from mergekit_like.io import open_checkpoint
-from mergekit_like.recipe import recipe_from_cli
+from mergekit_like.merge.engine import planned_merge, run_merge
+from mergekit_like.merge.recipe import recipe_from_cli
 
 pytestmark = pytest.mark.gpu
 
@@ -64,8 +64,8 @@ def test_cuda_chunks_streams_and_pipeline_do_not_change_the_bytes(
     pipeline's overlap of reading with computing give exactly the bytes of the
     one-item-at-a-time run. The copies and the results are made late on purpose (the GPU
     sleeps first), so a missing wait on an event would compute on, or write, unfilled memory."""
-    import mergekit_like.plan as plan_module
-    from mergekit_like.staging import DeviceStaging
+    import mergekit_like.merge.plan as plan_module
+    from mergekit_like.merge.staging import DeviceStaging
 
     class LateCopies(DeviceStaging):
         def read(self, checkpoint, name, rows=None):  # type: ignore[no-untyped-def]

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from gloo import free_port, join_group, leave_group
+from mergekit_like.cli.main import app
 from typer.testing import CliRunner
 
 from mergekit_like.averaging import EMA as OfflineEMA
-from mergekit_like.cli.main import app
 from mergekit_like.hook import EMA, WeightAveraging
 from mergekit_like.io import open_checkpoint
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from helpers import write_checkpoint
 from mergekit_like.cli.main import app
+from typer.testing import CliRunner
+
 from mergekit_like import hub
 from mergekit_like.errors import HubError
 from mergekit_like.hub import is_hub_id, push, resolve_input, validate_for_push

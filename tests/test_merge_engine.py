@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import write_checkpoint
-from mergekit_like.engine import plan_merge, planned_merge, run_merge
+
 from mergekit_like.errors import IncompatibleModelsError, RecipeError
 from mergekit_like.io import open_checkpoint
 from mergekit_like.io.reader import Checkpoint
-from mergekit_like.recipe import parse_recipe, recipe_from_cli
+from mergekit_like.merge.engine import plan_merge, planned_merge, run_merge
+from mergekit_like.merge.recipe import parse_recipe, recipe_from_cli
 
 
 def merge(recipe, out: Path, **kwargs) -> Path:
@@ -203,7 +203,7 @@ def test_vocab_mismatch_base_keeps_the_base_vocabulary(tmp_path: Path) -> None:
 def test_elementwise_methods_merged_in_row_blocks_equal_whole_tensors(
     three: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, params: list[str]
 ) -> None:
-    import mergekit_like.plan as plan_module
+    import mergekit_like.merge.plan as plan_module
 
     base, a, b = map(str, three)
     models = [a, b] if method == "linear" else [a]
@@ -226,7 +226,7 @@ def test_a_memory_budget_below_the_minimum_is_refused(three: list[Path]) -> None
 
 
 def test_row_chunks_cover_every_row_within_budget() -> None:
-    from mergekit_like.plan import row_chunks
+    from mergekit_like.merge.plan import row_chunks
 
     assert row_chunks((10, 3), budget=100) is None
     chunks = row_chunks((10, 3), budget=7)

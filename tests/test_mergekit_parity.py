@@ -14,9 +14,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mergekit_like.engine import planned_merge, run_merge
 from mergekit_like.errors import RecipeError
-from mergekit_like.recipe import parse_recipe
+from mergekit_like.merge.engine import planned_merge, run_merge
+from mergekit_like.merge.recipe import parse_recipe
 
 GOLDEN = Path(__file__).parent / "data" / "mergekit_golden"
 ORIGINAL_PREFIX = "/tmp/mkref/golden/models"

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from mergekit_like.errors import MergeError
-from mergekit_like.methods import BaseUse, all_methods, get_method, merge_method, registry
-from mergekit_like.parameters import (
+from mergekit_like.merge.parameters import (
     LayerPosition,
     NoValue,
     interpolate_gradient,
@@ -24,6 +23,7 @@ from mergekit_like.parameters import (
     layer_index,
     resolve_value,
 )
+from mergekit_like.methods import BaseUse, all_methods, get_method, merge_method, registry
 
 F32 = torch.float32
 F64 = torch.float64

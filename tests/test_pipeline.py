@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import mergekit_like.engine as engine
 from helpers import base_and_two_recipe as _recipe
 from helpers import write_checkpoint
-from mergekit_like.engine import planned_merge, run_merge
+
+import mergekit_like.merge.engine as engine
 from mergekit_like.errors import MergeError, OutputWriteError
 from mergekit_like.io import open_checkpoint
 from mergekit_like.io.reader import Checkpoint
 from mergekit_like.io.writer import ShardedWriter
+from mergekit_like.merge.engine import planned_merge, run_merge
 
 METHODS = [
     ("linear", ["weight=0.3,0.7"]),

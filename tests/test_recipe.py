@@ -9,7 +9,7 @@ import torch
 
 from mergekit_like.card import RECIPE_FILE, pinned_ref, resolved_recipe, write_recipe
 from mergekit_like.errors import RecipeError
-from mergekit_like.recipe import dump_recipe, load_recipe, parse_recipe, recipe_from_cli
+from mergekit_like.merge.recipe import dump_recipe, load_recipe, parse_recipe, recipe_from_cli
 
 
 def ties_recipe(**changes) -> dict:

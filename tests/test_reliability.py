@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from helpers import write_checkpoint
 from mergekit_like.cli.main import app, main
+from typer.testing import CliRunner
+
 from mergekit_like.errors import OutputLockedError, OutputWriteError
 from mergekit_like.io import atomic_directory, convert_checkpoint
 from mergekit_like.io.checksums import CHECKSUMS

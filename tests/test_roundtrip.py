@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import all_dtype_tensors, bitwise_equal, write_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import all_dtype_tensors, bitwise_equal, write_checkpoint
 from mergekit_like.io import open_checkpoint
 from mergekit_like.io.dtypes import SAFETENSORS_TO_TORCH
 

@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import torch
-
 from helpers import write_checkpoint
+
 from mergekit_like.io import convert_checkpoint, open_checkpoint
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import base_and_two_recipe as _recipe
 from helpers import write_checkpoint
-from mergekit_like.engine import planned_merge, run_merge
+
 from mergekit_like.io import open_checkpoint
 from mergekit_like.io.reader import Checkpoint
 from mergekit_like.io.writer import ShardedWriter
-from mergekit_like.staging import DeviceStaging, row_blocks
+from mergekit_like.merge.engine import planned_merge, run_merge
+from mergekit_like.merge.staging import DeviceStaging, row_blocks
 
 CPU = torch.device("cpu")
 METHODS = [
@@ -74,7 +74,7 @@ def test_staged_chunks_give_the_same_bytes(
     models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, params: list[str],
     pipeline: bool,
 ) -> None:
-    import mergekit_like.plan as plan_module
+    import mergekit_like.merge.plan as plan_module
 
     recipe = _recipe(models, method, params)
     plain = _merged(recipe, tmp_path / "plain")

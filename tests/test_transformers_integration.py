@@ -11,12 +11,13 @@ from typer.testing import CliRunner
 transformers = pytest.importorskip("transformers")
 
 from mergekit_like.cli.main import app  # noqa: E402
+
 from mergekit_like.io import open_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 
-def tiny_llama() -> "transformers.PreTrainedModel":
+def tiny_llama() -> transformers.PreTrainedModel:
     config = transformers.LlamaConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

@@ -16,19 +16,18 @@ elsewhere two renames leave a moment without a target, which recovery covers.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
-import functools
 import logging
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from mergekit_like.errors import OutputExistsError, OutputLockedError, OutputWriteError
+from mergekit_like.io import libc
 
 logger = logging.getLogger(__name__)
 
@@ -249,30 +248,14 @@ RENAME_EXCHANGE = 2
 EXCHANGE_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 
 
-@functools.lru_cache(maxsize=1)
-def _renameat2() -> Callable[..., int] | None:
-    """libc's renameat2 (glibc 2.28+), or None where there is none."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-    try:
-        function = libc.renameat2
-    except AttributeError:
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swaps two existing paths; False where the system cannot."""
-    renameat2 = _renameat2()
+    renameat2 = libc.renameat2()
     if renameat2 is None:
         return False
     if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
         return True
-    code = ctypes.get_errno()
+    code = libc.errno()
     if code in EXCHANGE_UNSUPPORTED:
         return False
     raise OSError(code, os.strerror(code), str(a), None, str(b))

@@ -25,8 +25,8 @@ from mergekit_like.errors import (
     UnsafeCheckpointError,
 )
 from mergekit_like.io.layout import CheckpointLayout, resolve
+from mergekit_like.io.readahead import advise, will_need
 from mergekit_like.io.safetensors_format import SafetensorsHeader, TensorEntry, read_header
-from mergekit_like.readahead import advise, will_need
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,6 @@ disk at once, so the final fsync finds little left to flush.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -26,11 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from mergekit_like.errors import OutputWriteError, TensorWriteError
+from mergekit_like.io import libc
 from mergekit_like.io.safetensors_format import build_header
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, ShardPlan, TensorSpec, plan_shards
 
@@ -292,27 +291,15 @@ def _reserve(fd: int, size: int) -> None:
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def _load_sync_file_range() -> Any:
-    try:
-        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or None), "sync_file_range", None)
-    except OSError:  # no C library to load (not a POSIX system)
-        return None
-    if function is not None:
-        function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return function
-
-
-_sync_file_range = _load_sync_file_range()
-
-
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Asks the kernel to start writing a range to disk now, without waiting (Linux).
 
     Without it the dirty pages pile up until the final fsync, which then flushes
     the whole output while nothing else happens. A hint only: no error.
     """
-    if _sync_file_range is not None and length:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+    sync_file_range = libc.sync_file_range()
+    if sync_file_range is not None and length:
+        sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def write_text_durably(path: Path, text: str) -> None:

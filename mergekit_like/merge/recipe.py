@@ -21,8 +21,8 @@ import yaml
 
 from mergekit_like.errors import RecipeError, UnsupportedDtypeError
 from mergekit_like.io.dtypes import dtype_name, parse_dtype
+from mergekit_like.merge.parameters import check_value_form, is_gradient, numeric_values
 from mergekit_like.methods.registry import COMPATIBILITY_PARAMS, BaseUse, MergeMethod, ParamSpec, all_methods
-from mergekit_like.parameters import check_value_form, is_gradient, numeric_values
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Opens every input (headers only), checks that they agree on tensor names and
 shapes, resolves every parameter for every tensor (gradients over layers,
 filter lists, per-model values), and reports every problem at once. The plan
-is then streamed by :mod:`mergekit_like.engine`.
+is then streamed by :mod:`mergekit_like.merge.engine`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from mergekit_like.errors import RecipeError
 from mergekit_like.io.reader import Checkpoint, open_checkpoint
 from mergekit_like.io.safetensors_format import TensorEntry
 from mergekit_like.io.sharding import TensorSpec
+from mergekit_like.merge.parameters import LayerPosition, NoValue, layer_count, layer_index, resolve_value
+from mergekit_like.merge.recipe import MergeRecipe
 from mergekit_like.methods.registry import BaseUse, MergeMethod
-from mergekit_like.parameters import LayerPosition, NoValue, layer_count, layer_index, resolve_value
-from mergekit_like.recipe import MergeRecipe
 
 MAX_LISTED_PROBLEMS = 25
 

@@ -4,9 +4,9 @@ For each tensor (or block of rows, for element-wise methods on large tensors)
 a reader thread reads the next inputs while this one is merged on the compute
 device in the compute dtype, cast to the output dtype and handed to the
 writer thread, so memory holds a few tensors at a time, never a model. The
-plan itself comes from :mod:`mergekit_like.plan`; moving tensors to and from a
+plan itself comes from :mod:`mergekit_like.merge.plan`; moving tensors to and from a
 GPU (pinned staging chunks, a copy stream, events) from
-:mod:`mergekit_like.staging`.
+:mod:`mergekit_like.merge.staging`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ from mergekit_like.io.outputs import WriteItem, refuse_output_among_inputs, writ
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
 from mergekit_like.io.verify import nonfinite_count
 from mergekit_like.io.writer import WrittenCheckpoint
-from mergekit_like.methods.registry import BaseUse
-from mergekit_like.methods.topk import TopKThreshold
-from mergekit_like.plan import (
+from mergekit_like.merge.plan import (
     MergePlan,
     ModelResolver,
     TensorPlan,
@@ -39,8 +37,10 @@ from mergekit_like.plan import (
     planned_merge,
     uses_model_scope,
 )
+from mergekit_like.merge.staging import DeviceStaging
+from mergekit_like.methods.registry import BaseUse
+from mergekit_like.methods.topk import TopKThreshold
 from mergekit_like.progress import NullProgress, ProgressSink
-from mergekit_like.staging import DeviceStaging
 
 __all__ = [
     "MergePlan", "MergeResult", "ModelResolver", "TensorPlan", "Variant", "plan_merge", "planned_merge",

@@ -1,7 +1,4 @@
-"""Read-pattern hints to the kernel (``posix_fadvise``): optional, never an error.
-
-Kept free of torch so that the console script can use it before torch is imported.
-"""
+"""Read-pattern hints to the kernel (``posix_fadvise``): optional, never an error."""
 
 from __future__ import annotations
 
