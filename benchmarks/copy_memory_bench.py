@@ -1,6 +1,6 @@
 """Peak memory of streaming a checkpoint through the reader and writer (an identity "merge").
 
-The target (issue 2): peak RSS below the interpreter's baseline plus twice the
+The project's target: peak RSS below the interpreter's baseline plus twice the
 largest tensor, for a 1B-parameter checkpoint, whatever the model's size.
 
     python benchmarks/copy_memory_bench.py                 # makes a 1.1B bf16 Llama-style model

@@ -8,7 +8,7 @@ prints the median step time and extra persistent device memory of:
 - torch.optim.swa_utils.AveragedModel with an EMA (the usual in-process approach);
 - this project's hook (sidecar process) at snapshot_every 1 and 10.
 
-Targets (issue 5, on a GPU): snapshot_every=10 within 1% of no hook; snapshot_every=1
+The project's targets (on a GPU): snapshot_every=10 within 1% of no hook; snapshot_every=1
 within 5%; zero extra persistent GPU memory (AveragedModel keeps a second model copy).
 
     python benchmarks/hook_overhead.py                   # ~370M parameters on cuda

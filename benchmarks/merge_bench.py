@@ -1,6 +1,6 @@
 """Wall time and peak RSS of whole merges, ours against mergekit's and against the read floor.
 
-Targets (issues 3 and 7) for 3 fine-tunes + base of a ~270M-parameter bf16 Llama-style model
+The project's targets for 3 fine-tunes + base of a ~270M-parameter bf16 Llama-style model
 on a 2-core machine: mergekit-like's peak RSS at most a third of mergekit's; linear at least
 2x faster than mergekit and within 1.5x of the read floor; ties at least 5x faster than
 mergekit on CPU.
@@ -42,7 +42,7 @@ How it measures:
 Runs are a list of (tool, method, device) so GPU rows come from ``--devices cpu,cuda``
 (cuda rows only where torch.cuda.is_available()). A cuda row also reports the peak GPU memory
 in use (nvidia-smi, sampled every 50 ms, over the value before the run, CUDA context included)
-and is checked against issue 7's H100 targets: within 1.25x of the read floor (linear, ties
+and is checked against the project's H100 targets: within 1.25x of the read floor (linear, ties
 and ties_index),
 at least 4x faster than mergekit's ``--cuda --read-to-gpu``, peak RSS under 1.5 GB, peak GPU
 memory under 2 GB.
@@ -63,9 +63,9 @@ from pathlib import Path
 OURS, MERGEKIT = "mergekit-like", "mergekit"
 FALLBACK_MERGEKIT = Path("/tmp/mkref/venv/bin/mergekit-yaml")
 NUM_FINETUNES = 3
-# Targets from the issues, by device: minimum speedup over mergekit per method (on cuda, over
+# The project's targets, by device: minimum speedup over mergekit per method (on cuda, over
 # mergekit's --cuda --read-to-gpu); the most a run may take as a multiple of the time to read its
-# inputs; on cuda, the most peak RSS and peak GPU memory (issue 7: 16-core H100, 1.26B model).
+# inputs; on cuda, the most peak RSS and peak GPU memory (set for a 16-core H100, 1.26B model).
 SPEEDUP_TARGETS = {
     "cpu": {"linear": 2.0, "ties": 5.0, "ties_index": 5.0, "ties_keep": 5.0},
     "cuda": {"linear": 4.0, "task_arithmetic": 4.0, "ties": 4.0, "ties_index": 4.0, "ties_keep": 4.0},
@@ -378,7 +378,7 @@ def command(run: Run, recipe: Path, out: Path, ours: Path, mergekit: Path | None
     assert mergekit is not None
     cmd = [str(mergekit), str(recipe), str(out), "--quiet", "--no-copy-tokenizer", "--device", run.device]
     if run.kind == "cuda":
-        cmd += ["--cuda", "--read-to-gpu"]  # issue 7's reference: mergekit's fastest single-GPU run
+        cmd += ["--cuda", "--read-to-gpu"]  # the targets' reference: mergekit's fastest single-GPU run
     return cmd
 
 

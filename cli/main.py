@@ -16,7 +16,7 @@ from mergekit_like.cli import (
     soup_cmd,
     verify_cmd,
 )
-from mergekit_like.cli.output import DEBUG
+from mergekit_like.cli.output import SESSION
 
 from mergekit_like import __version__
 from mergekit_like.memory import return_freed_tensors_to_the_os, share_one_malloc_arena
@@ -48,7 +48,8 @@ def _root(
         help="Return freed tensors to the OS at once, element-wise merges included: lower peak RSS, slower.",
     ),
 ) -> None:
-    DEBUG["enabled"] = debug
+    SESSION.debug = debug
+    SESSION.low_memory = low_memory
     share_one_malloc_arena()
     if low_memory:
         return_freed_tensors_to_the_os()

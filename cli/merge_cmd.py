@@ -7,16 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from mergekit_like.cli.output import RichProgress, console, handle_errors, human_bytes, print_json
+from mergekit_like.cli.output import SESSION, RichProgress, console, handle_errors, human_bytes, print_json
 from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 
-from mergekit_like.card import RECIPE_FILE, write_model_card, write_recipe
+from mergekit_like.card import merge_outputs
 from mergekit_like.errors import RecipeError
 from mergekit_like.hub import model_resolver
 from mergekit_like.io import parse_size
 from mergekit_like.io.dtypes import parse_dtype
-from mergekit_like.memory import keep_freed_memory
-from mergekit_like.merge.engine import MergePlan, Variant, planned_merge, run_merge
+from mergekit_like.io.sidefiles import has_config
+from mergekit_like.merge.engine import MergeOptions, MergePlan, planned_merge, run_merge
 from mergekit_like.merge.recipe import MergeRecipe, load_recipe, recipe_from_cli
 from mergekit_like.methods import all_methods
 
@@ -72,32 +72,23 @@ def merge(
     recipe = _recipe(args, method, base, param, compute_dtype, out_dtype, seed)
     if vocab_mismatch is not None:
         recipe = dataclasses.replace(recipe, vocab_mismatch=vocab_mismatch)
-        if vocab_mismatch not in ("error", "base"):
-            raise typer.BadParameter("use error or base", param_hint="--vocab-mismatch")
     if output is None and not dry_run:
         raise typer.BadParameter("give the output directory with -o/--output", param_hint="-o")
-    max_shard = _size(shard_size, "--shard-size")
-    budget = _size(memory_budget, "--memory-budget")
+    options = MergeOptions(
+        device=device, memory_budget=_size(memory_budget, "--memory-budget"),
+        max_shard_size=_size(shard_size, "--shard-size"), pipeline=pipeline, allocator=SESSION.allocator,
+        check_finite=check_finite, allow_pickle=allow_pickle,
+    )
     resolver = model_resolver(allow_pickle=allow_pickle, token=token, quiet=quiet or as_json)  # Hub ids: to the cache
-    with planned_merge(recipe, allow_pickle=allow_pickle, resolve_model=resolver, memory_budget=budget) as plan:
-        plan.check_finite = check_finite
+    with planned_merge(recipe, options, resolve_model=resolver) as plan:
         if dry_run:
             _print_plan(plan, as_json)
             return
-        if plan.method.elementwise:
-            keep_freed_memory()  # alike row blocks reuse freed memory without page faults
-        command = f"mergekit-like merge {RECIPE_FILE} -o OUTPUT"
-
-        def finalize(directory: Path, variant: Variant) -> None:
-            paths = {ref: r.path for ref, r in resolver.resolved.items()}
-            write_recipe(directory, recipe, paths=paths)
-            write_model_card(directory, recipe, title=output.name,
-                             has_config=(directory / "config.json").exists(),
-                             command=command, variant=variant.label, paths=paths)
-
+        outputs = merge_outputs(recipe, [v.label for v in plan.variants], title=output.name,
+                                has_config=has_config(plan.side_file_dir),
+                                paths={ref: r.path for ref, r in resolver.resolved.items()})
         with RichProgress("merge", enabled=not (quiet or as_json)) as progress:
-            result = run_merge(plan, output, device=device, overwrite=overwrite,
-                               max_shard_size=max_shard, progress=progress, finalize=finalize, pipeline=pipeline)
+            result = run_merge(plan, output, outputs=outputs, overwrite=overwrite, progress=progress)
     if push_to_hub:
         for written in result.outputs:
             target = push_to_hub if len(result.outputs) == 1 else f"{push_to_hub}-{written.directory.name}"

@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
@@ -22,12 +23,25 @@ from rich.progress import (
 )
 
 from mergekit_like.errors import MergekitLikeError
+from mergekit_like.merge.options import Allocator
 
 console = Console()
 err_console = Console(stderr=True)
 
-# Set by the --debug option of the app callback: show tracebacks instead of one line.
-DEBUG = {"enabled": False}
+@dataclass
+class Session:
+    """What the app's own options (before the command) set for the command that follows."""
+
+    debug: bool = False  # show tracebacks instead of one line
+    low_memory: bool = False  # return freed tensors to the OS at once
+
+    @property
+    def allocator(self) -> Allocator:
+        """The merges' allocator policy: kept freed memory where it pays, unless --low-memory."""
+        return "low_memory" if self.low_memory else "fast"
+
+
+SESSION = Session()
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -43,7 +57,7 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
         try:
             return command(*args, **kwargs)
         except MergekitLikeError as exc:
-            if DEBUG["enabled"]:
+            if SESSION.debug:
                 raise
             err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_KNOWN_ERROR) from None

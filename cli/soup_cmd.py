@@ -6,13 +6,16 @@ import json
 from pathlib import Path
 
 import typer
-from mergekit_like.cli.output import RichProgress, console, err_console, handle_errors, human_bytes, print_json
+from mergekit_like.cli.output import SESSION, RichProgress, console, err_console, handle_errors, human_bytes, print_json
 from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 from rich.table import Table
 
-from mergekit_like.card import RECIPE_FILE, write_model_card, write_recipe
+from mergekit_like.card import merge_outputs
 from mergekit_like.hub import model_resolver
-from mergekit_like.merge.engine import planned_merge, run_merge
+from mergekit_like.io import parse_size
+from mergekit_like.io.outputs import check_output
+from mergekit_like.io.sidefiles import has_config
+from mergekit_like.merge.engine import MergeOptions, planned_merge, run_merge
 from mergekit_like.soup import GreedySoupResult, SoupStep, command_evaluator, greedy_soup, uniform_soup_recipe
 
 HELP = """Average fine-tuned models into a soup.
@@ -47,45 +50,36 @@ def soup(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     warn_if_token_on_command_line(token)
-    from mergekit_like.io import check_target, parse_size
-
-    check_target(output, overwrite=overwrite)
+    options = MergeOptions(max_shard_size=_size(shard_size), allocator=SESSION.allocator)
     result: GreedySoupResult | None = None
     ingredients = list(models)
     resolver = model_resolver(token=token, quiet=quiet or as_json)  # Hub ids are fetched into the cache once
     if greedy:
         if not eval_cmd:
             raise typer.BadParameter("--greedy needs --eval-cmd", param_hint="--eval-cmd")
+        # Before the first evaluation, not after hours of them: the output must be writable.
+        check_output(output, overwrite=overwrite)
         show = not (quiet or as_json)
         result = greedy_soup(
             models, command_evaluator(eval_cmd), lower_is_better=lower_is_better, tolerance=tolerance,
             workdir=output.absolute().parent, compute_dtype=compute_dtype,
-            on_step=_print_step if show else None, resolve_model=resolver,
+            on_step=_print_step if show else None, resolve_model=resolver, options=options,
         )
         ingredients = result.kept
         if show:
             _print_table(result)
     recipe = uniform_soup_recipe(ingredients, compute_dtype)
-
-    def finalize(directory: Path, _variant: object) -> None:
-        # Where each ingredient was read from: the card names Hub commits and the inputs' common license.
+    with planned_merge(recipe, options, resolve_model=resolver) as plan:
         paths = {ref: r.path for ref, r in resolver.resolved.items()}
-        write_recipe(directory, recipe, paths=paths)
-        note = None
+        note = scores = None
         if result is not None:
-            (directory / SCORES_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+            scores = {SCORES_FILE: json.dumps(result.to_dict(), indent=2) + "\n"}
             note = (f"Greedy soup: kept {len(result.kept)} of {len(models)} ingredients; score {result.score:g}. "
                     f"Every score is in `{SCORES_FILE}`.")
-        write_model_card(directory, recipe, title=output.name, has_config=(directory / "config.json").exists(),
-                         command=f"mergekit-like merge {RECIPE_FILE} -o OUTPUT", variant=None, paths=paths)
-        if note:
-            readme = directory / "README.md"
-            readme.write_text(readme.read_text() + "\n" + note + "\n")
-
-    with planned_merge(recipe, resolve_model=resolver) as plan, \
-            RichProgress("soup", enabled=not (quiet or as_json)) as progress:
-        merged = run_merge(plan, output, overwrite=overwrite, max_shard_size=parse_size(shard_size),
-                           progress=progress, finalize=finalize)
+        outputs = merge_outputs(recipe, [None], title=output.name, has_config=has_config(plan.side_file_dir),
+                                paths=paths, note=note, files=scores)
+        with RichProgress("soup", enabled=not (quiet or as_json)) as progress:
+            merged = run_merge(plan, output, outputs=outputs, overwrite=overwrite, progress=progress)
     if push_to_hub:
         push_and_report(output, push_to_hub, private=private, revision=None, commit_message=None,
                         create_pr=False, token=token, quiet=quiet or as_json)
@@ -112,3 +106,10 @@ def _print_table(result: GreedySoupResult) -> None:
         table.add_row(step.ingredient, f"{step.alone:g}",
                       "-" if step.soup_score is None else f"{step.soup_score:g}", "yes" if step.kept else "no")
     console.print(table)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--shard-size") from None

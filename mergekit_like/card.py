@@ -13,23 +13,24 @@ import yaml
 
 from mergekit_like import __version__
 from mergekit_like.hub import is_hub_id, split_ref
+from mergekit_like.io.outputs import OutputSpec
 from mergekit_like.merge.recipe import MergeRecipe, dump_recipe
 
 logger = logging.getLogger(__name__)
 
 RECIPE_FILE = "merge_recipe.yml"
+CARD_FILE = "README.md"
 
 
-def write_recipe(directory: Path, recipe: MergeRecipe, *, paths: Mapping[str, Path] | None = None) -> None:
-    """Writes the fully resolved recipe, with the seed and tool version, to rerun the merge.
+def recipe_text(recipe: MergeRecipe, *, paths: Mapping[str, Path] | None = None) -> str:
+    """The fully resolved recipe (``merge_recipe.yml``), with the seed and tool version, to rerun the merge.
 
     Resolved: every method parameter is written (defaults included), local inputs as
     absolute paths (the rerun may start elsewhere), and Hub inputs pinned to the commit
     they were read at, which ``paths`` (ref -> the directory the input was read from, as
-    for :func:`write_model_card`) gives.
+    for :func:`merge_card`) gives.
     """
-    text = dump_recipe(resolved_recipe(recipe, paths), extra={"written by": f"mergekit-like {__version__}"})
-    (directory / RECIPE_FILE).write_text(text, encoding="utf-8")
+    return dump_recipe(resolved_recipe(recipe, paths), extra={"written by": f"mergekit-like {__version__}"})
 
 
 def resolved_recipe(recipe: MergeRecipe, paths: Mapping[str, Path] | None = None) -> MergeRecipe:
@@ -68,8 +69,8 @@ class CardContent:
     license: str | None = None
 
 
-def write_card(directory: Path, card: CardContent) -> None:
-    """Writes README.md: Hub metadata in the front matter, then method, inputs and recipe."""
+def render_card(card: CardContent) -> str:
+    """The model card (``README.md``): Hub metadata in the front matter, then method, inputs and recipe."""
     from huggingface_hub import ModelCard, ModelCardData  # here: a tenth of a second every command paid
 
     refs = [ref for ref, _ in card.inputs]
@@ -99,11 +100,10 @@ def write_card(directory: Path, card: CardContent) -> None:
     if card.command:
         lines += ["", "## Reproduce", "", "```bash", card.command, "```"]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
-    ModelCard(content).save(directory / "README.md")
+    return str(ModelCard(content))
 
 
-def write_model_card(
-    directory: Path,
+def merge_card(
     recipe: MergeRecipe,
     *,
     title: str,
@@ -111,19 +111,45 @@ def write_model_card(
     command: str | None = None,
     variant: str | None = None,
     paths: Mapping[str, Path] | None = None,
-) -> None:
+    note: str | None = None,
+) -> str:
     """The card of a merge; ``paths`` (ref -> local directory) adds Hub commits and licenses."""
     method = recipe.method
     refs = _all_refs(recipe)
     inputs = [(ref, ", ".join(filter(None, ["base" if ref == recipe.base_model else "",
                                             _revision_note(ref, paths)])))
               for ref in refs]
-    write_card(directory, CardContent(
+    notes = [f"This output is the sweep value `{variant}`." if variant else None, note]
+    return render_card(CardContent(
         title=title + (f" ({variant})" if variant else ""), method=method.name, paper=method.paper,
         description=method.description, inputs=inputs, recipe=recipe.to_dict(), has_config=has_config,
-        command=command, note=f"This output is the sweep value `{variant}`." if variant else None,
+        command=command, note="\n\n".join(n for n in notes if n) or None,
         license=common_license([paths.get(r, Path(r)) if paths else Path(r) for r in refs]),
     ))
+
+
+def merge_outputs(
+    recipe: MergeRecipe,
+    labels: Sequence[str | None],
+    *,
+    title: str,
+    has_config: bool,
+    paths: Mapping[str, Path] | None = None,
+    note: str | None = None,
+    files: Mapping[str, str] | None = None,
+) -> list[OutputSpec]:
+    """One output per label, each with its model card and the recipe that reruns it (plus ``files``)."""
+    command = f"mergekit-like merge {RECIPE_FILE} -o OUTPUT"
+    recipe_file = recipe_text(recipe, paths=paths)
+    return [
+        OutputSpec(label, {
+            RECIPE_FILE: recipe_file,
+            CARD_FILE: merge_card(recipe, title=title, has_config=has_config, command=command, variant=label,
+                                  paths=paths, note=note),
+            **(files or {}),
+        })
+        for label in labels
+    ]
 
 
 def _revision_note(ref: str, paths: Mapping[str, Path] | None) -> str:

@@ -121,3 +121,22 @@ class HubNetworkError(HubError, ConnectionError):
 
 class InvalidRepoIdError(HubError, ValueError):
     """A repo name the Hub would refuse."""
+
+
+class DeviceError(_Located, ValueError):
+    """A compute device that this machine does not have, or that this tool does not merge on."""
+
+
+class HookUsageError(MergekitLikeError, RuntimeError):
+    """The training hook was called in a way it does not support (the message says which call)."""
+
+
+class UnknownAverageError(MergekitLikeError, KeyError):
+    """An average label the hook does not keep; the message lists the labels it does."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class SidecarError(MergekitLikeError, RuntimeError):
+    """The averaging sidecar process died, or did not answer within its time limit."""

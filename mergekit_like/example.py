@@ -21,6 +21,7 @@ import torch
 from mergekit_like.io.atomic import atomic_directory
 from mergekit_like.io.dtypes import dtype_name
 from mergekit_like.io.sharding import TensorSpec
+from mergekit_like.io.sidefiles import write_config
 from mergekit_like.io.writer import ShardedWriter
 
 
@@ -126,8 +127,7 @@ def write_model(
         with ShardedWriter(temp, specs, max_shard_size=max_shard_size) as writer:
             for spec, tensor in model_tensors(specs, finetune=finetune, seed=seed):
                 writer.write(spec.name, tensor)
-        config = llama_config(shape, dtype)
-        (temp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_config(temp, llama_config(shape, dtype))
     return Path(directory)
 
 
@@ -151,7 +151,7 @@ def write_trajectory(
                     walk = sum(_noise(spec, 10_000 + i, 0.002) for i in range(1, number + 1))
                     values = _noise(spec, 0, 0.02) + walk + (1.0 if spec.name.endswith("norm.weight") else 0.0)
                     writer.write(spec.name, values.to(dtype))
-            (temp / "config.json").write_text(json.dumps(llama_config(shape, dtype), indent=2) + "\n")
+            write_config(temp, llama_config(shape, dtype))
             (temp / "trainer_state.json").write_text(json.dumps({"global_step": step}) + "\n")
         paths.append(path)
     return paths

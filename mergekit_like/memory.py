@@ -1,4 +1,9 @@
-"""Process-wide memory settings for streaming whole models through a few tensors' worth of RAM."""
+"""glibc's allocator settings for streaming whole models through a few tensors' worth of RAM.
+
+They are process-wide by nature, so the library never sets them on its own: a merge
+applies the policy its options name (:func:`apply_allocator`), and the CLI chooses it.
+Figures behind each setting are in ``benchmarks/results/``.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,16 @@ _M_ARENA_MAX = -8
 MMAP_THRESHOLD = 1024 * 1024
 
 
-_returning_freed_memory = False  # set by return_freed_tensors_to_the_os: keep_freed_memory defers to it
+def apply_allocator(policy: str, *, elementwise: bool) -> None:
+    """Applies a merge's allocator policy (see ``MergeOptions.allocator``).
+
+    ``"fast"`` keeps freed memory only for element-wise merges, whose row blocks are alike;
+    for whole-tensor methods kept memory fragments and the peak RSS grew by a quarter.
+    """
+    if policy == "low_memory":
+        return_freed_tensors_to_the_os()
+    elif policy == "fast" and elementwise:
+        keep_freed_memory()
 
 
 def return_freed_tensors_to_the_os() -> bool:
@@ -27,11 +41,8 @@ def return_freed_tensors_to_the_os() -> bool:
     tensors of a few MiB come from heap arenas that keep freed memory resident:
     streaming thousands of tensors through the reader and writer threads then
     holds more than the tensors in flight. The price is a page-fault and zeroing
-    cost on every large allocation. The CLI's ``--low-memory`` calls this, and
-    :func:`keep_freed_memory` then changes nothing; library users may call it too.
+    cost on every large allocation. The CLI's ``--low-memory`` calls this.
     """
-    global _returning_freed_memory
-    _returning_freed_memory = True
     return _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
@@ -41,17 +52,12 @@ def keep_freed_memory() -> bool:
     By default an allocation over glibc's mmap threshold (at most 32 MiB) gets a fresh
     mapping that goes back to the OS when freed, so every such tensor starts with a
     page fault and a zeroing per 4 KiB page. With no mmap and no trimming, freed
-    blocks stay in the heap and later tensors are carved from them: a stream of 40 to
-    88 MiB tensors took 0 page faults instead of 967,740. The cost is memory: nothing
+    blocks stay in the heap and later tensors are carved from them, without page
+    faults (tests/test_memory_settings.py counts them). The cost is memory: nothing
     freed goes back to the OS before the process ends, and blocks of mixed sizes
-    fragment (a mixed-size loop: 726 MB peak RSS against 516 MB, while running 6x
-    faster). It pays for element-wise merges, whose blocks are alike: the 1.1B linear
-    merge (2 cores, cold cache, 512 MiB budget) took 17.9 s and 995 MB against 26.6 s and 929 MB. For
-    whole-tensor methods (TIES) the RSS grew by a quarter, so the CLI calls this for
-    element-wise merges only, and never after :func:`return_freed_tensors_to_the_os`.
+    fragment. It pays for element-wise merges, whose blocks are alike; see
+    :func:`apply_allocator`, and ``benchmarks/results/`` for the figures.
     """
-    if _returning_freed_memory:
-        return False
     return _mallopt(_M_MMAP_MAX, 0) and _mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # mallopt takes a C int
 
 
@@ -61,9 +67,9 @@ def share_one_malloc_arena() -> bool:
     By default each thread that allocates gets an arena of its own, and what a
     thread frees stays resident in its arena for that thread alone: the reader
     frees input buffers the compute thread could have reused. With one arena,
-    memory freed by any thread serves the next allocation. Measured on the 270M
-    TIES merge (2 cores, two runs each): 13.8 s and 1,035 MB peak RSS against
-    15.3 s and 1,115 MB. Call it before the first threads start; the CLI does.
+    memory freed by any thread serves the next allocation: faster and smaller on the
+    270M TIES merge (``benchmarks/results/``). Call it before the first threads start;
+    the CLI does.
     """
     return _mallopt(_M_ARENA_MAX, 1)
 

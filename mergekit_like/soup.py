@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergekit_like.errors import MergekitLikeError
-from mergekit_like.merge.engine import planned_merge, run_merge
+from mergekit_like.merge.engine import MergeOptions, planned_merge, run_merge
 from mergekit_like.merge.recipe import MergeRecipe, recipe_from_cli
 
 Evaluator = Callable[[Path], float]
@@ -100,12 +100,14 @@ def greedy_soup(
     on_step: Callable[[SoupStep], None] | None = None,
     resolve_model: Callable[[str], Path] = Path,
     keep_soups: str | Path | None = None,
+    options: MergeOptions | None = None,
 ) -> GreedySoupResult:
     """Chooses the ingredients of a greedy soup; returns them with every score seen.
 
     ``resolve_model`` turns an ingredient reference into a local directory (Hub ids).
     ``keep_soups``: a directory in which to keep every candidate soup (``soup-N``) for
     inspection; without it each candidate is deleted right after it is scored.
+    ``options`` say how each candidate soup is merged (see :class:`MergeOptions`).
     """
     if len(set(models)) != len(models):
         raise EvaluationError("an ingredient is listed twice")
@@ -121,7 +123,7 @@ def greedy_soup(
         for number, candidate in enumerate(ranked[1:], 1):
             soup_dir = Path(keep_soups or scratch) / f"soup-{number}"
             recipe = uniform_soup_recipe([*kept, candidate], compute_dtype)
-            with planned_merge(recipe, resolve_model=resolve_model) as plan:
+            with planned_merge(recipe, options, resolve_model=resolve_model) as plan:
                 run_merge(plan, soup_dir)
             score = evaluate(soup_dir)
             if keep_soups is None:

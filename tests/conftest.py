@@ -22,9 +22,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def kept_memory_calls(monkeypatch: pytest.MonkeyPatch) -> list[None]:
-    """Records the merge command's calls to keep_freed_memory instead of changing this process's allocator."""
+    """Records merges' calls to keep_freed_memory instead of changing this process's allocator."""
     calls: list[None] = []
-    monkeypatch.setattr("mergekit_like.cli.merge_cmd.keep_freed_memory", lambda: calls.append(None) or True)
+    monkeypatch.setattr("mergekit_like.memory.keep_freed_memory", lambda: calls.append(None) or True)
+    monkeypatch.setattr("mergekit_like.memory.return_freed_tensors_to_the_os", lambda: True)
     return calls
 
 

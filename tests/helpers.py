@@ -11,6 +11,7 @@ import torch
 
 from mergekit_like.io.sharding import TensorSpec
 from mergekit_like.io.writer import ShardedWriter
+from mergekit_like.merge.options import MergeOptions
 
 # Per-dtype tolerances for comparing computed results (exact round trips use torch.equal).
 TOLERANCES = {
@@ -84,3 +85,13 @@ def base_and_two_recipe(models: list[Path], method: str, params: list[str]) -> A
     if method == "slerp":
         return recipe_from_cli(method, [base, b], base=base, params=params)
     return recipe_from_cli(method, [a, b], base=None if method == "linear" else base, params=params)
+
+
+# run_merge's own keywords; every other keyword of a test's merge is a MergeOptions field.
+RUN_KEYWORDS = {"outputs", "overwrite", "progress", "staging"}
+
+
+def split_merge_kwargs(kwargs: dict[str, Any]) -> tuple[MergeOptions, dict[str, Any]]:
+    """A test's merge keywords as (the plan's options, run_merge's keywords)."""
+    options = {k: v for k, v in kwargs.items() if k not in RUN_KEYWORDS and v is not None}
+    return MergeOptions(**options), {k: v for k, v in kwargs.items() if k in RUN_KEYWORDS}

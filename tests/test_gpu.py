@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import split_merge_kwargs
 
 from mergekit_like.io import open_checkpoint
-from mergekit_like.merge.engine import planned_merge, run_merge
+from mergekit_like.merge.engine import MergeOptions, planned_merge, run_merge
 from mergekit_like.merge.recipe import recipe_from_cli
 
 pytestmark = pytest.mark.gpu
@@ -26,8 +27,8 @@ def test_cuda_merge_matches_cpu(example_models_f32: list[Path], tmp_path: Path, 
     recipe = recipe_from_cli(method, models, base=None if method == "linear" else base, params=params)
     outputs = {}
     for device in ("cpu", "cuda"):
-        with planned_merge(recipe) as plan:
-            run_merge(plan, tmp_path / device, device=device)
+        with planned_merge(recipe, MergeOptions(device=device)) as plan:
+            run_merge(plan, tmp_path / device)
         with open_checkpoint(tmp_path / device) as ckpt:
             outputs[device] = {n: ckpt.read(n) for n in ckpt.names()}
     for name, expected in outputs["cpu"].items():
@@ -45,9 +46,10 @@ def test_index_trim_keeps_the_same_entries_on_cuda() -> None:
         assert torch.equal(magnitude_mask(magnitudes.cuda(), density, "index").cpu(), cpu)
 
 
-def _merged_on_cuda(recipe, out: Path, memory_budget: int | None = None, **kwargs) -> dict[str, torch.Tensor]:
-    with planned_merge(recipe, memory_budget=memory_budget) as plan:
-        run_merge(plan, out, device="cuda", **kwargs)
+def _merged_on_cuda(recipe, out: Path, **kwargs) -> dict[str, torch.Tensor]:
+    options, run = split_merge_kwargs({"device": "cuda", **kwargs})
+    with planned_merge(recipe, options) as plan:
+        run_merge(plan, out, **run)
     with open_checkpoint(out) as ckpt:
         return {n: ckpt.read(n) for n in ckpt.names()}
 
@@ -64,7 +66,7 @@ def test_cuda_chunks_streams_and_pipeline_do_not_change_the_bytes(
     pipeline's overlap of reading with computing give exactly the bytes of the
     one-item-at-a-time run. The copies and the results are made late on purpose (the GPU
     sleeps first), so a missing wait on an event would compute on, or write, unfilled memory."""
-    import mergekit_like.merge.plan as plan_module
+    import mergekit_like.merge.options as options_module
     from mergekit_like.merge.staging import DeviceStaging
 
     class LateCopies(DeviceStaging):
@@ -79,7 +81,7 @@ def test_cuda_chunks_streams_and_pipeline_do_not_change_the_bytes(
     base, *fts = map(str, example_models)
     recipe = recipe_from_cli(method, fts, base=None if method == "linear" else base, params=params)
     sequential = _merged_on_cuda(recipe, tmp_path / "sequential", pipeline=False)
-    monkeypatch.setattr(plan_module, "MIN_MEMORY_BUDGET", 1)
+    monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
     late = LateCopies(torch.device("cuda"), chunk_bytes=4096)
     # 64 KiB: element-wise merges of the larger tensors go in row blocks.
     pipelined = _merged_on_cuda(recipe, tmp_path / "pipelined", memory_budget=65536, staging=late)
@@ -93,9 +95,9 @@ def test_cuda_merge_holds_a_few_tensors_on_the_device(example_models: list[Path]
     recipe = recipe_from_cli("ties", fts, base=base, params=["weight=1,0.6,0.3", "density=0.5"])
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    with planned_merge(recipe) as plan:
+    with planned_merge(recipe, MergeOptions(device="cuda")) as plan:
         largest = max(t.read_bytes for t in plan.tensors)
-        result = run_merge(plan, tmp_path / "out", device="cuda")
+        result = run_merge(plan, tmp_path / "out")
         model_f32 = 2 * plan.read_bytes
     assert result.peak_gpu_bytes is not None
     peak = result.peak_gpu_bytes - before

@@ -51,9 +51,15 @@ def test_kept_memory_serves_later_tensors_without_page_faults() -> None:
     assert default > 1000 and kept * 5 < default, (default, kept)
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
-def test_low_memory_wins_over_keeping_freed_memory() -> None:
-    code = ("from mergekit_like.memory import keep_freed_memory, return_freed_tensors_to_the_os; "
-            "print(return_freed_tensors_to_the_os(), keep_freed_memory())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["True", "False"]
+def test_the_allocator_policy_is_applied_only_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mergekit_like import memory
+
+    calls: list[str] = []
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append("keep") or True)
+    monkeypatch.setattr(memory, "return_freed_tensors_to_the_os", lambda: calls.append("return") or True)
+    memory.apply_allocator("as_is", elementwise=True)
+    memory.apply_allocator("fast", elementwise=False)
+    assert calls == []
+    memory.apply_allocator("fast", elementwise=True)
+    memory.apply_allocator("low_memory", elementwise=True)
+    assert calls == ["keep", "return"]

@@ -6,18 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_checkpoint
+from helpers import split_merge_kwargs, write_checkpoint
 
 from mergekit_like.errors import IncompatibleModelsError, RecipeError
 from mergekit_like.io import open_checkpoint
 from mergekit_like.io.reader import Checkpoint
-from mergekit_like.merge.engine import plan_merge, planned_merge, run_merge
+from mergekit_like.merge.engine import MergeOptions, plan_merge, planned_merge, run_merge
 from mergekit_like.merge.recipe import parse_recipe, recipe_from_cli
 
 
 def merge(recipe, out: Path, **kwargs) -> Path:
-    with planned_merge(recipe) as plan:
-        run_merge(plan, out, **kwargs)
+    options, run = split_merge_kwargs(kwargs)
+    with planned_merge(recipe, options) as plan:
+        run_merge(plan, out, **run)
     return out
 
 
@@ -116,7 +117,7 @@ def test_wise_ft_sweep_writes_one_output_per_alpha_in_one_read_pass(
     torch.testing.assert_close(read_all(out / "alpha_0.25")["w"], 0.75 * zs["w"] + 0.25 * ft["w"])
     assert torch.equal(read_all(out / "alpha_0")["w"], zs["w"])
     assert torch.equal(read_all(out / "alpha_1")["w"], ft["w"])
-    assert (out / "alpha_1" / "README.md").exists() is False  # cards come from the CLI's finalize
+    assert (out / "alpha_1" / "README.md").exists() is False  # cards are outputs the caller asks for
 
 
 def test_dare_is_reproducible_per_seed(three: list[Path], tmp_path: Path) -> None:
@@ -203,16 +204,16 @@ def test_vocab_mismatch_base_keeps_the_base_vocabulary(tmp_path: Path) -> None:
 def test_elementwise_methods_merged_in_row_blocks_equal_whole_tensors(
     three: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, params: list[str]
 ) -> None:
-    import mergekit_like.merge.plan as plan_module
+    import mergekit_like.merge.options as options_module
 
     base, a, b = map(str, three)
     models = [a, b] if method == "linear" else [a]
     recipe = recipe_from_cli(method, models, base=None if method == "linear" else base, params=params)
     whole = read_all(merge(recipe, tmp_path / "whole"))
-    monkeypatch.setattr(plan_module, "MIN_MEMORY_BUDGET", 1)
+    monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
     # Two float32 inputs: a quarter of 224 bytes holds 7 elements of each, and "w" is 4x6, so
     # blocks of one row; half the budget cannot hold the next item, so nothing is read ahead.
-    with planned_merge(recipe, memory_budget=224) as plan:
+    with planned_merge(recipe, MergeOptions(memory_budget=224)) as plan:
         assert [t.chunks for t in plan.tensors if t.name == "w"] == [((0, 1), (1, 2), (2, 3), (3, 4))]
         run_merge(plan, tmp_path / "blocks")
     blocks = read_all(tmp_path / "blocks")
@@ -222,7 +223,7 @@ def test_elementwise_methods_merged_in_row_blocks_equal_whole_tensors(
 def test_a_memory_budget_below_the_minimum_is_refused(three: list[Path]) -> None:
     recipe = recipe_from_cli("linear", [str(p) for p in three[1:]], params=["weight=0.5,0.5"])
     with pytest.raises(RecipeError, match="memory budget"):
-        plan_merge(recipe, memory_budget=1000)
+        plan_merge(recipe, MergeOptions(memory_budget=1000))
 
 
 def test_row_chunks_cover_every_row_within_budget() -> None:

@@ -2,7 +2,7 @@
 
 Every kernel is called directly on small hand-made tensors whose merged value
 can be worked out by hand; the arithmetic is written next to each expected
-literal. The semantics are those of /work/shared/methods.md (mergekit 0.1.5
+literal. The semantics are those of docs/methods.md (mergekit 0.1.5
 where it differs in a detail).
 """
 
@@ -23,7 +23,7 @@ from mergekit_like.merge.parameters import (
     layer_index,
     resolve_value,
 )
-from mergekit_like.methods import BaseUse, all_methods, get_method, merge_method, registry
+from mergekit_like.methods import BaseUse, PerModel, Range, all_methods, get_method, merge_method, registry
 
 F32 = torch.float32
 F64 = torch.float64
@@ -581,24 +581,27 @@ def test_registry_holds_every_covered_method() -> None:
     assert COVERED <= set(all_methods())
 
 
-def test_registry_duplicate_name_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    all_methods()
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+def test_every_registered_method_has_a_closed_form_test() -> None:
+    # A closed-form test of method NAME is named test_NAME_...; a method added to the registry
+    # without one fails here.
+    tests = [name for name in globals() if name.startswith("test_")]
+    untested = [m for m in all_methods() if not any(t.startswith(f"test_{m}_") for t in tests)]
+    assert untested == [], f"registered methods without a closed-form test: {untested}"
 
+
+def test_registry_duplicate_name_raises() -> None:
     def dummy(tensors: list[torch.Tensor]) -> torch.Tensor:
         return tensors[0]
 
-    merge_method("closed_form_dummy", paper="https://example.org", description="d")(dummy)
+    declared = merge_method("closed_form_dummy", paper="https://example.org", description="d")(dummy)
     with pytest.raises(ValueError, match="registered twice"):
-        merge_method("closed_form_dummy", paper="https://example.org", description="d")(dummy)
+        registry.build_registry((declared, declared))
+    linear_again = merge_method("linear", paper="https://example.org", description="d")(dummy)
     with pytest.raises(ValueError, match="registered twice"):
-        merge_method("linear", paper="https://example.org", description="d")(dummy)
+        registry.build_registry((get_method("linear"), linear_again))
 
 
-def test_registry_ignores_only_parameters_mergekit_leaves_unused(monkeypatch: pytest.MonkeyPatch) -> None:
-    all_methods()
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-
+def test_registry_ignores_only_parameters_mergekit_leaves_unused() -> None:
     def dummy(tensors: list[torch.Tensor], *, density: float = 1.0) -> torch.Tensor:
         return tensors[0]
 
@@ -609,6 +612,24 @@ def test_registry_ignores_only_parameters_mergekit_leaves_unused(monkeypatch: py
         merge_method("closed_form_both", paper="https://example.org", description="d",
                      ignored_params=("density",))(dummy)
     assert get_method("task_arithmetic").ignored_params == {"int8_mask", "rescale", "density"}
+
+
+def test_a_per_model_default_must_say_each() -> None:
+    def scalar_default(tensors: list[torch.Tensor], *, weight: PerModel[float] = 1.0) -> torch.Tensor:  # type: ignore[assignment]
+        return tensors[0]
+
+    with pytest.raises(TypeError, match=r"per-model default is written each\(value\)"):
+        merge_method("closed_form_scalar", paper="https://example.org", description="d")(scalar_default)
+
+
+def test_declared_markers_reach_the_parameter_specs() -> None:
+    ties = get_method("ties")
+    assert ties.params["density"].per_model and ties.params["density"].default == 1.0
+    assert ties.params["density"].bounds == Range(0, 1)
+    assert ties.params["weight"].typical is not None and ties.params["weight"].required
+    assert get_method("task_arithmetic").params["weight"].typical is None
+    assert get_method("wise_ft").sweep_param == "alpha" and get_method("ties").sweep_param is None
+    assert ties.prepass is not None and get_method("linear").prepass is None
 
 
 @pytest.mark.parametrize("name", sorted(all_methods()))

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import base_and_two_recipe as _recipe
-from helpers import write_checkpoint
+from helpers import split_merge_kwargs, write_checkpoint
 
 import mergekit_like.merge.engine as engine
-from mergekit_like.errors import MergeError, OutputWriteError
+from mergekit_like.errors import DeviceError, MergeError, OutputWriteError
 from mergekit_like.io import open_checkpoint
 from mergekit_like.io.reader import Checkpoint
 from mergekit_like.io.writer import ShardedWriter
@@ -44,8 +44,9 @@ def _read_all(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _merge(recipe, out: Path, **kwargs) -> Path:
-    with planned_merge(recipe, memory_budget=kwargs.pop("memory_budget", None)) as plan:
-        run_merge(plan, out, **kwargs)
+    options, run = split_merge_kwargs(kwargs)
+    with planned_merge(recipe, options) as plan:
+        run_merge(plan, out, **run)
     return out
 
 
@@ -118,7 +119,7 @@ def test_a_failure_in_any_stage_stops_the_others_and_leaves_nothing(
 
 @pytest.mark.parametrize("device", ["tpu", "mps", "meta", "cpu:1"])  # not "gpu": a gpu keyword marks CUDA tests
 def test_a_device_the_tool_cannot_merge_on_is_a_clear_error(device: str) -> None:
-    with pytest.raises(MergeError, match=f"'{device}' is not a device this tool merges on"):
+    with pytest.raises(DeviceError, match=f"'{device}' is not a device this tool merges on"):
         engine.resolve_device(device)
     assert engine.resolve_device("cpu") == torch.device("cpu")
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from mergekit_like.card import RECIPE_FILE, pinned_ref, resolved_recipe, write_recipe
+from mergekit_like.card import RECIPE_FILE, pinned_ref, recipe_text, resolved_recipe
 from mergekit_like.errors import RecipeError
-from mergekit_like.merge.recipe import dump_recipe, load_recipe, parse_recipe, recipe_from_cli
+from mergekit_like.merge.recipe import MergeRecipe, dump_recipe, load_recipe, parse_recipe, recipe_from_cli
+from mergekit_like.methods import BaseUse, all_methods
 
 
 def ties_recipe(**changes) -> dict:
@@ -226,7 +229,7 @@ def test_resolved_recipe_has_absolute_paths_and_pinned_hub_commits(
     assert recipe.tokenizer_source == f"org/ft@{sha}"
     assert recipe.parameters == {"weight": 0.5, "normalize": False, "lambda": 1.0}
     assert pinned_ref("org/ft") == "org/ft"
-    write_recipe(tmp_path, parse_recipe(data), paths={"org/ft": snapshot})
+    (tmp_path / RECIPE_FILE).write_text(recipe_text(parse_recipe(data), paths={"org/ft": snapshot}))
     assert load_recipe(tmp_path / RECIPE_FILE) == recipe
 
 
@@ -248,3 +251,40 @@ def test_a_recipe_nested_too_deeply_is_a_recipe_error(tmp_path: Path) -> None:
     path.write_text("[" * 100_000)
     with pytest.raises(RecipeError, match="nested too deeply"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("override", [{"seed": -5}, {"seed": True}, {"vocab_mismatch": "rows"},
+                                      {"merge_method": "nope"}, {"parameters": {"density": 1.5}}])
+def test_every_override_goes_through_the_one_validation(override: dict) -> None:
+    recipe = parse_recipe(ties_recipe())
+    with pytest.raises(RecipeError) as raised:
+        dataclasses.replace(recipe, **override)
+    assert len(raised.value.problems) == 1
+
+
+def test_a_negative_seed_is_refused_by_the_parser_with_the_same_line() -> None:
+    with pytest.raises(RecipeError) as parsed:
+        parse_recipe({**ties_recipe(), "seed": -5})
+    with pytest.raises(RecipeError) as replaced:
+        dataclasses.replace(parse_recipe(ties_recipe()), seed=-5)
+    assert parsed.value.problems == replaced.value.problems == ["seed must be a non-negative integer, not -5"]
+
+
+def _minimal_recipe(name: str) -> MergeRecipe:
+    method = all_methods()[name]
+    count = method.min_models if method.max_models == 1 else max(method.min_models, 2)
+    models = [f"models/m{i}" for i in range(count)]
+    base = "models/base" if method.base is not BaseUse.NONE else None
+    required = [f"{key}=0.5" for key, spec in method.params.items() if spec.required and not spec.per_model]
+    required += [f"{key}={','.join(['0.5'] * count)}" for key, spec in method.params.items()
+                 if spec.required and spec.per_model]
+    return recipe_from_cli(name, [*models, *([base] if base else [])], base=base, params=required)
+
+
+@pytest.mark.parametrize("name", sorted(all_methods()))
+def test_every_written_recipe_is_accepted_and_reads_back_the_same(name: str, tmp_path: Path) -> None:
+    recipe = _minimal_recipe(name)
+    written = recipe_text(recipe)
+    reread = parse_recipe(yaml.safe_load(written))
+    assert reread == resolved_recipe(recipe)
+    assert recipe_text(reread) == written  # a rerun writes the same recipe again

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import base_and_two_recipe as _recipe
-from helpers import write_checkpoint
+from helpers import split_merge_kwargs, write_checkpoint
 
 from mergekit_like.io import open_checkpoint
 from mergekit_like.io.reader import Checkpoint
 from mergekit_like.io.writer import ShardedWriter
-from mergekit_like.merge.engine import planned_merge, run_merge
+from mergekit_like.merge.engine import MergeOptions, planned_merge, run_merge
 from mergekit_like.merge.staging import DeviceStaging, row_blocks
 
 CPU = torch.device("cpu")
@@ -62,8 +62,9 @@ def models(tmp_path: Path) -> list[Path]:
 
 
 def _merged(recipe, out: Path, **kwargs) -> dict[str, torch.Tensor]:
-    with planned_merge(recipe, memory_budget=kwargs.pop("memory_budget", None)) as plan:
-        run_merge(plan, out, **kwargs)
+    options, run = split_merge_kwargs(kwargs)
+    with planned_merge(recipe, options) as plan:
+        run_merge(plan, out, **run)
     with open_checkpoint(out) as ckpt:
         return {n: ckpt.read(n) for n in ckpt.names()}
 
@@ -74,7 +75,7 @@ def test_staged_chunks_give_the_same_bytes(
     models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, params: list[str],
     pipeline: bool,
 ) -> None:
-    import mergekit_like.merge.plan as plan_module
+    import mergekit_like.merge.options as options_module
 
     recipe = _recipe(models, method, params)
     plain = _merged(recipe, tmp_path / "plain")
@@ -82,7 +83,7 @@ def test_staged_chunks_give_the_same_bytes(
     # A small budget splits element-wise merges into row blocks (a quarter of the budget holds
     # 7 rows of each float32 input for linear's 2 models, 5 with a base); staging's 3-row
     # pieces of the output then start inside them.
-    monkeypatch.setattr(plan_module, "MIN_MEMORY_BUDGET", 1)
+    monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
     staged = _merged(recipe, tmp_path / "staged", staging=staging, pipeline=pipeline, memory_budget=3840)
     assert plain.keys() == staged.keys()
     for name in plain:
@@ -125,9 +126,9 @@ def test_staged_pickles_give_the_same_bytes(models: list[Path], tmp_path: Path) 
             file.unlink()
         (path / "model.safetensors.index.json").unlink(missing_ok=True)
     recipe = _recipe(models, "ties", ["density=0.5", "weight=1.0,0.4"])
-    with planned_merge(recipe, allow_pickle=True) as plan:
+    with planned_merge(recipe, MergeOptions(allow_pickle=True)) as plan:
         run_merge(plan, tmp_path / "plain")
-    with planned_merge(recipe, allow_pickle=True) as plan:
+    with planned_merge(recipe, MergeOptions(allow_pickle=True)) as plan:
         run_merge(plan, tmp_path / "staged", staging=DeviceStaging(CPU, chunk_bytes=100, staged=True))
     with open_checkpoint(tmp_path / "plain") as plain, open_checkpoint(tmp_path / "staged") as staged:
         assert all(torch.equal(plain.read(n), staged.read(n)) for n in plain.names())

@@ -9,7 +9,7 @@ import torch
 
 from mergekit_like.io import writer as writer_module
 from mergekit_like.io.checksums import read_checksums
-from mergekit_like.io.outputs import WriteItem, write_checkpoints
+from mergekit_like.io.outputs import OutputSpec, WriteItem, write_checkpoints
 from mergekit_like.io.sharding import TensorSpec
 from mergekit_like.io.writer import ShardedWriter
 
@@ -41,7 +41,7 @@ def test_in_order_writes_give_each_shards_digest_without_reading_it_back(tmp_pat
 def test_out_of_order_writes_leave_the_digest_to_the_manifest(tmp_path: Path) -> None:
     tensors = _tensors()
     items = [WriteItem(0, name, value) for name, value in reversed(list(tensors.items()))]
-    (written,) = write_checkpoints(tmp_path / "out", [None], _specs(), items)
+    (written,) = write_checkpoints(tmp_path / "out", [OutputSpec()], _specs(), items)
     assert written.digests == {}
     manifest = read_checksums(tmp_path / "out")
     assert manifest is not None

@@ -1,4 +1,4 @@
-"""Shared framework for the evidence studies (issue 9).
+"""Shared framework for the evidence studies.
 
 Everything here runs on CPU from data that ships with the machine, with no
 downloads:

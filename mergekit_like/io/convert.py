@@ -7,8 +7,7 @@ from pathlib import Path
 
 import torch
 
-from mergekit_like.io.atomic import check_target
-from mergekit_like.io.outputs import WriteItem, write_checkpoints
+from mergekit_like.io.outputs import OutputSpec, WriteItem, write_checkpoints
 from mergekit_like.io.reader import open_checkpoint
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
 from mergekit_like.io.writer import WrittenCheckpoint
@@ -36,7 +35,6 @@ def convert_checkpoint(
     tokenizer) are copied. The output appears atomically.
     """
     sink = progress or NullProgress()
-    check_target(output, overwrite=overwrite)
     with open_checkpoint(source, allow_pickle=allow_pickle) as checkpoint:
         specs = [TensorSpec(e.name, cast_dtype(e.dtype, dtype), e.shape) for e in checkpoint.entries()]
         sink.start(len(specs), checkpoint.total_bytes)
@@ -47,7 +45,7 @@ def convert_checkpoint(
                 sink.advance(spec.name, spec.nbytes)
 
         (written,) = write_checkpoints(
-            output, [None], specs, copied(), overwrite=overwrite, max_shard_size=max_shard_size,
-            side_files_from=checkpoint.layout.root, out_dtype=dtype,
+            output, [OutputSpec()], specs, copied(), overwrite=overwrite, max_shard_size=max_shard_size,
+            side_files_from=checkpoint.layout.root, out_dtype=dtype, inputs={str(source): checkpoint.layout.root},
         )
     return written

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,7 +21,7 @@ from mergekit_like.errors import IncompatibleModelsError
 from mergekit_like.io.atomic import atomic_directory, check_target
 from mergekit_like.io.checksums import write_checksums
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
-from mergekit_like.io.sidefiles import copy_side_files
+from mergekit_like.io.sidefiles import copy_side_files, write_config
 from mergekit_like.io.writer import ShardedWriter, WrittenCheckpoint
 
 
@@ -42,10 +43,29 @@ TensorStream = Iterable[WriteItem]
 WRITE_QUEUE_BYTES = 64 * 1024 * 1024
 
 
-def refuse_output_among_inputs(output: str | Path, inputs: Mapping[str, Path]) -> None:
-    """Refuses an output directory that is, or contains, one of the inputs."""
+@dataclass(frozen=True)
+class OutputSpec:
+    """One output checkpoint, decided in full before the run starts.
+
+    Everything written beside the weights is data here, so the writer needs no callback
+    into its caller: the side files of the model it follows (see ``side_files_from``),
+    then ``config`` as ``config.json`` when given, then ``files`` (name -> text: the model
+    card, the recipe, a state record).
+    """
+
+    label: str | None = None  # the subdirectory it is written to; None: the output directory itself
+    files: Mapping[str, str] = field(default_factory=dict)
+    config: Mapping[str, Any] | None = None
+
+
+def check_output(output: str | Path, *, overwrite: bool, inputs: Mapping[str, Path] | None = None) -> None:
+    """Refuses a target that exists (unless ``overwrite``) or that is, or contains, one of ``inputs``.
+
+    ``inputs``: reference -> the directory it is read from.
+    """
+    check_target(output, overwrite=overwrite)
     target = Path(output).resolve()
-    for ref, root in inputs.items():
+    for ref, root in (inputs or {}).items():
         root = root.resolve()
         if target == root or root.is_relative_to(target):
             raise IncompatibleModelsError(
@@ -56,7 +76,7 @@ def refuse_output_among_inputs(output: str | Path, inputs: Mapping[str, Path]) -
 
 def write_checkpoints(
     output: str | Path,
-    labels: Sequence[str | None],
+    outputs: Sequence[OutputSpec],
     specs: Sequence[TensorSpec],
     tensors: TensorStream,
     *,
@@ -64,16 +84,18 @@ def write_checkpoints(
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     side_files_from: Path | None = None,
     out_dtype: torch.dtype | None = None,
-    finalize: Callable[[Path, int], None] | None = None,
+    inputs: Mapping[str, Path] | None = None,
 ) -> list[WrittenCheckpoint]:
-    """Writes ``len(labels)`` checkpoints (a label names a subdirectory; None is ``output`` itself).
+    """Writes one checkpoint per entry of ``outputs`` from one stream of tensors, atomically.
 
-    ``finalize(directory, index)`` runs for each output before the move into place.
+    The target is checked (see :func:`check_output`) before the stream is first read, so a
+    producer that does work up front (a pre-pass over the inputs) does it only for a target
+    that can be written.
     """
     output = Path(output)
-    check_target(output, overwrite=overwrite)
+    check_output(output, overwrite=overwrite, inputs=inputs)
     with atomic_directory(output, overwrite=overwrite) as temp:
-        directories = [temp / label if label else temp for label in labels]
+        directories = [temp / spec.label if spec.label else temp for spec in outputs]
         for directory in directories:
             directory.mkdir(exist_ok=True)
         writers = [ShardedWriter(d, specs, max_shard_size=max_shard_size) for d in directories]
@@ -84,17 +106,19 @@ def write_checkpoints(
             for writer in writers:
                 writer.abort()
             raise
-        for index, (directory, result) in enumerate(zip(directories, written)):
+        for spec, directory, result in zip(outputs, directories, written):
             files = list(result.shards) + ([result.index] if result.index else [])
             write_checksums(directory, files, result.digests)
             if side_files_from is not None:
                 copy_side_files(side_files_from, directory, out_dtype)
-            if finalize is not None:
-                finalize(directory, index)
+            if spec.config is not None:
+                write_config(directory, spec.config, out_dtype)
+            for name, text in spec.files.items():
+                (directory / name).write_text(text, encoding="utf-8")
     return [
-        WrittenCheckpoint(output / label if label else output, w.shards, w.index, w.total_bytes, w.num_tensors,
-                          w.digests)
-        for label, w in zip(labels, written)
+        WrittenCheckpoint(output / spec.label if spec.label else output, w.shards, w.index, w.total_bytes,
+                          w.num_tensors, w.digests)
+        for spec, w in zip(outputs, written)
     ]
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +34,11 @@ COPIED_AS_IS = (
 )
 # transformers < 4.56 writes "torch_dtype"; newer versions write "dtype".
 CONFIG_DTYPE_KEYS = ("torch_dtype", "dtype")
+
+
+def has_config(source: str | Path) -> bool:
+    """Whether ``source`` (a side-file source directory) gives its outputs a ``config.json``."""
+    return (Path(source) / CONFIG).is_file()
 
 
 def copy_side_files(source: str | Path, destination: str | Path, out_dtype: torch.dtype | None) -> list[str]:
@@ -65,7 +72,20 @@ def _write_config(source: Path, destination: Path, out_dtype: torch.dtype | None
         return
     except RecursionError:
         raise _nested_too_deeply(source) from None
-    if isinstance(config, dict) and out_dtype is not None:
+    if not isinstance(config, dict):
+        destination.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return
+    write_config(destination.parent, config, out_dtype)
+
+
+def write_config(directory: Path, config: Mapping[str, Any], out_dtype: torch.dtype | None = None) -> Path:
+    """Writes ``config.json`` into ``directory``, its dtype field set to ``out_dtype`` when given.
+
+    The one writer of config.json: copied from a model, kept by the training hook, or made
+    for an example.
+    """
+    config = dict(config)
+    if out_dtype is not None:
         # A Hugging Face config (it has model_type) gets the dtype key transformers reads; any
         # other config keeps its keys, since a strict loader may refuse one it does not know.
         present = [k for k in CONFIG_DTYPE_KEYS if k in config]
@@ -73,7 +93,9 @@ def _write_config(source: Path, destination: Path, out_dtype: torch.dtype | None
             present = ["torch_dtype"]
         for key in present:
             config[key] = dtype_name(out_dtype)
-    destination.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    path = Path(directory) / CONFIG
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
 
 
 def _nested_too_deeply(source: Path) -> InvalidCheckpointError:

@@ -14,20 +14,21 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
-from collections.abc import Callable, Generator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
-from mergekit_like.errors import InvalidCheckpointError, MergeError
-from mergekit_like.io.atomic import check_target
-from mergekit_like.io.outputs import WriteItem, refuse_output_among_inputs, write_checkpoints
-from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
+from mergekit_like.errors import DeviceError, InvalidCheckpointError, MergeError
+from mergekit_like.io.outputs import OutputSpec, WriteItem, write_checkpoints
+from mergekit_like.io.sharding import TensorSpec
 from mergekit_like.io.verify import nonfinite_count
 from mergekit_like.io.writer import WrittenCheckpoint
+from mergekit_like.memory import apply_allocator
+from mergekit_like.merge.options import MergeOptions
 from mergekit_like.merge.plan import (
     MergePlan,
     ModelResolver,
@@ -35,16 +36,14 @@ from mergekit_like.merge.plan import (
     Variant,
     plan_merge,
     planned_merge,
-    uses_model_scope,
 )
 from mergekit_like.merge.staging import DeviceStaging
-from mergekit_like.methods.registry import BaseUse
-from mergekit_like.methods.topk import TopKThreshold
+from mergekit_like.methods import BaseUse
 from mergekit_like.progress import NullProgress, ProgressSink
 
 __all__ = [
-    "MergePlan", "MergeResult", "ModelResolver", "TensorPlan", "Variant", "plan_merge", "planned_merge",
-    "run_merge",
+    "MergeOptions", "MergePlan", "MergeResult", "ModelResolver", "OutputSpec", "TensorPlan", "Variant", "plan_merge",
+    "planned_merge", "run_merge",
 ]
 
 
@@ -90,11 +89,11 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError:
         resolved = None
     if resolved is None or resolved.type not in ("cpu", "cuda") or (resolved.type == "cpu" and resolved.index):
-        raise MergeError(f"'{device}' is not a device this tool merges on", fix="use cpu, cuda, cuda:N or auto")
+        raise DeviceError(f"'{device}' is not a device this tool merges on", fix="use cpu, cuda, cuda:N or auto")
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise MergeError("CUDA was asked for but is not available", fix="use --device cpu or auto")
+        raise DeviceError("CUDA was asked for but is not available", fix="use --device cpu or auto")
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
-        raise MergeError(f"there is no GPU {resolved.index} (this machine has {torch.cuda.device_count()})",
+        raise DeviceError(f"there is no GPU {resolved.index} (this machine has {torch.cuda.device_count()})",
                          fix="use cuda:N with N below that count, or cuda")
     return resolved
 
@@ -107,25 +106,31 @@ def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Genera
     return generator
 
 
-def model_topk_thresholds(plan: MergePlan, staging: DeviceStaging, progress: ProgressSink) -> list[float]:
-    """Each model's k-th largest task-vector magnitude over all merged tensors (two read passes)."""
+def run_prepass(plan: MergePlan, staging: DeviceStaging, progress: ProgressSink) -> Any:
+    """The method's declared whole-model reduction, over every merged tensor, for its kernel."""
+    prepass = plan.method.prepass
     merged = [t for t in plan.tensors if t.copy_from is None]
+    if prepass is None or not merged:
+        return None
     total = sum(TensorSpec(t.name, t.compute_dtype, t.shape).numel for t in merged)
-    densities = merged[0].params[0]["density"] if merged else []
-    selectors = [TopKThreshold(max(1, int(d * total)), staging.device) for d in densities]
-    for pass_number in (1, 2):
+    reduction = prepass.start(merged[0].params[0], total, staging.device)
+    for pass_index in range(prepass.passes):
         for tensor in merged:
             inputs = read_inputs(plan, tensor, staging)
             staging.accept(inputs.tensors(), inputs.fence)
-            assert inputs.base is not None
-            for selector, model in zip(selectors, inputs.models):
-                delta = (model - inputs.base).to(tensor.compute_dtype)
-                selector.first_pass(delta) if pass_number == 1 else selector.second_pass(delta)
+            reduction.observe(pass_index, inputs.models, inputs.base)
             progress.advance(tensor.name, tensor.read_bytes)
-        if pass_number == 1:
-            for selector in selectors:
-                selector.choose_bucket()
-    return [s.threshold() if d < 1 else 0.0 for s, d in zip(selectors, densities)]
+        reduction.end_pass(pass_index)
+    return reduction.result()
+
+
+@dataclass(frozen=True)
+class KernelContext:
+    """What the engine hands a kernel besides tensors and parameters, for one run."""
+
+    staging: DeviceStaging
+    executor: Executor | None = None
+    prepass_result: Any = None
 
 
 @dataclass
@@ -170,8 +175,7 @@ def prefetch_inputs(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] |
                                 else None)
 
 
-def compute(plan: MergePlan, inputs: _Inputs, staging: DeviceStaging,
-            thresholds: list[float] | None = None) -> list[torch.Tensor]:
+def compute(plan: MergePlan, inputs: _Inputs, context: KernelContext) -> list[torch.Tensor]:
     """The merged value of one work item for each variant, in the output dtype.
 
     On the compute device; tensors copied unmerged stay on the host, as they were read.
@@ -179,6 +183,7 @@ def compute(plan: MergePlan, inputs: _Inputs, staging: DeviceStaging,
     tensor = inputs.tensor
     if tensor.copy_from is not None:
         return inputs.models * len(plan.variants)
+    staging = context.staging
     staging.accept(inputs.tensors(), inputs.fence)
     recipe, method = plan.recipe, plan.method
     results = []
@@ -188,8 +193,10 @@ def compute(plan: MergePlan, inputs: _Inputs, staging: DeviceStaging,
             kwargs["base"] = inputs.base
         if method.uses_generator:
             kwargs["generator"] = tensor_generator(recipe.seed, tensor.name, staging.device)
-        if method.uses_model_topk:
-            kwargs["thresholds"] = thresholds
+        if method.uses_executor:
+            kwargs["executor"] = context.executor
+        if method.prepass is not None:
+            kwargs[method.prepass.keyword] = context.prepass_result
         try:
             merged = method.kernel(inputs.models, **kwargs)
         except MergeError as exc:
@@ -209,7 +216,7 @@ def _loader(
 
     def read(ref: str, as_stored: bool = False) -> torch.Tensor:
         raw = staging.read(plan.checkpoints[ref], tensor.name, rows)
-        if plan.check_finite and (bad := nonfinite_count(raw)):
+        if plan.options.check_finite and (bad := nonfinite_count(raw)):
             raise InvalidCheckpointError(
                 f"{bad} NaN or infinite values in model '{ref}'", path=plan.checkpoints[ref].layout.source,
                 tensor=tensor.name, fix="the model is corrupt or diverged; leave it out of the merge",
@@ -235,49 +242,59 @@ def run_merge(
     plan: MergePlan,
     output: str | Path,
     *,
-    device: str = "cpu",
+    outputs: Sequence[OutputSpec] | None = None,
     overwrite: bool = False,
-    max_shard_size: int = DEFAULT_SHARD_SIZE,
     progress: ProgressSink | None = None,
-    finalize: Callable[[Path, Variant], None] | None = None,
-    pipeline: bool = True,
     staging: DeviceStaging | None = None,
 ) -> MergeResult:
     """Streams the merge into ``output`` (one subdirectory per variant for sweeps), atomically.
 
-    ``finalize(directory, variant)`` runs for each output directory before it is
-    moved into place (the CLI writes the model card and recipe there).
-    ``pipeline=False`` reads, computes and writes one item at a time in this
-    thread: slower, the same bytes, and a plain stack trace when debugging.
-    ``staging`` overrides how tensors move to ``device`` and back (the chunk size, for one).
+    ``outputs`` says what each variant's directory holds besides the weights (card, recipe),
+    one per variant in order; by default just the side files of the model the output follows.
+    How the merge runs comes from ``plan.options``. ``staging`` overrides how tensors move to
+    the device and back (the chunk size, for one).
     """
+    options = plan.options
     progress = progress or NullProgress()
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(options.device)
     staging = staging or DeviceStaging(torch_device)
     if staging.device.type != torch_device.type:
-        raise ValueError(f"staging moves tensors to {staging.device}, but the merge is asked to run on {device}")
-    check_target(output, overwrite=overwrite)
-    refuse_output_among_inputs(output, {ref: c.layout.root for ref, c in plan.checkpoints.items()})
-    passes = 3 if uses_model_scope(plan.method, plan.tensors) else 1
+        raise ValueError(f"staging moves tensors to {staging.device}, but the merge is asked to run on "
+                         f"{options.device}")
+    specs = list(outputs) if outputs is not None else [OutputSpec(v.label) for v in plan.variants]
+    labels = [v.label for v in plan.variants]
+    if [spec.label for spec in specs] != labels:
+        raise ValueError(f"outputs {[spec.label for spec in specs]} do not match the plan's variants {labels}")
+    apply_allocator(options.allocator, elementwise=plan.method.elementwise)
+    passes = (plan.method.prepass.passes if plan.method.prepass and plan.needs_prepass else 0) + 1
     progress.start(len(plan.tensors) * passes, plan.read_bytes * passes)
     if staging.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(staging.device)
-    thresholds = model_topk_thresholds(plan, staging, progress) if passes == 3 else None
-
-    items = [(t, rows) for t in plan.tensors for rows in (t.chunks or [None])]
-    stream = _pipelined if pipeline else _sequential
-    merged = stream(plan, items, lambda i: compute(plan, i, staging, thresholds), staging, progress)
-    # Closed on any exit: a writer failure otherwise leaves the generator (and its reader
-    # thread) alive for as long as the traceback refers to it.
-    with contextlib.closing(merged):
-        outputs = write_checkpoints(
-            output, [v.label for v in plan.variants], plan.specs(), merged,
-            overwrite=overwrite, max_shard_size=max_shard_size, side_files_from=_side_file_dir(plan),
-            out_dtype=_uniform_out_dtype(plan),
-            finalize=(lambda directory, i: finalize(directory, plan.variants[i])) if finalize else None,
-        )
+    threads = options.kernel_threads or max(2, torch.get_num_threads())
+    with ThreadPoolExecutor(threads, thread_name_prefix="kernel") as executor:
+        merged = _merged_stream(plan, staging, executor, progress, passes > 1)
+        # Closed on any exit: a writer failure otherwise leaves the generator (and its reader
+        # thread) alive for as long as the traceback refers to it.
+        with contextlib.closing(merged):
+            written = write_checkpoints(
+                output, specs, plan.specs(), merged, overwrite=overwrite,
+                max_shard_size=options.max_shard_size, side_files_from=plan.side_file_dir,
+                out_dtype=_uniform_out_dtype(plan),
+                inputs={ref: c.layout.root for ref, c in plan.checkpoints.items()},
+            )
     peak = torch.cuda.max_memory_allocated(staging.device) if staging.device.type == "cuda" else None
-    return MergeResult(outputs, plan.read_bytes, plan.write_bytes, peak)
+    return MergeResult(written, plan.read_bytes, plan.write_bytes, peak)
+
+
+def _merged_stream(
+    plan: MergePlan, staging: DeviceStaging, executor: Executor, progress: ProgressSink, prepass: bool
+) -> Generator[WriteItem, None, None]:
+    """The merge as a stream for the writer; its first read (the pre-pass, if any) waits for the writer's
+    check of the target, so nothing is read for an output that cannot be written."""
+    context = KernelContext(staging, executor, run_prepass(plan, staging, progress) if prepass else None)
+    items = [(t, rows) for t in plan.tensors for rows in (t.chunks or [None])]
+    stream = _pipelined if plan.options.pipeline else _sequential
+    yield from stream(plan, items, lambda i: compute(plan, i, context), staging, progress)
 
 
 Item = tuple[TensorPlan, tuple[int, int] | None]
@@ -349,13 +366,6 @@ def _merged_sources(plan: MergePlan) -> list[str]:
     """Every checkpoint a merged tensor is read from: the models, then the base if the method uses one."""
     base = plan.recipe.base_model
     return list(plan.input_refs) + ([base] if plan.method.base is not BaseUse.NONE and base is not None else [])
-
-
-def _side_file_dir(plan: MergePlan) -> Path:
-    source = plan.side_file_source
-    if source in plan.checkpoints:
-        return plan.checkpoints[source].layout.root
-    return Path(source)
 
 
 def _uniform_out_dtype(plan: MergePlan) -> torch.dtype | None:

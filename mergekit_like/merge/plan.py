@@ -13,7 +13,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,10 @@ from mergekit_like.errors import RecipeError
 from mergekit_like.io.reader import Checkpoint, open_checkpoint
 from mergekit_like.io.safetensors_format import TensorEntry
 from mergekit_like.io.sharding import TensorSpec
+from mergekit_like.merge.options import MergeOptions
 from mergekit_like.merge.parameters import LayerPosition, NoValue, layer_count, layer_index, resolve_value
 from mergekit_like.merge.recipe import MergeRecipe
-from mergekit_like.methods.registry import BaseUse, MergeMethod
+from mergekit_like.methods import BaseUse, MergeMethod
 
 MAX_LISTED_PROBLEMS = 25
 
@@ -49,7 +50,7 @@ class TensorPlan:
 
 @dataclass(frozen=True)
 class Variant:
-    """One output of a run: a whole checkpoint (sweeps such as wise_ft alphas make several)."""
+    """One output of a run: a whole checkpoint (a method's sweep parameter makes several)."""
 
     label: str | None
     value: Any = None
@@ -67,10 +68,28 @@ class MergePlan:
     side_file_source: str
     # The model whose names, shapes (and, with vocab_mismatch: base, rows) the output follows.
     reference: str
-    # Refuse inputs holding NaN or Inf (the CLI's --check-finite); off by default: it costs a pass.
-    check_finite: bool = False
-    # Bytes of tensor data in flight (see DEFAULT_MEMORY_BUDGET).
-    memory_budget: int = 0
+    options: MergeOptions = field(default_factory=MergeOptions)
+
+    @property
+    def memory_budget(self) -> int:
+        return self.options.memory_budget
+
+    @property
+    def side_file_dir(self) -> Path:
+        """The directory whose config and tokenizer files the outputs get."""
+        if self.side_file_source in self.checkpoints:
+            return self.checkpoints[self.side_file_source].layout.root
+        return Path(self.side_file_source)
+
+    @property
+    def merged_params(self) -> list[dict[str, Any]]:
+        """The kernel arguments of every merged tensor and variant (what a pre-pass decides on)."""
+        return [p for t in self.tensors if t.copy_from is None for p in t.params]
+
+    @property
+    def needs_prepass(self) -> bool:
+        prepass = self.method.prepass
+        return prepass is not None and prepass.needed(self.merged_params)
 
     @property
     def input_refs(self) -> list[str]:
@@ -119,11 +138,10 @@ ModelResolver = Callable[[str], Path]
 
 @contextmanager
 def planned_merge(
-    recipe: MergeRecipe, *, allow_pickle: bool = False, resolve_model: ModelResolver = Path,
-    memory_budget: int | None = None,
+    recipe: MergeRecipe, options: MergeOptions | None = None, *, resolve_model: ModelResolver = Path,
 ) -> Iterator[MergePlan]:
     """Plans ``recipe`` (see :func:`plan_merge`) and closes the inputs afterwards."""
-    plan = plan_merge(recipe, allow_pickle=allow_pickle, resolve_model=resolve_model, memory_budget=memory_budget)
+    plan = plan_merge(recipe, options, resolve_model=resolve_model)
     try:
         yield plan
     finally:
@@ -131,24 +149,21 @@ def planned_merge(
 
 
 def plan_merge(
-    recipe: MergeRecipe, *, allow_pickle: bool = False, resolve_model: ModelResolver = Path,
-    memory_budget: int | None = None,
+    recipe: MergeRecipe, options: MergeOptions | None = None, *, resolve_model: ModelResolver = Path,
 ) -> MergePlan:
     """Opens every input, checks them against each other and resolves every parameter.
 
-    ``memory_budget`` (bytes, default :data:`DEFAULT_MEMORY_BUDGET`) sizes the row blocks
-    of element-wise merges and the engine's read-ahead. Raises :class:`RecipeError`
-    listing every problem found; no tensor data is read.
+    ``options.memory_budget`` sizes the row blocks of element-wise merges and the engine's
+    read-ahead. Raises :class:`RecipeError` listing every problem found; no tensor data is read.
     """
-    budget = memory_budget or DEFAULT_MEMORY_BUDGET
-    if budget < MIN_MEMORY_BUDGET:
-        raise RecipeError([f"memory budget {budget:,} bytes is below the minimum of {MIN_MEMORY_BUDGET:,}"])
+    options = options or MergeOptions()
     method = recipe.method
     refs = _needed_refs(recipe, method)
     checkpoints: dict[str, Checkpoint] = {}
     with ExitStack() as stack:
         for ref in refs:
-            checkpoints[ref] = stack.enter_context(open_checkpoint(resolve_model(ref), allow_pickle=allow_pickle))
+            checkpoints[ref] = stack.enter_context(
+                open_checkpoint(resolve_model(ref), allow_pickle=options.allow_pickle))
         problems: list[str] = []
         reference = _reference(recipe, refs)
         names = checkpoints[reference].names()
@@ -159,36 +174,17 @@ def plan_merge(
         for name in names:
             try:
                 tensors.append(_plan_tensor(recipe, method, checkpoints, reference, name, positions[name], variants,
-                                            budget))
+                                            options.memory_budget))
             except _TensorProblems as found:
                 problems += found.problems
-        problems += _check_model_scope(method, tensors)
+        plan = MergePlan(recipe, method, checkpoints, tensors, variants, _side_file_source(recipe, reference),
+                         reference, options)
+        if not problems and method.prepass is not None and plan.needs_prepass:
+            problems += method.prepass.problems(plan.merged_params)
         if problems:
             raise _recipe_error(problems)
         stack.pop_all()
-    source = _side_file_source(recipe, reference)
-    return MergePlan(recipe, method, checkpoints, tensors, variants, source, reference, memory_budget=budget)
-
-
-def uses_model_scope(method: MergeMethod, tensors: Sequence[TensorPlan]) -> bool:
-    return method.uses_model_topk and any(
-        p.get("trim_scope") == "model" for t in tensors if t.copy_from is None for p in t.params
-    )
-
-
-def _check_model_scope(method: MergeMethod, tensors: Sequence[TensorPlan]) -> list[str]:
-    if not uses_model_scope(method, tensors):
-        return []
-    merged = [t for t in tensors if t.copy_from is None]
-    scopes = {p.get("trim_scope") for t in merged for p in t.params}
-    densities = {tuple(p["density"]) for t in merged for p in t.params}
-    problems = []
-    if len(scopes) > 1:
-        problems.append("trim_scope must be the same for every tensor (it is 'model' for some only)")
-    if len(densities) > 1:
-        problems.append("trim_scope: model keeps the top density fraction of the whole model, so each "
-                        "model needs one density for all tensors (no gradients or filters)")
-    return problems
+    return plan
 
 
 def _needed_refs(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
@@ -202,7 +198,7 @@ def _reference(recipe: MergeRecipe, refs: Sequence[str]) -> str:
     """The model the output follows: names, shapes, integer tensors and default output dtype.
 
     The base whenever the recipe names one, also for methods that merge it as one of the
-    models (linear): integer tensors come "from the base, else the first model".
+    models (those without a base input): integer tensors come "from the base, else the first model".
     """
     base = recipe.base_model
     return base if base is not None and base in refs else refs[0]
@@ -278,16 +274,6 @@ def _plan_tensor(
     return TensorPlan(name, ref_entry.shape, out_dtype, compute, None, tuple(params), read_bytes, chunks)
 
 
-# The bytes of tensor data the pipeline holds at once for element-wise merges: the block in
-# compute, the next one read ahead, temporaries and results. Element-wise merges of larger
-# tensors go row block by row block (embeddings can be GBs). Methods that need whole tensors
-# (ties, slerp, model_stock) hold each tensor whole whatever the budget. Larger blocks gain
-# nothing once freed blocks are reused (memory.keep_freed_memory): the 270M linear merge in one
-# process, warm, took 1.0 s and 569 MB at 256 MiB, 1.3 s and 868 MB at 512 MiB.
-DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024
-MIN_MEMORY_BUDGET = 1024 * 1024
-
-
 def row_chunks(shape: tuple[int, ...], budget: int) -> tuple[tuple[int, int], ...] | None:
     """Row ranges of at most ``budget`` elements each, or None for a tensor that fits whole."""
     numel = math.prod(shape)
@@ -350,9 +336,8 @@ def _resolve_params(
                 problems.append(f"tensor '{name}': no value of '{key}' (no filter matched and there is no default)")
                 continue
             resolved[spec.name] = spec.kind(value)
-    if not problems and resolved.get("normalize") and "weight" in resolved and sum(resolved["weight"]) == 0:
-        problems.append(f"tensor '{name}': the weights sum to zero and normalize is on "
-                        "(set normalize: false or change the weights)")
+    if not problems:
+        problems += [f"tensor '{name}': {p}" for check in method.checks if (p := check(resolved))]
     return resolved, problems
 
 

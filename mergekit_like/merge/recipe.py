@@ -1,16 +1,17 @@
 """Merge recipes: mergekit's YAML form, this tool's extensions, and the quick CLI form.
 
-A recipe is parsed into a frozen :class:`MergeRecipe` and validated against
-the method's parameters before any checkpoint is opened; every problem is
-reported at once (:class:`~mergekit_like.errors.RecipeError`). Keys this tool
-does not support are errors, never silently ignored.
+A recipe is parsed into a frozen :class:`MergeRecipe`, which validates itself
+against the method's declaration whenever one is made: parsed from YAML, built
+from the quick CLI form, or derived by an override (``with_*``,
+``dataclasses.replace``). Every problem is reported at once
+(:class:`~mergekit_like.errors.RecipeError`), before any checkpoint is opened.
+Keys this tool does not support are errors, never silently ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import yaml
 from mergekit_like.errors import RecipeError, UnsupportedDtypeError
 from mergekit_like.io.dtypes import dtype_name, parse_dtype
 from mergekit_like.merge.parameters import check_value_form, is_gradient, numeric_values
-from mergekit_like.methods.registry import COMPATIBILITY_PARAMS, BaseUse, MergeMethod, ParamSpec, all_methods
+from mergekit_like.methods import BaseUse, MergeMethod, Typical, all_methods
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +41,6 @@ UNSUPPORTED_KEYS = {
     "tokenizer": "tokenizer merging is not supported; use tokenizer_source: base or a model",
     "chat_template": "chat templates are copied from the tokenizer source; remove this key",
 }
-# Parameters that must lie in [0, 1].
-FRACTIONS = {"density", "gamma"}
-# Negative weights negate a task vector ("forgetting by negation", Ilharco et al. 2023) and
-# extrapolate soups; mergekit accepts them, so shared recipes keep working, but outside
-# task arithmetic they are more often a typo, so they are reported as a warning.
-NEGATIVE_WEIGHTS_EXPECTED = {"task_arithmetic"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +70,11 @@ class MergeRecipe:
     # Embeddings/heads whose row counts differ: "error", or "base" (follow the reference model).
     vocab_mismatch: str = "error"
 
+    def __post_init__(self) -> None:
+        problems = recipe_problems(self)
+        if problems:
+            raise RecipeError(problems)
+
     @property
     def method(self) -> MergeMethod:
         return all_methods()[self.merge_method]
@@ -88,7 +88,7 @@ class MergeRecipe:
 
     @property
     def sweep_values(self) -> list[Any] | None:
-        """For a sweep method (wise_ft), the list of values that each give one output."""
+        """For a method with a sweep parameter, the list of values that each give one output."""
         name = self.method.sweep_param
         value = self.parameters.get(name) if name else None
         return list(value) if isinstance(value, list) and is_gradient(value) else None
@@ -201,32 +201,54 @@ def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
         problems.append("give either dtype (mergekit) or compute_dtype, not both")
     out = _dtype(data, "out_dtype", problems)
     seed = data.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    if not isinstance(seed, int) or isinstance(seed, bool):
         problems.append(f"seed must be a non-negative integer, not {seed!r}")
         seed = 0
     vocab_mismatch = data.get("vocab_mismatch", "error")
-    if vocab_mismatch not in VOCAB_MISMATCH:
+    if not isinstance(vocab_mismatch, str):
         problems.append(f"vocab_mismatch must be one of {', '.join(VOCAB_MISMATCH)}, not {vocab_mismatch!r}")
+        vocab_mismatch = "error"
     tokenizer_source = data.get("tokenizer_source")
     if tokenizer_source is not None and not isinstance(tokenizer_source, str):
         problems.append("tokenizer_source must be 'base' or a model path")
-    recipe = MergeRecipe(
-        merge_method=method.name if method else str(data.get("merge_method")),
-        models=tuple(models),
-        base_model=base,
-        parameters=dict(parameters),
-        compute_dtype=compute,
-        out_dtype=out,
-        dtype_sets_output="dtype" in data,
-        seed=seed,
-        tokenizer_source=tokenizer_source,
-        vocab_mismatch=vocab_mismatch if vocab_mismatch in VOCAB_MISMATCH else "error",
-    )
-    if method is not None:
-        problems += validate_against_method(recipe, method)
+        tokenizer_source = None
+    try:
+        recipe = MergeRecipe(
+            merge_method=method.name if method else str(data.get("merge_method")),
+            models=tuple(models),
+            base_model=base,
+            parameters=dict(parameters),
+            compute_dtype=compute,
+            out_dtype=out,
+            dtype_sets_output="dtype" in data,
+            seed=seed,
+            tokenizer_source=tokenizer_source,
+            vocab_mismatch=vocab_mismatch,
+        )
+    except RecipeError as invalid:
+        # The method was reported above already when it is unknown.
+        problems += [p for p in invalid.problems if method is not None or not p.startswith(_UNKNOWN_METHOD)]
     if problems:
         raise RecipeError(problems, source=source)
     return recipe
+
+
+_UNKNOWN_METHOD = "unknown merge_method"
+
+
+def recipe_problems(recipe: MergeRecipe) -> list[str]:
+    """Every problem of ``recipe``: the one validation, run whenever a recipe is made."""
+    problems = []
+    methods = all_methods()
+    if not isinstance(recipe.seed, int) or isinstance(recipe.seed, bool) or recipe.seed < 0:
+        problems.append(f"seed must be a non-negative integer, not {recipe.seed!r}")
+    if recipe.vocab_mismatch not in VOCAB_MISMATCH:
+        problems.append(f"vocab_mismatch must be one of {', '.join(VOCAB_MISMATCH)}, not {recipe.vocab_mismatch!r}")
+    method = methods.get(recipe.merge_method)
+    if method is None:
+        problems.append(f"{_UNKNOWN_METHOD} {recipe.merge_method!r} (known: {', '.join(methods)})")
+        return problems
+    return problems + validate_against_method(recipe, method)
 
 
 def _method(name: Any, problems: list[str]) -> MergeMethod | None:
@@ -311,59 +333,38 @@ def _check_models(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
                 f"{name} does not use base_model; list '{recipe.base_model}' under models "
                 "(with a weight) to include it, or remove base_model"
             )
-    inputs = len(recipe.inputs)
-    if name in ("slerp", "wise_ft") and inputs != 1:
-        problems.append(f"{name} needs exactly two models, one of them the base_model; got {inputs + 1}")
-    elif inputs < method.min_models:
-        problems.append(f"{name} needs at least {method.min_models} model(s) besides the base; got {inputs}")
-    elif method.max_models is not None and inputs > method.max_models:
-        problems.append(f"{name} takes at most {method.max_models} model(s) besides the base; got {inputs}")
-    return problems
+    count = method.model_count_problem(len(recipe.inputs))
+    return problems + ([count] if count else [])
 
 
 def _check_param(
     method: MergeMethod, name: str, value: Any, where: str, known: set[str], *, per_model_scope: bool
 ) -> list[str]:
-    if name not in known:
+    spec = method.spec(name) if name in known else None
+    if spec is None:
         return [f"{where}: unknown parameter '{name}' for {method.name} "
                 f"(known: {', '.join(sorted(method.params)) or 'none'})"]
     if name in method.ignored_params:
         # Every ignored parameter is one that changes no number in mergekit either.
         logger.debug("%s: '%s' is accepted for mergekit compatibility and has no effect on %s",
                      where, name, method.name)
-        spec = COMPATIBILITY_PARAMS[name]
-    else:
-        spec = method.params[name]
     if per_model_scope and not spec.per_model:
         return [f"{where}: '{name}' is shared by all models; set it under the global parameters"]
     problem = check_value_form(value)
     if problem:
         return [f"{where}: {name}: {problem}"]
-    problems = [f"{where}: {name}: {p}" for p in _check_leaves(spec, numeric_values(value))]
-    if name == "weight" and method.name not in NEGATIVE_WEIGHTS_EXPECTED:
-        negative = [v for v in numeric_values(value) if isinstance(v, (int, float)) and v < 0]
-        if negative:
-            logger.warning("%s: weight %r is negative; %s will extrapolate rather than average "
-                           "(negative weights are meant for task_arithmetic)", where, negative[0], method.name)
+    leaves = numeric_values(value)
+    problems = [f"{where}: {name}: {p}" for p in map(spec.leaf_problem, leaves) if p]
+    if not problems and spec.typical is not None:
+        _warn_unusual(method.name, spec.recipe_name, spec.typical, where, leaves)
     return problems
 
 
-def _check_leaves(spec: ParamSpec, leaves: Sequence[Any]) -> list[str]:
-    problems = []
-    for leaf in leaves:
-        if spec.kind is bool:
-            if not isinstance(leaf, bool):
-                problems.append(f"{leaf!r} is not true or false")
-        elif spec.kind is str:
-            if spec.choices and leaf not in spec.choices:
-                problems.append(f"{leaf!r} is not one of {', '.join(spec.choices)}")
-        elif not isinstance(leaf, (int, float)) or isinstance(leaf, bool):
-            problems.append(f"{leaf!r} is not a number")
-        elif not math.isfinite(leaf):
-            problems.append(f"{leaf!r} is not a finite number")
-        elif spec.name in FRACTIONS and not 0 <= leaf <= 1:
-            problems.append(f"{leaf!r} is outside [0, 1]")
-    return problems
+def _warn_unusual(method: str, name: str, typical: Typical, where: str, leaves: Sequence[Any]) -> None:
+    unusual = [v for v in leaves if isinstance(v, (int, float)) and not typical.contains(v)]
+    if unusual:
+        described = "negative" if typical.low == 0 and unusual[0] < 0 else "outside its usual range"
+        logger.warning("%s: %s %r is %s; %s %s", where, name, unusual[0], described, method, typical.why)
 
 
 def _check_required(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
@@ -393,7 +394,7 @@ def recipe_from_cli(
     out_dtype: str | None = None,
     seed: int = 0,
 ) -> MergeRecipe:
-    """Builds a recipe from the quick form: ``-p density=0.2 -p weight=0.7,0.3``.
+    """Builds a recipe from the quick form: ``-p name=value``, ``-p name=v1,v2`` (one value per model).
 
     A comma-separated value of a per-model parameter gives one value per model
     (in order, base excluded); any value may also be written in YAML
@@ -419,7 +420,7 @@ def recipe_from_cli(
                     continue
                 per_model[key] = list(value)
                 continue
-            value = list(value)  # a sweep (wise_ft alphas) or a gradient
+            value = list(value)  # a sweep or a gradient
         global_params[key] = value
     entries = [{"model": m, "parameters": {k: v[inputs.index(m)] for k, v in per_model.items()}}
                if m in inputs else {"model": m} for m in models]

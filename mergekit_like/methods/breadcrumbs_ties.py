@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+from typing import Annotated
+
 import torch
 
-from mergekit_like.methods.registry import PerModel, merge_method
+from mergekit_like.methods.declaration import (
+    NONNEGATIVE_WEIGHT,
+    PerModel,
+    Range,
+    each,
+    merge_method,
+    weights_do_not_cancel,
+)
 from mergekit_like.methods.task_vectors import Consensus, make_trims, merge_task_vectors
 
 
 @merge_method(
     "breadcrumbs_ties",
+    checks=(weights_do_not_cancel,),
     inputs_as_stored=True,
     paper="https://arxiv.org/abs/2312.06795",
     description="Breadcrumbs sparsification, then TIES sign election and disjoint mean.",
@@ -19,13 +30,14 @@ def breadcrumbs_ties(
     tensors: list[torch.Tensor],
     *,
     base: torch.Tensor,
-    weight: PerModel[float],
-    density: PerModel[float] = 1.0,
-    gamma: PerModel[float] = 0.01,
+    weight: Annotated[PerModel[float], NONNEGATIVE_WEIGHT],
+    density: Annotated[PerModel[float], Range(0, 1)] = each(1.0),
+    gamma: Annotated[PerModel[float], Range(0, 1)] = each(0.01),
     rescale: bool = False,
     normalize: bool = False,
     lambda_: float = 1.0,
     consensus: Consensus = "sum",
+    executor: Executor | None = None,
 ) -> torch.Tensor:
-    trims = make_trims(tensors, base, density, "breadcrumbs", gammas=gamma, rescale=rescale)
+    trims = make_trims(tensors, base, density, "breadcrumbs", gammas=gamma, rescale=rescale, executor=executor)
     return merge_task_vectors(base, tensors, weight, trims, consensus=consensus, normalize=normalize, scale=lambda_)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
-from mergekit_like.methods.registry import PerModel, merge_method
+from mergekit_like.methods.declaration import (
+    NONNEGATIVE_WEIGHT,
+    PerModel,
+    Range,
+    each,
+    merge_method,
+    weights_do_not_cancel,
+)
 from mergekit_like.methods.task_vectors import RescaleMode, make_trims, merge_task_vectors
 
 
 @merge_method(
     "dare_linear",
+    checks=(weights_do_not_cancel,),
     inputs_as_stored=True,
     paper="https://arxiv.org/abs/2311.03099",
     description="Drop task-vector entries at random (seeded), rescale, task arithmetic.",
@@ -20,8 +30,8 @@ def dare_linear(
     *,
     base: torch.Tensor,
     generator: torch.Generator,
-    weight: PerModel[float],
-    density: PerModel[float] = 1.0,
+    weight: Annotated[PerModel[float], NONNEGATIVE_WEIGHT],
+    density: Annotated[PerModel[float], Range(0, 1)] = each(1.0),
     rescale: bool = True,
     rescale_mode: RescaleMode = "l1",
     normalize: bool = False,

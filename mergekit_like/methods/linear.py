@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from mergekit_like.errors import MergeError
-from mergekit_like.methods.registry import PerModel, merge_method
+from mergekit_like.methods.declaration import NONNEGATIVE_WEIGHT, PerModel, merge_method, weights_do_not_cancel
 
 
 def weighted_average(tensors: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
@@ -31,9 +33,12 @@ def weighted_average(tensors: list[torch.Tensor], weights: list[float], normaliz
 
 @merge_method(
     "linear",
+    checks=(weights_do_not_cancel,),
     elementwise=True,
     paper="https://arxiv.org/abs/2203.05482",
     description="Weighted average of the models (weighted model soup); no base model.",
 )
-def linear(tensors: list[torch.Tensor], *, weight: PerModel[float], normalize: bool = True) -> torch.Tensor:
+def linear(
+    tensors: list[torch.Tensor], *, weight: Annotated[PerModel[float], NONNEGATIVE_WEIGHT], normalize: bool = True
+) -> torch.Tensor:
     return weighted_average(tensors, list(weight), normalize)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_like.methods.registry import merge_method
+from mergekit_like.methods.declaration import merge_method
 
 NORM_PRODUCT_EPS = 1e-6
 SINGULAR = 1e-6

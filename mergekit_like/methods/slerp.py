@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_like.methods.registry import merge_method
+from mergekit_like.methods.declaration import merge_method
 
 # Colinear vectors (|cos| above this) are interpolated linearly: slerp is ill-conditioned there.
 DOT_THRESHOLD = 0.9995

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_like.methods.registry import PerModel, merge_method
+from mergekit_like.methods.declaration import PerModel, merge_method, weights_do_not_cancel
 from mergekit_like.methods.task_vectors import merge_task_vectors
 
 
 @merge_method(
     "task_arithmetic",
+    checks=(weights_do_not_cancel,),
     inputs_as_stored=True,
     elementwise=True,
     paper="https://arxiv.org/abs/2212.04089",

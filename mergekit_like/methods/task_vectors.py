@@ -18,9 +18,8 @@ leaner than computing on whole tensors, with the same numbers.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -170,8 +169,13 @@ def make_trims(
     rescale_mode: RescaleMode = "l1",
     generator: torch.Generator | None = None,
     trim_ties: TrimTies = "sort",
+    executor: Executor | None = None,
 ) -> list[Trim]:
-    """One :class:`Trim` per model (``gammas`` per model for breadcrumbs)."""
+    """One :class:`Trim` per model (``gammas`` per model for breadcrumbs).
+
+    With an ``executor``, mid-sized tensors get one model's mask per thread (the engine
+    passes its pool; called directly, the masks are made one after another).
+    """
     gammas = gammas if gammas is not None else [0.01] * len(tensors)
 
     def one(x: torch.Tensor, density: float, gamma: float) -> Trim:
@@ -181,14 +185,9 @@ def make_trims(
     # Random draws must happen in model order to be reproducible, so DARE never goes parallel.
     parallel = (method != "bernoulli" and base.device.type == "cpu" and len(tensors) > 1
                 and PARALLEL_MIN <= base.numel() <= PARALLEL_MAX)
-    if parallel:
-        return list(_pool().map(one, tensors, densities, gammas))
+    if executor is not None and parallel:
+        return list(executor.map(one, tensors, densities, gammas))
     return [one(x, d, g) for x, d, g in zip(tensors, densities, gammas)]
-
-
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max(2, torch.get_num_threads()), thread_name_prefix="sparsify")
 
 
 def make_trim(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mergekit_like.methods.declaration import merge_method
 from mergekit_like.methods.linear import weighted_average
-from mergekit_like.methods.registry import merge_method
 
 
 @merge_method(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
-from mergekit_like.methods.registry import merge_method
+from mergekit_like.methods.declaration import Sweep, merge_method
 
 
 @merge_method(
@@ -14,8 +16,7 @@ from mergekit_like.methods.registry import merge_method
     description="(1 - alpha) * base + alpha * fine-tuned; a list of alphas writes one output each.",
     min_models=1,
     max_models=1,
-    sweep_param="alpha",
 )
-def wise_ft(tensors: list[torch.Tensor], *, base: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+def wise_ft(tensors: list[torch.Tensor], *, base: torch.Tensor, alpha: Annotated[float, Sweep()] = 0.5) -> torch.Tensor:
     (finetuned,) = tensors
     return torch.lerp(base, finetuned, alpha) if base.is_floating_point() else base.clone()
