@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Any
 
 import typer
 from mergekit_like.cli.output import RichProgress, console, err_console, handle_errors, human_bytes, print_json
 from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 
-from mergekit_like.averaging.offline import (
-    AverageOutput,
-    MemoryBound,
-    ema_outputs,
-    lawa_outputs,
-    run_average,
-    sfa_outputs,
-    swa_outputs,
-    trajectory_memory_bound,
-)
-from mergekit_like.averaging.trajectory import TrajectoryPoint, discover, from_paths, root_weights
-from mergekit_like.card import CardContent, common_license, write_card
-from mergekit_like.errors import CheckpointNotFoundError, RecipeError
+from mergekit_like.averaging.offline import MemoryBound, run_average, trajectory_memory_bound
+from mergekit_like.averaging.plan import AverageListing, AveragePlan, AverageSettings, list_average, plan_average
+from mergekit_like.averaging.trajectory import TrajectoryPoint
+from mergekit_like.card import CardContent, common_license, render_card
 from mergekit_like.hub import ModelResolver, model_resolver
 from mergekit_like.io import parse_size
 from mergekit_like.io.dtypes import parse_dtype
@@ -50,11 +40,11 @@ def register(app: typer.Typer) -> None:
     app.command("average", help=HELP)(average)
 
 
-def _floats(text: str | None, option: str) -> list[float]:
+def _floats(text: str | None, option: str) -> tuple[float, ...]:
     if not text:
-        return []
+        return ()
     try:
-        return [float(v) for v in text.split(",")]
+        return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=option) from None
 
@@ -88,29 +78,21 @@ def average(
 ) -> None:
     warn_if_token_on_command_line(token)
     resolver = model_resolver(token=token, quiet=quiet or as_json)  # Hub ids: fetched into the cache once
-    settings = _settings(method, decay, half_life, per_checkpoint, start, end, k, nu, every_step, beta)
+    settings = AverageSettings(
+        method, decays=_floats(decay, "--decay"), half_lives=_floats(half_life, "--half-life"),
+        per_checkpoint=per_checkpoint, start=start, end=end, k=k, nu=nu, every_step=every_step, beta=beta,
+    )
     if list_only:
-        points = _trajectory(paths, method, anchor, resolver, listing=True)
-        _print_list(points, *_listed_outputs(points, method, settings, anchor), as_json)
+        listing = list_average(paths, settings, anchor=anchor, resolve_model=resolver)
+        _warn(listing.warnings)
+        _print_list(listing, as_json)
         return
-    points = _trajectory(paths, method, anchor, resolver)
-    outputs = _outputs(points, method, settings)
+    plan = plan_average(paths, settings, anchor=anchor, resolve_model=resolver)
+    _warn(plan.warnings)
     if output is None:
         raise typer.BadParameter("give the output directory with -o/--output", param_hint="-o")
-    recipe = {"method": method, "checkpoints": [_recipe_reference(p.path, resolver) for p in points],
-              "steps": [p.step for p in points], **settings}
-    command = _command(paths, method, settings, anchor, out_dtype)
-    license_ = common_license([p.path for p in points])
-
-    def finalize(directory: Path, index: int) -> None:
-        out = outputs[index]
-        paper, description = PAPERS[method]
-        write_card(directory, CardContent(
-            title=output.name + (f" ({out.label})" if len(outputs) > 1 else ""), method=method, paper=paper,
-            description=description, inputs=[_card_input(points[i], resolver) for i in out.indices],
-            recipe={**recipe, "output": out.label}, has_config=(directory / "config.json").exists(),
-            command=command, relation="merge", license=license_,
-        ))
+    max_shard_size = _size(shard_size)
+    cards = _cards(plan, output.name, _command(paths, settings, anchor, out_dtype), resolver)
 
     def announce(bound: MemoryBound) -> None:
         if not (quiet or as_json):
@@ -118,8 +100,8 @@ def average(
 
     with RichProgress("average", enabled=not (quiet or as_json)) as progress:
         written = run_average(
-            points, outputs, output, out_dtype=parse_dtype(out_dtype) if out_dtype else None,
-            overwrite=overwrite, max_shard_size=_size(shard_size), progress=progress, finalize=finalize,
+            plan.points, plan.outputs, output, out_dtype=parse_dtype(out_dtype) if out_dtype else None,
+            overwrite=overwrite, max_shard_size=max_shard_size, progress=progress, files=cards,
             check_finite=check_finite, announce=announce,
         )
     for w in written if push_to_hub else []:
@@ -128,11 +110,33 @@ def average(
                         create_pr=False, token=token, quiet=quiet or as_json)
     if as_json:
         print_json({"method": method, "outputs": [str(w.directory) for w in written],
-                    "checkpoints": len(points)})
+                    "checkpoints": len(plan.points)})
     elif not quiet:
         for w in written:
             console.print(f"wrote {w.num_tensors} tensors, {human_bytes(w.total_bytes)} to {w.directory}",
                           highlight=False)
+
+
+def _warn(warnings: tuple[str, ...]) -> None:
+    for warning in warnings:
+        err_console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
+
+
+def _cards(plan: AveragePlan, title: str, command: str, resolver: ModelResolver) -> list[dict[str, str]]:
+    """Each output's model card (README.md), written beside its weights."""
+    method = plan.settings.method
+    paper, description = PAPERS[method]
+    points = plan.points
+    recipe = {"method": method, "checkpoints": [_recipe_reference(p.path, resolver) for p in points],
+              "steps": [p.step for p in points], **plan.settings.options()}
+    license_ = common_license([p.path for p in points])
+    several = len(plan.outputs) > 1
+    return [{"README.md": render_card(CardContent(
+        title=title + (f" ({out.label})" if several else ""), method=method, paper=paper,
+        description=description, inputs=[_card_input(points[i], resolver) for i in out.indices],
+        recipe={**recipe, "output": out.label}, has_config=plan.has_config, command=command, relation="merge",
+        license=license_,
+    ))} for out in plan.outputs]
 
 
 def _size(text: str) -> int:
@@ -140,47 +144,6 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--shard-size") from None
-
-
-def _trajectory(paths: list[str], method: str, anchor: str | None, resolve: ModelResolver, *,
-                listing: bool = False) -> list[TrajectoryPoint]:
-    """The checkpoints to average; for sfa, [anchor, model]. ``listing`` lists sfa's model without an anchor."""
-    found = _found(paths, resolve)
-    if method != "sfa" or (listing and anchor is None):
-        return found
-    if anchor is None:
-        raise RecipeError(["sfa needs --anchor: the checkpoint at the start of the task"])
-    if len(paths) > 1:
-        raise RecipeError([f"sfa averages one model with its anchor, but {len(paths)} were given "
-                           f"({', '.join(paths[:3])}); give the one model to pull toward --anchor"])
-    # A run directory stands for its newest checkpoint: the model at the end of the task.
-    return [TrajectoryPoint(0, resolve(anchor)), TrajectoryPoint(1, found[-1].path)]
-
-
-def _found(paths: list[str], resolve: ModelResolver) -> list[TrajectoryPoint]:
-    local = [resolve(p) for p in paths]
-    if len(local) == 1 and local[0].is_dir():
-        return _in_directory(local[0])
-    return from_paths(local)
-
-
-def _in_directory(directory: Path) -> list[TrajectoryPoint]:
-    """The step-named checkpoints inside ``directory``, or the directory itself when it has none."""
-    own_weights = bool(root_weights(directory))
-    try:
-        # With weights at its root, unnumbered subfolders (say, an export) are not checkpoints.
-        points = discover(directory, skip_unnumbered=own_weights)
-    except CheckpointNotFoundError:
-        if not own_weights:
-            raise
-        return from_paths([directory])  # nothing step-named inside: the directory is one checkpoint
-    ignored = root_weights(directory)
-    if ignored:
-        names = ", ".join(p.name for p in ignored[:3]) + (", ..." if len(ignored) > 3 else "")
-        err_console.print(f"warning: {directory}: ignoring the weights at its root ({names}); averaging its "
-                          f"{len(points)} step-named checkpoints (list checkpoints explicitly to choose)",
-                          highlight=False, soft_wrap=True)
-    return points
 
 
 def _card_input(point: TrajectoryPoint, resolver: ModelResolver) -> tuple[str, str]:
@@ -211,11 +174,10 @@ def _hub_reference(path: Path, resolver: ModelResolver) -> tuple[str, str | None
     return str(path), None, None
 
 
-def _command(paths: list[str], method: str, settings: dict[str, Any], anchor: str | None,
-             out_dtype: str | None) -> str:
+def _command(paths: list[str], settings: AverageSettings, anchor: str | None, out_dtype: str | None) -> str:
     """The command line that reproduces this run; never the token (it is not a setting)."""
-    words = ["mergekit-like", "average", *paths, "--method", method]
-    for key, value in settings.items():
+    words = ["mergekit-like", "average", *paths, "--method", settings.method]
+    for key, value in settings.options().items():
         option = "--" + key.replace("_", "-")
         if value is True:
             words.append(option)
@@ -228,61 +190,18 @@ def _command(paths: list[str], method: str, settings: dict[str, Any], anchor: st
     return shlex.join([*words, "-o", "OUTPUT"])
 
 
-def _settings(method: str, decay: str | None, half_life: str | None, per_checkpoint: bool,
-              start: int | None, end: int | None, k: int, nu: int, every_step: bool, beta: float
-              ) -> dict[str, Any]:
-    """The options that apply to ``method`` (those not given left out): for the outputs and the card."""
-    by_method: dict[str, dict[str, Any]] = {
-        "ema": {"decay": decay, "half_life": half_life, "per_checkpoint": per_checkpoint},
-        "swa": {"start": start, "end": end},
-        "lawa": {"k": k, "nu": nu, "every_step": every_step},
-        "sfa": {"beta": beta},
-    }
-    if method not in by_method:
-        raise RecipeError([f"unknown averaging method {method!r} (known: {', '.join(by_method)})"])
-    return {key: value for key, value in by_method[method].items() if value is not None}
-
-
-def _outputs(points: list[TrajectoryPoint], method: str, settings: dict[str, Any]) -> list[AverageOutput]:
-    if method == "ema":
-        decays = _floats(settings.get("decay"), "--decay")
-        half_lives = _floats(settings.get("half_life"), "--half-life")
-        if not decays and not half_lives:
-            raise RecipeError(["ema needs --decay or --half-life"])
-        bad = [d for d in decays if not 0 <= d < 1] + [h for h in half_lives if h <= 0]
-        if bad:
-            raise RecipeError([f"decays must lie in [0, 1) and half-lives be positive; got {bad}"])
-        return ema_outputs(points, decays, half_lives, settings["per_checkpoint"])
-    if method == "swa":
-        return swa_outputs(points, settings.get("start"), settings.get("end"))
-    if method == "lawa":
-        return lawa_outputs(points, settings["k"], settings["nu"], settings["every_step"])
-    return sfa_outputs(settings["beta"])
-
-
-def _listed_outputs(points: list[TrajectoryPoint], method: str, settings: dict[str, Any],
-                    anchor: str | None) -> tuple[list[AverageOutput], str | None]:
-    """The outputs, or why they cannot be shown: --list lists the checkpoints even without the settings."""
-    if method == "sfa" and anchor is None:
-        return [], "sfa needs --anchor"
-    try:
-        return _outputs(points, method, settings), None
-    except RecipeError as exc:
-        return [], str(exc)
-
-
-def _print_list(points: list[TrajectoryPoint], outputs: list[AverageOutput], unshown: str | None,
-                as_json: bool) -> None:
+def _print_list(listing: AverageListing, as_json: bool) -> None:
+    points, outputs = listing.points, listing.outputs
     bound = trajectory_memory_bound(points, outputs) if outputs else None
     if as_json:
         print_json({"checkpoints": [{"step": p.step, "path": str(p.path)} for p in points],
                     "outputs": [{"label": o.label, "steps": [points[i].step for i in o.indices]} for o in outputs],
-                    "memory_bound_bytes": bound.bytes if bound else None, "outputs_not_shown": unshown})
+                    "memory_bound_bytes": bound.bytes if bound else None, "outputs_not_shown": listing.unshown})
         return
     for point in points:
         console.print(f"{point.step:>10}  {point.path}", highlight=False, soft_wrap=True)
-    if unshown:
-        console.print(f"outputs not shown: {unshown}", highlight=False, soft_wrap=True)
+    if listing.unshown:
+        console.print(f"outputs not shown: {listing.unshown}", highlight=False, soft_wrap=True)
     for out in outputs:
         steps = ", ".join(str(points[i].step) for i in out.indices)
         console.print(f"output {out.label or '.'}: steps {steps}", highlight=False, soft_wrap=True)

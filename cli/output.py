@@ -12,6 +12,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -59,7 +60,9 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
         except MergekitLikeError as exc:
             if SESSION.debug:
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            # The message is plain text: brackets in it ("[inf]", a path) are not markup.
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(EXIT_KNOWN_ERROR) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; nothing was written", highlight=False)

@@ -120,11 +120,12 @@ def test_lawa_selection_newest_backwards_with_spacing() -> None:
     assert lawa_selection(steps[:2], k=5, nu=50) == [0, 1]  # fewer than k available
 
 
-def test_online_lawa_keeps_the_last_k_spaced_snapshots() -> None:
+def test_online_lawa_keeps_the_latest_k_spaced_snapshots() -> None:
     lawa = LAWA(k=2, nu=10)
     for step, value in [(0, 0.0), (5, 50.0), (10, 1.0), (20, 3.0)]:
         lawa.update(snap(value), step)
-    assert lawa.steps == [10, 20]  # 5 was too close to 0; 0 fell out of the window
+    # Newest first: 20, then the newest at least 10 before it, 10; with k = 2 chosen, 0 and 5 can go.
+    assert lawa.chosen_steps == lawa.steps == [10, 20]
     torch.testing.assert_close(lawa.result()["w"], torch.tensor([2.0, 4.0]))
 
 

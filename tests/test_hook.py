@@ -76,9 +76,9 @@ def test_hook_averages_equal_the_offline_classes_and_averaged_model(tmp_path: Pa
     swa = read(tmp_path / "avg" / "swa" / "latest")
     mean = torch.stack([h["0.weight"] for h in history]).mean(0)
     torch.testing.assert_close(swa["0.weight"], mean)
-    lawa = read(tmp_path / "avg" / "lawa_k3_nu2" / "latest")  # kept every 2 steps from 1: 5, 7, 9
-    torch.testing.assert_close(lawa["0.weight"], (history[4]["0.weight"] + history[6]["0.weight"]
-                                                 + history[8]["0.weight"]) / 3)
+    lawa = read(tmp_path / "avg" / "lawa_k3_nu2" / "latest")  # newest first, 2 steps apart: 10, 8, 6
+    torch.testing.assert_close(lawa["0.weight"], (history[5]["0.weight"] + history[7]["0.weight"]
+                                                 + history[9]["0.weight"]) / 3)
     saved = sorted(p.name for p in (tmp_path / "avg" / "ema_0.9").iterdir())
     assert saved == ["latest", "state", "step_10", "step_8"]  # keep_last=2, plus the state
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def _merge(recipe, out: Path, **kwargs) -> Path:
 
 
 def _engine_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith(("reader", "read_", "writer"))]
+    return [t for t in threading.enumerate() if t.name.startswith(("reader", "read_", "writer", "kernel"))]
 
 
 @pytest.mark.parametrize(("method", "params"), METHODS)
@@ -114,6 +115,26 @@ def test_a_failure_in_any_stage_stops_the_others_and_leaves_nothing(
         _merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert _engine_threads() == []
+
+
+def test_the_kernel_thread_pool_lives_only_as_long_as_the_merge(tmp_path: Path) -> None:
+    # Tensors big enough that TIES makes each model's mask in a pool thread.
+    g = torch.Generator().manual_seed(3)
+    paths = [write_checkpoint(tmp_path / name, {"w": torch.randn(256, 512, generator=g)})
+             for name in ("base", "a", "b")]
+    recipe = _recipe(paths, "ties", ["density=0.5", "weight=1,1"])
+    pools: list[str] = []
+    real = ThreadPoolExecutor.__init__
+
+    def recording(self, *args, **kwargs):
+        pools.append(kwargs.get("thread_name_prefix", ""))
+        real(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ThreadPoolExecutor, "__init__", recording)
+        _merge(recipe, tmp_path / "out")
+    assert "kernel" in pools
     assert _engine_threads() == []
 
 

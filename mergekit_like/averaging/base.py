@@ -1,22 +1,33 @@
-"""The state-update interface shared by `mergekit-like average` and the training hook's sidecar.
+"""The averaging interface shared by `mergekit-like average` and the training hook's sidecar.
 
-An averager keeps float32 state for a stream of snapshots (tensor name ->
-tensor) taken at increasing steps: ``update(snapshot, step)`` folds one in,
-``result()`` returns the current average. Floating tensors are averaged in
-float32 whatever their dtype (a bf16 average with decay 0.999 never moves);
-integer and bool tensors (``num_batches_tracked``) are copied from the newest
-snapshot, never averaged. Updates run under ``torch.no_grad()`` with foreach
-ops, one kernel launch for the whole model rather than one per tensor.
+An :class:`Averager` keeps float32 state for a stream of snapshots (tensor
+name -> tensor) taken at increasing steps: ``update(snapshot, step)`` folds one
+in, ``result()`` returns the current average, ``state_dict()`` and
+``load_state_dict()`` save and restore it exactly. Floating tensors are
+averaged in float32 whatever their dtype (a bf16 average with decay 0.999 never
+moves); integer and bool tensors (``num_batches_tracked``) are copied from the
+newest snapshot, never averaged. Updates run under ``torch.no_grad()`` with
+foreach ops, one kernel launch for the whole model rather than one per tensor.
+
+A state dict holds tensors and JSON-able values. Its tensors come in groups,
+each taken at one step: ``"<group>/<name>"``, with ``"snapshots"`` listing the
+step of each group (a running average has one group, its state; LAWA one per
+snapshot it keeps). The sidecar writes the tensors as safetensors and the rest
+as JSON.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 Snapshot = Mapping[str, torch.Tensor]
+StateDict = dict[str, Any]
+# The key of a state dict that lists the step of each group of tensors.
+GROUP_STEPS = "snapshots"
 
 
 def as_float32(tensor: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
@@ -24,30 +35,112 @@ def as_float32(tensor: torch.Tensor, device: torch.device | None = None) -> torc
     return tensor.detach().to(device=device or tensor.device, dtype=torch.float32, copy=True)
 
 
+def kept_copy(snapshot: Snapshot, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """A snapshot as an averager keeps it: floating tensors in float32, the others as they are."""
+    return {name: as_float32(t, device) if t.is_floating_point() else t.detach().to(device or t.device, copy=True)
+            for name, t in snapshot.items()}
+
+
+def pack_groups(groups: Sequence[tuple[int | None, Snapshot]]) -> StateDict:
+    """The state-dict entries of ``groups`` ((step, tensors), in order): ``"<i>/<name>"`` and their steps."""
+    state: StateDict = {GROUP_STEPS: [step for step, _ in groups]}
+    for index, (_, tensors) in enumerate(groups):
+        state.update({f"{index}/{name}": tensor for name, tensor in tensors.items()})
+    return state
+
+
+def unpack_groups(state: Mapping[str, Any], device: torch.device | None = None
+                  ) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    """The (step, tensors) groups of a state dict made by :func:`pack_groups`, tensors on ``device``."""
+    steps = state[GROUP_STEPS]
+    if not isinstance(steps, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+        raise ValueError(f"'{GROUP_STEPS}' must be a list of steps, not {steps!r}")
+    groups: list[tuple[int, dict[str, torch.Tensor]]] = [(step, {}) for step in steps]
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        index, _, name = key.partition("/")
+        if not index.isdigit() or int(index) >= len(groups) or not name:
+            raise ValueError(f"state tensor {key!r} names no group of the {len(groups)} listed")
+        groups[int(index)][1][name] = value.to(device or value.device)
+    return groups
+
+
+def step_number(value: Any, key: str) -> int | None:
+    """``value`` of state key ``key`` as a step: an int or None (ValueError otherwise)."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ValueError(f"'{key}' must be a step number or null, not {value!r}")
+    return value
+
+
 class Averager(ABC):
-    """Base of every averaging rule: float32 state, integer tensors from the newest snapshot."""
+    """One averaging rule over snapshots taken at increasing steps.
+
+    ``label`` names the average (its output directory); ``last_step`` is the step of
+    the newest snapshot folded in; ``ready`` says whether ``result()`` has anything
+    to return. ``state_dict()`` returns references to the live state, not copies.
+    """
 
     def __init__(self, device: torch.device | str | None = None) -> None:
+        # Where the float32 state lives; None: on each snapshot's own device.
         self.device = torch.device(device) if device is not None else None
-        self.state: dict[str, torch.Tensor] = {}
-        self.copied: dict[str, torch.Tensor] = {}
-        self.count = 0
         self.last_step: int | None = None
 
     @property
+    @abstractmethod
     def label(self) -> str:
         """A short name for this average (used to name its output directory)."""
-        return type(self).__name__.lower()
+
+    @property
+    @abstractmethod
+    def ready(self) -> bool:
+        """Whether a snapshot has been folded in."""
+
+    @abstractmethod
+    def update(self, snapshot: Snapshot, step: int) -> bool:
+        """Folds in ``snapshot`` taken at ``step``; returns whether it was used."""
+
+    @abstractmethod
+    def result(self) -> dict[str, torch.Tensor]:
+        """The current average (float32) and the newest integer tensors."""
+
+    @abstractmethod
+    def state_dict(self) -> StateDict:
+        """Everything needed to continue exactly: tensors and JSON-able values (see the module)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores a state made by :meth:`state_dict`; raises ValueError or KeyError for a malformed one."""
 
     def accepts(self, step: int) -> bool:
-        """Whether a snapshot at ``step`` would be folded in (SWA windows, LAWA spacing)."""
+        """Whether a snapshot at ``step`` would be folded in (SWA's window)."""
         return True
+
+    def _check_step(self, step: int) -> None:
+        if self.last_step is not None and step <= self.last_step:
+            raise ValueError(f"snapshot step {step} does not follow step {self.last_step}; steps must increase")
+
+
+class RunningAverage(Averager):
+    """An averager whose state is one float32 tensor per floating name, updated in place."""
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        super().__init__(device)
+        self.state: dict[str, torch.Tensor] = {}
+        self.copied: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    @property
+    def label(self) -> str:
+        return type(self).__name__.lower()
+
+    @property
+    def ready(self) -> bool:
+        return self.count > 0
 
     @torch.no_grad()
     def update(self, snapshot: Snapshot, step: int) -> bool:
-        """Folds in ``snapshot`` taken at ``step``; returns whether it was used."""
-        if self.last_step is not None and step <= self.last_step:
-            raise ValueError(f"snapshot step {step} does not follow step {self.last_step}; steps must increase")
+        self._check_step(step)
         if not self.accepts(step):
             return False
         floats = {n: t for n, t in snapshot.items() if t.is_floating_point()}
@@ -72,9 +165,27 @@ class Averager(ABC):
         """Updates ``state`` in place with the float32 tensors ``new`` (same order)."""
 
     def result(self) -> dict[str, torch.Tensor]:
-        """The current average (float32) and the newest integer tensors."""
         return {**self.state, **self.copied}
 
-    @property
-    def ready(self) -> bool:
-        return self.count > 0
+    def state_dict(self) -> StateDict:
+        groups = [(self.last_step, {**self.state, **self.copied})] if self.ready else []
+        return {"last_step": self.last_step, "count": self.count, **pack_groups(groups)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        groups = unpack_groups(state, self.device)
+        count = state["count"]
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0 or (count > 0) != bool(groups):
+            raise ValueError(f"'count' {count!r} does not match the {len(groups)} group(s) of tensors")
+        self._load_groups(groups, count, step_number(state["last_step"], "last_step"))
+
+    def _load_groups(self, groups: Sequence[tuple[int, dict[str, torch.Tensor]]], count: int,
+                     last_step: int | None) -> None:
+        if len(groups) > 1:
+            raise ValueError(f"a {type(self).__name__} state holds one group of tensors, not {len(groups)}")
+        self._restore(groups[0][1] if groups else {}, count, last_step)
+
+    def _restore(self, tensors: Mapping[str, torch.Tensor], count: int, last_step: int | None) -> None:
+        self.state = {n: t for n, t in tensors.items() if t.is_floating_point()}
+        self.copied = {n: t for n, t in tensors.items() if not t.is_floating_point()}
+        self.count = count
+        self.last_step = last_step

@@ -6,17 +6,18 @@ import math
 
 import torch
 
-from mergekit_like.averaging.base import Averager
+from mergekit_like.averaging.base import RunningAverage
+from mergekit_like.errors import HookUsageError
 
 
 def decay_from_half_life(half_life: float) -> float:
     """The per-step decay under which a weight halves after ``half_life`` steps."""
-    if half_life <= 0:
-        raise ValueError(f"half_life must be positive, got {half_life}")
+    if not 0 < half_life < math.inf:
+        raise ValueError(f"half_life must be positive and finite, got {half_life}")
     return 2 ** (-1 / half_life)
 
 
-class EMA(Averager):
+class EMA(RunningAverage):
     """e = x_1; then e <- k e + (1 - k) x with k = decay ** (steps since the last snapshot).
 
     ``per_checkpoint`` treats every snapshot as one step (k = decay). The update
@@ -32,10 +33,13 @@ class EMA(Averager):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(device)
-        if (decay is None) == (half_life is None):
+        if decay is not None and half_life is None:
+            self.decay = decay
+        elif half_life is not None and decay is None:
+            self.decay = decay_from_half_life(half_life)
+        else:
             raise ValueError("give exactly one of decay and half_life")
-        self.decay = decay if decay is not None else decay_from_half_life(half_life)  # type: ignore[arg-type]
-        if not 0 <= self.decay < 1 or math.isnan(self.decay):
+        if not 0 <= self.decay < 1:  # NaN fails this test too
             raise ValueError(f"decay must be in [0, 1), got {self.decay}")
         self.half_life = half_life
         self.per_checkpoint = per_checkpoint
@@ -46,7 +50,8 @@ class EMA(Averager):
 
     def factor(self, step: int) -> float:
         """k for a snapshot at ``step`` after the previous one."""
-        assert self.last_step is not None
+        if self.last_step is None:
+            raise HookUsageError("EMA.factor() needs a previous snapshot: call update() first")
         return self.decay if self.per_checkpoint else self.decay ** (step - self.last_step)
 
     def _fold(self, state: list[torch.Tensor], new: list[torch.Tensor], step: int) -> None:

@@ -1,13 +1,26 @@
-"""LAWA (latest weight averaging): the mean of the last k snapshots spaced nu steps apart."""
+"""LAWA (latest weight averaging): the mean of the latest k snapshots spaced nu steps apart.
+
+One rule, :func:`lawa_selection`, chooses the snapshots for the offline command and
+for the online :class:`LAWA` alike: newest first, each next one the newest taken at
+least ``nu`` steps before the one chosen last.
+"""
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from mergekit_like.averaging.base import Snapshot, as_float32
+from mergekit_like.averaging.base import (
+    Averager,
+    Snapshot,
+    StateDict,
+    kept_copy,
+    pack_groups,
+    step_number,
+    unpack_groups,
+)
 from mergekit_like.averaging.swa import UniformMean
 
 
@@ -27,51 +40,78 @@ def lawa_selection(steps: Sequence[int], k: int, nu: int = 0) -> list[int]:
     return chosen[::-1]
 
 
-class LAWA:
-    """Online LAWA: keeps the last ``k`` snapshots taken at least ``nu`` steps apart.
+class LAWA(Averager):
+    """Online LAWA: ``result()`` is the uniform mean of :func:`lawa_selection` over the snapshots.
 
-    ``result()`` is their uniform mean, computed in float32 by the same update
-    as SWA. Snapshots are kept in float32 (k copies of the model).
+    It keeps every snapshot that a later selection could still choose. The chosen chain
+    (the newest snapshot, then the newest at least ``nu`` steps before it, ...) only moves
+    forward as snapshots arrive, so once it has ``k`` members every snapshot older than
+    the k-th can go; while it has fewer, none can. Memory is therefore about
+    ``(k - 1) * nu / snapshot_every + 1`` float32 copies of the model: snapshot every
+    ``nu`` steps to keep ``k``. The mean is computed in float32 by the same update, in
+    the same order (oldest first), as SWA and the offline command.
     """
 
     def __init__(self, k: int = 5, nu: int = 0, *, device: torch.device | str | None = None) -> None:
+        super().__init__(device)
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
+        if nu < 0:
+            raise ValueError(f"nu must be at least 0, got {nu}")
         self.k = k
         self.nu = nu
-        self.device = torch.device(device) if device is not None else None
-        self.window: deque[tuple[int, dict[str, torch.Tensor]]] = deque(maxlen=k)
-        self.last_step: int | None = None
+        self.kept: list[tuple[int, dict[str, torch.Tensor]]] = []  # (step, snapshot), oldest first
 
     @property
     def label(self) -> str:
         return f"lawa_k{self.k}_nu{self.nu}"
 
-    def accepts(self, step: int) -> bool:
-        return not self.window or step - self.window[-1][0] >= self.nu
-
-    @torch.no_grad()
-    def update(self, snapshot: Snapshot, step: int) -> bool:
-        if self.last_step is not None and step <= self.last_step:
-            raise ValueError(f"snapshot step {step} does not follow step {self.last_step}; steps must increase")
-        self.last_step = step
-        if not self.accepts(step):
-            return False
-        kept = {n: as_float32(t, self.device) if t.is_floating_point() else t.detach().clone()
-                for n, t in snapshot.items()}
-        self.window.append((step, kept))
-        return True
-
     @property
     def ready(self) -> bool:
-        return bool(self.window)
+        return bool(self.kept)
 
     @property
     def steps(self) -> list[int]:
-        return [step for step, _ in self.window]
+        """The steps of the snapshots kept."""
+        return [step for step, _ in self.kept]
+
+    @property
+    def chosen_steps(self) -> list[int]:
+        """The steps of the snapshots ``result()`` averages, oldest first."""
+        steps = self.steps
+        return [steps[i] for i in lawa_selection(steps, self.k, self.nu)]
+
+    @torch.no_grad()
+    def update(self, snapshot: Snapshot, step: int) -> bool:
+        self._check_step(step)
+        self.kept.append((step, kept_copy(snapshot, self.device)))
+        self.last_step = step
+        self._drop_unreachable()
+        return True
+
+    def _drop_unreachable(self) -> None:
+        chosen = lawa_selection(self.steps, self.k, self.nu)
+        if len(chosen) == self.k:
+            del self.kept[: chosen[0]]
 
     def result(self) -> dict[str, torch.Tensor]:
         mean = UniformMean()
-        for step, snapshot in self.window:
+        for index in lawa_selection(self.steps, self.k, self.nu):
+            step, snapshot = self.kept[index]
             mean.update(snapshot, step)
         return mean.result()
+
+    def state_dict(self) -> StateDict:
+        return {"last_step": self.last_step, **pack_groups(self.kept)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        kept = unpack_groups(state, self.device)
+        steps = [step for step, _ in kept]
+        if steps != sorted(set(steps)):
+            raise ValueError(f"the snapshots of a LAWA state must have increasing steps, not {steps}")
+        recorded = step_number(state.get("last_step"), "last_step")
+        self.kept = kept
+        # A state saved by the greedy rule of old may have seen a later snapshot than it kept.
+        self.last_step = max([*steps, *([recorded] if recorded is not None else [])], default=None)
+        # A state saved under another rule may keep more than this one needs.
+        self._drop_unreachable()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ from mergekit_like.averaging.sfa import AnchorPull
 from mergekit_like.averaging.swa import SWA, UniformMean
 from mergekit_like.averaging.trajectory import TrajectoryPoint
 from mergekit_like.errors import IncompatibleModelsError, InvalidCheckpointError, RecipeError
-from mergekit_like.io.outputs import WriteItem, refuse_output_among_inputs, write_checkpoints
+from mergekit_like.io.outputs import OutputSpec, WriteItem, write_checkpoints
 from mergekit_like.io.reader import Checkpoint, open_checkpoint
 from mergekit_like.io.safetensors_format import TensorEntry
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
@@ -186,13 +186,14 @@ def run_average(
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     allow_pickle: bool = False,
     progress: ProgressSink | None = None,
-    finalize: Callable[[Path, int], None] | None = None,
+    files: Sequence[Mapping[str, str]] = (),
     check_finite: bool = False,
     announce: Callable[[MemoryBound], None] | None = None,
 ) -> list[WrittenCheckpoint]:
     """Writes every output of ``outputs`` from one streaming pass over the checkpoints.
 
     A single output is written to ``output`` itself, several to subdirectories named by their labels.
+    ``files`` (one mapping per output, name -> text) are written beside each output's weights.
     ``check_finite`` refuses a checkpoint tensor holding NaN or Inf values, naming tensor and checkpoint.
     ``announce`` receives the memory bound once the headers are read, before any tensor is.
     """
@@ -200,27 +201,27 @@ def run_average(
     with ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(p.path, allow_pickle=allow_pickle)) for p in points]
         check_trajectory(checkpoints, points)
-        refuse_output_among_inputs(output, {str(p.path): c.layout.root for p, c in zip(points, checkpoints)})
         newest = checkpoints[-1]
         specs = [
             TensorSpec(e.name, out_dtype if out_dtype is not None and e.dtype.is_floating_point else e.dtype, e.shape)
             for e in newest.entries()
         ]
         needed = sorted({i for o in outputs for i in o.indices})
-        files = sum(len(checkpoints[i].files) for i in needed)
-        bound = memory_bound(newest, outputs, files, out_dtype)
+        shards = sum(len(checkpoints[i].files) for i in needed)
+        bound = memory_bound(newest, outputs, shards, out_dtype)
         logger.info("memory bound: %d bytes: %s", bound.bytes, bound.describe())
         if announce is not None:
             announce(bound)
         sink.start(len(specs), sum(checkpoints[i].entry(s.name).nbytes for s in specs for i in needed))
-        reader = _Reader(checkpoints, points, keep_open=files <= MAX_OPEN_FILES, check_finite=check_finite)
+        reader = _Reader(checkpoints, points, keep_open=shards <= MAX_OPEN_FILES, check_finite=check_finite)
         stream = _averaged(reader, points, outputs, specs, needed, sink)
         # One output is the output directory itself; several are subdirectories named by label.
         labels = [o.label for o in outputs] if len(outputs) > 1 else [None]
+        extra = list(files) or [{}] * len(outputs)
         return write_checkpoints(
-            output, labels, specs, stream, overwrite=overwrite,
-            max_shard_size=max_shard_size, side_files_from=newest.layout.root, out_dtype=out_dtype,
-            finalize=finalize,
+            output, [OutputSpec(label, written) for label, written in zip(labels, extra, strict=True)], specs,
+            stream, overwrite=overwrite, max_shard_size=max_shard_size, side_files_from=newest.layout.root,
+            out_dtype=out_dtype, inputs={str(p.path): c.layout.root for p, c in zip(points, checkpoints)},
         )
 
 
@@ -267,7 +268,9 @@ def _averaged(
                 tensor = reader.read(i, spec.name)
                 read += tensor.numel() * tensor.element_size()
                 for n in consumers[i]:
-                    state = states.setdefault(n, outputs[n].make())
+                    state = states.get(n)
+                    if state is None:
+                        state = states[n] = outputs[n].make()
                     state.update({spec.name: tensor}, points[i].step)
                     if i == outputs[n].last:
                         yield WriteItem(n, spec.name, state.result()[spec.name].to(spec.dtype))

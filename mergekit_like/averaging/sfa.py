@@ -1,46 +1,82 @@
-"""SFA (sequential fine-tuning with averaging): pull the model back toward an anchor."""
+"""SFA (sequential fine-tuning with averaging): pull the model back toward an anchor.
+
+:func:`sfa_pull` is the one implementation of the pull, for the offline command
+(:func:`sfa_merge`, :class:`AnchorPull`) and the training hook's merge-back.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
-from mergekit_like.averaging.base import Averager, Snapshot
+from mergekit_like.averaging.base import RunningAverage, Snapshot, StateDict, pack_groups
+
+
+def check_beta(beta: float) -> None:
+    """Refuses a pull strength outside [0, 1] (NaN included)."""
+    if not 0 <= beta <= 1 or math.isnan(beta):
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+
+
+def sfa_pull(theta: torch.Tensor, theta_o: torch.Tensor, beta: float) -> torch.Tensor:
+    """(1 - beta) theta + beta theta_o, as ``lerp(theta, theta_o, beta)`` in ``theta``'s dtype and device.
+
+    ``theta_o`` is the model at the start of the task (Kleiman et al., "Soup to go",
+    2025). Callers that average in float32 pass float32 tensors.
+    """
+    check_beta(beta)
+    return torch.lerp(theta, theta_o.to(theta.device, theta.dtype), beta)
 
 
 def sfa_merge(model: Snapshot, anchor: Snapshot, beta: float) -> dict[str, torch.Tensor]:
-    """(1 - beta) theta + beta theta_o in float32 for floating tensors; others from ``model``.
-
-    ``theta_o`` (``anchor``) is the model at the start of the task (Kleiman et
-    al., "Soup to go", 2025).
-    """
-    if not 0 <= beta <= 1:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    merged = {}
-    for name, tensor in model.items():
-        if tensor.is_floating_point():
-            merged[name] = torch.lerp(tensor.float(), anchor[name].to(tensor.device, torch.float32), beta)
-        else:
-            merged[name] = tensor.clone()
-    return merged
+    """:func:`sfa_pull` in float32 for every floating tensor of ``model``; the others copied from it."""
+    check_beta(beta)
+    return {name: sfa_pull(tensor.float(), anchor[name], beta) if tensor.is_floating_point() else tensor.clone()
+            for name, tensor in model.items()}
 
 
-class AnchorPull(Averager):
-    """Offline SFA as a state update: the first snapshot is the anchor theta_o, and each
-    later one gives (1 - beta) theta + beta theta_o."""
+class AnchorPull(RunningAverage):
+    """SFA as a state update: the first snapshot is the anchor theta_o, and each later one
+    gives :func:`sfa_pull` (theta, theta_o, beta) in float32."""
 
     def __init__(self, beta: float = 0.5, *, device: torch.device | str | None = None) -> None:
         super().__init__(device)
-        if not 0 <= beta <= 1:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        check_beta(beta)
         self.beta = beta
-        self.anchor: list[torch.Tensor] | None = None
+        self.anchor: list[torch.Tensor] | None = None  # float32, in the order of the state's names
+        self.anchor_step: int | None = None
 
     @property
     def label(self) -> str:
         return f"sfa_beta{self.beta:g}"
 
     def _fold(self, state: list[torch.Tensor], new: list[torch.Tensor], step: int) -> None:
-        if self.anchor is None:
+        if self.anchor is None:  # the state still is the first snapshot
             self.anchor = [t.clone() for t in state]
-        torch._foreach_copy_(state, new)
-        torch._foreach_lerp_(state, self.anchor, self.beta)
+            self.anchor_step = self.last_step
+        for held, model, anchor in zip(state, new, self.anchor, strict=True):
+            held.copy_(sfa_pull(model, anchor, self.beta))
+
+    def state_dict(self) -> StateDict:
+        if self.anchor is None:  # one snapshot so far: it is the anchor and the state
+            return super().state_dict()
+        anchor = dict(zip(self.state, self.anchor, strict=True))
+        groups = [(self.anchor_step, anchor), (self.last_step, {**self.state, **self.copied})]
+        return {"last_step": self.last_step, "count": self.count, **pack_groups(groups)}
+
+    def _load_groups(self, groups: Sequence[tuple[int, dict[str, torch.Tensor]]], count: int,
+                     last_step: int | None) -> None:
+        if len(groups) < 2:
+            super()._load_groups(groups, count, last_step)
+            self.anchor, self.anchor_step = None, None
+            return
+        if len(groups) > 2:
+            raise ValueError(f"an SFA state holds its anchor and its state, not {len(groups)} groups of tensors")
+        (anchor_step, anchor), (_, tensors) = groups
+        self._restore(tensors, count, last_step)
+        if set(anchor) != set(self.state):
+            raise ValueError("an SFA state's anchor must hold the same floating tensors as its state")
+        self.anchor = [anchor[name] for name in self.state]
+        self.anchor_step = anchor_step

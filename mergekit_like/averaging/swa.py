@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_like.averaging.base import Averager
+from mergekit_like.averaging.base import RunningAverage
 
 
-class UniformMean(Averager):
+class UniformMean(RunningAverage):
     """a <- a + (x - a) / (n + 1): the mean of every snapshot folded in (torch's SWA update)."""
 
     def _fold(self, state: list[torch.Tensor], new: list[torch.Tensor], step: int) -> None:

@@ -120,6 +120,24 @@ def discover(run_dir: str | Path, *, skip_unnumbered: bool = False) -> list[Traj
     return ordered(points, where=run_dir)
 
 
+def checkpoints_in(directory: str | Path) -> tuple[list[TrajectoryPoint], list[Path]]:
+    """The step-named checkpoints inside ``directory``, or the directory itself when it has none.
+
+    Also returns the weight files at its root that were left out because step-named
+    checkpoints sit beside them (a Trainer's final model), so the caller can say so.
+    """
+    directory = Path(directory)
+    own_weights = root_weights(directory)
+    try:
+        # With weights at its root, unnumbered subfolders (say, an export) are not checkpoints.
+        points = discover(directory, skip_unnumbered=bool(own_weights))
+    except CheckpointNotFoundError:
+        if not own_weights:
+            raise
+        return from_paths([directory]), []  # nothing step-named inside: the directory is one checkpoint
+    return points, own_weights
+
+
 def root_weights(run_dir: str | Path) -> list[Path]:
     """Weight files at the root of ``run_dir`` that :func:`discover` does not treat as trajectory points."""
     return [f for f in sorted(Path(run_dir).iterdir())

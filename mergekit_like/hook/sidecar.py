@@ -5,9 +5,13 @@ work. The trainer copies its weights into shared-memory buffers and sends
 ``("snapshot", step)``; the sidecar folds the buffers into every averager (a
 float32 copy, after which the buffers are free again), and every
 ``save_every`` steps writes each average as a ready-to-load Hugging Face
-directory, atomically, updates a ``latest`` link, and saves its float32 state
-and counters so a restarted sidecar or a resumed run continues exactly.
+directory, atomically, updates a ``latest`` link, and saves each averager's
+``state_dict()`` so a restarted sidecar or a resumed run continues exactly.
 If the trainer process disappears, the sidecar saves what it has and exits.
+
+Requests (``("average", id, label)``, ``("close", id, None)``) are answered on the
+reply queue with ``("ok", id, value)`` or ``("error", id, (kind, message))``: a bad
+request is an answer, never the sidecar's end.
 """
 
 from __future__ import annotations
@@ -18,27 +22,28 @@ import logging
 import os
 import queue
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergekit_like.averaging.base import Averager
-from mergekit_like.averaging.lawa import LAWA
+from mergekit_like.averaging.base import Averager, StateDict
+from mergekit_like.errors import HookUsageError, InvalidCheckpointError, UnknownAverageError
 from mergekit_like.io.atomic import pid_alive
-from mergekit_like.io.outputs import WriteItem, write_checkpoints
+from mergekit_like.io.outputs import OutputSpec, WriteItem, write_checkpoints
 from mergekit_like.io.reader import open_checkpoint
 from mergekit_like.io.sharding import TensorSpec
 
 logger = logging.getLogger(__name__)
 
-Averages = Averager | LAWA
 STATE_DIR = "state"
+STATE_FILE = "state.json"
 LATEST = "latest"
 # How often (seconds) an idle sidecar checks that its trainer still runs.
 PARENT_POLL = 1.0
+# Keys of state.json that describe the average rather than belong to its state dict.
+DESCRIPTION_KEYS = ("label", "kind")
 
 
 @dataclass
@@ -46,7 +51,7 @@ class SidecarConfig:
     """Everything the sidecar needs, sent to it once at spawn."""
 
     out_dir: Path
-    averagers: list[Averages]
+    averagers: list[Averager]
     save_every: int | None
     keep_last: int = 2
     config: dict[str, Any] | None = None  # the model's config.json, when it has one
@@ -60,11 +65,19 @@ def run_sidecar(
     commands: Any,
     replies: Any,
     free: Any,
+    started: Any,
 ) -> None:
     """The sidecar's main loop (the target of the spawned process)."""
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # leave the cores to the trainer
-    sidecar = Sidecar(settings, buffers)
+    try:
+        sidecar = Sidecar(settings, buffers)
+    except Exception as exc:
+        # The trainer reads this when it finds the sidecar gone before it ever started.
+        logger.exception("the averaging sidecar could not start")
+        replies.put(("error", None, ("startup", str(exc))))
+        return
+    started.set()
     free.set()
     while True:
         try:
@@ -75,20 +88,37 @@ def run_sidecar(
                 sidecar.save()
                 return
             continue
-        kind = message[0]
-        if kind == "snapshot":
+        if not serve(sidecar, message, replies, free):
+            return
+
+
+def serve(sidecar: Sidecar, message: tuple[Any, ...], replies: Any, free: Any) -> bool:
+    """Handles one message; returns False once the sidecar is to stop."""
+    kind = message[0]
+    if kind == "snapshot":
+        try:
             sidecar.fold(message[1])
-            free.set()
             sidecar.save_if_due()
-        elif kind == "average":
-            replies.put(("average", sidecar.average(message[1])))
-        elif kind == "save":
-            sidecar.save()
-            replies.put(("saved", sidecar.last_step))
+        except Exception:
+            # Nobody waits for an answer to a snapshot: the log is where this failure shows.
+            logger.exception("the snapshot of step %s was not averaged", message[1])
+        finally:
+            free.set()
+        return True
+    _, request, argument = message
+    try:
+        if kind == "average":
+            value: Any = sidecar.average(argument)
         elif kind == "close":
             sidecar.save()
-            replies.put(("closed", sidecar.last_step))
-            return
+            value = sidecar.last_step
+        else:
+            raise HookUsageError(f"the sidecar takes no request {kind!r}")
+    except Exception as exc:
+        replies.put(("error", request, (type(exc).__name__, str(exc))))
+    else:
+        replies.put(("ok", request, value))
+    return kind != "close"  # a failed last save still ends the sidecar: the trainer is closing
 
 
 def _alive(pid: int) -> bool:
@@ -127,10 +157,14 @@ class Sidecar:
             self.save()
 
     def average(self, label: str) -> dict[str, torch.Tensor]:
-        for averager in self.averagers:
-            if averager.label == label and averager.ready:
-                return {n: t.clone() for n, t in averager.result().items()}
-        raise KeyError(f"no average named {label!r} yet (have: {', '.join(self.labels)})")
+        """A copy of the average ``label``; an error naming the labels, or saying it holds nothing yet."""
+        averager = next((a for a in self.averagers if a.label == label), None)
+        if averager is None:
+            raise UnknownAverageError(f"no average named {label!r} (this hook keeps: {', '.join(self.labels)})")
+        if not averager.ready:
+            raise HookUsageError(f"the average {label!r} holds no snapshot yet; ask for it once step() has "
+                                 f"taken a snapshot that it accepts")
+        return {n: t.clone() for n, t in averager.result().items()}
 
     # -- persistence ---------------------------------------------------------------
     def save(self) -> None:
@@ -143,7 +177,7 @@ class Sidecar:
                 self._write_state(averager)
         self.saved_step = self.last_step
 
-    def _write_average(self, averager: Averages) -> None:
+    def _write_average(self, averager: Averager) -> None:
         root = self.settings.out_dir / averager.label
         target = root / f"step_{self.last_step}"
         result = averager.result()
@@ -151,66 +185,57 @@ class Sidecar:
         specs = [TensorSpec(n, dtypes[n], tuple(t.shape)) for n, t in result.items()]
         items = (WriteItem(0, n, t.to(dtypes[n])) for n, t in result.items())
 
-        def add_config(directory: Path, _index: int) -> None:
-            if self.settings.config is not None:
-                (directory / "config.json").write_text(json.dumps(self.settings.config, indent=2) + "\n")
-
-        write_checkpoints(target, [None], specs, items, overwrite=True, finalize=add_config)
+        write_checkpoints(target, [OutputSpec(config=self.settings.config)], specs, items, overwrite=True)
         _point_latest(root, target.name)
         _prune(root, self.settings.keep_last)
 
-    def _write_state(self, averager: Averages) -> None:
-        directory = self.settings.out_dir / averager.label / STATE_DIR
-        snapshots = _state_tensors(averager)
-        meta = {"label": averager.label, "last_step": averager.last_step, "kind": type(averager).__name__,
-                "count": getattr(averager, "count", None), "snapshots": [s for s, _ in snapshots]}
-        specs: list[TensorSpec] = []
-        items: list[WriteItem] = []
-        for index, (_, tensors) in enumerate(snapshots):
-            for name, tensor in tensors.items():
-                specs.append(TensorSpec(f"{index}/{name}", tensor.dtype, tuple(tensor.shape)))
-                items.append(WriteItem(0, f"{index}/{name}", tensor))
-
-        def add_meta(path: Path, _index: int) -> None:
-            (path / "state.json").write_text(json.dumps(meta) + "\n")
-
-        write_checkpoints(directory, [None], specs, items, overwrite=True, finalize=add_meta)
+    def _write_state(self, averager: Averager) -> None:
+        write_state(self.settings.out_dir / averager.label / STATE_DIR, averager)
 
     def restore(self) -> None:
         """Loads each averager's saved state, if any (a restarted sidecar or a resumed run)."""
         for averager in self.averagers:
             directory = self.settings.out_dir / averager.label / STATE_DIR
-            if not (directory / "state.json").exists():
-                continue
-            meta = json.loads((directory / "state.json").read_text())
-            with open_checkpoint(directory) as checkpoint:
-                stored = {n: checkpoint.read(n) for n in checkpoint.names()}
-            snapshots = [(step, {n.split("/", 1)[1]: t for n, t in stored.items() if n.startswith(f"{i}/")})
-                         for i, step in enumerate(meta["snapshots"])]
-            _load_state(averager, snapshots, meta)
-            self.last_step = max(self.last_step or 0, meta["last_step"])
+            if (directory / STATE_FILE).exists():
+                load_state(directory, averager)
+            if averager.last_step is not None:
+                self.last_step = max(self.last_step or 0, averager.last_step)
         self.saved_step = self.last_step
 
 
-def _state_tensors(averager: Averages) -> list[tuple[int | None, dict[str, torch.Tensor]]]:
-    if isinstance(averager, LAWA):
-        return [(step, snapshot) for step, snapshot in averager.window]
-    return [(averager.last_step, {**averager.state, **averager.copied})]
+def write_state(directory: Path, averager: Averager) -> None:
+    """Saves ``averager.state_dict()``: its tensors as safetensors, the rest as ``state.json``."""
+    state = averager.state_dict()
+    tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+    meta = {"label": averager.label, "kind": type(averager).__name__,
+            **{key: value for key, value in state.items() if key not in tensors}}
+    specs = [TensorSpec(key, tensor.dtype, tuple(tensor.shape)) for key, tensor in tensors.items()]
+    items = [WriteItem(0, key, tensor) for key, tensor in tensors.items()]
+    spec = OutputSpec(files={STATE_FILE: json.dumps(meta) + "\n"})
+    write_checkpoints(directory, [spec], specs, items, overwrite=True)
 
 
-def _load_state(averager: Averages, snapshots: Sequence[tuple[int, dict[str, torch.Tensor]]],
-                meta: dict[str, Any]) -> None:
-    device = averager.device or torch.device("cpu")
-    snapshots = [(step, {n: t.to(device) for n, t in tensors.items()}) for step, tensors in snapshots]
-    if isinstance(averager, LAWA):
-        averager.window.clear()
-        averager.window.extend(snapshots)
-    else:
-        (_, tensors), = snapshots
-        averager.state = {n: t for n, t in tensors.items() if t.is_floating_point()}
-        averager.copied = {n: t for n, t in tensors.items() if not t.is_floating_point()}
-        averager.count = meta["count"]
-    averager.last_step = meta["last_step"]
+def load_state(directory: Path, averager: Averager) -> None:
+    """Restores ``averager`` from a state directory written by :func:`write_state`."""
+    path = directory / STATE_FILE
+    fix = "remove the state directory to start this average afresh"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):  # bad JSON or UTF-8; RecursionError: absurdly deep nesting
+        raise InvalidCheckpointError("is not valid JSON", path=path, fix=fix) from None
+    if not isinstance(meta, dict):
+        raise InvalidCheckpointError("is not a JSON object", path=path, fix=fix)
+    kind = meta.get("kind", type(averager).__name__)
+    if kind != type(averager).__name__:
+        raise InvalidCheckpointError(f"holds the state of a {kind}, not of a {type(averager).__name__}", path=path,
+                                     fix=fix)
+    with open_checkpoint(directory) as checkpoint:
+        state: StateDict = {n: checkpoint.read(n) for n in checkpoint.names()}
+    state.update({key: value for key, value in meta.items() if key not in DESCRIPTION_KEYS})
+    try:
+        averager.load_state_dict(state)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InvalidCheckpointError(f"is no state of {averager.label}: {exc}", path=directory, fix=fix) from None
 
 
 def _point_latest(root: Path, name: str) -> None:
@@ -226,4 +251,3 @@ def _prune(root: Path, keep_last: int) -> None:
     saved = sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: int(p.name[5:]))
     for old in saved[: max(0, len(saved) - keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
-

@@ -1,6 +1,6 @@
 """The training-loop hook: snapshots go to a sidecar process; the step never waits for it.
 
-    avg = WeightAveraging(model, [EMA(decay=0.999), LAWA(k=5, nu=1000)], snapshot_every=10,
+    avg = WeightAveraging(model, [EMA(decay=0.999), LAWA(k=5, nu=1000)], snapshot_every=1000,
                           out_dir="runs/avg", save_every=1000)
     for batch in loader:
         ...; optimizer.step(); optimizer.zero_grad()
@@ -11,17 +11,24 @@ A snapshot copies the parameters and floating buffers into shared host memory
 in the model's own dtype: on CUDA on a side stream into page-locked shared
 memory, so the host never waits and the GPU holds no extra model copy; on the
 CPU as a plain copy. If the sidecar is still busy with the previous snapshot
-the hook skips this one and counts it (``strict=True`` waits instead).
+the hook skips this one and counts it (``strict=True`` waits instead). If the
+sidecar dies, the next snapshot step starts a new one from its last saved state
+and skips snapshots until it runs. Every wait for the sidecar is bounded and
+checks, in short slices, that it still runs.
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import math
 import os
 import queue
+import threading
+import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +38,22 @@ import torch.multiprocessing as mp
 
 from mergekit_like.averaging.base import Averager
 from mergekit_like.averaging.lawa import LAWA
+from mergekit_like.averaging.sfa import check_beta, sfa_pull
+from mergekit_like.errors import HookUsageError, SidecarError, UnknownAverageError
 from mergekit_like.hook.shards import is_sharded, local_tensor, shard_directory, write_manifest
-from mergekit_like.hook.sidecar import Averages, SidecarConfig, run_sidecar
+from mergekit_like.hook.sidecar import SidecarConfig, run_sidecar
 
 logger = logging.getLogger(__name__)
 
-# How long close() waits for the sidecar's last save before giving up on it.
+# How long an answer of the sidecar (an average, the final save) may take before the hook gives up on it.
+REPLY_TIMEOUT = 600.0
 CLOSE_TIMEOUT = 600.0
+# How long a strict snapshot waits for the sidecar to free the buffers (it may be folding a large model).
+FREE_TIMEOUT = 600.0
+# Every wait is cut into slices this long, between checks that the sidecar still runs.
+POLL_INTERVAL = 0.1
+# How long close() waits for the sidecar process to exit once it has saved.
+JOIN_TIMEOUT = 30.0
 # Elements per host-to-device chunk of the SFA merge-back (bounds GPU scratch).
 SFA_CHUNK = 16 * 1024 * 1024
 
@@ -56,6 +72,13 @@ class SFA:
     p: float = 0.25
     steps_per_task: int | None = None
     rolling: bool = False
+
+    def __post_init__(self) -> None:
+        check_beta(self.beta)
+        if not self.p > 0:
+            raise ValueError(f"p must be positive, got {self.p}")
+        if self.steps_per_task is not None and self.steps_per_task < 1:
+            raise ValueError(f"steps_per_task must be at least 1, got {self.steps_per_task}")
 
     @property
     def every(self) -> int | None:
@@ -78,13 +101,63 @@ def _rank() -> int:
     return 0
 
 
+class _SidecarLink:
+    """One sidecar process and its channels.
+
+    The process is started from a thread: spawning writes the pickled handles of the
+    shared buffers into a pipe that the child drains only once it has imported the
+    trainer's main module; past the pipe's 64 KiB (some hundreds of tensors) ``start()``
+    itself would wait seconds, inside a training step when it restarts a sidecar.
+    """
+
+    def __init__(self, settings: SidecarConfig, buffers: dict[str, torch.Tensor]) -> None:
+        context = mp.get_context("spawn")
+        self.commands = context.Queue()
+        self.replies = context.Queue()
+        self.free = context.Event()  # set by the sidecar when the buffers may be written: at start, after a fold
+        self.started = context.Event()  # set once, when it has restored its state and runs
+        self.process = context.Process(
+            target=run_sidecar,
+            args=(settings, buffers, self.commands, self.replies, self.free, self.started),
+            name="mergekit-like-sidecar", daemon=True,
+        )
+        self._spawner = threading.Thread(target=self.process.start, name="mergekit-like-sidecar-spawn", daemon=True)
+        self._spawner.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the sidecar runs, or is still being spawned."""
+        return self._spawner.is_alive() or self.process.is_alive()
+
+    def startup_error(self) -> str | None:
+        """What a sidecar that exited before it started said about it, if anything."""
+        try:
+            _status, _request, (_kind, message) = self.replies.get(timeout=POLL_INTERVAL)
+        except Exception:  # nothing said (killed), or a reply that cannot be read
+            return None
+        return str(message)
+
+    def join(self, timeout: float) -> None:
+        self._spawner.join(timeout)
+        if self.process.pid is not None:
+            self.process.join(timeout)
+
+    def close(self, *, flush: bool) -> None:
+        for channel in (self.commands, self.replies):
+            channel.close()
+            if flush:
+                channel.join_thread()
+            else:
+                channel.cancel_join_thread()  # nobody reads a dead sidecar's pipe any more
+
+
 class WeightAveraging:
     """Keeps averages of a live model in a sidecar process (and SFA merge-backs in place)."""
 
     def __init__(
         self,
         model: torch.nn.Module,
-        averages: list[Averages | SFA],
+        averages: Sequence[Averager | SFA],
         *,
         snapshot_every: int = 1,
         out_dir: str | Path = "averages",
@@ -97,9 +170,9 @@ class WeightAveraging:
         if snapshot_every < 1:
             raise ValueError("snapshot_every must be at least 1")
         self.model = model
-        self.sfa = next((a for a in averages if isinstance(a, SFA)), None)
-        self.averagers = [a for a in averages if not isinstance(a, SFA)]
-        labels = [a.label for a in self.averagers]
+        self.sfa = _the_sfa(averages)
+        self.averagers = [a for a in averages if isinstance(a, Averager)]
+        labels = self.labels()
         if len(set(labels)) != len(labels):
             raise ValueError(f"two averages share a label: {labels}")
         self.snapshot_every = snapshot_every
@@ -122,76 +195,128 @@ class WeightAveraging:
         self._task_step = 0
         self._merged_at: int | None = None  # the task step of the last merge-back
         self._pending: tuple[int, Any] | None = None  # (step, CUDA event) of a copy in flight
+        self._requests = itertools.count()
         self._settings = SidecarConfig(sidecar_dir, self.averagers, save_every, keep_last,
                                        None if self.sharded else _model_config(model), os.getpid(), sidecar_device)
+        self._link: _SidecarLink | None = None
         if self.active and self.averagers:
+            _warn_about_lawa_memory(self.averagers, snapshot_every)
             self._tensors = _snapshot_tensors(model)
             self._buffers = {n: _shared_like(t) for n, t in self._tensors.items()}
             self._stream = torch.cuda.Stream() if any(t.is_cuda for t in self._tensors.values()) else None
-            self._start_sidecar()
+            self._link = _SidecarLink(self._settings, self._buffers)
             atexit.register(self.close)
 
     # -- the sidecar ------------------------------------------------------------------
-    def _start_sidecar(self) -> None:
-        if hasattr(self, "_commands"):  # a restart: the dead sidecar's channels go first
-            self._close_channels(flush=False)
-        context = mp.get_context("spawn")
-        self._commands = context.Queue()
-        self._replies = context.Queue()
-        self._free = context.Event()
-        self._process = context.Process(
-            target=run_sidecar, args=(self._settings, self._buffers, self._commands, self._replies, self._free),
-            name="mergekit-like-sidecar", daemon=True,
-        )
-        self._process.start()
+    @property
+    def _sidecar(self) -> _SidecarLink:
+        if self._link is None:
+            raise HookUsageError("no sidecar runs in this process: under DDP only rank 0 keeps averages, "
+                                 "and a hook with SFA alone keeps none")
+        return self._link
 
-    def _sidecar_alive(self) -> bool:
-        if self._process.is_alive():
+    @property
+    def _process(self) -> Any:
+        """The sidecar's process (tests kill it)."""
+        return self._sidecar.process
+
+    def _revive(self) -> bool:
+        """True when the sidecar runs; otherwise starts a new one from its last save and returns False.
+
+        A sidecar that died before it ever ran is not restarted (it would fail the same way):
+        that is a :class:`SidecarError` carrying what it said.
+        """
+        link = self._sidecar
+        if link.alive:
             return True
+        if not link.started.is_set():
+            said = link.startup_error()
+            raise SidecarError(f"the averaging sidecar exited before it started{': ' + said if said else ''}; "
+                               f"see its log above, and fix or remove the averages in {self.out_dir}")
         if not self._warned:
             warnings.warn("the averaging sidecar died; restarting it from its last saved state", stacklevel=3)
             self._warned = True
         self.counts.sidecar_restarts += 1
         self._pending = None
-        self._start_sidecar()
+        link.close(flush=False)
+        self._link = _SidecarLink(self._settings, self._buffers)
         return False
+
+    def _request(self, kind: str, argument: Any, timeout: float, *, restart: bool = True) -> Any:
+        """Sends a request and waits, in slices that check the sidecar lives, for its answer."""
+        link = self._sidecar
+        request = next(self._requests)
+        link.commands.put((kind, request, argument))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status, answered, value = link.replies.get(timeout=POLL_INTERVAL)
+            except queue.Empty:
+                if not link.alive:
+                    raise self._died(kind, restart) from None
+                if time.monotonic() >= deadline:
+                    raise SidecarError(f"the averaging sidecar did not answer {kind!r} within {timeout:g} s; "
+                                       f"it still runs (a very large model?): pass a longer timeout") from None
+                continue
+            except Exception as exc:  # the reply's shared tensors went with a dying sidecar
+                if not link.alive:
+                    raise self._died(kind, restart) from exc
+                raise SidecarError(f"the averaging sidecar's answer to {kind!r} could not be read: {exc}") from exc
+            if answered == request:  # else: the late answer to a request given up on
+                break
+        if status == "error":
+            raise _reply_error(*value)
+        return value
+
+    def _died(self, kind: str, restart: bool) -> SidecarError:
+        if not restart:
+            return SidecarError(f"the averaging sidecar died before it answered {kind!r}; the averages in "
+                                f"{self.out_dir} are those of its last save")
+        self._revive()
+        return SidecarError(f"the averaging sidecar died before it answered {kind!r}; a new one is starting from "
+                            f"the averages saved in {self.out_dir}: ask again once wait_until_ready() returns")
+
+    def _await_free(self, timeout: float) -> bool:
+        """Waits until the sidecar can take a snapshot, restarting it if it dies; False after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self._sidecar.free.wait(POLL_INTERVAL):
+            self._revive()
+            if time.monotonic() >= deadline:
+                return False
+        return True
 
     # -- the training loop ---------------------------------------------------------------
     def step(self) -> None:
         """Call once per optimizer step; snapshots every ``snapshot_every`` steps."""
         self.step_count += 1
         if self.sfa is not None:
-            self._sfa_step()
-        if not self.active or not self.averagers or self._closed:
+            self._sfa_step(self.sfa)
+        if self._link is None or self._closed:
             return
         self._hand_over_finished_copy()
         if self.step_count % self.snapshot_every:
             return
-        if not self._sidecar_alive():
-            self._free.wait(timeout=60)  # the new sidecar marks the buffers free once it runs
-        if self._pending is not None or not self._free.is_set():
+        self._revive()  # a new sidecar marks the buffers free once it runs; until then snapshots are skipped
+        if self._pending is not None or not self._sidecar.free.is_set():
             if not self.strict:
                 self.counts.skipped += 1
                 return
             self._wait_for_sidecar()
-        self._free.clear()
+        self._sidecar.free.clear()
         self._copy_snapshot(self.step_count)
         self.counts.taken += 1
 
     def _wait_for_sidecar(self) -> None:
-        if self._pending is not None:
-            self._pending[1].synchronize()
-            self._hand_over_finished_copy()
-        while not self._free.wait(timeout=1.0):
-            if not self._sidecar_alive():
-                self._free.wait(timeout=60)
+        self._finish_pending_copy()
+        if not self._await_free(FREE_TIMEOUT):
+            raise SidecarError(f"the averaging sidecar did not take the previous snapshot within {FREE_TIMEOUT:g} s")
 
     def _copy_snapshot(self, step: int) -> None:
         with torch.no_grad():
             if self._stream is None:
                 for name, tensor in self._tensors.items():
                     self._buffers[name].copy_(tensor)
-                self._commands.put(("snapshot", step))
+                self._sidecar.commands.put(("snapshot", step))
                 return
             main = torch.cuda.current_stream()
             self._stream.wait_stream(main)
@@ -207,13 +332,19 @@ class WeightAveraging:
 
     def _hand_over_finished_copy(self) -> None:
         if self._pending is not None and self._pending[1].query():
-            self._commands.put(("snapshot", self._pending[0]))
+            self._sidecar.commands.put(("snapshot", self._pending[0]))
             self._pending = None
+
+    def _finish_pending_copy(self) -> None:
+        if self._pending is not None:
+            self._pending[1].synchronize()
+            self._hand_over_finished_copy()
 
     # -- SFA ---------------------------------------------------------------------------------
     def start_task(self) -> None:
         """Takes theta_o, the model at the start of a task, into (pinned) host memory."""
-        assert self.sfa is not None, "start_task() needs SFA among the averages"
+        if self.sfa is None:
+            raise HookUsageError("start_task() needs SFA(...) among the averages given to WeightAveraging")
         self._anchor = {n: _host_copy(t) for n, t in _snapshot_tensors(self.model).items()
                         if t.is_floating_point()}
         self._task_step = 0
@@ -224,45 +355,54 @@ class WeightAveraging:
         if self._merged_at != self._task_step:
             self.merge_back()
 
-    def _sfa_step(self) -> None:
-        assert self.sfa is not None
+    def _sfa_step(self, sfa: SFA) -> None:
         self._task_step += 1
-        every = self.sfa.every
+        every = sfa.every
         if self._anchor is not None and every and self._task_step % every == 0:
             self.merge_back()
 
     def merge_back(self) -> None:
         """theta <- (1 - beta) theta + beta theta_o, in place, in chunks (no model copy on the GPU)."""
-        assert self.sfa is not None and self._anchor is not None, "call start_task() first"
-        beta = self.sfa.beta
+        if self.sfa is None:
+            raise HookUsageError("merge_back() needs SFA(...) among the averages given to WeightAveraging")
+        if self._anchor is None:
+            raise HookUsageError("call start_task() first: it takes theta_o, the model the merge-back pulls toward")
         with torch.no_grad():
             for name, live in _snapshot_tensors(self.model).items():
                 anchor = self._anchor.get(name)
-                if anchor is None:
-                    continue
-                flat_live, flat_anchor = live.view(-1), anchor.view(-1)
-                for start in range(0, flat_live.numel(), SFA_CHUNK):
-                    part = flat_anchor[start:start + SFA_CHUNK].to(live.device, non_blocking=True)
-                    flat_live[start:start + SFA_CHUNK].lerp_(part, beta)
+                if anchor is not None:
+                    _pull_in_chunks(live, anchor, self.sfa.beta)
         self._merged_at = self._task_step
         if self.sfa.rolling:
             self.start_task()
 
     # -- results ------------------------------------------------------------------------------
-    def averaged_state_dict(self, label: str) -> dict[str, torch.Tensor]:
-        """The current float32 average ``label`` (e.g. ``"ema_0.999"``), without touching the model."""
-        if not self.active or self._closed:
-            raise RuntimeError("no sidecar runs in this process (not rank 0, or closed)")
-        if self._pending is not None:
-            self._pending[1].synchronize()
-            self._hand_over_finished_copy()
-        self._commands.put(("average", label))
-        _kind, value = self._replies.get(timeout=CLOSE_TIMEOUT)
+    def averaged_state_dict(self, label: str, *, timeout: float = REPLY_TIMEOUT) -> dict[str, torch.Tensor]:
+        """The current float32 average ``label`` (e.g. ``"ema_0.999"``), without touching the model.
+
+        Raises :class:`UnknownAverageError` for a label this hook does not keep,
+        :class:`HookUsageError` for an average that holds no snapshot yet, and
+        :class:`SidecarError` when the sidecar dies or does not answer within ``timeout`` seconds.
+        """
+        if label not in self.labels():
+            kept = ", ".join(self.labels()) or "none (SFA changes the model itself)"
+            raise UnknownAverageError(f"no average named {label!r}; this hook keeps: {kept}")
+        if self._closed:
+            raise HookUsageError(f"averaged_state_dict() after close(): read the averages saved in {self.out_dir}")
+        if not self._revive():
+            raise SidecarError(f"the averaging sidecar had died; a new one is starting from the averages saved in "
+                               f"{self.out_dir}: ask again once wait_until_ready() returns")
+        self._finish_pending_copy()
+        value: dict[str, torch.Tensor] = self._request("average", label, timeout)
         return value
 
     def wait_until_ready(self, timeout: float = 120.0) -> bool:
         """Blocks until the sidecar runs and can take a snapshot (the hook itself never waits)."""
-        return not self.active or not self.averagers or self._free.wait(timeout)
+        if self._link is None:
+            return True
+        if self._closed:
+            raise HookUsageError("wait_until_ready() after close(): no sidecar runs any more")
+        return self._await_free(timeout)
 
     def labels(self) -> list[str]:
         return [a.label for a in self.averagers]
@@ -272,36 +412,69 @@ class WeightAveraging:
         if self._closed:
             return self.counts
         self._closed = True
-        if not self.active or not self.averagers:
+        link = self._link
+        if link is None:
             return self.counts
         atexit.unregister(self.close)
-        if self._pending is not None:
-            self._pending[1].synchronize()
-            self._hand_over_finished_copy()
-        if self._process.is_alive():
-            self._commands.put(("close", None))
+        self._finish_pending_copy()
+        saved = False
+        if link.alive:
             try:
-                self._replies.get(timeout=CLOSE_TIMEOUT)
-            except queue.Empty:
-                logger.warning("the averaging sidecar did not finish its last save in %s s", CLOSE_TIMEOUT)
-            self._process.join(timeout=30)
-        self._close_channels(flush=True)
+                self._request("close", None, CLOSE_TIMEOUT, restart=False)
+                saved = True
+            except SidecarError as exc:
+                logger.warning("%s", exc)
+            link.join(JOIN_TIMEOUT)
+        else:
+            logger.warning("the averaging sidecar is not running; the averages in %s are those of its last save",
+                           self.out_dir)
+        # Flushing waits for the pipe to drain: only a sidecar that answered has read everything.
+        link.close(flush=saved)
         logger.info("snapshots taken %d, skipped %d", self.counts.taken, self.counts.skipped)
         return self.counts
-
-    def _close_channels(self, *, flush: bool) -> None:
-        for channel in (self._commands, self._replies):
-            channel.close()
-            if flush:
-                channel.join_thread()
-            else:
-                channel.cancel_join_thread()  # nobody reads the dead sidecar's pipe any more
 
     def __enter__(self) -> WeightAveraging:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _the_sfa(averages: Sequence[Averager | SFA]) -> SFA | None:
+    for average in averages:
+        if not isinstance(average, Averager | SFA):
+            raise TypeError(f"{average!r} is neither an average (EMA, SWA, LAWA, ...) nor SFA")
+    found = [a for a in averages if isinstance(a, SFA)]
+    if len(found) > 1:
+        raise ValueError("give at most one SFA: it changes the model itself")
+    return found[0] if found else None
+
+
+def _warn_about_lawa_memory(averagers: Sequence[Averager], snapshot_every: int) -> None:
+    for averager in averagers:
+        if isinstance(averager, LAWA) and averager.nu > snapshot_every:
+            copies = (averager.k - 1) * math.ceil(averager.nu / snapshot_every) + 1
+            logger.warning("%s keeps about %d float32 copies of the model with snapshot_every=%d; "
+                           "snapshot_every=%d keeps %d", averager.label, copies, snapshot_every, averager.nu,
+                           averager.k)
+
+
+def _reply_error(kind: str, message: str) -> Exception:
+    """The caller's error for an error the sidecar answered with."""
+    if kind == UnknownAverageError.__name__:
+        return UnknownAverageError(message)
+    if kind == HookUsageError.__name__:
+        return HookUsageError(message)
+    return SidecarError(f"the averaging sidecar failed: {kind}: {message}")
+
+
+def _pull_in_chunks(live: torch.Tensor, anchor: torch.Tensor, beta: float) -> None:
+    """:func:`sfa_pull` of ``live`` toward the host tensor ``anchor``, in place, a chunk at a time."""
+    flat_live, flat_anchor = live.view(-1), anchor.view(-1)
+    for start in range(0, flat_live.numel(), SFA_CHUNK):
+        part = flat_live[start:start + SFA_CHUNK]
+        theta_o = flat_anchor[start:start + SFA_CHUNK].to(live.device, non_blocking=True)
+        part.copy_(sfa_pull(part, theta_o, beta))
 
 
 def _snapshot_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -330,4 +503,4 @@ def _model_config(model: torch.nn.Module) -> dict[str, Any] | None:
     return to_dict() if callable(to_dict) else None
 
 
-__all__ = ["LAWA", "SFA", "Averager", "SnapshotCounts", "WeightAveraging"]
+__all__ = ["SFA", "SnapshotCounts", "WeightAveraging"]

@@ -1,0 +1,185 @@
+"""A wrong request, a dead or a slow sidecar: the trainer gets an error or a restart, never a hang.
+
+Every call under test runs in a thread joined with a deadline, so a regression fails
+the test instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import torch
+
+from mergekit_like.errors import HookUsageError, SidecarError, UnknownAverageError
+from mergekit_like.hook import EMA, SFA, SWA, WeightAveraging
+
+T = TypeVar("T")
+BOUND = 20.0  # seconds any call here may take; a sidecar restart takes a few
+
+
+def within(seconds: float, call: Callable[[], T]) -> T:
+    """``call()``'s result or exception, failing the test if it has not returned after ``seconds``."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"the call did not return within {seconds} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def trained_hook(tmp_path: Path, averages: list[Any] | None = None, **options: Any) -> WeightAveraging:
+    model = torch.nn.Linear(3, 2)
+    hook = WeightAveraging(model, averages or [EMA(0.9)], out_dir=tmp_path / "avg", **options)
+    assert within(BOUND, hook.wait_until_ready)
+    for _ in range(3):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        hook.step()
+    return hook
+
+
+def kill(hook: WeightAveraging) -> None:
+    hook._process.kill()
+    hook._process.join(BOUND)
+
+
+class SlowEMA(EMA):
+    """An EMA whose result takes far longer than any test: the sidecar is busy when it is killed."""
+
+    def result(self) -> dict[str, torch.Tensor]:
+        time.sleep(120)
+        return super().result()
+
+
+def test_a_wrong_label_is_an_error_in_the_caller_that_lists_the_labels(tmp_path: Path) -> None:
+    hook = trained_hook(tmp_path, strict=True)
+    with pytest.raises(UnknownAverageError, match=r"no average named 'ema'; this hook keeps: ema_0\.9"):
+        within(BOUND, lambda: hook.averaged_state_dict("ema"))
+    assert hook._process.is_alive()
+    assert within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))["weight"].shape == (2, 3)
+    hook.close()
+
+
+def test_an_average_without_a_snapshot_yet_is_an_answer_and_the_sidecar_stays_up(tmp_path: Path) -> None:
+    hook = trained_hook(tmp_path, [EMA(0.9), SWA(start=100)], strict=True)
+    with pytest.raises(HookUsageError, match="'swa_from100' holds no snapshot yet"):
+        within(BOUND, lambda: hook.averaged_state_dict("swa_from100"))
+    assert hook._process.is_alive()
+    assert "weight" in within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))
+    hook.close()
+
+
+def test_asking_a_dead_sidecar_is_an_error_and_a_restart(tmp_path: Path) -> None:
+    hook = trained_hook(tmp_path, strict=True, save_every=1)
+    saved = within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))
+    kill(hook)
+    with pytest.warns(UserWarning, match="sidecar died"), pytest.raises(SidecarError, match="a new one is starting"):
+        within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))
+    assert hook.counts.sidecar_restarts == 1
+    assert within(BOUND, hook.wait_until_ready)
+    restored = within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))  # from the state saved at step 3
+    assert all(torch.equal(restored[n], saved[n]) for n in saved)
+    hook.close()
+
+
+def test_a_sidecar_killed_while_it_answers_gives_an_error_within_a_bound(tmp_path: Path) -> None:
+    hook = trained_hook(tmp_path, [SlowEMA(0.9)], strict=True)
+    killer = threading.Timer(1.0, hook._process.kill)
+    killer.start()
+    started = time.monotonic()
+    with pytest.warns(UserWarning, match="sidecar died"), \
+            pytest.raises(SidecarError, match="died before it answered 'average'"):
+        within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))
+    assert time.monotonic() - started < BOUND
+    assert hook.counts.sidecar_restarts == 1  # and a new sidecar is on its way
+    killer.join()
+    hook.close()
+
+
+def test_a_slow_answer_is_given_up_after_the_timeout(tmp_path: Path) -> None:
+    hook = trained_hook(tmp_path, [SlowEMA(0.9)], strict=True)
+    with pytest.raises(SidecarError, match="did not answer 'average' within 1 s"):
+        within(BOUND, lambda: hook.averaged_state_dict("ema_0.9", timeout=1.0))
+    kill(hook)  # rather than wait for its sleep
+    hook.close()
+
+
+def test_step_after_the_sidecar_died_returns_at_once_and_skips_until_a_new_one_runs(tmp_path: Path) -> None:
+    hook = trained_hook(tmp_path)
+    kill(hook)
+    started = time.monotonic()
+    with pytest.warns(UserWarning, match="sidecar died"):
+        hook.step()
+    assert time.monotonic() - started < 0.5
+    assert hook.counts.sidecar_restarts == 1 and hook.counts.skipped >= 1
+    assert within(BOUND, hook.wait_until_ready)
+    taken = hook.counts.taken
+    hook.step()
+    assert hook.counts.taken == taken + 1
+    hook.close()
+
+
+def test_a_strict_step_after_the_sidecar_died_waits_for_the_new_one_within_a_bound(tmp_path: Path) -> None:
+    hook = trained_hook(tmp_path, strict=True)
+    kill(hook)
+    taken = hook.counts.taken
+    with pytest.warns(UserWarning, match="sidecar died"):
+        within(BOUND, hook.step)
+    assert hook.counts.taken == taken + 1 and hook.counts.sidecar_restarts == 1
+    hook.close()
+
+
+def test_a_sidecar_that_cannot_start_is_an_error_naming_the_cause(tmp_path: Path) -> None:
+    state = tmp_path / "avg" / "ema_0.9" / "state"
+    state.mkdir(parents=True)
+    (state / "state.json").write_text("{not json")
+    hook = WeightAveraging(torch.nn.Linear(3, 2), [EMA(0.9)], out_dir=tmp_path / "avg")
+    with pytest.raises(SidecarError, match=r"exited before it started: .*state\.json: is not valid JSON"):
+        within(BOUND, lambda: hook.wait_until_ready(timeout=BOUND))
+    hook.close()
+
+
+def test_close_after_the_sidecar_died_returns_and_keeps_the_saved_averages(tmp_path: Path) -> None:
+    hook = trained_hook(tmp_path, strict=True, save_every=1)
+    within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))
+    kill(hook)
+    counts = within(BOUND, hook.close)
+    assert counts.taken == 3
+    assert (tmp_path / "avg" / "ema_0.9" / "latest").exists()
+
+
+def test_misuse_of_the_hook_names_the_call_to_make(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    no_sfa = WeightAveraging(model, [EMA(0.9)], out_dir=tmp_path / "avg")
+    with pytest.raises(HookUsageError, match=r"start_task\(\) needs SFA"):
+        no_sfa.start_task()
+    with pytest.raises(HookUsageError, match=r"merge_back\(\) needs SFA"):
+        no_sfa.merge_back()
+    no_sfa.close()
+    with pytest.raises(HookUsageError, match=r"after close\(\)"):
+        no_sfa.averaged_state_dict("ema_0.9")
+    sfa = WeightAveraging(model, [SFA(beta=0.5)])
+    with pytest.raises(HookUsageError, match=r"call start_task\(\) first"):
+        sfa.end_task()
+    with pytest.raises(UnknownAverageError, match="keeps: none"):
+        sfa.averaged_state_dict("ema_0.9")
+    sfa.close()
+    with pytest.raises(ValueError, match="beta must be in"):
+        SFA(beta=1.5)
+    with pytest.raises(TypeError, match="neither an average"):
+        WeightAveraging(model, [EMA])  # the class, not an instance
