@@ -6,7 +6,15 @@ import shlex
 from pathlib import Path
 
 import typer
-from mergekit_like.cli.output import RichProgress, console, err_console, handle_errors, human_bytes, print_json
+from mergekit_like.cli.output import (
+    RichProgress,
+    console,
+    err_console,
+    handle_errors,
+    human_bytes,
+    print_json,
+    size_option,
+)
 from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 
 from mergekit_like.averaging.offline import MemoryBound, run_average, trajectory_memory_bound
@@ -14,7 +22,6 @@ from mergekit_like.averaging.plan import AverageListing, AveragePlan, AverageSet
 from mergekit_like.averaging.trajectory import TrajectoryPoint
 from mergekit_like.card import CardContent, common_license, render_card
 from mergekit_like.hub import ModelResolver, model_resolver
-from mergekit_like.io import parse_size
 from mergekit_like.io.dtypes import parse_dtype
 
 HELP = """Average the checkpoints of a training run (one streaming pass).
@@ -91,7 +98,7 @@ def average(
     _warn(plan.warnings)
     if output is None:
         raise typer.BadParameter("give the output directory with -o/--output", param_hint="-o")
-    max_shard_size = _size(shard_size)
+    max_shard_size = size_option(shard_size)
     cards = _cards(plan, output.name, _command(paths, settings, anchor, out_dtype), resolver)
 
     def announce(bound: MemoryBound) -> None:
@@ -138,12 +145,6 @@ def _cards(plan: AveragePlan, title: str, command: str, resolver: ModelResolver)
         license=license_,
     ))} for out in plan.outputs]
 
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--shard-size") from None
 
 
 def _card_input(point: TrajectoryPoint, resolver: ModelResolver) -> tuple[str, str]:

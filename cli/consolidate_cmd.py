@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from mergekit_like.cli.output import console, handle_errors, human_bytes, print_json
+from mergekit_like.cli.output import console, handle_errors, human_bytes, print_json, size_option
 
 from mergekit_like.hook.shards import consolidate as join_shards
-from mergekit_like.io import parse_size
 
 HELP = """Join the per-rank shards of an average written by the training hook under FSDP.
 
@@ -31,16 +30,10 @@ def consolidate(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     written = join_shards(out_dir, average, output, step=step, overwrite=overwrite,
-                          max_shard_size=_size(shard_size))
+                          max_shard_size=size_option(shard_size))
     if as_json:
         print_json({"output": str(written.directory), "tensors": written.num_tensors, "bytes": written.total_bytes})
     else:
         console.print(f"wrote {written.num_tensors} tensors, {human_bytes(written.total_bytes)} to "
                       f"{written.directory}", highlight=False)
 
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--shard-size") from None

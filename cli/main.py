@@ -52,6 +52,8 @@ def _root(
     SESSION.low_memory = low_memory
     share_one_malloc_arena()
     if low_memory:
+        # For every command: average and convert stream tensors too. Merges and soups also
+        # carry the choice in their MergeOptions (SESSION.allocator).
         return_freed_tensors_to_the_os()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
 

@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from mergekit_like.cli.output import SESSION, RichProgress, console, handle_errors, human_bytes, print_json
+from mergekit_like.cli.output import SESSION, RichProgress, console, handle_errors, human_bytes, print_json, size_option
 from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 
 from mergekit_like.card import merge_outputs
 from mergekit_like.errors import RecipeError
 from mergekit_like.hub import model_resolver
-from mergekit_like.io import parse_size
 from mergekit_like.io.dtypes import parse_dtype
 from mergekit_like.io.sidefiles import has_config
 from mergekit_like.merge.engine import MergeOptions, MergePlan, planned_merge, run_merge
@@ -75,8 +74,8 @@ def merge(
     if output is None and not dry_run:
         raise typer.BadParameter("give the output directory with -o/--output", param_hint="-o")
     options = MergeOptions(
-        device=device, memory_budget=_size(memory_budget, "--memory-budget"),
-        max_shard_size=_size(shard_size, "--shard-size"), pipeline=pipeline, allocator=SESSION.allocator,
+        device=device, memory_budget=size_option(memory_budget, "--memory-budget"),
+        max_shard_size=size_option(shard_size, "--shard-size"), pipeline=pipeline, allocator=SESSION.allocator,
         check_finite=check_finite, allow_pickle=allow_pickle,
     )
     resolver = model_resolver(allow_pickle=allow_pickle, token=token, quiet=quiet or as_json)  # Hub ids: to the cache
@@ -132,12 +131,6 @@ def _recipe(
     return recipe_from_cli(method, args, base=base, params=params, compute_dtype=compute_dtype,
                            out_dtype=out_dtype, seed=seed or 0)
 
-
-def _size(text: str, option: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint=option) from None
 
 
 def _print_plan(plan: MergePlan, as_json: bool) -> None:

@@ -24,6 +24,7 @@ from rich.progress import (
 )
 
 from mergekit_like.errors import MergekitLikeError
+from mergekit_like.io.sharding import parse_size
 from mergekit_like.merge.options import Allocator
 
 console = Console()
@@ -69,6 +70,14 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def size_option(text: str, option: str = "--shard-size") -> int:
+    """A byte count given on the command line (``5GB``, ``256MiB``), or a usage error naming the option."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
 
 
 def print_json(data: Any) -> None:

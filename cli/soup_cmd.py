@@ -6,13 +6,21 @@ import json
 from pathlib import Path
 
 import typer
-from mergekit_like.cli.output import SESSION, RichProgress, console, err_console, handle_errors, human_bytes, print_json
+from mergekit_like.cli.output import (
+    SESSION,
+    RichProgress,
+    console,
+    err_console,
+    handle_errors,
+    human_bytes,
+    print_json,
+    size_option,
+)
 from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 from rich.table import Table
 
 from mergekit_like.card import merge_outputs
 from mergekit_like.hub import model_resolver
-from mergekit_like.io import parse_size
 from mergekit_like.io.outputs import check_output
 from mergekit_like.io.sidefiles import has_config
 from mergekit_like.merge.engine import MergeOptions, planned_merge, run_merge
@@ -50,15 +58,15 @@ def soup(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     warn_if_token_on_command_line(token)
-    options = MergeOptions(max_shard_size=_size(shard_size), allocator=SESSION.allocator)
+    options = MergeOptions(max_shard_size=size_option(shard_size), allocator=SESSION.allocator)
+    # Before any download or evaluation (a greedy soup scores for hours): the output must be writable.
+    check_output(output, overwrite=overwrite)
     result: GreedySoupResult | None = None
     ingredients = list(models)
     resolver = model_resolver(token=token, quiet=quiet or as_json)  # Hub ids are fetched into the cache once
     if greedy:
         if not eval_cmd:
             raise typer.BadParameter("--greedy needs --eval-cmd", param_hint="--eval-cmd")
-        # Before the first evaluation, not after hours of them: the output must be writable.
-        check_output(output, overwrite=overwrite)
         show = not (quiet or as_json)
         result = greedy_soup(
             models, command_evaluator(eval_cmd), lower_is_better=lower_is_better, tolerance=tolerance,
@@ -107,9 +115,3 @@ def _print_table(result: GreedySoupResult) -> None:
                       "-" if step.soup_score is None else f"{step.soup_score:g}", "yes" if step.kept else "no")
     console.print(table)
 
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--shard-size") from None

@@ -140,3 +140,11 @@ class UnknownAverageError(MergekitLikeError, KeyError):
 
 class SidecarError(MergekitLikeError, RuntimeError):
     """The averaging sidecar process died, or did not answer within its time limit."""
+
+
+class OptionsError(MergekitLikeError, ValueError):
+    """Settings of a run (not of its recipe) out of range: memory budget, shard size, threads."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))

@@ -14,7 +14,7 @@ import torch
 from helpers import write_checkpoint
 
 from mergekit_like.averaging import EMA, LAWA, SWA, AnchorPull, Averager, UniformMean, lawa_selection, sfa_merge
-from mergekit_like.averaging.sfa import sfa_pull
+from mergekit_like.averaging.sfa import check_beta, sfa_pull
 from mergekit_like.errors import HookUsageError, InvalidCheckpointError, UnknownAverageError
 from mergekit_like.hook import weight_averaging
 from mergekit_like.hook.sidecar import Sidecar, SidecarConfig, load_state, serve, write_state
@@ -92,10 +92,67 @@ def test_sfa_merge_anchor_pull_and_the_hooks_chunked_merge_back_are_one_pull(mon
     assert torch.equal(live, expected)
 
 
-def test_sfa_pull_refuses_a_beta_outside_zero_to_one() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.5, 0.7, 1.0])  # lerp switches formula at 0.5
+def test_the_pull_in_place_gives_the_bits_of_the_pull_out_of_place(dtype: torch.dtype, beta: float,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(1)
+    theta, theta_o = (torch.randn(4, 23, generator=g).to(dtype) for _ in range(2))
+    expected = torch.lerp(theta, theta_o, beta)
+    into = theta.clone()
+    assert sfa_pull(into, theta_o, beta, out=into) is into and torch.equal(into, expected)
+    elsewhere = torch.empty_like(theta)
+    assert sfa_pull(theta, theta_o, beta, out=elsewhere) is elsewhere and torch.equal(elsewhere, expected)
+    monkeypatch.setattr(weight_averaging, "SFA_CHUNK", 7)  # chunks that cut rows, and a short last one
+    live = theta.clone()
+    weight_averaging._pull_in_chunks(live, theta_o, beta)
+    assert torch.equal(live, expected)
+
+
+@pytest.mark.gpu
+def test_the_merge_back_on_cuda_pulls_in_place_to_the_bits_of_lerp(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(2)
+    theta = torch.randn(1000, generator=g).to("cuda", torch.bfloat16)
+    anchor = torch.randn(1000, generator=g).to(torch.bfloat16).pin_memory()
+    expected = torch.lerp(theta, anchor.cuda(), 0.3)
+    monkeypatch.setattr(weight_averaging, "SFA_CHUNK", 300)
+    weight_averaging._pull_in_chunks(theta, anchor, 0.3)
+    assert torch.equal(theta, expected)
+
+
+def test_a_merge_back_checks_beta_once_not_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    checked: list[float] = []
+
+    def check(beta: float) -> None:
+        checked.append(beta)
+        check_beta(beta)
+
+    monkeypatch.setattr("mergekit_like.averaging.sfa.check_beta", check)
+    monkeypatch.setattr(weight_averaging, "check_beta", check)
+    monkeypatch.setattr(weight_averaging, "SFA_CHUNK", 2)
+    model = torch.nn.Linear(4, 3)  # weight and bias: eight chunks
+    hook = weight_averaging.WeightAveraging(model, [weight_averaging.SFA(beta=0.5)])
+    hook.start_task()
+    checked.clear()  # SFA(...) checked it when it was made
+    hook.merge_back()
+    assert checked == [0.5]
+    assert hook.sfa is not None
+    hook.sfa.beta = 1.5  # SFA is a plain dataclass: a beta set later is checked too
+    with pytest.raises(ValueError, match="beta must be in"):
+        hook.merge_back()
+    hook.close()
+
+
+def test_every_way_to_give_beta_refuses_one_outside_zero_to_one() -> None:
     for beta in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="beta must be in"):
-            sfa_pull(torch.ones(1), torch.zeros(1), beta)
+            check_beta(beta)
+        with pytest.raises(ValueError, match="beta must be in"):
+            sfa_merge({"w": torch.ones(1)}, {"w": torch.zeros(1)}, beta)
+        with pytest.raises(ValueError, match="beta must be in"):
+            AnchorPull(beta)
+        with pytest.raises(ValueError, match="beta must be in"):
+            weight_averaging.SFA(beta=beta)
 
 
 def test_ema_factor_before_a_snapshot_says_what_to_call() -> None:

@@ -79,7 +79,6 @@ def test_example_trajectory_is_averageable(tmp_path: Path) -> None:
     assert [c["step"] for c in json.loads(result.stdout)["checkpoints"]] == [100, 200, 300]
 
 
-
 def test_an_error_line_keeps_its_brackets(tmp_path: Path) -> None:
     missing = tmp_path / "recipe[draft].yml"  # Rich would read "[draft]" as a style and drop it
     result = runner.invoke(app, ["merge", str(missing), "-o", str(tmp_path / "out")])

@@ -135,8 +135,8 @@ def test_killed_sidecar_is_restarted_and_resumes_from_its_saved_state(tmp_path: 
                            strict=True)
     history = train_steps(model, 3, hook)
     hook.averaged_state_dict("ema_0.5")  # the three snapshots are folded in and saved
-    os.kill(hook._process.pid, signal.SIGKILL)
-    hook._process.join()
+    os.kill(hook._sidecar.process.pid, signal.SIGKILL)
+    hook._sidecar.process.join()
     with pytest.warns(UserWarning, match="sidecar died"):
         history += train_steps(model, 2, hook, seed=2)
     counts = hook.close()

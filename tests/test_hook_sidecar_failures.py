@@ -54,8 +54,16 @@ def trained_hook(tmp_path: Path, averages: list[Any] | None = None, **options: A
 
 
 def kill(hook: WeightAveraging) -> None:
-    hook._process.kill()
-    hook._process.join(BOUND)
+    hook._sidecar.process.kill()
+    hook._sidecar.process.join(BOUND)
+
+
+def kill_before_it_runs(hook: WeightAveraging) -> None:
+    """SIGKILL for a sidecar that is spawned but has not started (it is restoring its state)."""
+    link = hook._sidecar
+    link._spawner.join(BOUND)  # the process exists
+    assert not link.started.is_set()
+    kill(hook)
 
 
 class SlowEMA(EMA):
@@ -66,11 +74,27 @@ class SlowEMA(EMA):
         return super().result()
 
 
+class SlowRestoreEMA(EMA):
+    """An EMA whose restore takes far longer than any test: a restarted sidecar never gets to start."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        time.sleep(120)
+        super().load_state_dict(state)
+
+
+class FailingRestoreEMA(EMA):
+    """An EMA whose saved state turns out unreadable after a while: a restarted sidecar is asked while it restores."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        time.sleep(1.0)
+        raise ValueError("a corrupt state")
+
+
 def test_a_wrong_label_is_an_error_in_the_caller_that_lists_the_labels(tmp_path: Path) -> None:
     hook = trained_hook(tmp_path, strict=True)
     with pytest.raises(UnknownAverageError, match=r"no average named 'ema'; this hook keeps: ema_0\.9"):
         within(BOUND, lambda: hook.averaged_state_dict("ema"))
-    assert hook._process.is_alive()
+    assert hook._sidecar.process.is_alive()
     assert within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))["weight"].shape == (2, 3)
     hook.close()
 
@@ -79,7 +103,7 @@ def test_an_average_without_a_snapshot_yet_is_an_answer_and_the_sidecar_stays_up
     hook = trained_hook(tmp_path, [EMA(0.9), SWA(start=100)], strict=True)
     with pytest.raises(HookUsageError, match="'swa_from100' holds no snapshot yet"):
         within(BOUND, lambda: hook.averaged_state_dict("swa_from100"))
-    assert hook._process.is_alive()
+    assert hook._sidecar.process.is_alive()
     assert "weight" in within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))
     hook.close()
 
@@ -99,7 +123,7 @@ def test_asking_a_dead_sidecar_is_an_error_and_a_restart(tmp_path: Path) -> None
 
 def test_a_sidecar_killed_while_it_answers_gives_an_error_within_a_bound(tmp_path: Path) -> None:
     hook = trained_hook(tmp_path, [SlowEMA(0.9)], strict=True)
-    killer = threading.Timer(1.0, hook._process.kill)
+    killer = threading.Timer(1.0, hook._sidecar.process.kill)
     killer.start()
     started = time.monotonic()
     with pytest.warns(UserWarning, match="sidecar died"), \
@@ -149,8 +173,48 @@ def test_a_sidecar_that_cannot_start_is_an_error_naming_the_cause(tmp_path: Path
     state.mkdir(parents=True)
     (state / "state.json").write_text("{not json")
     hook = WeightAveraging(torch.nn.Linear(3, 2), [EMA(0.9)], out_dir=tmp_path / "avg")
-    with pytest.raises(SidecarError, match=r"exited before it started: .*state\.json: is not valid JSON"):
+    cause = r"exited before it started: .*state\.json: is not valid JSON"
+    with pytest.raises(SidecarError, match=cause):
         within(BOUND, lambda: hook.wait_until_ready(timeout=BOUND))
+    started = time.monotonic()
+    with pytest.raises(SidecarError, match=cause):  # not restarted: it would fail the same way; the cause stays
+        hook.step()
+    assert time.monotonic() - started < 0.5 and hook.counts.sidecar_restarts == 0
+    hook.close()
+
+
+def test_asking_a_restarted_sidecar_whose_restore_fails_is_an_error_naming_the_cause(tmp_path: Path) -> None:
+    hook = trained_hook(tmp_path, [FailingRestoreEMA(0.9)], strict=True, save_every=1)
+    within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))  # saved: a restarted sidecar restores it
+    kill(hook)
+    with pytest.warns(UserWarning, match="sidecar died"), pytest.raises(SidecarError, match="a new one is starting"):
+        within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))
+    cause = r"exited before it started: .*is no state of ema_0\.9: a corrupt state"
+    with pytest.raises(SidecarError, match=cause):  # asked while it restores: its report is the answer
+        within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))
+    with pytest.raises(SidecarError, match=cause):
+        hook.step()
+    assert hook.counts.sidecar_restarts == 1
+    hook.close()
+
+
+def test_a_sidecar_killed_before_it_ran_is_restarted_three_times_in_a_row_then_an_error(tmp_path: Path) -> None:
+    hook = trained_hook(tmp_path, [SlowRestoreEMA(0.9)], save_every=1)
+    within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))  # saved: a restarted sidecar restores it, slowly
+    taken = hook.counts.taken
+    kill(hook)
+    with pytest.warns(UserWarning, match="sidecar died"):
+        hook.step()
+    for restarts in (2, 3):
+        kill_before_it_runs(hook)  # as the OOM killer would, while it restores a large state
+        started = time.monotonic()
+        hook.step()  # another restart, and step() does not wait for it
+        assert time.monotonic() - started < 0.5
+        assert hook.counts.sidecar_restarts == restarts and hook.counts.taken == taken
+    kill_before_it_runs(hook)
+    with pytest.raises(SidecarError, match=r"killed before it started \(exit code -9\), 3 restarts in a row"):
+        hook.step()
+    assert hook.counts.sidecar_restarts == 3
     hook.close()
 
 

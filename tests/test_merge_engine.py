@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import split_merge_kwargs, write_checkpoint
 
-from mergekit_like.errors import IncompatibleModelsError, RecipeError
+from mergekit_like.errors import IncompatibleModelsError, OptionsError, RecipeError
 from mergekit_like.io import open_checkpoint
 from mergekit_like.io.reader import Checkpoint
 from mergekit_like.merge.engine import MergeOptions, plan_merge, planned_merge, run_merge
@@ -221,9 +221,8 @@ def test_elementwise_methods_merged_in_row_blocks_equal_whole_tensors(
 
 
 def test_a_memory_budget_below_the_minimum_is_refused(three: list[Path]) -> None:
-    recipe = recipe_from_cli("linear", [str(p) for p in three[1:]], params=["weight=0.5,0.5"])
-    with pytest.raises(RecipeError, match="memory budget"):
-        plan_merge(recipe, MergeOptions(memory_budget=1000))
+    with pytest.raises(OptionsError, match="memory budget 1,000 bytes is below the minimum"):
+        MergeOptions(memory_budget=1000)
 
 
 def test_row_chunks_cover_every_row_within_budget() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from helpers import base_and_two_recipe as _recipe
 from helpers import split_merge_kwargs, write_checkpoint
 
 import mergekit_like.merge.engine as engine
+import mergekit_like.methods.task_vectors as task_vectors
 from mergekit_like.errors import DeviceError, MergeError, OutputWriteError
 from mergekit_like.io import open_checkpoint
 from mergekit_like.io.reader import Checkpoint
@@ -118,23 +118,23 @@ def test_a_failure_in_any_stage_stops_the_others_and_leaves_nothing(
     assert _engine_threads() == []
 
 
-def test_the_kernel_thread_pool_lives_only_as_long_as_the_merge(tmp_path: Path) -> None:
-    # Tensors big enough that TIES makes each model's mask in a pool thread.
+def test_the_kernel_thread_pool_lives_only_as_long_as_the_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tensors big enough that TIES makes each model's mask in a thread of the merge's pool.
     g = torch.Generator().manual_seed(3)
     paths = [write_checkpoint(tmp_path / name, {"w": torch.randn(256, 512, generator=g)})
              for name in ("base", "a", "b")]
-    recipe = _recipe(paths, "ties", ["density=0.5", "weight=1,1"])
-    pools: list[str] = []
-    real = ThreadPoolExecutor.__init__
+    threads: list[str] = []
+    real = task_vectors.make_trim
 
-    def recording(self, *args, **kwargs):
-        pools.append(kwargs.get("thread_name_prefix", ""))
-        real(self, *args, **kwargs)
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ThreadPoolExecutor, "__init__", recording)
-        _merge(recipe, tmp_path / "out")
-    assert "kernel" in pools
+    monkeypatch.setattr(task_vectors, "make_trim", recording)
+    _merge(_recipe(paths, "ties", ["density=0.5", "weight=1,1"]), tmp_path / "out")
+    assert len(threads) == 2 and all(name.startswith("kernel") for name in threads), threads
     assert _engine_threads() == []
 
 

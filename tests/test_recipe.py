@@ -288,3 +288,12 @@ def test_every_written_recipe_is_accepted_and_reads_back_the_same(name: str, tmp
     reread = parse_recipe(yaml.safe_load(written))
     assert reread == resolved_recipe(recipe)
     assert recipe_text(reread) == written  # a rerun writes the same recipe again
+
+
+def test_an_unusual_value_is_warned_about_once_however_often_the_recipe_is_copied(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    recipe = recipe_from_cli("linear", ["a", "b"], params=["weight=-0.5,1.5"])
+    dataclasses.replace(recipe, seed=3).with_defaults().with_refs({"a": "/elsewhere/a"})
+    recipe_text(recipe)
+    assert caplog.text.count("weight -0.5 is negative") == 1

@@ -20,14 +20,23 @@ def check_beta(beta: float) -> None:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
 
 
-def sfa_pull(theta: torch.Tensor, theta_o: torch.Tensor, beta: float) -> torch.Tensor:
+def sfa_pull(theta: torch.Tensor, theta_o: torch.Tensor, beta: float, *,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """(1 - beta) theta + beta theta_o, as ``lerp(theta, theta_o, beta)`` in ``theta``'s dtype and device.
 
     ``theta_o`` is the model at the start of the task (Kleiman et al., "Soup to go",
-    2025). Callers that average in float32 pass float32 tensors.
+    2025). Callers that average in float32 pass float32 tensors. ``out`` (``theta``'s
+    shape, dtype and device; ``theta`` itself for a pull in place) receives the same
+    bits the out-of-place pull returns, without a temporary.
+
+    A kernel called per tensor or per chunk: it trusts ``beta``; whoever takes a beta
+    from a user checks it once with :func:`check_beta` (:func:`sfa_merge`,
+    :class:`AnchorPull`, the hook's ``SFA`` and its merge-back do).
     """
-    check_beta(beta)
-    return torch.lerp(theta, theta_o.to(theta.device, theta.dtype), beta)
+    end = theta_o.to(theta.device, theta.dtype)
+    if out is None:
+        return torch.lerp(theta, end, beta)
+    return torch.lerp(theta, end, beta, out=out)
 
 
 def sfa_merge(model: Snapshot, anchor: Snapshot, beta: float) -> dict[str, torch.Tensor]:
@@ -57,7 +66,7 @@ class AnchorPull(RunningAverage):
             self.anchor = [t.clone() for t in state]
             self.anchor_step = self.last_step
         for held, model, anchor in zip(state, new, self.anchor, strict=True):
-            held.copy_(sfa_pull(model, anchor, self.beta))
+            sfa_pull(model, anchor, self.beta, out=held)
 
     def state_dict(self) -> StateDict:
         if self.anchor is None:  # one snapshot so far: it is the anchor and the state

@@ -181,8 +181,10 @@ def consolidate(
             for spec in specs:
                 yield WriteItem(0, spec.name, _join(checkpoints, spec, manifest.tensors[spec.name]))
 
+        # Every rank's shards are inputs: the output may not replace the run that holds them.
         (written,) = write_checkpoints(output, [OutputSpec(config=manifest.config)], specs, joined(),
-                                       overwrite=overwrite, max_shard_size=max_shard_size)
+                                       overwrite=overwrite, max_shard_size=max_shard_size,
+                                       inputs={f"{average} shards": Path(out_dir) / SHARDS})
     return written
 
 

@@ -13,8 +13,10 @@ memory, so the host never waits and the GPU holds no extra model copy; on the
 CPU as a plain copy. If the sidecar is still busy with the previous snapshot
 the hook skips this one and counts it (``strict=True`` waits instead). If the
 sidecar dies, the next snapshot step starts a new one from its last saved state
-and skips snapshots until it runs. Every wait for the sidecar is bounded and
-checks, in short slices, that it still runs.
+and skips snapshots until it runs; one that reports it cannot start (a corrupt
+state) is a SidecarError naming the cause instead, and one killed by a signal
+before it ran is restarted at most MAX_UNSTARTED_RESTARTS times in a row. Every
+wait for the sidecar is bounded and checks, in short slices, that it still runs.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ POLL_INTERVAL = 0.1
 JOIN_TIMEOUT = 30.0
 # Elements per host-to-device chunk of the SFA merge-back (bounds GPU scratch).
 SFA_CHUNK = 16 * 1024 * 1024
+# Sidecars killed by a signal (the OOM killer, say) before they ran, in a row, after which the hook gives up:
+# one that is killed every time it restores its state would otherwise be restarted forever.
+MAX_UNSTARTED_RESTARTS = 3
 
 
 @dataclass
@@ -116,26 +121,58 @@ class _SidecarLink:
         self.replies = context.Queue()
         self.free = context.Event()  # set by the sidecar when the buffers may be written: at start, after a fold
         self.started = context.Event()  # set once, when it has restored its state and runs
+        # Why it could not start, once known: whoever reads its report first keeps it here for the others.
+        self.said: str | None = None
+        self._asked = False  # whether the reply queue was searched for that report
         self.process = context.Process(
             target=run_sidecar,
             args=(settings, buffers, self.commands, self.replies, self.free, self.started),
             name="mergekit-like-sidecar", daemon=True,
         )
-        self._spawner = threading.Thread(target=self.process.start, name="mergekit-like-sidecar-spawn", daemon=True)
+        self._spawner = threading.Thread(target=self._spawn, name="mergekit-like-sidecar-spawn", daemon=True)
         self._spawner.start()
+
+    def _spawn(self) -> None:
+        try:
+            self.process.start()
+        except Exception as exc:  # e.g. an averager that cannot be pickled: no process, so nothing else says it
+            self.said = f"it could not be spawned: {type(exc).__name__}: {exc}"
 
     @property
     def alive(self) -> bool:
         """Whether the sidecar runs, or is still being spawned."""
         return self._spawner.is_alive() or self.process.is_alive()
 
+    @property
+    def killed(self) -> bool:
+        """Whether the process ended by a signal (a negative exit code), not by an exit of its own."""
+        code = self.process.exitcode
+        return code is not None and code < 0
+
+    def reply(self, timeout: float) -> tuple[str, int, Any] | None:
+        """The next answer to a request, or None after ``timeout``.
+
+        The sidecar's report that it could not start, ``("error", None, ("startup", message))``,
+        answers no request: it is kept in :attr:`said` and read as no answer.
+        """
+        try:
+            status, request, value = self.replies.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if request is None:
+            self.said = str(value[1])
+            return None
+        return status, request, value
+
     def startup_error(self) -> str | None:
         """What a sidecar that exited before it started said about it, if anything."""
-        try:
-            _status, _request, (_kind, message) = self.replies.get(timeout=POLL_INTERVAL)
-        except Exception:  # nothing said (killed), or a reply that cannot be read
-            return None
-        return str(message)
+        if self.said is None and not self._asked:
+            self._asked = True
+            try:
+                self.reply(POLL_INTERVAL)
+            except Exception:  # a reply that cannot be read
+                pass
+        return self.said
 
     def join(self, timeout: float) -> None:
         self._spawner.join(timeout)
@@ -196,6 +233,7 @@ class WeightAveraging:
         self._merged_at: int | None = None  # the task step of the last merge-back
         self._pending: tuple[int, Any] | None = None  # (step, CUDA event) of a copy in flight
         self._requests = itertools.count()
+        self._unstarted_restarts = 0  # restarts since a sidecar last ran (bounded by MAX_UNSTARTED_RESTARTS)
         self._settings = SidecarConfig(sidecar_dir, self.averagers, save_every, keep_last,
                                        None if self.sharded else _model_config(model), os.getpid(), sidecar_device)
         self._link: _SidecarLink | None = None
@@ -215,32 +253,48 @@ class WeightAveraging:
                                  "and a hook with SFA alone keeps none")
         return self._link
 
-    @property
-    def _process(self) -> Any:
-        """The sidecar's process (tests kill it)."""
-        return self._sidecar.process
-
     def _revive(self) -> bool:
         """True when the sidecar runs; otherwise starts a new one from its last save and returns False.
 
-        A sidecar that died before it ever ran is not restarted (it would fail the same way):
-        that is a :class:`SidecarError` carrying what it said.
+        Never waits for the new one. A sidecar that died before it ran is restarted only when
+        a signal killed it (the OOM killer, while it restored a large state), and only
+        :data:`MAX_UNSTARTED_RESTARTS` times in a row; one that could not start (a bad
+        ``out_dir``, a corrupt state) would fail the same way again: a :class:`SidecarError`
+        carrying what it said.
         """
         link = self._sidecar
         if link.alive:
             return True
-        if not link.started.is_set():
-            said = link.startup_error()
-            raise SidecarError(f"the averaging sidecar exited before it started{': ' + said if said else ''}; "
-                               f"see its log above, and fix or remove the averages in {self.out_dir}")
+        if link.started.is_set():
+            self._unstarted_restarts = 0
+        else:
+            self._refuse_restart(link)
+        code = link.process.exitcode
         if not self._warned:
             warnings.warn("the averaging sidecar died; restarting it from its last saved state", stacklevel=3)
             self._warned = True
+        logger.warning("the averaging sidecar ended (exit code %s); restarting it from the averages saved in %s",
+                       code, self.out_dir)
         self.counts.sidecar_restarts += 1
+        self._unstarted_restarts += 1
         self._pending = None
         link.close(flush=False)
         self._link = _SidecarLink(self._settings, self._buffers)
         return False
+
+    def _refuse_restart(self, link: _SidecarLink) -> None:
+        """Raises :class:`SidecarError` unless the sidecar, dead before it ran, is to be restarted."""
+        code = link.process.exitcode
+        if link.said is None and link.killed:
+            if self._unstarted_restarts < MAX_UNSTARTED_RESTARTS:
+                return
+            raise SidecarError(f"the averaging sidecar was killed before it started (exit code {code}), "
+                               f"{self._unstarted_restarts} restarts in a row; if the system ran out of memory "
+                               f"while it restored the averages in {self.out_dir}, give it more or keep fewer "
+                               f"LAWA snapshots")
+        said = link.startup_error()
+        raise SidecarError(f"the averaging sidecar exited before it started: {said or f'exit code {code}'}; "
+                           f"see its log above, and fix or remove the averages in {self.out_dir}")
 
     def _request(self, kind: str, argument: Any, timeout: float, *, restart: bool = True) -> Any:
         """Sends a request and waits, in slices that check the sidecar lives, for its answer."""
@@ -250,18 +304,19 @@ class WeightAveraging:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                status, answered, value = link.replies.get(timeout=POLL_INTERVAL)
-            except queue.Empty:
+                reply = link.reply(POLL_INTERVAL)  # keeps a report that it could not start for _revive
+            except Exception as exc:  # the reply's shared tensors went with a dying sidecar
+                if not link.alive:
+                    raise self._died(kind, restart) from exc
+                raise SidecarError(f"the averaging sidecar's answer to {kind!r} could not be read: {exc}") from exc
+            if reply is None:
                 if not link.alive:
                     raise self._died(kind, restart) from None
                 if time.monotonic() >= deadline:
                     raise SidecarError(f"the averaging sidecar did not answer {kind!r} within {timeout:g} s; "
                                        f"it still runs (a very large model?): pass a longer timeout") from None
                 continue
-            except Exception as exc:  # the reply's shared tensors went with a dying sidecar
-                if not link.alive:
-                    raise self._died(kind, restart) from exc
-                raise SidecarError(f"the averaging sidecar's answer to {kind!r} could not be read: {exc}") from exc
+            status, answered, value = reply
             if answered == request:  # else: the late answer to a request given up on
                 break
         if status == "error":
@@ -270,9 +325,11 @@ class WeightAveraging:
 
     def _died(self, kind: str, restart: bool) -> SidecarError:
         if not restart:
-            return SidecarError(f"the averaging sidecar died before it answered {kind!r}; the averages in "
+            said = self._sidecar.said
+            return SidecarError(f"the averaging sidecar died before it answered {kind!r}"
+                                f"{' (it could not start: ' + said + ')' if said else ''}; the averages in "
                                 f"{self.out_dir} are those of its last save")
-        self._revive()
+        self._revive()  # raises the sidecar's own error when it could not start
         return SidecarError(f"the averaging sidecar died before it answered {kind!r}; a new one is starting from "
                             f"the averages saved in {self.out_dir}: ask again once wait_until_ready() returns")
 
@@ -367,6 +424,7 @@ class WeightAveraging:
             raise HookUsageError("merge_back() needs SFA(...) among the averages given to WeightAveraging")
         if self._anchor is None:
             raise HookUsageError("call start_task() first: it takes theta_o, the model the merge-back pulls toward")
+        check_beta(self.sfa.beta)  # once here: the pull itself trusts its beta
         with torch.no_grad():
             for name, live in _snapshot_tensors(self.model).items():
                 anchor = self._anchor.get(name)
@@ -469,12 +527,15 @@ def _reply_error(kind: str, message: str) -> Exception:
 
 
 def _pull_in_chunks(live: torch.Tensor, anchor: torch.Tensor, beta: float) -> None:
-    """:func:`sfa_pull` of ``live`` toward the host tensor ``anchor``, in place, a chunk at a time."""
+    """:func:`sfa_pull` of ``live`` toward the host tensor ``anchor``, in place, a chunk at a time.
+
+    The only GPU scratch is the anchor's chunk on its way in: the pull writes into ``live``.
+    """
     flat_live, flat_anchor = live.view(-1), anchor.view(-1)
     for start in range(0, flat_live.numel(), SFA_CHUNK):
         part = flat_live[start:start + SFA_CHUNK]
         theta_o = flat_anchor[start:start + SFA_CHUNK].to(live.device, non_blocking=True)
-        part.copy_(sfa_pull(part, theta_o, beta))
+        sfa_pull(part, theta_o, beta, out=part)
 
 
 def _snapshot_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

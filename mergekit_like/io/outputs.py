@@ -61,11 +61,17 @@ class OutputSpec:
 def check_output(output: str | Path, *, overwrite: bool, inputs: Mapping[str, Path] | None = None) -> None:
     """Refuses a target that exists (unless ``overwrite``) or that is, or contains, one of ``inputs``.
 
-    ``inputs``: reference -> the directory it is read from.
+    For callers that do long work before they write (a greedy soup's evaluations);
+    :func:`write_checkpoints` checks by itself. ``inputs``: reference -> its directory.
     """
     check_target(output, overwrite=overwrite)
+    refuse_output_among_inputs(output, inputs or {})
+
+
+def refuse_output_among_inputs(output: str | Path, inputs: Mapping[str, Path]) -> None:
+    """The one guard of every command that writes: the output must not be, or contain, an input."""
     target = Path(output).resolve()
-    for ref, root in (inputs or {}).items():
+    for ref, root in inputs.items():
         root = root.resolve()
         if target == root or root.is_relative_to(target):
             raise IncompatibleModelsError(
@@ -88,12 +94,12 @@ def write_checkpoints(
 ) -> list[WrittenCheckpoint]:
     """Writes one checkpoint per entry of ``outputs`` from one stream of tensors, atomically.
 
-    The target is checked (see :func:`check_output`) before the stream is first read, so a
-    producer that does work up front (a pre-pass over the inputs) does it only for a target
-    that can be written.
+    The target is checked (see :func:`check_output`; the atomic directory checks it) before
+    the stream is first read, so a producer that does work up front (a pre-pass over the
+    inputs) does it only for a target that can be written.
     """
     output = Path(output)
-    check_output(output, overwrite=overwrite, inputs=inputs)
+    refuse_output_among_inputs(output, inputs or {})
     with atomic_directory(output, overwrite=overwrite) as temp:
         directories = [temp / spec.label if spec.label else temp for spec in outputs]
         for directory in directories:

@@ -72,20 +72,18 @@ def _write_config(source: Path, destination: Path, out_dtype: torch.dtype | None
         return
     except RecursionError:
         raise _nested_too_deeply(source) from None
-    if not isinstance(config, dict):
-        destination.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return
     write_config(destination.parent, config, out_dtype)
 
 
-def write_config(directory: Path, config: Mapping[str, Any], out_dtype: torch.dtype | None = None) -> Path:
-    """Writes ``config.json`` into ``directory``, its dtype field set to ``out_dtype`` when given.
+def write_config(directory: Path, config: Any, out_dtype: torch.dtype | None = None) -> Path:
+    """Writes ``config.json`` into ``directory``; a mapping gets its dtype field set to ``out_dtype``.
 
-    The one writer of config.json: copied from a model, kept by the training hook, or made
-    for an example.
+    The one writer of config.json: read from a model, kept by the training hook, or made
+    for an example (a source config that is not valid JSON is copied as it is, unread).
     """
-    config = dict(config)
-    if out_dtype is not None:
+    if isinstance(config, Mapping):
+        config = dict(config)
+    if isinstance(config, dict) and out_dtype is not None:
         # A Hugging Face config (it has model_type) gets the dtype key transformers reads; any
         # other config keeps its keys, since a strict loader may refuse one it does not know.
         present = [k for k in CONFIG_DTYPE_KEYS if k in config]

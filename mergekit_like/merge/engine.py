@@ -113,6 +113,7 @@ def run_prepass(plan: MergePlan, staging: DeviceStaging, progress: ProgressSink)
     if prepass is None or not merged:
         return None
     total = sum(TensorSpec(t.name, t.compute_dtype, t.shape).numel for t in merged)
+    # The pass's problems() made sure its parameters are the same for every merged tensor.
     reduction = prepass.start(merged[0].params[0], total, staging.device)
     for pass_index in range(prepass.passes):
         for tensor in merged:
@@ -265,8 +266,8 @@ def run_merge(
     labels = [v.label for v in plan.variants]
     if [spec.label for spec in specs] != labels:
         raise ValueError(f"outputs {[spec.label for spec in specs]} do not match the plan's variants {labels}")
-    apply_allocator(options.allocator, elementwise=plan.method.elementwise)
-    passes = (plan.method.prepass.passes if plan.method.prepass and plan.needs_prepass else 0) + 1
+    prepass = plan.method.prepass if plan.needs_prepass else None
+    passes = (prepass.passes if prepass is not None else 0) + 1
     progress.start(len(plan.tensors) * passes, plan.read_bytes * passes)
     if staging.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(staging.device)
@@ -290,7 +291,9 @@ def _merged_stream(
     plan: MergePlan, staging: DeviceStaging, executor: Executor, progress: ProgressSink, prepass: bool
 ) -> Generator[WriteItem, None, None]:
     """The merge as a stream for the writer; its first read (the pre-pass, if any) waits for the writer's
-    check of the target, so nothing is read for an output that cannot be written."""
+    check of the target, so nothing is read (and no allocator setting changed) for an output that
+    cannot be written."""
+    apply_allocator(plan.options.allocator, elementwise=plan.method.elementwise)
     context = KernelContext(staging, executor, run_prepass(plan, staging, progress) if prepass else None)
     items = [(t, rows) for t in plan.tensors for rows in (t.chunks or [None])]
     stream = _pipelined if plan.options.pipeline else _sequential

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from mergekit_like.errors import RecipeError
+from mergekit_like.errors import OptionsError
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE
 
 # The bytes of tensor data the pipeline holds at once for element-wise merges: the block in
@@ -56,4 +56,4 @@ class MergeOptions:
         if self.kernel_threads is not None and self.kernel_threads < 1:
             problems.append(f"kernel_threads must be at least 1, not {self.kernel_threads}")
         if problems:
-            raise RecipeError(problems)
+            raise OptionsError(problems)

@@ -81,12 +81,12 @@ class MergePlan:
             return self.checkpoints[self.side_file_source].layout.root
         return Path(self.side_file_source)
 
-    @property
+    @functools.cached_property
     def merged_params(self) -> list[dict[str, Any]]:
         """The kernel arguments of every merged tensor and variant (what a pre-pass decides on)."""
         return [p for t in self.tensors if t.copy_from is None for p in t.params]
 
-    @property
+    @functools.cached_property
     def needs_prepass(self) -> bool:
         prepass = self.method.prepass
         return prepass is not None and prepass.needed(self.merged_params)
@@ -179,8 +179,9 @@ def plan_merge(
                 problems += found.problems
         plan = MergePlan(recipe, method, checkpoints, tensors, variants, _side_file_source(recipe, reference),
                          reference, options)
-        if not problems and method.prepass is not None and plan.needs_prepass:
-            problems += method.prepass.problems(plan.merged_params)
+        prepass = method.prepass
+        if not problems and prepass is not None and plan.needs_prepass:
+            problems += prepass.problems(plan.merged_params)
         if problems:
             raise _recipe_error(problems)
         stack.pop_all()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import yaml
 from mergekit_like.errors import RecipeError, UnsupportedDtypeError
 from mergekit_like.io.dtypes import dtype_name, parse_dtype
 from mergekit_like.merge.parameters import check_value_form, is_gradient, numeric_values
-from mergekit_like.methods import BaseUse, MergeMethod, Typical, all_methods
+from mergekit_like.methods import BaseUse, MergeMethod, all_methods
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +230,7 @@ def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
         problems += [p for p in invalid.problems if method is not None or not p.startswith(_UNKNOWN_METHOD)]
     if problems:
         raise RecipeError(problems, source=source)
+    warn_unusual_values(recipe)
     return recipe
 
 
@@ -310,15 +311,38 @@ def _dtype(data: Mapping[str, Any], key: str, problems: list[str]) -> torch.dtyp
 def validate_against_method(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
     """Every problem of the recipe's models and parameters for ``method``."""
     problems = _check_models(recipe, method)
-    known = set(method.params) | method.ignored_params
-    for name, value in recipe.parameters.items():
-        problems += _check_param(method, name, value, "parameters", known, per_model_scope=False)
-    for entry in recipe.models:
-        for name, value in entry.parameters.items():
-            where = f"models '{entry.model}' parameters"
-            problems += _check_param(method, name, value, where, known, per_model_scope=True)
+    for where, name, value, per_model_scope in _parameter_values(recipe):
+        problems += _check_param(method, name, value, where, per_model_scope=per_model_scope)
     problems += _check_required(recipe, method)
     return problems
+
+
+def _parameter_values(recipe: MergeRecipe) -> Iterator[tuple[str, str, Any, bool]]:
+    """(where, name, value, per-model scope) for every parameter value the recipe sets."""
+    for name, value in recipe.parameters.items():
+        yield "parameters", name, value, False
+    for entry in recipe.models:
+        for name, value in entry.parameters.items():
+            yield f"models '{entry.model}' parameters", name, value, True
+
+
+def warn_unusual_values(recipe: MergeRecipe) -> None:
+    """Logs values the method allows but rarely means (a negative averaging weight).
+
+    Once, where a recipe is read or built from the command line; never for the copies
+    that overrides and defaults make of it.
+    """
+    method = recipe.method
+    for where, name, value, _ in _parameter_values(recipe):
+        spec = method.spec(name)
+        if spec is None or spec.typical is None:
+            continue
+        typical = spec.typical
+        unusual = [v for v in numeric_values(value) if isinstance(v, (int, float)) and not typical.contains(v)]
+        if unusual:
+            described = "negative" if typical.low == 0 and unusual[0] < 0 else "outside its usual range"
+            logger.warning("%s: %s %r is %s; %s %s", where, name, unusual[0], described, method.name,
+                           typical.why)
 
 
 def _check_models(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
@@ -331,16 +355,14 @@ def _check_models(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
         if not listed:
             problems.append(
                 f"{name} does not use base_model; list '{recipe.base_model}' under models "
-                "(with a weight) to include it, or remove base_model"
+                "to include it, or remove base_model"
             )
     count = method.model_count_problem(len(recipe.inputs))
     return problems + ([count] if count else [])
 
 
-def _check_param(
-    method: MergeMethod, name: str, value: Any, where: str, known: set[str], *, per_model_scope: bool
-) -> list[str]:
-    spec = method.spec(name) if name in known else None
+def _check_param(method: MergeMethod, name: str, value: Any, where: str, *, per_model_scope: bool) -> list[str]:
+    spec = method.spec(name)
     if spec is None:
         return [f"{where}: unknown parameter '{name}' for {method.name} "
                 f"(known: {', '.join(sorted(method.params)) or 'none'})"]
@@ -353,18 +375,7 @@ def _check_param(
     problem = check_value_form(value)
     if problem:
         return [f"{where}: {name}: {problem}"]
-    leaves = numeric_values(value)
-    problems = [f"{where}: {name}: {p}" for p in map(spec.leaf_problem, leaves) if p]
-    if not problems and spec.typical is not None:
-        _warn_unusual(method.name, spec.recipe_name, spec.typical, where, leaves)
-    return problems
-
-
-def _warn_unusual(method: str, name: str, typical: Typical, where: str, leaves: Sequence[Any]) -> None:
-    unusual = [v for v in leaves if isinstance(v, (int, float)) and not typical.contains(v)]
-    if unusual:
-        described = "negative" if typical.low == 0 and unusual[0] < 0 else "outside its usual range"
-        logger.warning("%s: %s %r is %s; %s %s", where, name, unusual[0], described, method, typical.why)
+    return [f"{where}: {name}: {p}" for p in map(spec.leaf_problem, numeric_values(value)) if p]
 
 
 def _check_required(recipe: MergeRecipe, method: MergeMethod) -> list[str]:

@@ -138,7 +138,9 @@ class Reduction(Protocol):
     """The state of a :class:`WholeModelPass` over one run."""
 
     def observe(self, pass_index: int, models: Sequence[torch.Tensor], base: torch.Tensor | None) -> None:
-        """Takes one merged tensor of every model (and the base), in the compute dtype."""
+        """Takes one merged tensor of every model (and the base), as the kernel gets them: the base
+        in the compute dtype, the models in it too, or in their stored dtype for a method
+        declared ``inputs_as_stored``."""
 
     def end_pass(self, pass_index: int) -> None: ...
 
@@ -168,7 +170,8 @@ class WholeModelPass(Protocol):
         """What is wrong with such a plan for the pass (checked before any tensor is read)."""
 
     def start(self, params: Mapping[str, Any], numel: int, device: torch.device) -> Reduction:
-        """A fresh reduction over ``numel`` elements per model, from one tensor's parameters."""
+        """A fresh reduction over ``numel`` elements per model, from the first merged tensor's
+        parameters (:meth:`problems` refuses plans where the pass's parameters differ)."""
 
 
 # The usual weights of an average: a negative one extrapolates (task arithmetic's negation is on purpose).

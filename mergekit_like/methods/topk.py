@@ -198,13 +198,15 @@ class TopKThreshold:
         self._bucket, self._above = _bucket_from_top(self._high, self.k)
 
     def count_low(self, magnitudes: torch.Tensor) -> None:
-        assert self._bucket is not None, "call choose_bucket() between the passes"
+        if self._bucket is None:
+            raise RuntimeError("call choose_bucket() between the passes")
         bits = _float32_bits(magnitudes)
         inside = bits[(bits >> 16) == self._bucket] & (BUCKETS - 1)
         self._low += torch.bincount(inside, minlength=BUCKETS).to(self._low.device)
 
     def threshold_bits(self) -> int:
-        assert self._bucket is not None, "call choose_bucket() and count_low() first"
+        if self._bucket is None:
+            raise RuntimeError("call choose_bucket() and count_low() first")
         low, _ = _bucket_from_top(self._low, self.k - self._above)
         return (self._bucket << 16) | low
 
