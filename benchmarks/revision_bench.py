@@ -13,7 +13,9 @@ the same commands with both trees side by side, alternately, on the same inputs:
   fresh process, timed alone, peak RSS from ``getrusage``): ``merge`` of the linear and TIES
   recipes of merge_bench, ``average --method ema --decay 0.9,0.99`` and ``average --method
   lawa --k 2``. The other tree runs under this Python with its source first on ``sys.path``.
-* Order: before and after alternate, ``--repeat`` times each; best wall time, highest RSS.
+* Order: before and after alternate, ``--repeat`` times each; median wall time and median peak
+  RSS (on a small machine one run's start-up moves by tenths of a second and its peak RSS by
+  tens of MB with the threads' timing; both ranges are printed too).
   The page cache is warmed before every run (``--cache cold`` drops it where allowed).
 * Agreement: the outputs of both trees are compared tensor by tensor (they must be equal).
 
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -113,7 +116,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="runs per tree and command")
     parser.add_argument("--cache", choices=["warm", "cold"], default="warm")
     parser.add_argument("--only", help="comma list of command names to run")
-    parser.add_argument("--save", type=Path, help="also write the table to this file")
+    parser.add_argument("--save", type=Path, help="also append the table to this file")
     args = parser.parse_args()
     if args.cache == "cold" and not mb.can_drop_caches():
         sys.exit("--cache cold needs permission to write /proc/sys/vm/drop_caches")
@@ -128,7 +131,7 @@ def main() -> None:
     if args.only:
         wanted = {k: v for k, v in wanted.items() if k in args.only.split(",")}
     lines = [f"{'command':<14} {'before s':>9} {'after s':>9} {'ratio':>6} {'before MB':>10} {'after MB':>9} "
-             f"{'ratio':>6}  same bytes"]
+             f"{'ratio':>6}  same bytes  ranges"]
     for name, argv in wanted.items():
         walls: dict[str, list[float]] = {"before": [], "after": []}
         rss: dict[str, list[int]] = {"before": [], "after": []}
@@ -140,16 +143,19 @@ def main() -> None:
                 rss[tree].append(peak)
         same = same_outputs(workdir / "out" / "before" / name.replace(" ", "-"),
                             workdir / "out" / "after" / name.replace(" ", "-"))
-        b, a = min(walls["before"]), min(walls["after"])
-        rb, ra = max(rss["before"]), max(rss["after"])
+        b, a = statistics.median(walls["before"]), statistics.median(walls["after"])
+        rb, ra = statistics.median(rss["before"]), statistics.median(rss["after"])
+        spread = "  ".join(f"{tree} {min(walls[tree]):.2f}-{max(walls[tree]):.2f} s, "
+                           f"{min(v) / 1e6:.0f}-{max(v) / 1e6:.0f} MB" for tree, v in rss.items())
         lines.append(f"{name:<14} {b:>9.2f} {a:>9.2f} {a / b:>6.3f} {rb / 1e6:>10.0f} {ra / 1e6:>9.0f} "
-                     f"{ra / rb:>6.3f}  {'yes' if same else 'NO'}")
+                     f"{ra / rb:>6.3f}  {'yes' if same else 'NO':<10}  {spread}")
         print(lines[-1], flush=True)
     header = (f"revision_bench: 270m, {args.repeat} run(s) per tree, {args.cache} cache, "
               f"{os.cpu_count()} cores; ratio = after / before")
     print("\n".join([header, *lines]))
-    if args.save:
-        args.save.write_text("\n".join([header, *lines]) + "\n")
+    if args.save:  # appended: a run per group of commands, each with its own repeat count
+        with args.save.open("a") as saved:
+            saved.write("\n".join([header, *lines]) + "\n\n")
     if not args.keep and args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -6,9 +6,13 @@ the test instead of blocking the suite.
 
 from __future__ import annotations
 
+import os
+import signal
+import struct
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +24,9 @@ from mergekit_like.hook import EMA, SFA, SWA, WeightAveraging
 
 T = TypeVar("T")
 BOUND = 20.0  # seconds any call here may take; a sidecar restart takes a few
+PIPE_BUFFER = 64 * 1024  # Linux's default pipe capacity
+MANY = 3000  # tensors: an average's answer, an entry per tensor, is then several times PIPE_BUFFER
+SEND_BYTES = Connection._send_bytes  # as imported, before DiesMidAnswerEMA replaces it in a sidecar
 
 
 def within(seconds: float, call: Callable[[], T]) -> T:
@@ -72,6 +79,32 @@ class SlowEMA(EMA):
     def result(self) -> dict[str, torch.Tensor]:
         time.sleep(120)
         return super().result()
+
+
+def write_part_then_die(connection: Connection, data: Any) -> None:
+    """Connection._send_bytes for a sidecar killed halfway through a message larger than the pipe's buffer."""
+    if len(data) <= PIPE_BUFFER:  # small messages (the answer to close, the fds shared) go as ever
+        SEND_BYTES(connection, data)
+        return
+    # The header announces all of it; half a buffer of the body fits the pipe without waiting for the reader.
+    os.write(connection.fileno(), struct.pack("!i", len(data)) + bytes(data[:PIPE_BUFFER // 2]))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DiesMidAnswerEMA(EMA):
+    """An EMA whose sidecar, asked for it, writes part of its answer and is killed (the OOM killer, say)."""
+
+    def result(self) -> dict[str, torch.Tensor]:
+        Connection._send_bytes = write_part_then_die  # type: ignore[method-assign]  # in the sidecar only
+        return super().result()
+
+
+def many_tensors() -> torch.nn.Module:
+    return torch.nn.ParameterList(torch.nn.Parameter(torch.full((2,), float(i))) for i in range(MANY))
+
+
+def sidecar_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("mergekit-like-sidecar")}
 
 
 class SlowRestoreEMA(EMA):
@@ -133,6 +166,36 @@ def test_a_sidecar_killed_while_it_answers_gives_an_error_within_a_bound(tmp_pat
     assert hook.counts.sidecar_restarts == 1  # and a new sidecar is on its way
     killer.join()
     hook.close()
+
+
+def test_a_sidecar_killed_halfway_through_an_answer_larger_than_the_pipe_gives_an_error_within_a_bound(
+        tmp_path: Path) -> None:
+    hook = WeightAveraging(many_tensors(), [DiesMidAnswerEMA(0.9)], out_dir=tmp_path / "avg", strict=True)
+    assert within(BOUND, hook.wait_until_ready)
+    hook.step()
+    dying = hook._sidecar
+    started = time.monotonic()
+    with pytest.warns(UserWarning, match="sidecar died"), \
+            pytest.raises(SidecarError, match="died before it answered 'average'; a new one is starting"):
+        within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))
+    assert time.monotonic() - started < BOUND
+    assert dying.killed and hook.counts.sidecar_restarts == 1  # killed as arranged, and a new one is on its way
+    dying._reader.join(BOUND)  # the reader of its answers found the pipe's end: no thread stays stuck in it
+    assert not dying._reader.is_alive()
+    within(BOUND, hook.close)
+
+
+def test_an_answer_larger_than_the_pipe_arrives_whole_and_close_leaves_no_thread(tmp_path: Path) -> None:
+    before = sidecar_threads()
+    model = many_tensors()
+    hook = WeightAveraging(model, [EMA(0.9)], out_dir=tmp_path / "avg", strict=True)
+    assert within(BOUND, hook.wait_until_ready)
+    hook.step()
+    average = within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))
+    expected = model.state_dict()
+    assert average.keys() == expected.keys() and all(torch.equal(average[n], expected[n]) for n in expected)
+    within(BOUND, hook.close)
+    assert not sidecar_threads() - before
 
 
 def test_a_slow_answer_is_given_up_after_the_timeout(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ directory, atomically, updates a ``latest`` link, and saves each averager's
 If the trainer process disappears, the sidecar saves what it has and exits.
 
 Requests (``("average", id, label)``, ``("close", id, None)``) are answered on the
-reply queue with ``("ok", id, value)`` or ``("error", id, (kind, message))``: a bad
-request is an answer, never the sidecar's end.
+reply pipe (a :class:`ReplyPipe`) with ``("ok", id, value)`` or ``("error", id, (kind,
+message))``: a bad request is an answer, never the sidecar's end.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import os
 import queue
 import shutil
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +61,34 @@ class SidecarConfig:
     device: str = "cpu"
 
 
+class ReplyPipe:
+    """The sidecar's end of the reply pipe; ``put`` sends one whole answer, as ``Queue.put`` would.
+
+    A pipe of which the trainer keeps no writing end, not a queue (whose writing end the trainer
+    holds too): once the sidecar is gone, even halfway through an answer, the trainer's reader of
+    answers finds the pipe's end instead of waiting forever for the rest.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def put(self, message: tuple[Any, ...]) -> None:
+        try:
+            data = ForkingPickler.dumps(message)
+        except Exception as exc:  # e.g. no shared memory left for an average's tensors: the trainer gets why
+            data = ForkingPickler.dumps(("error", message[1], (type(exc).__name__,
+                                                              f"its answer could not be sent: {exc}")))
+        try:
+            self.connection.send_bytes(data)
+        except OSError:  # a broken pipe: the trainer is gone, and the main loop saves once it notices
+            logger.warning("the training process reads no answers any more; one was dropped")
+
+
 def run_sidecar(
     settings: SidecarConfig,
     buffers: dict[str, torch.Tensor],
     commands: Any,
-    replies: Any,
+    replies: ReplyPipe,
     free: Any,
     started: Any,
 ) -> None:

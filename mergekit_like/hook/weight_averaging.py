@@ -16,7 +16,9 @@ sidecar dies, the next snapshot step starts a new one from its last saved state
 and skips snapshots until it runs; one that reports it cannot start (a corrupt
 state) is a SidecarError naming the cause instead, and one killed by a signal
 before it ran is restarted at most MAX_UNSTARTED_RESTARTS times in a row. Every
-wait for the sidecar is bounded and checks, in short slices, that it still runs.
+wait for the sidecar is bounded and checks, in short slices, that it still runs;
+its answers are read whole by a thread of the hook, so one that dies halfway
+through an answer leaves no caller reading the rest forever.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +47,7 @@ from mergekit_like.averaging.lawa import LAWA
 from mergekit_like.averaging.sfa import check_beta, sfa_pull
 from mergekit_like.errors import HookUsageError, SidecarError, UnknownAverageError
 from mergekit_like.hook.shards import is_sharded, local_tensor, shard_directory, write_manifest
-from mergekit_like.hook.sidecar import SidecarConfig, run_sidecar
+from mergekit_like.hook.sidecar import ReplyPipe, SidecarConfig, run_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,8 @@ FREE_TIMEOUT = 600.0
 POLL_INTERVAL = 0.1
 # How long close() waits for the sidecar process to exit once it has saved.
 JOIN_TIMEOUT = 30.0
+# How long close() waits, once the sidecar has exited, for the reader of its answers to find the pipe's end.
+READER_JOIN_TIMEOUT = 5.0
 # Elements per host-to-device chunk of the SFA merge-back (bounds GPU scratch).
 SFA_CHUNK = 16 * 1024 * 1024
 # Sidecars killed by a signal (the OOM killer, say) before they ran, in a row, after which the hook gives up:
@@ -113,20 +119,33 @@ class _SidecarLink:
     shared buffers into a pipe that the child drains only once it has imported the
     trainer's main module; past the pipe's 64 KiB (some hundreds of tensors) ``start()``
     itself would wait seconds, inside a training step when it restarts a sidecar.
+
+    Answers come on a pipe whose writing end only the sidecar keeps, and a thread of
+    this link moves each whole answer onto :attr:`answers`, where callers wait in
+    slices. Reading a pipe has no timeout once a message has begun (the timeout of
+    ``Queue.get`` bounds only its first bytes), and an average's answer, an entry per tensor, outgrows
+    the pipe's 64 KiB: a sidecar killed halfway through one would leave its reader
+    waiting for the rest. Here that reader finds the pipe's end and stops, and were it
+    stuck (a forked process keeping the writing end), it is left behind with its link:
+    a daemon that holds nothing the caller needs.
     """
 
     def __init__(self, settings: SidecarConfig, buffers: dict[str, torch.Tensor]) -> None:
         context = mp.get_context("spawn")
         self.commands = context.Queue()
-        self.replies = context.Queue()
+        receiving, self._sending = context.Pipe(duplex=False)
+        self.answers: queue.Queue[Any] = queue.Queue()  # whole answers, or why one could not be read
+        self._reader = threading.Thread(target=_read_answers, args=(receiving, self.answers),
+                                        name="mergekit-like-sidecar-replies", daemon=True)
+        self._reader.start()
         self.free = context.Event()  # set by the sidecar when the buffers may be written: at start, after a fold
         self.started = context.Event()  # set once, when it has restored its state and runs
         # Why it could not start, once known: whoever reads its report first keeps it here for the others.
         self.said: str | None = None
-        self._asked = False  # whether the reply queue was searched for that report
+        self._asked = False  # whether the answers were searched for that report
         self.process = context.Process(
             target=run_sidecar,
-            args=(settings, buffers, self.commands, self.replies, self.free, self.started),
+            args=(settings, buffers, self.commands, ReplyPipe(self._sending), self.free, self.started),
             name="mergekit-like-sidecar", daemon=True,
         )
         self._spawner = threading.Thread(target=self._spawn, name="mergekit-like-sidecar-spawn", daemon=True)
@@ -137,6 +156,9 @@ class _SidecarLink:
             self.process.start()
         except Exception as exc:  # e.g. an averager that cannot be pickled: no process, so nothing else says it
             self.said = f"it could not be spawned: {type(exc).__name__}: {exc}"
+        finally:
+            # The child has its own copy now; with ours closed, the pipe ends when the sidecar does.
+            self._sending.close()
 
     @property
     def alive(self) -> bool:
@@ -156,9 +178,12 @@ class _SidecarLink:
         answers no request: it is kept in :attr:`said` and read as no answer.
         """
         try:
-            status, request, value = self.replies.get(timeout=timeout)
+            answer = self.answers.get(timeout=timeout)
         except queue.Empty:
             return None
+        if isinstance(answer, Exception):  # a whole answer whose shared tensors could not be opened
+            raise answer
+        status, request, value = answer
         if request is None:
             self.said = str(value[1])
             return None
@@ -180,12 +205,33 @@ class _SidecarLink:
             self.process.join(timeout)
 
     def close(self, *, flush: bool) -> None:
-        for channel in (self.commands, self.replies):
-            channel.close()
-            if flush:
-                channel.join_thread()
-            else:
-                channel.cancel_join_thread()  # nobody reads a dead sidecar's pipe any more
+        """Closes the channels; ``flush`` for a sidecar that answered its last request and exited.
+
+        Only then is the reader joined (it has found the pipe's end, or does within a bound); a dead
+        sidecar's reader stops by itself, or is left behind, and a restart never waits for it.
+        """
+        self.commands.close()
+        if flush:
+            self.commands.join_thread()
+            self._reader.join(READER_JOIN_TIMEOUT)
+        else:
+            self.commands.cancel_join_thread()  # nobody reads a dead sidecar's pipe any more
+
+
+def _read_answers(pipe: Connection, answers: queue.Queue[Any]) -> None:
+    """Moves each whole message of the sidecar's reply pipe onto ``answers`` until the pipe ends."""
+    try:
+        while True:
+            try:
+                data = pipe.recv_bytes()
+            except (EOFError, OSError):  # the sidecar is gone (perhaps halfway through a message)
+                return
+            try:
+                answers.put(ForkingPickler.loads(data))
+            except Exception as exc:  # e.g. the shared tensors of an answer went with a dying sidecar
+                answers.put(exc)
+    finally:
+        pipe.close()
 
 
 class WeightAveraging:
