@@ -39,10 +39,13 @@ class Recording:
     (AverageSettings("mean"), ["unknown averaging method 'mean' (known: ema, swa, lawa, sfa)"]),
     (AverageSettings("ema"), ["ema needs --decay or --half-life"]),
     (AverageSettings("ema", decays=(0.9, 1.0, float("nan")), half_lives=(0.0, float("inf"), 1e300)),
-     ["decays must lie in [0, 1) and half-lives be positive; got 1.0, nan, 0.0, inf, 1e+300"]),
-    (AverageSettings("swa", start=10, end=5), ["the SWA window ends at step 5, before it starts at step 10"]),
-    (AverageSettings("lawa", k=0, nu=-1), ["--k must be at least 1, got 0", "--nu must be at least 0, got -1"]),
-    (AverageSettings("sfa", beta=float("nan")), ["--beta must lie in [0, 1], got nan"]),
+     ["decay must be in [0, 1), got 1.0", "decay must be in [0, 1), got nan",
+      "half_life must be positive and finite, got 0.0", "half_life must be positive and finite, got inf",
+      "half_life 1e+300 is too long: its per-step decay rounds to 1"]),
+    (AverageSettings("swa", start=10, end=5), ["SWA window ends (5) before it starts (10)"]),
+    (AverageSettings("lawa", k=0), ["k must be at least 1, got 0"]),
+    (AverageSettings("lawa", nu=-1), ["nu must be at least 0, got -1"]),
+    (AverageSettings("sfa", beta=float("nan")), ["beta must be in [0, 1], got nan"]),
 ])
 def test_every_problem_of_the_settings_is_listed_before_any_path_is_resolved(
     settings: AverageSettings, problems: list[str]
@@ -86,7 +89,7 @@ def test_a_listing_shows_the_checkpoints_whatever_the_settings(tmp_path: Path) -
     run = make_run(tmp_path, [1, 2])
     listing = list_average([str(run)], AverageSettings("swa", start=10, end=5))
     assert [p.step for p in listing.points] == [1, 2] and listing.outputs == ()
-    assert listing.unshown == "the SWA window ends at step 5, before it starts at step 10"
+    assert listing.unshown == "SWA window ends (5) before it starts (10)"
     with pytest.raises(RecipeError, match="unknown averaging method"):
         list_average([str(run)], AverageSettings("mean"))
 
@@ -100,8 +103,8 @@ def test_options_are_those_of_the_method_as_they_would_be_typed() -> None:
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
-    (["--method", "swa", "--start", "10", "--end", "5"], "the SWA window ends at step 5, before it starts at step 10"),
-    (["--method", "ema", "--half-life", "inf"], "half-lives be positive; got inf"),
+    (["--method", "swa", "--start", "10", "--end", "5"], "SWA window ends (5) before it starts (10)"),
+    (["--method", "ema", "--half-life", "inf"], "half_life must be positive and finite, got inf"),
     (["--method", "sfa"], "sfa needs --anchor"),
     (["--method", "median"], "unknown averaging method 'median'"),
 ])

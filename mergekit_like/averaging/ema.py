@@ -14,7 +14,10 @@ def decay_from_half_life(half_life: float) -> float:
     """The per-step decay under which a weight halves after ``half_life`` steps."""
     if not 0 < half_life < math.inf:
         raise ValueError(f"half_life must be positive and finite, got {half_life}")
-    return 2 ** (-1 / half_life)
+    decay = 2 ** (-1 / half_life)
+    if decay >= 1:
+        raise ValueError(f"half_life {half_life:g} is too long: its per-step decay rounds to 1")
+    return decay
 
 
 class EMA(RunningAverage):

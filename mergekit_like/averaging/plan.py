@@ -10,12 +10,17 @@ leave the outputs unshown instead of failing.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mergekit_like.averaging.ema import EMA
+from mergekit_like.averaging.lawa import LAWA
 from mergekit_like.averaging.offline import AverageOutput, ema_outputs, lawa_outputs, sfa_outputs, swa_outputs
+from mergekit_like.averaging.sfa import AnchorPull
+from mergekit_like.averaging.swa import SWA
 from mergekit_like.averaging.trajectory import TrajectoryPoint, checkpoints_in, from_paths
 from mergekit_like.errors import RecipeError
 from mergekit_like.io.layout import resolve
@@ -58,26 +63,24 @@ class AverageSettings:
             return [f"unknown averaging method {self.method!r} (known: {', '.join(METHOD_OPTIONS)})"]
         return checks[self.method]()
 
+    # Each average's rules live in its class: a setting is checked by making the average,
+    # so the command, the hook and resume refuse exactly the same values.
     def _ema_problems(self) -> list[str]:
         problems = [] if self.decays or self.half_lives else ["ema needs --decay or --half-life"]
-        # A half-life so long that 2 ** (-1 / h) rounds to 1 is no decay at all.
-        bad = [d for d in self.decays if not 0 <= d < 1] + [
-            h for h in self.half_lives if not (h > 0 and 2 ** (-1 / h) < 1)]
-        if bad:
-            problems.append(f"decays must lie in [0, 1) and half-lives be positive; got {', '.join(map(str, bad))}")
+        for decay in self.decays:
+            problems += _refusal(functools.partial(EMA, decay))
+        for half_life in self.half_lives:
+            problems += _refusal(functools.partial(EMA, half_life=half_life))
         return problems
 
     def _swa_problems(self) -> list[str]:
-        if self.start is not None and self.end is not None and self.end < self.start:
-            return [f"the SWA window ends at step {self.end}, before it starts at step {self.start}"]
-        return []
+        return _refusal(lambda: SWA(self.start, self.end))
 
     def _lawa_problems(self) -> list[str]:
-        problems = [f"--k must be at least 1, got {self.k}"] if self.k < 1 else []
-        return problems + ([f"--nu must be at least 0, got {self.nu}"] if self.nu < 0 else [])
+        return _refusal(lambda: LAWA(self.k, self.nu))
 
     def _sfa_problems(self) -> list[str]:
-        return [] if 0 <= self.beta <= 1 else [f"--beta must lie in [0, 1], got {self.beta}"]
+        return _refusal(lambda: AnchorPull(self.beta))
 
     def options(self) -> dict[str, Any]:
         """The options the method reads, those not given left out: for the model card and the command line."""
@@ -97,6 +100,15 @@ class AverageSettings:
         if self.method == "lawa":
             return lawa_outputs(points, self.k, self.nu, self.every_step)
         return sfa_outputs(self.beta)
+
+
+def _refusal(make: Callable[[], object]) -> list[str]:
+    """What the average's own constructor says against a setting, as a problem (or none)."""
+    try:
+        make()
+    except ValueError as refused:
+        return [str(refused)]
+    return []
 
 
 def _number_list(values: Sequence[float]) -> str | None:
