@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from mergekit_like.cli.output import console, handle_errors, human_bytes, human_count, print_json
+from rich.markup import escape
 from rich.table import Table
 
 from mergekit_like.io import open_checkpoint, summarize
@@ -66,7 +67,7 @@ def _print_table(summary: CheckpointSummary, rows: list) -> None:
 def _print_totals(summary: CheckpointSummary) -> None:
     by_dtype = ", ".join(f"{d} {human_count(n)}" for d, n in summary.dtype_counts.items())
     largest = summary.largest
-    console.print(f"[bold]{summary.path}[/]", highlight=False)
+    console.print(f"[bold]{escape(str(summary.path))}[/]", markup=True, highlight=False)
     console.print(
         f"  {len(summary.tensors)} tensors, {human_count(summary.num_parameters)} parameters "
         f"({summary.num_parameters:,}), {human_bytes(summary.total_bytes)}",

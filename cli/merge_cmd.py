@@ -9,6 +9,7 @@ from typing import Any
 import typer
 from mergekit_like.cli.output import SESSION, RichProgress, console, handle_errors, human_bytes, print_json, size_option
 from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
+from rich.markup import escape
 
 from mergekit_like.card import merge_outputs
 from mergekit_like.errors import RecipeError
@@ -150,7 +151,8 @@ def _print_plan(plan: MergePlan, as_json: bool) -> None:
         print_json(data)
         return
     console.print(f"[bold]{recipe.merge_method}[/] of {len(plan.input_refs)} model(s)"
-                  + (f" onto base {recipe.base_model}" if recipe.base_model else ""), highlight=False)
+                  + (f" onto base {escape(recipe.base_model)}" if recipe.base_model else ""), markup=True,
+                  highlight=False)
     console.print(f"  {len(plan.tensors)} tensors; reads {human_bytes(plan.read_bytes)}, writes "
                   f"{human_bytes(plan.write_bytes)} in {len(plan.variants)} output(s); computes in "
                   f"{', '.join(data['compute_dtype'])}", highlight=False)

@@ -27,8 +27,11 @@ from mergekit_like.errors import MergekitLikeError
 from mergekit_like.io.sharding import parse_size
 from mergekit_like.merge.options import Allocator
 
-console = Console()
-err_console = Console(stderr=True)
+# Plain text by default: paths, tensor names and messages come from the user and their files,
+# and Rich markup in them ("[/]", "[bold]") would be styled, dropped, or crash the print. The
+# few styled words pass markup=True and escape what they embed.
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 @dataclass
 class Session:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from mergekit_like.cli.output import console, err_console, handle_errors, human_bytes, print_json
+from rich.markup import escape
 
 from mergekit_like.io.verify import verify_checkpoint
 
@@ -36,7 +37,8 @@ def verify(
                     "bytes_read": report.bytes_read, "checksums": report.checksums, "problems": report.problems})
     else:
         for problem in report.problems:
-            err_console.print(f"[bold red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]problem:[/] {escape(problem)}", markup=True, highlight=False,
+                              soft_wrap=True)
         verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
         console.print(f"{path}: {verdict}; {report.tensors} tensors read ({human_bytes(report.bytes_read)}), "
                       f"checksums {report.checksums}", highlight=False)

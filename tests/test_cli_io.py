@@ -84,3 +84,14 @@ def test_an_error_line_keeps_its_brackets(tmp_path: Path) -> None:
     result = runner.invoke(app, ["merge", str(missing), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "recipe[draft].yml: recipe file not found" in result.output.replace("\n", "")
+
+
+def test_markup_in_a_tensor_name_or_path_is_printed_as_plain_text(tmp_path: Path) -> None:
+    # "[/]" closes no tag: as Rich markup it crashed the print after the work was done.
+    model = write_checkpoint(tmp_path / "run[/]x", {"a[/]b": torch.ones(2), "[bold]c": torch.zeros(2)})
+    for args in (["inspect", str(model)], ["verify", str(model)], ["inspect", str(model), "--totals"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args, result.output)
+        assert "Traceback" not in result.output
+    listing = runner.invoke(app, ["inspect", str(model)]).output
+    assert "a[/]b" in listing and "[bold]c" in listing

@@ -271,3 +271,21 @@ def test_parameters_mergekit_ignores_change_no_number(
     with_ignored = read_all(merge(parse_recipe(data), tmp_path / "ignored"))
     assert plain.keys() == with_ignored.keys()
     assert all(torch.equal(plain[n], with_ignored[n]) for n in plain)
+
+
+def test_a_tensor_that_is_floating_in_one_model_and_integer_in_another_is_refused(tmp_path: Path) -> None:
+    a = write_checkpoint(tmp_path / "a", {"w": torch.ones(4, dtype=torch.float16), "n": torch.ones(2)})
+    b = write_checkpoint(tmp_path / "b", {"w": torch.ones(4, dtype=torch.int32), "n": torch.ones(2)})
+    for first, second in ((a, b), (b, a)):  # refused whichever model comes first
+        recipe = recipe_from_cli("linear", [str(first), str(second)], params=["weight=1,1"])
+        with pytest.raises(RecipeError, match=r"tensor 'w': (int32|float16) in '.*' but (float16|int32) in"):
+            plan_merge(recipe)
+
+
+def test_floating_tensors_of_different_precision_still_merge(tmp_path: Path) -> None:
+    a = write_checkpoint(tmp_path / "a", {"w": torch.ones(4, dtype=torch.bfloat16)})
+    b = write_checkpoint(tmp_path / "b", {"w": torch.full((4,), 3.0)})
+    recipe = recipe_from_cli("linear", [str(a), str(b)], params=["weight=1,1"])
+    out = merge(recipe, tmp_path / "out")
+    with open_checkpoint(out) as ckpt:
+        assert torch.equal(ckpt.read("w"), torch.full((4,), 2.0, dtype=torch.bfloat16))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from mergekit_like.errors import RecipeError
+from mergekit_like.io.dtypes import dtype_name
 from mergekit_like.io.reader import Checkpoint, open_checkpoint
 from mergekit_like.io.safetensors_format import TensorEntry
 from mergekit_like.io.sharding import TensorSpec
@@ -251,7 +252,8 @@ def _plan_tensor(
 ) -> TensorPlan:
     entries = {ref: ckpt.entry(name) for ref, ckpt in checkpoints.items() if name in ckpt}
     ref_entry = entries[reference]
-    problems = _shape_problems(name, entries, reference, recipe.vocab_mismatch)
+    problems = _shape_problems(name, entries, reference, recipe.vocab_mismatch) + _dtype_problems(
+        name, entries, reference)
     read_bytes = sum(e.nbytes for e in entries.values())
     if not ref_entry.dtype.is_floating_point:
         if problems:
@@ -305,6 +307,19 @@ def _shape_problems(name: str, entries: dict[str, TensorEntry], reference: str, 
                         f"in '{reference}'{hint}")
     return problems
 
+
+
+def _dtype_problems(name: str, entries: dict[str, TensorEntry], reference: str) -> list[str]:
+    """Floating tensors may differ in precision (they are merged in one compute dtype); a floating
+    tensor beside an integer one, or integer tensors of different types, have no meaning together."""
+    expected = entries[reference].dtype
+    problems = []
+    for ref, entry in entries.items():
+        same_kind = entry.dtype.is_floating_point and expected.is_floating_point
+        if entry.dtype != expected and not same_kind:
+            problems.append(f"tensor '{name}': {dtype_name(entry.dtype)} in '{ref}' but {dtype_name(expected)} "
+                            f"in '{reference}' (merge models whose tensors have the same kind of dtype)")
+    return problems
 
 
 def _is_vocab_tensor(name: str) -> bool:
