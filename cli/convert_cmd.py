@@ -5,9 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from mergekit_like.cli.output import RichProgress, console, handle_errors, human_bytes, print_json
+from mergekit_like.cli.output import (
+    RichProgress,
+    console,
+    handle_errors,
+    human_bytes,
+    one_output,
+    print_json,
+    size_option,
+)
 
-from mergekit_like.io import convert_checkpoint, parse_size
+from mergekit_like.io import convert_checkpoint
 from mergekit_like.io.dtypes import parse_dtype
 
 EXAMPLE = "Example: mergekit-like convert ./pytorch-model ./model-st --allow-pickle --shard-size 2GB"
@@ -24,7 +32,8 @@ def register(app: typer.Typer) -> None:
 @handle_errors
 def convert(
     source: Path = typer.Argument(..., help="Checkpoint directory or weights file."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output directory."),
+    output_arg: Path = typer.Argument(None, metavar="[OUTPUT]", help="Output directory (or give -o)."),
+    output: Path = typer.Option(None, "--output", "-o", help="Output directory."),
     dtype: str = typer.Option(None, "--dtype", help="Cast floating tensors to this dtype."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest shard (decimal units, as HF)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT once the new one is complete."),
@@ -34,10 +43,8 @@ def convert(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
-    try:
-        max_shard = parse_size(shard_size)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--shard-size") from None
+    output = one_output(output_arg, output)
+    max_shard = size_option(shard_size)
     with RichProgress("convert", enabled=not (quiet or as_json)) as progress:
         written = convert_checkpoint(
             source, output, dtype=parse_dtype(dtype) if dtype else None, max_shard_size=max_shard,

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
@@ -81,6 +82,16 @@ def size_option(text: str, option: str = "--shard-size") -> int:
         return parse_size(text)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
+def one_output(positional: Path | None, option: Path | None) -> Path:
+    """The output directory, given as the last argument (as mergekit-yaml takes it) or with -o."""
+    if positional is not None and option is not None and positional != option:
+        raise typer.BadParameter(f"two outputs given: {positional} and -o {option}; give one", param_hint="-o")
+    output = positional or option
+    if output is None:
+        raise typer.BadParameter("give the output directory (as the last argument, or with -o)", param_hint="-o")
+    return output
 
 
 def print_json(data: Any) -> None:

@@ -264,6 +264,10 @@ def push(
 
     directory = Path(directory)
     _check_repo_id(repo_id)
+    if create_pr and revision not in (None, "main"):
+        raise HubError(f"a pull request (--create-pr) is always opened against the default branch, so it cannot "
+                       f"target revision '{revision}'", path=directory,
+                       fix=f"drop --revision, or push to branch '{revision}' without --create-pr")
     problems = validate_for_push(directory)
     if problems:
         raise HubError("; ".join(problems), path=directory, fix="fix the output, or re-run the command that made it")
@@ -436,9 +440,17 @@ def _token_available() -> bool:
 def _endpoint() -> str:
     from huggingface_hub import constants
 
-    return str(constants.ENDPOINT)
+    return without_credentials(str(constants.ENDPOINT))
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return without_credentials(text[0]) if text else type(exc).__name__
+
+
+_URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@")
+
+
+def without_credentials(text: str) -> str:
+    """``text`` with the user and password of every URL in it removed (HF_ENDPOINT may hold them)."""
+    return _URL_USERINFO.sub(r"\1", text)

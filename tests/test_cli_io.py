@@ -95,3 +95,16 @@ def test_markup_in_a_tensor_name_or_path_is_printed_as_plain_text(tmp_path: Path
         assert "Traceback" not in result.output
     listing = runner.invoke(app, ["inspect", str(model)]).output
     assert "a[/]b" in listing and "[bold]c" in listing
+
+
+def test_convert_takes_its_output_as_the_help_example_writes_it(tmp_path: Path) -> None:
+    from mergekit_like.cli.convert_cmd import EXAMPLE
+
+    source = write_checkpoint(tmp_path / "src", {"w": torch.ones(3)})
+    words = EXAMPLE.removeprefix("Example: mergekit-like ").split()
+    assert words[:3] == ["convert", "./pytorch-model", "./model-st"]  # positional output, as in --help
+    result = runner.invoke(app, ["convert", str(source), str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    both = runner.invoke(app, ["convert", str(source), str(tmp_path / "a"), "-o", str(tmp_path / "b")])
+    assert both.exit_code == 2 and "two outputs given" in both.output

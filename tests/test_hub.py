@@ -327,3 +327,23 @@ def test_every_request_names_the_tool_in_its_user_agent(fake_hub: FakeHub, tmp_p
     assert {"create_repo", "preupload", "commit", "resolve"} <= {r.endpoint for r in fake_hub.requests}
     agents = [r.user_agent or "" for r in fake_hub.requests if r.endpoint != "lfs_upload"]
     assert agents and all(f"mergekit-like/{hub.__version__}" in agent for agent in agents), agents
+
+
+def test_push_create_pr_against_a_branch_that_does_not_exist_is_one_line(
+    fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    out = small_output(tmp_path)
+    result = runner.invoke(app, ["push", str(out), "alice/pr-x", "--create-pr", "--revision", "x"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "ValueError" not in result.output
+    assert "--create-pr" in result.output and "'x'" in result.output
+
+
+def test_a_credential_in_the_endpoint_is_never_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://user:hf_secret@127.0.0.1:9")
+    error = hub._hub_error("alice/x", ConnectionError("refused by http://user:hf_secret@127.0.0.1:9/api"), None, 3)
+    assert "hf_secret" not in str(error) and "http://127.0.0.1:9" in str(error)
+    assert hub.without_credentials("see https://a:b@h.io/x and ftp://c@d") == "see https://h.io/x and ftp://d"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -83,6 +84,7 @@ def write_config(directory: Path, config: Any, out_dtype: torch.dtype | None = N
     """
     if isinstance(config, Mapping):
         config = dict(config)
+    config = _standard_json(config, "")
     if isinstance(config, dict) and out_dtype is not None:
         # A Hugging Face config (it has model_type) gets the dtype key transformers reads; any
         # other config keeps its keys, since a strict loader may refuse one it does not know.
@@ -92,8 +94,20 @@ def write_config(directory: Path, config: Any, out_dtype: torch.dtype | None = N
         for key in present:
             config[key] = dtype_name(out_dtype)
     path = Path(directory) / CONFIG
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
     return path
+
+
+def _standard_json(value: Any, where: str) -> Any:
+    """``value`` with NaN and infinities (which Python's json reads, but JSON has not) as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        logger.warning("%s: %s is %r, which JSON cannot hold; written as null", CONFIG, where or "the value", value)
+        return None
+    if isinstance(value, dict):
+        return {k: _standard_json(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_standard_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
 
 
 def _nested_too_deeply(source: Path) -> InvalidCheckpointError:
