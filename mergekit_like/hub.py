@@ -107,7 +107,7 @@ def resolve_input(
         path = _calling_hub(repo_id, lambda: snapshot_download(
             repo_id, revision=revision, allow_patterns=patterns, token=token,
             library_name=LIBRARY, library_version=__version__,
-        ), token)
+        ), token, download=True)
     return ResolvedInput(ref, Path(path), repo_id, Path(path).name)
 
 
@@ -304,11 +304,12 @@ def _check_repo_id(repo_id: str) -> None:
 
 def _calling_hub(
     repo_id: str, call: Callable[[], T], token: str | None = None, *,
-    retryable: Callable[[BaseException], bool] | None = None,
+    retryable: Callable[[BaseException], bool] | None = None, download: bool = False,
 ) -> T:
     """Runs a Hub call, retrying transient failures, then turning a failure into one clear error (never the token).
 
-    ``retryable`` decides which failures are tried again (default: dropped connections and 5xx answers).
+    ``retryable`` decides which failures are tried again (default: dropped connections and 5xx answers);
+    ``download`` says the call fetches (its errors speak of the cache), else it sends.
     """
     retryable = retryable or _is_transient
     for attempt in range(1, RETRY_ATTEMPTS + 1):
@@ -316,7 +317,7 @@ def _calling_hub(
             return call()
         except Exception as exc:
             if attempt == RETRY_ATTEMPTS or not retryable(exc):
-                error = _hub_error(repo_id, exc, token, attempt)
+                error = _hub_error(repo_id, exc, token, attempt, download=download)
                 if error is exc:
                     raise
                 raise error from None
@@ -371,11 +372,17 @@ def _status_of(exc: BaseException) -> int | None:
     return status if isinstance(status, int) else None
 
 
-def _hub_error(repo_id: str, exc: Exception, token: str | None, attempts: int) -> Exception:
+def _hub_error(repo_id: str, exc: Exception, token: str | None, attempts: int, *,
+               download: bool = False) -> Exception:
     """The one clear error for a failed Hub call, or ``exc`` itself when it is not a Hub failure."""
-    from huggingface_hub import errors
+    from huggingface_hub import constants, errors
 
     cause = _cause(exc)
+    rerun = "a re-run downloads only what is missing" if download else "a re-run uploads only what is missing"
+    if download and constants.is_offline_mode() and isinstance(
+            cause, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
+        return HubNotFoundError(f"{repo_id}: not in the local cache, and HF_HUB_OFFLINE is set, so the Hub "
+                                "was not asked", fix="unset HF_HUB_OFFLINE to download it, or use a local path")
     has_token = bool(token) or _token_available()
     status = _status_of(cause)
     tried = f" after {attempts} attempts" if attempts > 1 else ""
@@ -394,13 +401,13 @@ def _hub_error(repo_id: str, exc: Exception, token: str | None, attempts: int) -
             return _auth_error(repo_id, status, has_token)
         return HubNetworkError(
             f"{repo_id}: the Hub answered {status or 'an error'}{tried} ({_first_line(cause)})",
-            fix="retry later; a re-run uploads only what is missing",
+            fix=f"retry later; {rerun}",
         )
     if isinstance(exc, MergekitLikeError) or not _is_transport_error(cause):
         return exc
     return HubNetworkError(
         f"{repo_id}: cannot reach the Hub at {_endpoint()}{tried} ({type(cause).__name__})",
-        fix="check the network (or HF_ENDPOINT); a re-run uploads only what is missing",
+        fix=f"check the network (or HF_ENDPOINT); {rerun}",
     )
 
 

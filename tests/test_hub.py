@@ -15,7 +15,7 @@ from mergekit_like.cli.main import app
 from typer.testing import CliRunner
 
 from mergekit_like import hub
-from mergekit_like.errors import HubError
+from mergekit_like.errors import HubError, HubNotFoundError
 from mergekit_like.hub import is_hub_id, push, resolve_input, validate_for_push
 from mergekit_like.io import open_checkpoint
 
@@ -347,3 +347,14 @@ def test_a_credential_in_the_endpoint_is_never_printed(monkeypatch: pytest.Monke
     error = hub._hub_error("alice/x", ConnectionError("refused by http://user:hf_secret@127.0.0.1:9/api"), None, 3)
     assert "hf_secret" not in str(error) and "http://127.0.0.1:9" in str(error)
     assert hub.without_credentials("see https://a:b@h.io/x and ftp://c@d") == "see https://h.io/x and ftp://d"
+
+
+def test_a_download_failure_speaks_of_downloading_and_of_offline_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants, errors
+
+    refused = hub._hub_error("alice/x", ConnectionError("refused"), None, 3, download=True)
+    assert "re-run downloads only what is missing" in str(refused) and "uploads" not in str(refused)
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: True)
+    offline = hub._hub_error("alice/x", errors.LocalEntryNotFoundError("no snapshot"), None, 1, download=True)
+    assert isinstance(offline, HubNotFoundError)
+    assert "not in the local cache, and HF_HUB_OFFLINE is set" in str(offline) and "cannot reach" not in str(offline)
