@@ -9,16 +9,19 @@ is scored, so the disk holds one candidate at a time, not one per ingredient.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergekit_like.errors import MergekitLikeError
+from mergekit_like.io.atomic import pid_alive
 from mergekit_like.merge.engine import MergeOptions, planned_merge, run_merge
 from mergekit_like.merge.recipe import MergeRecipe, recipe_from_cli
 
@@ -51,6 +54,27 @@ class GreedySoupResult:
             "score": self.score,
             "steps": [vars(s) for s in self.steps],
         }
+
+
+SCRATCH_PREFIX = "greedy-soup-"
+
+
+@contextlib.contextmanager
+def _scratch(parent: Path) -> Iterator[Path]:
+    """A directory for the candidate soups, named by this process; removed afterwards.
+
+    A run killed while scoring cannot remove its candidate (a whole model), so each run
+    first removes what dead runs left in ``parent``.
+    """
+    for stale in parent.glob(f"{SCRATCH_PREFIX}*"):
+        pid = stale.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if stale.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=parent))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def uniform_soup_recipe(models: Sequence[str], compute_dtype: str | None = None) -> MergeRecipe:
@@ -119,7 +143,7 @@ def greedy_soup(
     steps = [SoupStep(ranked[0], best, None, True)]
     if on_step:
         on_step(steps[0])
-    with tempfile.TemporaryDirectory(prefix="greedy-soup-", dir=workdir) as scratch:
+    with _scratch(Path(workdir) if workdir is not None else Path(tempfile.gettempdir())) as scratch:
         for number, candidate in enumerate(ranked[1:], 1):
             soup_dir = Path(keep_soups or scratch) / f"soup-{number}"
             recipe = uniform_soup_recipe([*kept, candidate], compute_dtype)

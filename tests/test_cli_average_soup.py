@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -270,3 +271,18 @@ def test_soup_card_names_hub_commits_and_the_common_license(fake_hub: FakeHub, t
     card = ModelCard.load(tmp_path / "soup" / "README.md")
     assert card.data.license == "apache-2.0"
     assert f"commit {fake_hub.head('alice/ckpt-1')}" in card.text
+
+
+def test_a_greedy_soup_removes_the_candidate_a_killed_run_left_behind(tmp_path: Path) -> None:
+    import subprocess
+
+    models = soup_models(tmp_path, [1.0, 3.0])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f"greedy-soup-{int(dead.stdout)}-abc" / "soup-1"  # as a run killed while scoring leaves it
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"\0" * 1024)
+    alive = tmp_path / f"greedy-soup-{os.getpid()}-xyz"  # a run still going (this process) is left alone
+    alive.mkdir()
+    greedy_soup(models, lambda path: -value_of(path), workdir=tmp_path)
+    assert not left.parent.exists() and alive.exists()
+    assert [p.name for p in tmp_path.glob("greedy-soup-*")] == [alive.name]  # and this run's own is gone
