@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import write_checkpoint
 from mergekit_like.cli.main import app
@@ -108,3 +109,42 @@ def test_convert_takes_its_output_as_the_help_example_writes_it(tmp_path: Path) 
     assert (tmp_path / "out" / "model.safetensors").is_file()
     both = runner.invoke(app, ["convert", str(source), str(tmp_path / "a"), "-o", str(tmp_path / "b")])
     assert both.exit_code == 2 and "two outputs given" in both.output
+
+
+def test_ctrl_c_while_the_commands_are_imported_is_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    from mergekit_like.cli import entry
+
+    class InterruptedImport:  # Ctrl-C arrives while torch (imported by the commands) loads
+        def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+            if name == "mergekit_like.cli.main":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "mergekit_like.cli.main")
+    monkeypatch.setattr(sys, "meta_path", [InterruptedImport(), *sys.meta_path])
+    with pytest.raises(SystemExit) as exited:
+        entry.main()
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == "interrupted; nothing was written\n"
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.6, 1.0, 1.4])
+def test_ctrl_c_at_any_point_of_start_up_never_prints_a_traceback(delay: float) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-c", "from mergekit_like.cli.entry import main; main()", "--help"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert "Traceback" not in err and "Error" not in err, err
+    # On a machine that starts faster than the delay, the help is simply done.
+    assert (process.returncode == 130 and err == "interrupted; nothing was written\n") or (
+        process.returncode == 0 and "Usage" in out), (process.returncode, err)
