@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -48,6 +49,9 @@ def inspect(
 
 def _print_table(summary: CheckpointSummary, rows: list) -> None:
     multi = len(summary.shards) > 1
+    if not console.is_terminal:
+        _print_lines(summary, rows, multi)
+        return
     table = Table(show_lines=False, header_style="bold")
     table.add_column("tensor", overflow="fold")
     table.add_column("shape", no_wrap=True)
@@ -64,21 +68,33 @@ def _print_table(summary: CheckpointSummary, rows: list) -> None:
     console.print(table)
 
 
+def _print_lines(summary: CheckpointSummary, rows: list, multi: bool) -> None:
+    """One tab-separated line per tensor, never wrapped: what ``grep``, ``cut`` and ``sort`` read."""
+    shard_number = {name: i for i, name in enumerate(summary.shards, 1)}
+    header = ["tensor", "shape", "dtype", "params", "bytes", *(["shard"] if multi else [])]
+    lines = ["\t".join(header)]
+    for row in rows:
+        cells = [row.name, "x".join(map(str, row.shape)) or "scalar", row.dtype, str(row.numel), str(row.nbytes)]
+        lines.append("\t".join([*cells, *([str(shard_number[row.shard])] if multi else [])]))
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
 def _print_totals(summary: CheckpointSummary) -> None:
     by_dtype = ", ".join(f"{d} {human_count(n)}" for d, n in summary.dtype_counts.items())
     largest = summary.largest
-    console.print(f"[bold]{escape(str(summary.path))}[/]", markup=True, highlight=False)
+    console.print(f"[bold]{escape(str(summary.path))}[/]", markup=True, highlight=False, soft_wrap=True)
     console.print(
         f"  {len(summary.tensors)} tensors, {human_count(summary.num_parameters)} parameters "
         f"({summary.num_parameters:,}), {human_bytes(summary.total_bytes)}",
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
     console.print(
         f"  {len(summary.shards)} shard(s), {summary.format}"
         + (f", index {summary.index}" if summary.index else ""),
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
     if by_dtype:
-        console.print(f"  by dtype: {by_dtype}", highlight=False)
+        console.print(f"  by dtype: {by_dtype}", highlight=False, soft_wrap=True)
     if largest:
-        console.print(f"  largest tensor: {largest.name} ({human_bytes(largest.nbytes)})", highlight=False)
+        console.print(f"  largest tensor: {largest.name} ({human_bytes(largest.nbytes)})", highlight=False,
+                      soft_wrap=True)

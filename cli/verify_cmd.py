@@ -41,6 +41,6 @@ def verify(
                               soft_wrap=True)
         verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
         console.print(f"{path}: {verdict}; {report.tensors} tensors read ({human_bytes(report.bytes_read)}), "
-                      f"checksums {report.checksums}", highlight=False)
+                      f"checksums {report.checksums}", highlight=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(EXIT_PROBLEMS)

@@ -148,3 +148,14 @@ def test_ctrl_c_at_any_point_of_start_up_never_prints_a_traceback(delay: float) 
     # On a machine that starts faster than the delay, the help is simply done.
     assert (process.returncode == 130 and err == "interrupted; nothing was written\n") or (
         process.returncode == 0 and "Usage" in out), (process.returncode, err)
+
+
+def test_piped_inspect_and_verify_never_wrap_a_tensor_name(tmp_path: Path) -> None:
+    long_name = "model.layers.0." + "very_long_module_name." * 8 + "weight"  # far past 80 columns
+    model = write_checkpoint(tmp_path / ("run-" + "x" * 90), {long_name: torch.ones(10), "b": torch.zeros(3)})
+    listing = runner.invoke(app, ["inspect", str(model)])  # CliRunner's output is not a terminal
+    assert listing.exit_code == 0, listing.output
+    assert f"{long_name}\t10\tfloat32\t10\t40" in listing.stdout.splitlines()
+    assert f"  largest tensor: {long_name} (40 B)" in listing.stdout.splitlines()
+    verdict = runner.invoke(app, ["verify", str(model)]).stdout.splitlines()
+    assert any(line.startswith(f"{model}: OK") for line in verdict), verdict
