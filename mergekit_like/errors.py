@@ -8,8 +8,57 @@ prints ``str(error)`` as one line.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+# The most characters of a user's value that a message shows (a recipe value can be megabytes).
+SHORT_CHARS = 80
+
+
+def short_text(text: str) -> str:
+    """``text`` cut to :data:`SHORT_CHARS` characters, with "..." when cut."""
+    return text if len(text) <= SHORT_CHARS else text[:SHORT_CHARS] + "..."
+
+
+def short_repr(value: Any) -> str:
+    """A user value as an error message shows it: its repr, cut to :data:`SHORT_CHARS` characters.
+
+    Built piece by piece and stopped once long enough, so a huge or recursive value costs
+    no more than a short one.
+    """
+    text = ""
+    for piece in _repr_pieces(value):
+        text += piece
+        if len(text) > SHORT_CHARS:
+            break
+    return short_text(text)
+
+
+def _repr_pieces(value: Any) -> Iterator[str]:
+    """``repr(value)`` in pieces (each container level yields a character before going deeper)."""
+    if isinstance(value, (list, tuple)):
+        yield "[" if isinstance(value, list) else "("
+        for i, item in enumerate(value):
+            yield ", " if i else ""
+            yield from _repr_pieces(item)
+        yield "," if isinstance(value, tuple) and len(value) == 1 else ""
+        yield "]" if isinstance(value, list) else ")"
+    elif isinstance(value, dict):
+        yield "{"
+        for i, (key, item) in enumerate(value.items()):
+            yield ", " if i else ""
+            yield from _repr_pieces(key)
+            yield ": "
+            yield from _repr_pieces(item)
+        yield "}"
+    elif isinstance(value, (str, bytes)):
+        yield repr(value[:SHORT_CHARS + 1])  # longer is cut anyway
+    else:
+        try:
+            yield repr(value)
+        except ValueError:  # an integer past Python's digit limit for str()
+            yield f"<{type(value).__name__} too large to show>"
 
 
 class MergekitLikeError(Exception):

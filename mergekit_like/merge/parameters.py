@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mergekit_like.errors import short_repr
+
 Scalar = float | int | bool | str
 
 _LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer|encoder\.layer|decoder\.layers)\.(\d+)\.")
@@ -113,11 +115,11 @@ def check_value_form(value: Any) -> str | None:
         for entry in value:
             unknown = set(entry) - {"filter", "value"}
             if unknown:
-                return f"filter entry has unknown keys {sorted(unknown)} (use filter and value)"
+                return f"filter entry has unknown keys {short_repr(sorted(unknown, key=str))} (use filter and value)"
             if "value" not in entry:
                 return "filter entry has no 'value'"
             if entry.get("filter") is not None and not isinstance(entry["filter"], str):
-                return f"filter {entry['filter']!r} is not a string"
+                return f"filter {short_repr(entry['filter'])} is not a string"
             problem = check_value_form(entry["value"])
             if problem:
                 return problem
@@ -125,11 +127,11 @@ def check_value_form(value: Any) -> str | None:
                 try:
                     re.compile(entry["filter"][3:])
                 except re.error as exc:
-                    return f"filter {entry['filter']!r} is not a valid regular expression ({exc})"
+                    return f"filter {short_repr(entry['filter'])} is not a valid regular expression ({exc})"
         return None
     if isinstance(value, list) and not value:
         return "empty list"
-    return f"{value!r} is neither a number, a list of numbers (gradient) nor a list of {{filter, value}}"
+    return f"{short_repr(value)} is neither a number, a list of numbers (gradient) nor a list of {{filter, value}}"
 
 
 def numeric_values(value: Any) -> list[Any]:
@@ -142,3 +144,42 @@ def numeric_values(value: Any) -> list[Any]:
     if is_gradient(value):
         return list(value)
     return [value]
+
+
+def too_large_for_float(value: Any) -> bool:
+    """Whether ``value`` is an integer no float can hold (``10**400``): math on it overflows."""
+    if not _is_number(value) or isinstance(value, float):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return True
+    return False
+
+
+def expanded_size_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` holds more than ``limit`` values, counted as expanded.
+
+    YAML aliases are shared references, so a tiny file can name 9**9 values; every traversal
+    (validation, resolving, a repr) walks the expanded tree. A shared value is counted each
+    time it is reached, and counting stops at ``limit``, so this takes at most ``limit`` steps
+    and never recurses (a recursive alias, ``&a [*a]``, simply exceeds any limit).
+    """
+    count = 1
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            count += 2 * len(item)
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            count += len(item)
+        else:
+            continue
+        # Counted before they are stacked: the stack never holds more than ``limit`` values.
+        if count > limit:
+            return True
+        if isinstance(item, Mapping):
+            stack += [*item.keys(), *item.values()]
+        else:
+            stack += item
+    return False

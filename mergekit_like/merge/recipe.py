@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,16 @@ from typing import Any
 import torch
 import yaml
 
-from mergekit_like.errors import RecipeError, UnsupportedDtypeError
+from mergekit_like.errors import RecipeError, UnsupportedDtypeError, short_repr, short_text
 from mergekit_like.io.dtypes import dtype_name, parse_dtype
-from mergekit_like.merge.parameters import check_value_form, is_gradient, numeric_values
-from mergekit_like.methods import BaseUse, MergeMethod, all_methods
+from mergekit_like.merge.parameters import (
+    check_value_form,
+    expanded_size_exceeds,
+    is_gradient,
+    numeric_values,
+    too_large_for_float,
+)
+from mergekit_like.methods import BaseUse, MergeMethod, ParamSpec, all_methods
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +48,69 @@ UNSUPPORTED_KEYS = {
     "tokenizer": "tokenizer merging is not supported; use tokenizer_source: base or a model",
     "chat_template": "chat templates are copied from the tokenizer source; remove this key",
 }
+# Values a recipe (or one -p value) may hold, counting a value each time an alias repeats it.
+# Real recipes hold at most thousands; a 500-byte alias bomb holds 9**9.
+MAX_RECIPE_VALUES = 100_000
+_ALIASES_REPEAT = "YAML anchors and aliases (&name, *name) repeat a value each time it is used"
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping gives one key twice (YAML would silently keep the last)."""
+
+    def __init__(self, key: str, line: int, first: int) -> None:
+        super().__init__(f"duplicate key {short_repr(key)} at line {line} (first at line {first}); give each key once")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing duplicate keys and reading ``1e-3`` as a number."""
+
+    def compose_mapping_node(self, anchor: Any) -> Any:
+        # Checked as composed, not as constructed: merge keys (``<<: *a``) rewrite a node's
+        # pairs during construction, and a key they bring in may be overridden once.
+        node = super().compose_mapping_node(anchor)
+        first_lines: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            line = key.start_mark.line + 1
+            if (key.tag, key.value) in first_lines:
+                raise _DuplicateKey(key.value, line, first_lines[key.tag, key.value])
+            first_lines[key.tag, key.value] = line
+        return node
+
+
+# YAML 1.1 reads a float only with a dot and a signed exponent ("1.0e-3"); mergekit's typed
+# config reads "1e-3", "1E5" and "-2e+3" as floats too, so recipes written for it mean numbers.
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+class _YamlProblem(Exception):
+    """Why a text is not YAML a recipe can use, as one line."""
+
+
+def _load_yaml(text: str) -> Any:
+    """``text`` read as YAML with :class:`_RecipeLoader`, or :class:`_YamlProblem`."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)
+    except _DuplicateKey as exc:
+        raise _YamlProblem(str(exc)) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = exc.problem or exc.context or type(exc).__name__
+        raise _YamlProblem(f"not valid YAML ({short_text(str(reason))}{where})") from None
+    except yaml.YAMLError as exc:
+        raise _YamlProblem(f"not valid YAML ({short_text(str(exc).splitlines()[0] if str(exc) else '')})") from None
+    except RecursionError:  # the YAML parser recurses once per level of nesting
+        raise _YamlProblem("nested too deeply to be a recipe") from None
+    except (ValueError, TypeError, LookupError, AttributeError) as exc:
+        # PyYAML's constructors raise these for bad tagged scalars ('!!int ~', '!!timestamp x')
+        # and for integers past Python's digit limit.
+        raise _YamlProblem(f"not valid YAML ({type(exc).__name__}: {short_text(str(exc))})") from None
 
 
 @dataclass(frozen=True)
@@ -164,33 +234,31 @@ def load_recipe(path: str | Path) -> MergeRecipe:
     except UnicodeDecodeError:
         raise RecipeError(["recipe is not UTF-8 text"], source=path) from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError([f"not valid YAML ({str(exc).splitlines()[0]})"], source=path) from None
-    except RecursionError:  # the YAML parser recurses once per level of nesting
-        raise RecipeError(["nested too deeply to be a recipe"], source=path) from None
-    except (ValueError, TypeError, LookupError, AttributeError) as exc:
-        # PyYAML's constructors raise these for bad tagged scalars ('!!int ~', '!!timestamp x')
-        # and for integers past Python's digit limit.
-        raise RecipeError([f"not valid YAML ({type(exc).__name__}: {str(exc)[:100]})"], source=path) from None
+        data = _load_yaml(text)
+    except _YamlProblem as exc:
+        raise RecipeError([str(exc)], source=path) from None
     return parse_recipe(data, source=path)
 
 
 def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
     """Validates recipe data (a mapping as YAML gives it) and returns the recipe."""
     problems: list[str] = []
+    # First: every later step walks the values, as expanded.
+    if expanded_size_exceeds(data, MAX_RECIPE_VALUES):
+        raise RecipeError([f"the recipe expands to more than {MAX_RECIPE_VALUES:,} values; {_ALIASES_REPEAT}"],
+                          source=source)
     if not isinstance(data, Mapping):
         raise RecipeError([f"a recipe is a mapping of keys, not {type(data).__name__}"], source=source)
     for key in data:
         if key in UNSUPPORTED_KEYS:
             problems.append(f"'{key}': {UNSUPPORTED_KEYS[key]}")
         elif key not in RECIPE_KEYS:
-            problems.append(f"unknown key '{key}' (known: {', '.join(sorted(RECIPE_KEYS))})")
+            problems.append(f"unknown key '{short_text(str(key))}' (known: {', '.join(sorted(RECIPE_KEYS))})")
     method = _method(data.get("merge_method"), problems)
     models = _models(data.get("models"), problems)
     base = data.get("base_model")
     if base is not None and not isinstance(base, str):
-        problems.append(f"base_model must be a path or repo id, not {base!r}")
+        problems.append(f"base_model must be a path or repo id, not {short_repr(base)}")
         base = None
     parameters = data.get("parameters") or {}
     if not isinstance(parameters, Mapping):
@@ -202,11 +270,11 @@ def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
     out = _dtype(data, "out_dtype", problems)
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        problems.append(f"seed must be a non-negative integer, not {seed!r}")
+        problems.append(f"seed must be a non-negative integer, not {short_repr(seed)}")
         seed = 0
     vocab_mismatch = data.get("vocab_mismatch", "error")
     if not isinstance(vocab_mismatch, str):
-        problems.append(f"vocab_mismatch must be one of {', '.join(VOCAB_MISMATCH)}, not {vocab_mismatch!r}")
+        problems.append(f"vocab_mismatch must be one of {', '.join(VOCAB_MISMATCH)}, not {short_repr(vocab_mismatch)}")
         vocab_mismatch = "error"
     tokenizer_source = data.get("tokenizer_source")
     if tokenizer_source is not None and not isinstance(tokenizer_source, str):
@@ -239,15 +307,19 @@ _UNKNOWN_METHOD = "unknown merge_method"
 
 def recipe_problems(recipe: MergeRecipe) -> list[str]:
     """Every problem of ``recipe``: the one validation, run whenever a recipe is made."""
+    values = (recipe.parameters, [m.parameters for m in recipe.models])
+    if expanded_size_exceeds(values, MAX_RECIPE_VALUES):
+        return [f"the recipe's parameters expand to more than {MAX_RECIPE_VALUES:,} values; {_ALIASES_REPEAT}"]
     problems = []
     methods = all_methods()
     if not isinstance(recipe.seed, int) or isinstance(recipe.seed, bool) or recipe.seed < 0:
-        problems.append(f"seed must be a non-negative integer, not {recipe.seed!r}")
+        problems.append(f"seed must be a non-negative integer, not {short_repr(recipe.seed)}")
     if recipe.vocab_mismatch not in VOCAB_MISMATCH:
-        problems.append(f"vocab_mismatch must be one of {', '.join(VOCAB_MISMATCH)}, not {recipe.vocab_mismatch!r}")
+        problems.append(f"vocab_mismatch must be one of {', '.join(VOCAB_MISMATCH)}, "
+                        f"not {short_repr(recipe.vocab_mismatch)}")
     method = methods.get(recipe.merge_method)
     if method is None:
-        problems.append(f"{_UNKNOWN_METHOD} {recipe.merge_method!r} (known: {', '.join(methods)})")
+        problems.append(f"{_UNKNOWN_METHOD} {short_repr(recipe.merge_method)} (known: {', '.join(methods)})")
         return problems
     return problems + validate_against_method(recipe, method)
 
@@ -258,7 +330,7 @@ def _method(name: Any, problems: list[str]) -> MergeMethod | None:
         problems.append(f"merge_method is missing (one of: {', '.join(methods)})")
         return None
     if not isinstance(name, str) or name not in methods:
-        problems.append(f"unknown merge_method {name!r} (known: {', '.join(methods)})")
+        problems.append(f"{_UNKNOWN_METHOD} {short_repr(name)} (known: {', '.join(methods)})")
         return None
     return methods[name]
 
@@ -280,7 +352,7 @@ def _models(raw: Any, problems: list[str]) -> list[ModelEntry]:
             continue
         unknown = set(item) - MODEL_KEYS
         if unknown:
-            problems.append(f"models[{i}] ({item['model']}): unknown keys {sorted(unknown)}")
+            problems.append(f"models[{i}] ({item['model']}): unknown keys {short_repr(sorted(unknown, key=str))}")
         model = item["model"]
         if "+" in model and not Path(model).exists():
             problems.append(
@@ -302,7 +374,8 @@ def _dtype(data: Mapping[str, Any], key: str, problems: list[str]) -> torch.dtyp
     if value is None:
         return None
     try:
-        return parse_dtype(str(value))
+        # No dtype name is long: a cut name still fails, and its message stays short.
+        return parse_dtype(short_text(str(value)))
     except UnsupportedDtypeError as exc:
         problems.append(f"{key}: {exc.what}; {exc.fix}")
         return None
@@ -341,7 +414,7 @@ def warn_unusual_values(recipe: MergeRecipe) -> None:
         unusual = [v for v in numeric_values(value) if isinstance(v, (int, float)) and not typical.contains(v)]
         if unusual:
             described = "negative" if typical.low == 0 and unusual[0] < 0 else "outside its usual range"
-            logger.warning("%s: %s %r is %s; %s %s", where, name, unusual[0], described, method.name,
+            logger.warning("%s: %s %s is %s; %s %s", where, name, short_repr(unusual[0]), described, method.name,
                            typical.why)
 
 
@@ -375,7 +448,19 @@ def _check_param(method: MergeMethod, name: str, value: Any, where: str, *, per_
     problem = check_value_form(value)
     if problem:
         return [f"{where}: {name}: {problem}"]
-    return [f"{where}: {name}: {p}" for p in map(spec.leaf_problem, numeric_values(value)) if p]
+    return [f"{where}: {name}: {p}" for p in (_leaf_problem(spec, leaf) for leaf in numeric_values(value)) if p]
+
+
+def _leaf_problem(spec: ParamSpec, leaf: Any) -> str | None:
+    """Why one unfolded value does not fit ``spec``: the declaration's rule, and no overflow."""
+    if spec.kind in (int, float) and too_large_for_float(leaf):
+        # Refused before any range check, which compares it with floats and would overflow.
+        return _not_finite(leaf)
+    return spec.leaf_problem(leaf)
+
+
+def _not_finite(leaf: Any) -> str:
+    return f"{short_repr(leaf)} is not a finite number"
 
 
 def _check_required(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
@@ -420,10 +505,22 @@ def recipe_from_cli(
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            problems.append(f"-p {item!r}: write parameters as name=value")
+            problems.append(f"-p {short_repr(item)}: write parameters as name=value")
             continue
-        value = _parse_cli_value(text)
+        try:
+            value = _parse_cli_value(text)
+        except _YamlProblem as exc:
+            problems.append(f"-p {short_repr(item)}: {exc}")
+            continue
+        if expanded_size_exceeds(value, MAX_RECIPE_VALUES):
+            problems.append(f"-p {short_text(key)}: the value expands to more than {MAX_RECIPE_VALUES:,} values; "
+                            f"{_ALIASES_REPEAT}")
+            continue
         spec = spec_by_name.get(key)
+        huge = _too_large_leaf(spec, value)
+        if huge is not None:
+            problems.append(f"-p {short_text(key)}: {huge}")
+            continue
         if isinstance(value, tuple):
             if spec is not None and spec.per_model:
                 if len(value) != len(inputs):
@@ -450,11 +547,21 @@ def recipe_from_cli(
     return parse_recipe(data)
 
 
+def _too_large_leaf(spec: ParamSpec | None, value: Any) -> str | None:
+    """The problem of a number in a ``-p`` value too large for a float, reported for the option."""
+    if spec is None or spec.kind not in (int, float):
+        return None
+    parts = value if isinstance(value, tuple) else (value,)
+    huge = [leaf for part in parts for leaf in numeric_values(part) if too_large_for_float(leaf)]
+    return _not_finite(huge[0]) if huge else None
+
+
 def _parse_cli_value(text: str) -> Any:
+    """A ``-p`` value, read as a recipe's YAML is (or :class:`_YamlProblem`)."""
     text = text.strip()
     if "," in text and not text.startswith(("[", "{")):
-        return tuple(yaml.safe_load(part) for part in text.split(","))
-    return yaml.safe_load(text)
+        return tuple(_load_yaml(part) for part in text.split(","))
+    return _load_yaml(text)
 
 
 def dump_recipe(recipe: MergeRecipe, extra: Mapping[str, Any] | None = None) -> str:

@@ -37,6 +37,8 @@ from typing import Annotated, Any, Protocol, TypeVar
 
 import torch
 
+from mergekit_like.errors import short_repr
+
 T = TypeVar("T")
 
 
@@ -70,7 +72,7 @@ class Range:
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
             low = "-inf" if self.low is None else f"{self.low:g}"
             high = "inf" if self.high is None else f"{self.high:g}"
-            return f"{value!r} is outside [{low}, {high}]"
+            return f"{short_repr(value)} is outside [{low}, {high}]"
         return None
 
 
@@ -122,15 +124,15 @@ class ParamSpec:
     def leaf_problem(self, leaf: Any) -> str | None:
         """Why one value (a scalar, after gradients and filters are unfolded) does not fit."""
         if self.kind is bool:
-            return None if isinstance(leaf, bool) else f"{leaf!r} is not true or false"
+            return None if isinstance(leaf, bool) else f"{short_repr(leaf)} is not true or false"
         if self.kind is str:
             if self.choices and leaf not in self.choices:
-                return f"{leaf!r} is not one of {', '.join(self.choices)}"
+                return f"{short_repr(leaf)} is not one of {', '.join(self.choices)}"
             return None
         if not isinstance(leaf, (int, float)) or isinstance(leaf, bool):
-            return f"{leaf!r} is not a number"
+            return f"{short_repr(leaf)} is not a number"
         if not math.isfinite(leaf):
-            return f"{leaf!r} is not a finite number"
+            return f"{short_repr(leaf)} is not a finite number"
         return self.bounds.problem(leaf) if self.bounds else None
 
 
