@@ -8,8 +8,10 @@ the files and validates the index; it reads no tensor data.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +29,16 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 DEFAULT_INDEX = "model.safetensors.index.json"
 DEFAULT_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+NOT_REGULAR_FIX = "a checkpoint's weights and index must be regular files; point at the real files"
+
+# The largest public checkpoints list about 2 * 10**5 tensors in their index (60 MoE layers of
+# 384 experts, each expert matrix with its quantization scales), so this is five times the
+# largest real model while bounding what a hostile index makes us build (as a header's bound).
+MAX_INDEX_TENSORS = 1_000_000
+# An index line (tensor name and shard name) is about 100 bytes, so the tensors allowed above
+# fit in about 100 MB; twice that leaves room for long names. Checked before reading the file.
+MAX_INDEX_BYTES = 200_000_000
 
 CONVERT_HINT = (
     "convert it to safetensors (for example: python -c \"from transformers import "
@@ -62,6 +74,7 @@ def resolve(path: str | Path, *, allow_pickle: bool = False) -> CheckpointLayout
         )
     if path.is_dir():
         return _resolve_directory(path, allow_pickle)
+    require_regular_file(path)
     if path.name.endswith(".index.json"):
         return _from_index(path, allow_pickle)
     if path.suffix == SAFETENSORS_SUFFIX:
@@ -76,7 +89,9 @@ def resolve(path: str | Path, *, allow_pickle: bool = False) -> CheckpointLayout
 
 
 def _resolve_directory(root: Path, allow_pickle: bool) -> CheckpointLayout:
-    names = sorted(p.name for p in root.iterdir() if p.is_file())
+    # Every entry, not only regular files: a FIFO or folder named model.safetensors is an error
+    # that names it (raised where the chosen file is checked), not a reason to read another file.
+    names = sorted(p.name for p in root.iterdir())
     st_indexes = [n for n in names if n.endswith(SAFETENSORS_SUFFIX + ".index.json")]
     if DEFAULT_INDEX in st_indexes:
         return _from_index(root / DEFAULT_INDEX, allow_pickle)
@@ -145,17 +160,26 @@ def _load_index_json(index_path: Path) -> dict[str, Any]:
             what, path=index_path, fix="fix or regenerate the index (save_pretrained writes one)"
         )
 
+    with os.fdopen(open_regular_file(index_path), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(MAX_INDEX_BYTES + 1) if size <= MAX_INDEX_BYTES else b""
+    if size > MAX_INDEX_BYTES or len(raw) > MAX_INDEX_BYTES:  # the second: it grew after the fstat
+        raise bad(f"index is {max(size, len(raw))} bytes, over the {MAX_INDEX_BYTES}-byte limit")
     try:
-        data = json.loads(index_path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise bad("index is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise bad(f"index is not valid JSON ({exc})") from None
     except RecursionError:
         raise bad("index JSON is nested too deeply") from None
+    except ValueError as exc:  # an integer past Python's digit limit
+        raise bad(f"index JSON holds a value Python refuses ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
         raise bad("index has no 'weight_map' object")
     weight_map = data["weight_map"]
+    if len(weight_map) > MAX_INDEX_TENSORS:
+        raise bad(f"index lists {len(weight_map)} tensors, over the limit of {MAX_INDEX_TENSORS}")
     for tensor, shard in weight_map.items():
         if not isinstance(shard, str):
             raise InvalidCheckpointError(
@@ -184,10 +208,16 @@ def _check_shard_name(index_path: Path, tensor: str, shard: str, suffixes: tuple
             fix="the index mixes formats; point at the index of the format you want to read",
         )
     path = root / shard
-    if not path.is_file():
+    mode = _mode(path)
+    if mode is None:
         raise CheckpointNotFoundError(
             f"shard {shard!r} named by the index is missing", path=index_path, tensor=tensor,
             fix="download the checkpoint again, completely",
+        )
+    if not stat.S_ISREG(mode):
+        raise InvalidCheckpointError(
+            f"shard {path} named by the index is {_kind(mode)}, not a regular file",
+            path=index_path, tensor=tensor, fix=NOT_REGULAR_FIX,
         )
     if not _inside(path, root):
         raise unsafe(f"shard {shard!r} is a link to a file outside the checkpoint directory")
@@ -209,9 +239,66 @@ def _inside(path: Path, root: Path) -> bool:
 
 def _single(root: Path, name: str, fmt: Format) -> CheckpointLayout:
     path = root / name
+    require_regular_file(path)
     if not _inside(path, root):
         raise UnsafeCheckpointError(
             "is a link to a file outside the checkpoint directory", path=path,
             fix="copy the file into the directory instead of linking it",
         )
     return CheckpointLayout(root, fmt, (path,))
+
+
+def _mode(path: Path) -> int | None:
+    """The file type and mode bits of ``path`` (links followed), or None where nothing is there."""
+    try:
+        return os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # links in a loop lead to no file
+            return None
+        raise
+
+
+def _kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def _refuse_unless_regular(path: Path, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise InvalidCheckpointError(f"is {_kind(mode)}, not a regular file", path=path, fix=NOT_REGULAR_FIX)
+
+
+def require_regular_file(path: Path) -> None:
+    """Refuses anything at ``path`` but a regular file (links followed), without opening it:
+    opening a FIFO waits for a writer forever, and a device can stream without end."""
+    mode = _mode(path)
+    if mode is None:
+        raise CheckpointNotFoundError(
+            "no such file (or a link to a missing one)", path=path,
+            fix="check the path, or download the checkpoint again",
+        )
+    _refuse_unless_regular(path, mode)
+
+
+def open_regular_file(path: Path) -> int:
+    """Opens ``path`` read-only and returns the descriptor, refusing anything but a regular file.
+
+    The stat comes first, so nothing else is ever opened; O_NONBLOCK then keeps open() from
+    waiting should the path have been swapped for a FIFO since, and fstat refuses what was opened.
+    """
+    require_regular_file(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        _refuse_unless_regular(path, os.fstat(fd).st_mode)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)  # the flag was for open() only; reads must wait for data
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

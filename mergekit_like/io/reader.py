@@ -24,7 +24,7 @@ from mergekit_like.errors import (
     InvalidCheckpointError,
     UnsafeCheckpointError,
 )
-from mergekit_like.io.layout import CheckpointLayout, resolve
+from mergekit_like.io.layout import CheckpointLayout, open_regular_file, resolve
 from mergekit_like.io.readahead import advise, will_need
 from mergekit_like.io.safetensors_format import SafetensorsHeader, TensorEntry, read_header
 
@@ -159,7 +159,7 @@ class Checkpoint:
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            fd = self._fds[path] = open_regular_file(path)  # it may have become a FIFO since its header was read
             advise(fd, 0, 0, "POSIX_FADV_SEQUENTIAL")  # reads go front to back: a larger kernel read-ahead
         return fd
 
@@ -234,7 +234,10 @@ def _collect_entries(
                 "%s: %d tensors are in shards but not in the index and are ignored (first: %s)",
                 layout.source, len(unindexed), unindexed[0],
             )
-    ordered = sorted(chosen.items(), key=lambda kv: (kv[1], headers[kv[1]].tensors[kv[0]].start))
+    # Shards by their rank among the sorted shard paths, so the key holds no Path: comparing
+    # Paths per tensor is slow enough to dominate opening a header of a million tensors.
+    position = {file: i for i, file in enumerate(sorted(headers))}
+    ordered = sorted(chosen.items(), key=lambda kv: (position[kv[1]], headers[kv[1]].tensors[kv[0]].start))
     return {name: headers[file].tensors[name] for name, file in ordered}
 
 

@@ -12,27 +12,40 @@ before anything is allocated for it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergekit_like.errors import CheckpointNotFoundError, InvalidCheckpointError
+from mergekit_like.errors import InvalidCheckpointError
 from mergekit_like.io.dtypes import itemsize, to_safetensors, to_torch
+from mergekit_like.io.layout import open_regular_file
 
 # The reference implementation refuses headers over 100 MB; so do we, before reading them.
 MAX_HEADER_BYTES = 100_000_000
+# Tensors one header may list. The largest public checkpoints hold about 2 * 10**5 tensors in
+# all their shards together (60 MoE layers of 384 experts, each expert matrix with its
+# quantization scales), so even such a model saved as one file is five times below this. Without
+# it the 100 MB above fits 1.7 million zero-size entries, which took a minute and 1.75 GB to list.
+MAX_TENSORS = 1_000_000
+# numpy caps arrays at 64 dimensions and real weights have at most 5 or 6; the cap matters because
+# torch's cost grows with the square of the rank (a reshape to 10**5 dimensions takes 50 s).
+MAX_RANK = 64
+# Sizes, strides and byte counts are int64 in torch (and in every reader of the format).
+INT64_MAX = 2**63 - 1
 # Data starts on an 8-byte boundary, as the reference writer pads it.
 HEADER_ALIGNMENT = 8
 METADATA_KEY = "__metadata__"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a header may hold a million of them
 class TensorEntry:
     """Where one tensor lives: its file, absolute byte offset, dtype and shape."""
 
@@ -63,13 +76,39 @@ class SafetensorsHeader:
     data_start: int = 0
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
+# What the objects of a header past the tensor limit decode to: one shared value, not a dict each.
+_OVER_LIMIT: Any = object()
+
+
+class _HeaderObjects:
+    """``object_pairs_hook`` for a header: refuses duplicate keys, and once the header holds
+    more objects or keys than ``MAX_TENSORS`` allows, stops building them (the header is
+    refused after the parse, which still counts its tensors for the message)."""
+
+    def __init__(self) -> None:
+        self.objects = 0
+        self.over_limit = False
+        self.last_keys = 0  # the header object is decoded last, so this ends as its tensor count
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> Any:
+        self.objects += 1
+        if self.over_limit or self.objects > MAX_TENSORS + 2 or len(pairs) > MAX_TENSORS + 1:  # + metadata, header
+            self.over_limit = True
+            self.last_keys = len(pairs) - any(key == METADATA_KEY for key, _ in pairs)
+            return _OVER_LIMIT
+        built = dict(pairs)
+        if len(built) < len(pairs):
+            raise _DuplicateKey(_first_repeated(key for key, _ in pairs))
+        return built
+
+
+def _first_repeated(keys: Iterable[str]) -> str:
+    seen: set[str] = set()
+    for key in keys:
         if key in seen:
-            raise _DuplicateKey(key)
-        seen[key] = value
-    return seen
+            return key
+        seen.add(key)
+    raise AssertionError("no key repeats")
 
 
 class _DuplicateKey(Exception):
@@ -80,22 +119,17 @@ class _DuplicateKey(Exception):
 def read_header(path: str | Path) -> SafetensorsHeader:
     """Reads and validates the header of the safetensors file at ``path``."""
     path = Path(path)
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise InvalidCheckpointError(
-                    f"file is {size} bytes, too short for a safetensors header",
-                    path=path, fix="the file is truncated or not safetensors; download or save it again",
-                )
-            (length,) = struct.unpack("<Q", prefix)
-            _check_header_length(length, size, path)
-            raw = f.read(length)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError("file not found", path=path) from None
-    except IsADirectoryError:
-        raise InvalidCheckpointError("is a directory, not a safetensors file", path=path) from None
+    with os.fdopen(open_regular_file(path), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise InvalidCheckpointError(
+                f"file is {size} bytes, too short for a safetensors header",
+                path=path, fix="the file is truncated or not safetensors; download or save it again",
+            )
+        (length,) = struct.unpack("<Q", prefix)
+        _check_header_length(length, size, path)
+        raw = f.read(length)
     return parse_header(raw, file_size=size, path=path)
 
 
@@ -115,6 +149,7 @@ def _check_header_length(length: int, size: int, path: Path) -> None:
 def parse_header(raw: bytes, *, file_size: int, path: str | Path) -> SafetensorsHeader:
     """Validates header bytes ``raw`` of a file of ``file_size`` bytes."""
     path = Path(path)
+    _check_header_length(len(raw), file_size, path)
     header = _decode_json(raw, path)
     metadata = _parse_metadata(header.pop(METADATA_KEY, None), path)
     data_start = 8 + len(raw)
@@ -133,8 +168,9 @@ def _decode_json(raw: bytes, path: Path) -> dict[str, Any]:
             f"header is not UTF-8 (byte {exc.start})", path=path,
             fix="the file is corrupt or not safetensors",
         ) from None
+    objects = _HeaderObjects()
     try:
-        header = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+        header = json.loads(text, object_pairs_hook=objects)
     except _DuplicateKey as dup:
         raise InvalidCheckpointError(
             "header lists this key twice", path=path, tensor=dup.key,
@@ -146,12 +182,39 @@ def _decode_json(raw: bytes, path: Path) -> dict[str, Any]:
             else "header JSON is nested too deeply",
             path=path, fix="the file is corrupt or not safetensors",
         ) from None
+    except ValueError as exc:  # an integer past Python's digit limit (4300 by default)
+        raise InvalidCheckpointError(
+            f"header holds a number Python refuses to read ({exc})", path=path,
+            fix="the file is corrupt or not safetensors",
+        ) from None
+    _check_tensor_count(header, objects, path)
     if not isinstance(header, dict):
         raise InvalidCheckpointError(
             f"header is a JSON {type(header).__name__}, not an object", path=path,
             fix="the file is corrupt or not safetensors",
         )
     return header
+
+
+def _check_tensor_count(header: Any, objects: _HeaderObjects, path: Path) -> None:
+    """Refuses a header listing more than ``MAX_TENSORS`` tensors, before any entry is parsed."""
+    if header is _OVER_LIMIT:
+        count = objects.last_keys
+    elif isinstance(header, dict):
+        count = len(header) - (METADATA_KEY in header)
+    else:
+        count = 0  # not an object: refused as such by the caller
+    if count > MAX_TENSORS:
+        raise InvalidCheckpointError(
+            f"header lists {count} tensors, over the limit of {MAX_TENSORS} per file",
+            path=path, fix="the file is corrupt or hostile; do not use it",
+        )
+    if objects.over_limit:  # few tensors, but more objects (or keys) inside them than entries need
+        raise InvalidCheckpointError(
+            f"header holds {objects.objects} JSON objects, more than a header of at most {MAX_TENSORS} "
+            f"tensors needs, or an object of over {MAX_TENSORS + 1} keys",
+            path=path, fix="the file is corrupt or hostile; do not use it",
+        )
 
 
 def _parse_metadata(value: Any, path: Path) -> dict[str, str]:
@@ -165,6 +228,10 @@ def _parse_metadata(value: Any, path: Path) -> dict[str, str]:
             fix="the file is corrupt; save it again",
         )
     return dict(value)
+
+
+# torch.dtype -> bytes per element; itemsize() allocates a tensor, once per dtype is enough.
+_itemsize = functools.cache(itemsize)
 
 
 def _is_int(value: Any) -> bool:
@@ -181,20 +248,44 @@ def _parse_entry(name: str, spec: Any, path: Path, data_start: int) -> TensorEnt
     if not isinstance(code, str):
         raise bad("header entry has no string 'dtype'")
     dtype = to_torch(code, path=path, tensor=name)
+    size = _itemsize(dtype)
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise bad(f"shape {shape!r} is not a list of non-negative integers")
+        raise bad(f"shape {_brief(shape)} is not a list of non-negative integers")
+    _check_extent(shape, size, code, bad)
     if (
         not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise bad(f"data_offsets {offsets!r} is not a pair [begin, end] with 0 <= begin <= end")
-    expected = math.prod(shape) * itemsize(dtype)
+        raise bad(f"data_offsets {_brief(offsets)} is not a pair [begin, end] with 0 <= begin <= end")
+    expected = math.prod(shape) * size
     if offsets[1] - offsets[0] != expected:
         raise bad(
             f"dtype {code} and shape {shape} need {expected} bytes but data_offsets span "
             f"{offsets[1] - offsets[0]}"
         )
     return TensorEntry(name, dtype, tuple(shape), path, data_start + offsets[0], expected)
+
+
+def _check_extent(shape: list[int], size: int, code: str, bad: Callable[[str], InvalidCheckpointError]) -> None:
+    """Refuses shapes torch cannot represent, whatever the element count: ``[0, 2**64]`` holds
+    nothing, yet every reader fails on it."""
+    if len(shape) > MAX_RANK:
+        raise bad(f"shape has {len(shape)} dimensions, over the limit of {MAX_RANK}")
+    huge = next((d for d in shape if d > INT64_MAX), None)
+    if huge is not None:
+        raise bad(f"shape {shape} has a dimension of {huge}, beyond int64 (2**63 - 1)")
+    # torch multiplies the other dimensions for strides and storage size even next to a 0, so
+    # it refuses [0, 2**62, 2**62]: count empty dimensions as 1 here too.
+    span = math.prod(max(d, 1) for d in shape) * size
+    if span > INT64_MAX:
+        raise bad(f"shape {shape} of dtype {code} overflows int64 element, stride or byte counts")
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut short: a hostile header's values can be megabytes long."""
+    cut = isinstance(value, (list, str)) and len(value) > limit
+    text = repr(value[:limit] if cut else value)
+    return text[: limit - 3] + "..." if cut or len(text) > limit else text
 
 
 def _check_coverage(tensors: list[TensorEntry], data_size: int, data_start: int, path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +11,7 @@ from mergekit_like.io.dtypes import dtype_name
 from mergekit_like.io.reader import Checkpoint
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a checkpoint may have a million rows
 class TensorRow:
     name: str
     shape: tuple[int, ...]
@@ -75,8 +76,9 @@ class CheckpointSummary:
 def summarize(checkpoint: Checkpoint) -> CheckpointSummary:
     """Collects the per-tensor table and totals of an opened checkpoint (no data is read)."""
     layout = checkpoint.layout
+    name_of = functools.cache(dtype_name)  # per dtype, not per tensor
     rows = tuple(
-        TensorRow(e.name, e.shape, dtype_name(e.dtype), e.numel, e.nbytes, e.file.name)
+        TensorRow(e.name, e.shape, name_of(e.dtype), e.numel, e.nbytes, e.file.name)
         for e in checkpoint.entries()
     )
     return CheckpointSummary(

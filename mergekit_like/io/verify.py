@@ -80,8 +80,10 @@ def _check_sums(checkpoint: Checkpoint, report: VerifyReport) -> None:
             report.checksums = "mismatch"
     for name, digest in expected.items():
         target = root / name
-        if not target.is_file():
+        if not target.exists():
             report.problems.append(f"{target}: listed in {CHECKSUMS} but missing")
+        elif not target.is_file():  # a FIFO would block the read below forever
+            report.problems.append(f"{target}: listed in {CHECKSUMS} but not a regular file")
         elif sha256_of(target) != digest:
             report.problems.append(f"{target}: sha256 differs from {CHECKSUMS}; the file changed or is corrupt")
         else:
