@@ -10,6 +10,7 @@ from mergekit_like.cli.output import console, handle_errors, human_bytes, human_
 from rich.markup import escape
 from rich.table import Table
 
+from mergekit_like.errors import printable
 from mergekit_like.io import open_checkpoint, summarize
 from mergekit_like.io.summary import CheckpointSummary
 
@@ -62,7 +63,7 @@ def _print_table(summary: CheckpointSummary, rows: list) -> None:
         table.add_column("shard", justify="right", no_wrap=True)
     shard_number = {name: i for i, name in enumerate(summary.shards, 1)}
     for row in rows:
-        cells = [row.name, "x".join(map(str, row.shape)) or "scalar", row.dtype,
+        cells = [printable(row.name), "x".join(map(str, row.shape)) or "scalar", row.dtype,
                  human_count(row.numel), human_bytes(row.nbytes)]
         table.add_row(*cells, *([str(shard_number[row.shard])] if multi else []))
     console.print(table)
@@ -74,7 +75,8 @@ def _print_lines(summary: CheckpointSummary, rows: list, multi: bool) -> None:
     header = ["tensor", "shape", "dtype", "params", "bytes", *(["shard"] if multi else [])]
     lines = ["\t".join(header)]
     for row in rows:
-        cells = [row.name, "x".join(map(str, row.shape)) or "scalar", row.dtype, str(row.numel), str(row.nbytes)]
+        cells = [printable(row.name), "x".join(map(str, row.shape)) or "scalar", row.dtype, str(row.numel),
+                 str(row.nbytes)]
         lines.append("\t".join([*cells, *([str(shard_number[row.shard])] if multi else [])]))
     sys.stdout.write("\n".join(lines) + "\n")
 
@@ -82,7 +84,7 @@ def _print_lines(summary: CheckpointSummary, rows: list, multi: bool) -> None:
 def _print_totals(summary: CheckpointSummary) -> None:
     by_dtype = ", ".join(f"{d} {human_count(n)}" for d, n in summary.dtype_counts.items())
     largest = summary.largest
-    console.print(f"[bold]{escape(str(summary.path))}[/]", markup=True, highlight=False, soft_wrap=True)
+    console.print(f"[bold]{escape(printable(str(summary.path)))}[/]", markup=True, highlight=False, soft_wrap=True)
     console.print(
         f"  {len(summary.tensors)} tensors, {human_count(summary.num_parameters)} parameters "
         f"({summary.num_parameters:,}), {human_bytes(summary.total_bytes)}",
@@ -96,5 +98,5 @@ def _print_totals(summary: CheckpointSummary) -> None:
     if by_dtype:
         console.print(f"  by dtype: {by_dtype}", highlight=False, soft_wrap=True)
     if largest:
-        console.print(f"  largest tensor: {largest.name} ({human_bytes(largest.nbytes)})", highlight=False,
+        console.print(f"  largest tensor: {printable(largest.name)} ({human_bytes(largest.nbytes)})", highlight=False,
                       soft_wrap=True)

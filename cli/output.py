@@ -24,7 +24,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from mergekit_like.errors import MergekitLikeError
+from mergekit_like.errors import MergekitLikeError, printable
 from mergekit_like.io.sharding import parse_size
 from mergekit_like.merge.options import Allocator
 
@@ -66,7 +66,7 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
             if SESSION.debug:
                 raise
             # The message is plain text: brackets in it ("[inf]", a path) are not markup.
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False,
+            err_console.print(f"[bold red]error:[/] {escape(printable(str(exc)))}", markup=True, highlight=False,
                               soft_wrap=True)
             raise typer.Exit(EXIT_KNOWN_ERROR) from None
         except KeyboardInterrupt:

@@ -8,6 +8,7 @@ import typer
 from mergekit_like.cli.output import console, err_console, handle_errors, human_bytes, print_json
 from rich.markup import escape
 
+from mergekit_like.errors import printable
 from mergekit_like.io.verify import verify_checkpoint
 
 HELP = """Check a checkpoint completely: structure, every tensor, NaN/Inf, checksums.sha256.
@@ -37,7 +38,7 @@ def verify(
                     "bytes_read": report.bytes_read, "checksums": report.checksums, "problems": report.problems})
     else:
         for problem in report.problems:
-            err_console.print(f"[bold red]problem:[/] {escape(problem)}", markup=True, highlight=False,
+            err_console.print(f"[bold red]problem:[/] {escape(printable(problem))}", markup=True, highlight=False,
                               soft_wrap=True)
         verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
         console.print(f"{path}: {verdict}; {report.tensors} tensors read ({human_bytes(report.bytes_read)}), "

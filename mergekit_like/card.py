@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from mergekit_like import __version__
+from mergekit_like.errors import printable
 from mergekit_like.hub import is_hub_id, split_ref
 from mergekit_like.io.outputs import OutputSpec
 from mergekit_like.merge.recipe import MergeRecipe, dump_recipe
@@ -83,7 +84,7 @@ def render_card(card: CardContent) -> str:
         license=card.license,
     )
     lines = [
-        f"# {_one_line(card.title)}",
+        f"# {printable(card.title)}",
         "",
         f"This model was made with mergekit-like {__version__} using **{card.method}** "
         f"([reference]({card.paper})): {card.description}",
@@ -93,8 +94,8 @@ def render_card(card: CardContent) -> str:
     ]
     for ref, role in card.inputs:
         shown = (f"[{ref}](https://huggingface.co/{ref.split('@')[0]})" if is_hub_id(ref)
-                 else f"`{_one_line(ref).replace('`', chr(92) + '`')}` (local)")
-        lines.append(f"- {shown}" + (f" ({_one_line(role)})" if role else ""))
+                 else f"`{printable(ref).replace('`', chr(92) + '`')}` (local)")
+        lines.append(f"- {shown}" + (f" ({printable(role)})" if role else ""))
     if card.note:
         lines += ["", card.note]
     lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(dict(card.recipe), sort_keys=False).rstrip(), "```"]
@@ -102,12 +103,6 @@ def render_card(card: CardContent) -> str:
         lines += ["", "## Reproduce", "", "```bash", card.command, "```"]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
     return str(ModelCard(content))
-
-
-def _one_line(text: str) -> str:
-    """``text`` with control characters written as escapes: a path may hold a newline, which in the
-    card would start a heading or a list of its own."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
 
 
 def merge_card(

@@ -61,6 +61,12 @@ def _repr_pieces(value: Any) -> Iterator[str]:
             yield f"<{type(value).__name__} too large to show>"
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters written as escapes (``\\n``, ``\\x1b``): a name or path read
+    from a file may hold a newline that starts a Markdown heading, or a terminal escape sequence."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+
+
 class MergekitLikeError(Exception):
     """Base class of every error this toolkit raises deliberately."""
 

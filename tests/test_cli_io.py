@@ -159,3 +159,14 @@ def test_piped_inspect_and_verify_never_wrap_a_tensor_name(tmp_path: Path) -> No
     assert f"  largest tensor: {long_name} (40 B)" in listing.stdout.splitlines()
     verdict = runner.invoke(app, ["verify", str(model)]).stdout.splitlines()
     assert any(line.startswith(f"{model}: OK") for line in verdict), verdict
+
+
+def test_terminal_escapes_in_tensor_names_are_printed_escaped(tmp_path: Path) -> None:
+    # ESC sequences (a colour, an OSC title) in a name from a file must not reach the terminal raw.
+    name = "w\x1b[31mred\x1b]0;title\x07\nnext"
+    model = write_checkpoint(tmp_path / "m", {name: torch.ones(2)})
+    for args in (["inspect", str(model)], ["inspect", str(model), "--totals"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "w\\x1b[31mred\\x1b]0;title\\x07\\nnext" in runner.invoke(app, ["inspect", str(model)]).stdout
