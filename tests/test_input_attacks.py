@@ -335,3 +335,14 @@ def test_header_byte_limit_holds_for_headers_given_directly(tmp_path: Path) -> N
     with pytest.raises(InvalidCheckpointError, match="over the 100000000-byte limit"):
         parse_header(raw, file_size=8 + len(raw), path=tmp_path / "x.safetensors")
     assert struct.calcsize("<Q") == 8  # the length prefix parse_header's file_size counts
+
+
+def test_the_pickle_refusal_points_to_the_tools_own_lossless_converter(tmp_path: Path) -> None:
+    from mergekit_like.errors import UnsafeCheckpointError
+    from mergekit_like.io import open_checkpoint
+
+    torch.save({"transformer.h.0.w": torch.ones(2), "lm_head.weight": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UnsafeCheckpointError) as refused:
+        open_checkpoint(tmp_path)
+    assert "mergekit-like convert DIR DIR-st --allow-pickle" in str(refused.value)
+    assert "AutoModel" not in str(refused.value)

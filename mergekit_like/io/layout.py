@@ -40,10 +40,11 @@ MAX_INDEX_TENSORS = 1_000_000
 # fit in about 100 MB; twice that leaves room for long names. Checked before reading the file.
 MAX_INDEX_BYTES = 200_000_000
 
+# The tool's own converter keeps every tensor under its stored name; a round trip through
+# transformers' AutoModel would drop the head and rename tensors (the "transformer." prefix).
 CONVERT_HINT = (
-    "convert it to safetensors (for example: python -c \"from transformers import "
-    "AutoModel; AutoModel.from_pretrained('DIR').save_pretrained('DIR-st')\"), or pass "
-    "--allow-pickle to load it with torch.load(weights_only=True) if you trust its source"
+    "convert it to safetensors once, tensor for tensor: mergekit-like convert DIR DIR-st --allow-pickle "
+    "(if you trust its source), or pass --allow-pickle here to load it with torch.load(weights_only=True)"
 )
 
 
