@@ -30,7 +30,7 @@ from mergekit_like.merge.parameters import (
     numeric_values,
     too_large_for_float,
 )
-from mergekit_like.methods import BaseUse, MergeMethod, ParamSpec, all_methods
+from mergekit_like.methods import BaseUse, MergeMethod, ParamSpec, all_methods, get_method
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class MergeRecipe:
 
     @property
     def method(self) -> MergeMethod:
-        return all_methods()[self.merge_method]
+        return get_method(self.merge_method)  # no sorted copy of the registry: read per tensor
 
     @property
     def inputs(self) -> list[ModelEntry]:
