@@ -37,7 +37,7 @@ def problems_of(data: dict) -> list[str]:
 def test_mergekit_form_parses_with_dtype_as_compute_and_output_dtype() -> None:
     recipe = parse_recipe(ties_recipe(out_dtype="float16"))
     assert recipe.compute_dtype == torch.bfloat16 and recipe.out_dtype == torch.float16
-    assert recipe.dtype_sets_output and [m.model for m in recipe.inputs] == ["a", "b"]
+    assert not recipe.dtype_sets_output and [m.model for m in recipe.inputs] == ["a", "b"]  # out_dtype decides
 
 
 def test_unknown_method_lists_the_known_ones() -> None:
@@ -58,21 +58,21 @@ def test_slerp_with_three_models_is_refused() -> None:
 
 
 def test_unknown_and_unsupported_keys_are_errors_not_ignored() -> None:
-    problems = problems_of(ties_recipe(slices=[], foo=1))
-    assert any("'slices'" in p and "not supported" in p for p in problems)
+    problems = problems_of(ties_recipe(tokenizer={"source": "union"}, foo=1))
+    assert any("'tokenizer'" in p and "not supported" in p for p in problems)
     assert any("unknown key 'foo'" in p for p in problems)
 
 
 def test_every_problem_is_reported_at_once() -> None:
     data = ties_recipe(
-        parameters={"normalize": "yes", "lambda": float("nan"), "bogus": 1},
+        parameters={"normalize": "maybe", "lambda": float("nan"), "bogus": 1},
         models=[{"model": "a", "parameters": {"weight": 1.0, "density": -0.1}},
                 {"model": "a", "parameters": {"weight": 1.0, "t": 0.3}}],
         dtype="float13",
     )
     problems = problems_of(data)
     joined = "\n".join(problems)
-    for expected in ("'yes' is not true or false", "nan is not a finite number", "unknown parameter 'bogus'",
+    for expected in ("'maybe' is not true or false", "nan is not a finite number", "unknown parameter 'bogus'",
                      "-0.1 is outside [0, 1]", "'a' is listed twice", "unknown parameter 't'",
                      "unknown dtype name 'float13'"):
         assert expected in joined, expected
@@ -184,9 +184,9 @@ def test_every_parameter_mergekit_accepts_parses(method: str) -> None:
 def test_ignored_parameters_are_checked_as_mergekit_checks_them() -> None:
     data = {"merge_method": "task_arithmetic", "base_model": "base",
             "models": [{"model": "a", "parameters": {"weight": 1.0, "density": 1.5, "int8_mask": True}}],
-            "parameters": {"int8_mask": "yes", "rescale": 2}}
+            "parameters": {"int8_mask": "maybe", "rescale": 2}}
     problems = problems_of(data)
-    assert any("parameters: int8_mask: 'yes' is not true or false" in p for p in problems)
+    assert any("parameters: int8_mask: 'maybe' is not true or false" in p for p in problems)
     assert any("rescale: 2 is not true or false" in p for p in problems)
     assert any("density: 1.5 is outside [0, 1]" in p for p in problems)
     assert any("'int8_mask' is shared by all models" in p for p in problems)

@@ -63,6 +63,28 @@ def copy_side_files(source: str | Path, destination: str | Path, out_dtype: torc
     return copied
 
 
+def read_config(source: str | Path) -> dict[str, Any] | None:
+    """The ``config.json`` of a model directory as a mapping; None when it has none.
+
+    A config that cannot be read (bad JSON, not a mapping) is an :class:`InvalidCheckpointError`:
+    a caller that asks for it needs what it says (the layer count, the architecture).
+    """
+    path = Path(source) / CONFIG
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InvalidCheckpointError(f"config is not valid JSON ({type(exc).__name__})", path=path,
+                                     fix="repair or replace the model's config.json") from None
+    except RecursionError:
+        raise _nested_too_deeply(path) from None
+    if not isinstance(config, dict):
+        raise InvalidCheckpointError("config is not a JSON object", path=path,
+                                     fix="repair or replace the model's config.json")
+    return config
+
+
 def _write_config(source: Path, destination: Path, out_dtype: torch.dtype | None) -> None:
     try:
         config = json.loads(source.read_text(encoding="utf-8"))

@@ -12,6 +12,7 @@ GPU (pinned staging chunks, a copy stream, events) from
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import zlib
 from collections.abc import Callable, Generator, Sequence
@@ -38,7 +39,6 @@ from mergekit_like.merge.plan import (
     planned_merge,
 )
 from mergekit_like.merge.staging import DeviceStaging
-from mergekit_like.methods import BaseUse
 from mergekit_like.progress import NullProgress, ProgressSink
 
 __all__ = [
@@ -158,22 +158,23 @@ def read_inputs(
     tensors stay on the host: they are written as they were read.
     """
     if tensor.copy_from is not None:
-        return _Inputs(tensor, rows, [plan.checkpoints[tensor.copy_from].read(tensor.name)], None)
+        return _Inputs(tensor, rows, [plan.checkpoints[tensor.copy_from].read(tensor.source(tensor.copy_from))], None)
     with staging.copying():
         load = _loader(plan, tensor, staging, rows)
-        as_stored = plan.method.inputs_as_stored
-        models = [load(ref, as_stored) for ref in plan.input_refs]
-        base = load(plan.recipe.base_model) if plan.method.base is not BaseUse.NONE else None
+        as_stored = plan.recipe_of(tensor).method.inputs_as_stored
+        models = [load(ref, as_stored) for ref in plan.models_of(tensor)]
+        base_ref = plan.base_of(tensor)
+        base = load(base_ref) if base_ref is not None else None
         return _Inputs(tensor, rows, models, base, staging.fence())
 
 
 def prefetch_inputs(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> None:
     """Starts the kernel reading a later item's bytes, so the disk has work queued while we compute."""
-    for ref in [tensor.copy_from] if tensor.copy_from is not None else _merged_sources(plan):
+    for ref in [tensor.copy_from] if tensor.copy_from is not None else _merged_sources(plan, tensor):
         checkpoint = plan.checkpoints[ref]
-        if tensor.name in checkpoint:
-            checkpoint.prefetch(tensor.name, rows if tuple(checkpoint.entry(tensor.name).shape) == tensor.shape
-                                else None)
+        name = tensor.source(ref)
+        if name in checkpoint:
+            checkpoint.prefetch(name, rows if tuple(checkpoint.entry(name).shape) == tensor.shape else None)
 
 
 def compute(plan: MergePlan, inputs: _Inputs, context: KernelContext) -> list[torch.Tensor]:
@@ -186,7 +187,8 @@ def compute(plan: MergePlan, inputs: _Inputs, context: KernelContext) -> list[to
         return inputs.models * len(plan.variants)
     staging = context.staging
     staging.accept(inputs.tensors(), inputs.fence)
-    recipe, method = plan.recipe, plan.method
+    recipe = plan.recipe_of(tensor)
+    method = recipe.method
     results = []
     for params in tensor.params:
         kwargs = dict(params)
@@ -216,11 +218,11 @@ def _loader(
     reference: list[torch.Tensor] = []  # read only if some model's rows need fitting
 
     def read(ref: str, as_stored: bool = False) -> torch.Tensor:
-        raw = staging.read(plan.checkpoints[ref], tensor.name, rows)
+        raw = staging.read(plan.checkpoints[ref], tensor.source(ref), rows)
         if plan.options.check_finite and (bad := nonfinite_count(raw)):
             raise InvalidCheckpointError(
                 f"{bad} NaN or infinite values in model '{ref}'", path=plan.checkpoints[ref].layout.source,
-                tensor=tensor.name, fix="the model is corrupt or diverged; leave it out of the merge",
+                tensor=tensor.source(ref), fix="the model is corrupt or diverged; leave it out of the merge",
             )
         if as_stored and (raw.dtype, tensor.compute_dtype) in EXACT_WIDENINGS:
             return raw
@@ -233,7 +235,7 @@ def _loader(
         if rows is not None or tuple(value.shape) == tensor.shape:
             return value
         if not reference:
-            reference.append(read(plan.reference))
+            reference.append(read(plan.reference if tensor.recipe is None else _tensor_reference(plan, tensor)))
         return fit_rows(value.to(tensor.compute_dtype), reference[0])
 
     return load
@@ -263,6 +265,10 @@ def run_merge(
         raise ValueError(f"staging moves tensors to {staging.device}, but the merge is asked to run on "
                          f"{options.device}")
     specs = list(outputs) if outputs is not None else [OutputSpec(v.label) for v in plan.variants]
+    if plan.output_config is not None:
+        # A restacked model's config (its layer count) is the plan's, whatever the caller adds.
+        specs = [spec if spec.config is not None else dataclasses.replace(spec, config=plan.output_config)
+                 for spec in specs]
     labels = [v.label for v in plan.variants]
     if [spec.label for spec in specs] != labels:
         raise ValueError(f"outputs {[spec.label for spec in specs]} do not match the plan's variants {labels}")
@@ -293,7 +299,7 @@ def _merged_stream(
     """The merge as a stream for the writer; its first read (the pre-pass, if any) waits for the writer's
     check of the target, so nothing is read (and no allocator setting changed) for an output that
     cannot be written."""
-    apply_allocator(plan.options.allocator, elementwise=plan.method.elementwise)
+    apply_allocator(plan.options.allocator, elementwise=all(m.elementwise for m in plan.methods))
     context = KernelContext(staging, executor, run_prepass(plan, staging, progress) if prepass else None)
     items = [(t, rows) for t in plan.tensors for rows in (t.chunks or [None])]
     stream = _pipelined if plan.options.pipeline else _sequential
@@ -362,13 +368,19 @@ def _written(
 
 def _item_bytes(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> int:
     numel = math.prod(tensor.shape) if rows is None else (rows[1] - rows[0]) * math.prod(tensor.shape[1:])
-    return numel * tensor.compute_dtype.itemsize * len(_merged_sources(plan))
+    return numel * tensor.compute_dtype.itemsize * len(_merged_sources(plan, tensor))
 
 
-def _merged_sources(plan: MergePlan) -> list[str]:
+def _merged_sources(plan: MergePlan, tensor: TensorPlan) -> list[str]:
     """Every checkpoint a merged tensor is read from: the models, then the base if the method uses one."""
-    base = plan.recipe.base_model
-    return list(plan.input_refs) + ([base] if plan.method.base is not BaseUse.NONE and base is not None else [])
+    base = plan.base_of(tensor)
+    return plan.models_of(tensor) + ([base] if base is not None else [])
+
+
+def _tensor_reference(plan: MergePlan, tensor: TensorPlan) -> str:
+    """The model a slice's tensor follows: its base, else its first model."""
+    recipe = plan.recipe_of(tensor)
+    return recipe.base_model if recipe.base_model is not None else plan.models_of(tensor)[0]
 
 
 def _uniform_out_dtype(plan: MergePlan) -> torch.dtype | None:

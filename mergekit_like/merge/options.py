@@ -41,6 +41,8 @@ class MergeOptions:
     # Refuse inputs holding NaN or Inf; off by default: it costs a pass over every tensor.
     check_finite: bool = False
     allow_pickle: bool = False  # read pytorch_model*.bin pickles (they can run code)
+    # Merge models whose config.json names different architectures (mergekit's --allow-crimes).
+    allow_crimes: bool = False
     # Threads for per-model work inside a kernel (TIES' masks); None: torch's thread count.
     kernel_threads: int | None = None
 

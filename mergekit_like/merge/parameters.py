@@ -36,10 +36,14 @@ class LayerPosition:
 
     index: int | None
     count: int
+    # Set for a layer of a slice, whose gradients run over the slice (mergekit: 1 for a one-layer slice).
+    slice_t: float | None = None
 
     @property
     def t(self) -> float:
         """The gradient position in [0, 1]; 0 outside numbered layers."""
+        if self.slice_t is not None:
+            return self.slice_t
         if self.index is None or self.count <= 1:
             return 0.0
         return self.index / (self.count - 1)
@@ -102,6 +106,41 @@ def resolve_value(value: Any, tensor_name: str, position: LayerPosition) -> Scal
         raise NoValue(tensor_name)
     if is_gradient(value):
         return interpolate_gradient([float(v) for v in value], position.t)
+    return value
+
+
+_TRUE = {"true", "t", "yes", "y", "on", "1"}
+_FALSE = {"false", "f", "no", "n", "off", "0"}
+
+
+def unquoted(value: Any, kind: type) -> Any:
+    """``value`` with quoted numbers and booleans read as mergekit reads them (``"0.5"`` -> 0.5).
+
+    mergekit validates each value against its parameter's type, which turns a number or
+    boolean written as a string into one; a string that is not one stays as written (and is
+    refused by the parameter's check). Gradients and filter lists are unquoted entry by entry.
+    """
+    if isinstance(value, list):
+        return [unquoted(v, kind) for v in value]
+    if isinstance(value, Mapping):
+        return {k: unquoted(v, kind) if k == "value" else v for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if kind is bool:
+        lowered = text.lower()
+        return True if lowered in _TRUE else False if lowered in _FALSE else value
+    if kind is float:
+        try:
+            number = float(text)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            return value
     return value
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,8 @@ from mergekit_like.io.dtypes import dtype_name
 from mergekit_like.io.reader import Checkpoint, open_checkpoint
 from mergekit_like.io.safetensors_format import TensorEntry
 from mergekit_like.io.sharding import TensorSpec
+from mergekit_like.io.sidefiles import read_config
+from mergekit_like.merge.layered import TensorJob, plan_layers
 from mergekit_like.merge.options import MergeOptions
 from mergekit_like.merge.parameters import LayerPosition, NoValue, layer_count, layer_index, resolve_value
 from mergekit_like.merge.recipe import MergeRecipe
@@ -47,6 +49,14 @@ class TensorPlan:
     read_bytes: int
     # Row ranges merged one at a time (element-wise methods on large tensors), or None: whole.
     chunks: tuple[tuple[int, int], ...] | None = None
+    # The recipe whose method merges it (a slice's, in a layered recipe; None: the plan's own).
+    recipe: MergeRecipe | None = None
+    # Model ref -> the tensor read from it, where that is not ``name`` (layers of a slice).
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def source(self, ref: str) -> str:
+        """The name of the tensor this output tensor reads from model ``ref``."""
+        return self.sources.get(ref, self.name)
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,21 @@ class MergePlan:
     # The model whose names, shapes (and, with vocab_mismatch: base, rows) the output follows.
     reference: str
     options: MergeOptions = field(default_factory=MergeOptions)
+    # The outputs' config.json when the merge changes it (a slices recipe restacks layers).
+    output_config: dict[str, Any] | None = None
+
+    def recipe_of(self, tensor: TensorPlan) -> MergeRecipe:
+        """The recipe that merges ``tensor``: its slice's, or the plan's."""
+        return tensor.recipe or self.recipe
+
+    def models_of(self, tensor: TensorPlan) -> list[str]:
+        """The models ``tensor`` is merged from, in kernel order (the base not among them)."""
+        return [m.model for m in self.recipe_of(tensor).inputs]
+
+    def base_of(self, tensor: TensorPlan) -> str | None:
+        """The model whose tensor the kernel gets as ``base``, if its method takes one."""
+        recipe = self.recipe_of(tensor)
+        return recipe.base_model if recipe.method.base is not BaseUse.NONE else None
 
     @property
     def memory_budget(self) -> int:
@@ -94,7 +119,16 @@ class MergePlan:
 
     @property
     def input_refs(self) -> list[str]:
+        """The models merged (for a layered recipe, every model it reads)."""
+        if self.recipe.layered:
+            return self.recipe.referenced_models()
         return [m.model for m in self.recipe.inputs]
+
+    @property
+    def methods(self) -> list[MergeMethod]:
+        """Every method the plan runs (a layered recipe's slices may each name their own)."""
+        found = {t.recipe.method.name: t.recipe.method for t in self.tensors if t.recipe is not None}
+        return list(found.values()) or [self.method]
 
     @property
     def read_bytes(self) -> int:
@@ -159,34 +193,67 @@ def plan_merge(
     """
     options = options or MergeOptions()
     method = recipe.method
-    refs = _needed_refs(recipe, method)
+    refs = recipe.referenced_models() if recipe.layered else _needed_refs(recipe, method)
     checkpoints: dict[str, Checkpoint] = {}
     with ExitStack() as stack:
         for ref in refs:
             checkpoints[ref] = stack.enter_context(
                 open_checkpoint(resolve_model(ref), allow_pickle=options.allow_pickle))
-        problems: list[str] = []
+        configs = {ref: read_config(c.layout.root) for ref, c in checkpoints.items()}
+        problems = [] if options.allow_crimes else _architecture_problems(configs)
+        if problems:
+            raise _recipe_error(problems)
         reference = _reference(recipe, refs)
-        names = checkpoints[reference].names()
-        problems += _check_names(checkpoints, reference)
+        side_files = _side_file_source(recipe, reference)
+        output_config = None
+        if recipe.layered:
+            layered = plan_layers(recipe, checkpoints, configs, side_files)
+            jobs, output_config = layered.jobs, layered.config
+        else:
+            names = checkpoints[reference].names()
+            problems += _check_names(checkpoints, reference)
+            positions = _positions(names)
+            jobs = [TensorJob(name, recipe, {ref: name for ref in refs}, positions[name]) for name in names]
         variants = _variants(recipe)
-        positions = _positions(names)
         tensors = []
-        for name in names:
+        for job in jobs:
             try:
-                tensors.append(_plan_tensor(recipe, method, checkpoints, reference, name, positions[name], variants,
-                                            options.memory_budget))
+                tensors.append(_plan_tensor(job, checkpoints, variants, options.memory_budget,
+                                            layered=recipe.layered))
             except _TensorProblems as found:
                 problems += found.problems
-        plan = MergePlan(recipe, method, checkpoints, tensors, variants, _side_file_source(recipe, reference),
-                         reference, options)
+        plan = MergePlan(recipe, method, checkpoints, tensors, variants, side_files, reference, options,
+                         output_config)
         prepass = method.prepass
         if not problems and prepass is not None and plan.needs_prepass:
-            problems += prepass.problems(plan.merged_params)
+            if recipe.layered:
+                problems.append(f"{method.name}'s whole-model pass needs a models: recipe (it ranks every "
+                                "tensor of each model at once)")
+            else:
+                problems += prepass.problems(plan.merged_params)
         if problems:
             raise _recipe_error(problems)
         stack.pop_all()
     return plan
+
+
+def _architecture_problems(configs: Mapping[str, Mapping[str, Any] | None]) -> list[str]:
+    """Models of different architectures (a Llama beside a Mistral) are refused, as mergekit does."""
+    found = {ref: _architecture(config) for ref, config in configs.items() if config is not None}
+    kinds = set(found.values()) - {None}
+    if len(kinds) <= 1:
+        return []
+    listed = ", ".join(f"'{ref}' is {kind}" for ref, kind in found.items() if kind)
+    return [f"the models are of different architectures ({listed}); merging them gives a model of neither "
+            "unless their tensors mean the same; pass --allow-crimes (allow_crimes) to merge them anyway"]
+
+
+def _architecture(config: Mapping[str, Any]) -> str | None:
+    architectures = config.get("architectures")
+    if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
+        return architectures[0]
+    model_type = config.get("model_type")
+    return model_type if isinstance(model_type, str) else None
 
 
 def _needed_refs(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
@@ -241,30 +308,33 @@ class _TensorProblems(Exception):
 
 
 def _plan_tensor(
-    recipe: MergeRecipe,
-    method: MergeMethod,
-    checkpoints: dict[str, Checkpoint],
-    reference: str,
-    name: str,
-    position: LayerPosition,
-    variants: list[Variant],
-    memory_budget: int,
+    job: TensorJob, checkpoints: dict[str, Checkpoint], variants: list[Variant], memory_budget: int, *,
+    layered: bool,
 ) -> TensorPlan:
-    entries = {ref: ckpt.entry(name) for ref, ckpt in checkpoints.items() if name in ckpt}
-    ref_entry = entries[reference]
+    recipe, name, reference = job.recipe, job.name, job.reference
+    method = recipe.method
+    entries = {ref: checkpoints[ref].entry(job.sources[ref]) for ref in job.sources if job.sources[ref] in
+               checkpoints[ref]}
+    missing = [ref for ref in job.refs if ref not in entries]
+    if missing:
+        raise _TensorProblems([f"tensor '{job.sources[ref]}' is missing from '{ref}'" for ref in missing])
+    entries = {ref: entries[ref] for ref in job.refs} if job.refs else entries
+    ref_entry = entries[reference] if reference in entries else next(iter(entries.values()))
     problems = _shape_problems(name, entries, reference, recipe.vocab_mismatch) + _dtype_problems(
         name, entries, reference)
     read_bytes = sum(e.nbytes for e in entries.values())
+    renamed = {ref: n for ref, n in job.sources.items() if n != name}
+    own_recipe = recipe if layered else None
     if not ref_entry.dtype.is_floating_point:
         if problems:
             raise _TensorProblems(problems)
         return TensorPlan(name, ref_entry.shape, ref_entry.dtype, ref_entry.dtype, reference, ({},),
-                          ref_entry.nbytes)
+                          ref_entry.nbytes, recipe=own_recipe, sources=renamed)
     compute = recipe.compute_dtype or _promoted(e.dtype for e in entries.values())
     out_dtype = recipe.out_dtype or (compute if recipe.dtype_sets_output else None) or ref_entry.dtype
     params = []
     for variant in variants:
-        resolved, found = _resolve_params(recipe, method, name, position, variant)
+        resolved, found = _resolve_params(recipe, method, job, variant)
         problems += found
         params.append(resolved)
     if problems:
@@ -274,7 +344,8 @@ def _plan_tensor(
     # block read ahead (half) and the temporaries and result (a quarter).
     block_elements = memory_budget // (4 * len(entries) * compute.itemsize)
     chunks = row_chunks(ref_entry.shape, block_elements) if method.elementwise and same_shapes else None
-    return TensorPlan(name, ref_entry.shape, out_dtype, compute, None, tuple(params), read_bytes, chunks)
+    return TensorPlan(name, ref_entry.shape, out_dtype, compute, None, tuple(params), read_bytes, chunks,
+                      recipe=own_recipe, sources=renamed)
 
 
 def row_chunks(shape: tuple[int, ...], budget: int) -> tuple[tuple[int, int], ...] | None:
@@ -327,31 +398,35 @@ def _is_vocab_tensor(name: str) -> bool:
 
 
 def _resolve_params(
-    recipe: MergeRecipe, method: MergeMethod, name: str, position: LayerPosition, variant: Variant
+    recipe: MergeRecipe, method: MergeMethod, job: TensorJob, variant: Variant
 ) -> tuple[dict[str, Any], list[str]]:
+    """The kernel arguments of one tensor. As mergekit: a shared value is looked up under the
+    output tensor's name, a per-model value under the name of the tensor read from that model."""
     resolved: dict[str, Any] = {}
     problems: list[str] = []
-    inputs = recipe.inputs
+    name, position = job.name, job.position
+    shared = [recipe.parameters, *recipe.inherited_parameters]
     value: Any
     for key, spec in method.params.items():
         if spec.per_model:
             values = []
-            for entry in inputs:
-                value = _lookup(key, [entry.parameters, recipe.parameters], name, position, spec.default)
+            for entry in recipe.inputs:
+                value = _lookup(key, [entry.parameters, *shared], job.sources.get(entry.model, name), position,
+                                spec.default)
                 if value is _MISSING:
                     problems.append(f"tensor '{name}': no value of '{key}' for model '{entry.model}' "
                                     "(no filter matched and there is no default)")
                 values.append(value)
-            resolved[spec.name] = [spec.kind(v) for v in values if v is not _MISSING]
+            resolved[spec.name] = [spec.coerce(v) for v in values if v is not _MISSING]
         else:
             if variant.label is not None and key == method.sweep_param:
                 value = variant.value
             else:
-                value = _lookup(key, [recipe.parameters], name, position, spec.default)
+                value = _lookup(key, shared, name, position, spec.default)
             if value is _MISSING:
                 problems.append(f"tensor '{name}': no value of '{key}' (no filter matched and there is no default)")
                 continue
-            resolved[spec.name] = spec.kind(value)
+            resolved[spec.name] = spec.coerce(value)
     if not problems:
         problems += [f"tensor '{name}': {p}" for check in method.checks if (p := check(resolved))]
     return resolved, problems

@@ -29,22 +29,34 @@ from mergekit_like.merge.parameters import (
     is_gradient,
     numeric_values,
     too_large_for_float,
+    unquoted,
+)
+from mergekit_like.merge.slices import (
+    OutputModule,
+    OutputSlice,
+    modules_to_dict,
+    parse_modules,
+    parse_slices,
+    slices_to_dict,
 )
 from mergekit_like.methods import BaseUse, MergeMethod, ParamSpec, all_methods, get_method
 
 logger = logging.getLogger(__name__)
 
+# This tool's own settings, kept in a section of their own when a recipe is written: mergekit
+# ignores keys it does not know, and none of these changes what mergekit's keys mean. They are
+# also read at the top level, where earlier versions wrote them.
+EXTENSION_SECTION = "mergekit_like"
+EXTENSION_KEYS = {"compute_dtype", "seed", "vocab_mismatch"}
 # mergekit keys we understand, and our own extensions.
 RECIPE_KEYS = {
-    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "compute_dtype", "seed", "vocab_mismatch",
+    "merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", EXTENSION_SECTION, *EXTENSION_KEYS,
 }
 VOCAB_MISMATCH = ("error", "base")
 MODEL_KEYS = {"model", "parameters"}
 # mergekit features this tool does not implement, with what to do instead.
 UNSUPPORTED_KEYS = {
-    "slices": "layer slicing (passthrough/frankenmerges) is not supported; merge whole models",
-    "modules": "per-module slices are not supported; use {filter, value} parameter lists",
     "tokenizer": "tokenizer merging is not supported; use tokenizer_source: base or a model",
     "chat_template": "chat templates are copied from the tokenizer source; remove this key",
 }
@@ -122,6 +134,16 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class SliceRecipe:
+    """One slice of a layered recipe (or a module merged whole) and the recipe it merges by."""
+
+    module: str | None  # None: the model's one module (a top-level ``slices:``)
+    label: str  # where the recipe writes it, for messages: "slices[2]"
+    slice: OutputSlice | None  # None: the module's models, each over all its layers
+    recipe: MergeRecipe
+
+
+@dataclass(frozen=True)
 class MergeRecipe:
     """A validated merge recipe."""
 
@@ -139,6 +161,12 @@ class MergeRecipe:
     tokenizer_source: str | None = None
     # Embeddings/heads whose row counts differ: "error", or "base" (follow the reference model).
     vocab_mismatch: str = "error"
+    # mergekit's layer-range forms (instead of ``models``): output slices, or modules with their own.
+    slices: tuple[OutputSlice, ...] = ()
+    modules: Mapping[str, OutputModule] = field(default_factory=dict)
+    # Parameter scopes below this recipe's own, highest first: a slice's recipe falls through to
+    # its module's and the whole recipe's parameters, as mergekit resolves a value.
+    inherited_parameters: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         problems = recipe_problems(self)
@@ -148,6 +176,75 @@ class MergeRecipe:
     @property
     def method(self) -> MergeMethod:
         return get_method(self.merge_method)  # no sorted copy of the registry: read per tensor
+
+    @property
+    def layered(self) -> bool:
+        """Whether the recipe is written as slices or modules rather than whole models."""
+        return bool(self.slices or self.modules)
+
+    def referenced_models(self) -> list[str]:
+        """Every model the recipe reads, each once, in the order it names them."""
+        refs = [m.model for m in self.models]
+        refs += [s.model for piece in self.slices for s in piece.sources]
+        for module in self.modules.values():
+            refs += [s.model for piece in module.slices for s in piece.sources] + [m for m, _ in module.models]
+        refs += [piece.base_model for piece in self.slices if piece.base_model]
+        refs += [piece.base_model for m in self.modules.values() for piece in m.slices if piece.base_model]
+        if self.base_model is not None:
+            refs.append(self.base_model)
+        return list(dict.fromkeys(refs))
+
+    def slice_recipes(self) -> list[SliceRecipe]:
+        """What each slice (or whole-model module) merges, as a recipe of its own, in output order.
+
+        Raises :class:`RecipeError` naming the slice for every slice that is not a valid recipe.
+        """
+        views, problems = self._slice_views()
+        if problems:
+            raise RecipeError(problems)
+        return views
+
+    def _slice_views(self) -> tuple[list[SliceRecipe], list[str]]:
+        modules: list[tuple[str | None, OutputModule]] = (
+            [(None, OutputModule(slices=self.slices))] if self.slices else list(self.modules.items()))
+        views, problems = [], []
+        for name, module in modules:
+            where = "slices" if name is None else f"modules.{name}.slices"
+            pieces: tuple[OutputSlice | None, ...] = module.slices or (None,)
+            for index, piece in enumerate(pieces):
+                label = f"{where}[{index}]" if piece is not None else f"modules.{name}"
+                try:
+                    views.append(SliceRecipe(name, label, piece, self._slice_recipe(module, piece)))
+                except RecipeError as invalid:
+                    problems += [f"{label}: {p}" for p in invalid.problems]
+        return views, problems
+
+    def _slice_recipe(self, module: OutputModule, piece: OutputSlice | None) -> MergeRecipe:
+        method_name = (piece.merge_method if piece is not None else None) or self.merge_method
+        method = all_methods().get(method_name)
+        scopes = [module.parameters, self.parameters] if piece is None else [piece.parameters, module.parameters,
+                                                                              self.parameters]
+        if method is not None:
+            # The whole recipe's values reach a slice of another method only where they mean something.
+            scopes = [{k: v for k, v in scope.items() if k in method.params} for scope in scopes]
+        if piece is None:
+            models = tuple(ModelEntry(m, dict(p)) for m, p in module.models)
+            base = self.base_model
+        else:
+            models = tuple(ModelEntry(s.model, dict(s.parameters)) for s in piece.sources)
+            base = piece.base_model or self.base_model
+            listed = any(m.model == base for m in models)
+            if base is not None and not listed:
+                if method is not None and method.base is not BaseUse.NONE:
+                    raise RecipeError([f"base_model '{base}' is not among the slice's sources; list it with its "
+                                       "layer_range"])
+                base = None  # a method without a base input merges only what the slice lists
+        return MergeRecipe(
+            merge_method=method_name, models=models, base_model=base, parameters=dict(scopes[0]),
+            inherited_parameters=tuple(scopes[1:]), compute_dtype=self.compute_dtype, out_dtype=self.out_dtype,
+            dtype_sets_output=self.dtype_sets_output, seed=self.seed, tokenizer_source=self.tokenizer_source,
+            vocab_mismatch=self.vocab_mismatch,
+        )
 
     @property
     def inputs(self) -> list[ModelEntry]:
@@ -181,10 +278,19 @@ class MergeRecipe:
         def rename(ref: str) -> str:
             return refs.get(ref, ref)
 
+        def renamed(pieces: tuple[OutputSlice, ...]) -> tuple[OutputSlice, ...]:
+            return tuple(dataclasses.replace(
+                piece, sources=tuple(dataclasses.replace(s, model=rename(s.model)) for s in piece.sources),
+                base_model=None if piece.base_model is None else rename(piece.base_model)) for piece in pieces)
+
         tokenizer = self.tokenizer_source
         return dataclasses.replace(
             self,
             models=tuple(dataclasses.replace(m, model=rename(m.model)) for m in self.models),
+            slices=renamed(self.slices),
+            modules={name: dataclasses.replace(module, slices=renamed(module.slices),
+                                               models=tuple((rename(m), p) for m, p in module.models))
+                     for name, module in self.modules.items()},
             base_model=None if self.base_model is None else rename(self.base_model),
             # "base" names the base model, whatever it is called.
             tokenizer_source=tokenizer if tokenizer in (None, "base") else rename(str(tokenizer)),
@@ -201,26 +307,51 @@ class MergeRecipe:
             out = self.compute_dtype
         return dataclasses.replace(self, compute_dtype=dtype, out_dtype=out, dtype_sets_output=False)
 
+    def with_output_dtype(self, dtype: torch.dtype | None) -> MergeRecipe:
+        """This recipe with its output dtype written out (``dtype`` the one every merged tensor gets).
+
+        A compute dtype without an output dtype is this tool's ``compute_dtype``, which mergekit
+        does not read; with the output dtype written, the pair is mergekit's ``dtype`` and
+        ``out_dtype``, which mean the same to both tools.
+        """
+        if dtype is None or self.compute_dtype is None or self.out_dtype is not None or self.dtype_sets_output:
+            return self
+        return dataclasses.replace(self, out_dtype=dtype)
+
     def to_dict(self) -> dict[str, Any]:
-        """The recipe in YAML-ready form (mergekit's keys plus this tool's), as given."""
+        """The recipe in YAML-ready form: mergekit's keys, then this tool's own in their section.
+
+        The mergekit keys mean to mergekit what they mean here; the section holds what it
+        has no key for (mergekit ignores it), so the same file reruns in either tool.
+        """
         data: dict[str, Any] = {"merge_method": self.merge_method}
         if self.base_model is not None:
             data["base_model"] = self.base_model
-        data["models"] = [
-            {"model": m.model, **({"parameters": dict(m.parameters)} if m.parameters else {})}
-            for m in self.models
-        ]
+        if self.slices:
+            data["slices"] = slices_to_dict(self.slices)
+        elif self.modules:
+            data["modules"] = modules_to_dict(self.modules)
+        else:
+            data["models"] = [
+                {"model": m.model, **({"parameters": dict(m.parameters)} if m.parameters else {})}
+                for m in self.models
+            ]
         if self.parameters:
             data["parameters"] = dict(self.parameters)
+        extension: dict[str, Any] = {}
         if self.compute_dtype is not None:
-            data["dtype" if self.dtype_sets_output else "compute_dtype"] = dtype_name(self.compute_dtype)
+            # mergekit's dtype is the compute dtype and, without out_dtype, the output's too.
+            as_mergekit = self.dtype_sets_output or self.out_dtype is not None
+            (data if as_mergekit else extension)["dtype" if as_mergekit else "compute_dtype"] = (
+                dtype_name(self.compute_dtype))
         if self.out_dtype is not None:
             data["out_dtype"] = dtype_name(self.out_dtype)
         if self.tokenizer_source is not None:
             data["tokenizer_source"] = self.tokenizer_source
         if self.vocab_mismatch != "error":
-            data["vocab_mismatch"] = self.vocab_mismatch
-        data["seed"] = self.seed
+            extension["vocab_mismatch"] = self.vocab_mismatch
+        extension["seed"] = self.seed
+        data[EXTENSION_SECTION] = extension
         return data
 
 
@@ -254,8 +385,14 @@ def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
             problems.append(f"'{key}': {UNSUPPORTED_KEYS[key]}")
         elif key not in RECIPE_KEYS:
             problems.append(f"unknown key '{short_text(str(key))}' (known: {', '.join(sorted(RECIPE_KEYS))})")
+    data = _with_extension_section(data, problems)
     method = _method(data.get("merge_method"), problems)
-    models = _models(data.get("models"), problems)
+    forms = [key for key in ("models", "slices", "modules") if data.get(key) is not None]
+    if len(forms) > 1:
+        problems.append(f"give one of models, slices or modules, not {' and '.join(forms)}")
+    models = _models(data.get("models"), problems) if forms in ([], ["models"]) else []
+    slices = parse_slices(data["slices"], "slices", problems) if "slices" in forms else ()
+    modules = parse_modules(data["modules"], problems) if "modules" in forms else {}
     base = data.get("base_model")
     if base is not None and not isinstance(base, str):
         problems.append(f"base_model must be a path or repo id, not {short_repr(base)}")
@@ -280,6 +417,13 @@ def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
     if tokenizer_source is not None and not isinstance(tokenizer_source, str):
         problems.append("tokenizer_source must be 'base' or a model path")
         tokenizer_source = None
+    parameters = _unquoted(parameters, method)
+    models = [dataclasses.replace(m, parameters=_unquoted(m.parameters, method)) for m in models]
+    slices = _slices_unquoted(slices, method)
+    modules = {name: dataclasses.replace(module, slices=_slices_unquoted(module.slices, method),
+                                         models=tuple((m, _unquoted(p, method)) for m, p in module.models),
+                                         parameters=_unquoted(module.parameters, method))
+               for name, module in modules.items()}
     try:
         recipe = MergeRecipe(
             merge_method=method.name if method else str(data.get("merge_method")),
@@ -288,10 +432,13 @@ def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
             parameters=dict(parameters),
             compute_dtype=compute,
             out_dtype=out,
-            dtype_sets_output="dtype" in data,
+            # Only without out_dtype does mergekit's dtype decide the output's.
+            dtype_sets_output="dtype" in data and out is None,
             seed=seed,
             tokenizer_source=tokenizer_source,
             vocab_mismatch=vocab_mismatch,
+            slices=slices,
+            modules=modules,
         )
     except RecipeError as invalid:
         # The method was reported above already when it is unknown.
@@ -303,6 +450,27 @@ def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
 
 
 _UNKNOWN_METHOD = "unknown merge_method"
+
+
+def _unquoted(parameters: Mapping[str, Any], method: MergeMethod | None) -> dict[str, Any]:
+    """Parameter values with quoted numbers read as numbers, as mergekit reads them."""
+    if method is None:
+        return dict(parameters)
+    out = {}
+    for name, value in parameters.items():
+        spec = method.spec(name) if isinstance(name, str) else None
+        out[name] = unquoted(value, spec.kind) if spec is not None and spec.kind in (int, float, bool) else value
+    return out
+
+
+def _slices_unquoted(slices: tuple[OutputSlice, ...], method: MergeMethod | None) -> tuple[OutputSlice, ...]:
+    out = []
+    for piece in slices:
+        own = all_methods().get(piece.merge_method) if piece.merge_method else method
+        out.append(dataclasses.replace(
+            piece, parameters=_unquoted(piece.parameters, own),
+            sources=tuple(dataclasses.replace(s, parameters=_unquoted(s.parameters, own)) for s in piece.sources)))
+    return tuple(out)
 
 
 def recipe_problems(recipe: MergeRecipe) -> list[str]:
@@ -321,7 +489,27 @@ def recipe_problems(recipe: MergeRecipe) -> list[str]:
     if method is None:
         problems.append(f"{_UNKNOWN_METHOD} {short_repr(recipe.merge_method)} (known: {', '.join(methods)})")
         return problems
+    if recipe.layered:
+        return problems + _layered_problems(recipe, method)
     return problems + validate_against_method(recipe, method)
+
+
+def _layered_problems(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
+    """A slices or modules recipe: its own parameters for its method, then every slice as a recipe."""
+    if recipe.models:
+        return ["give one of models, slices or modules"]
+    problems = []
+    for name, value in recipe.parameters.items():
+        problems += _check_param(method, name, value, "parameters", per_model_scope=False)
+    for piece in [*recipe.slices, *(p for m in recipe.modules.values() for p in m.slices)]:
+        if piece.merge_method is not None and piece.merge_method not in all_methods():
+            problems.append(f"{_UNKNOWN_METHOD} {short_repr(piece.merge_method)} in a slice "
+                            f"(known: {', '.join(all_methods())})")
+    if problems:
+        return problems
+    if recipe.sweep_values is not None:
+        problems.append(f"a {method.sweep_param} sweep needs a models: recipe; give one value")
+    return problems + recipe._slice_views()[1]
 
 
 def _method(name: Any, problems: list[str]) -> MergeMethod | None:
@@ -335,9 +523,29 @@ def _method(name: Any, problems: list[str]) -> MergeMethod | None:
     return methods[name]
 
 
+def _with_extension_section(data: Mapping[str, Any], problems: list[str]) -> Mapping[str, Any]:
+    """The recipe with this tool's section's keys read as top-level keys (given once, in one place)."""
+    section = data.get(EXTENSION_SECTION)
+    if section is None:
+        return data
+    if not isinstance(section, Mapping):
+        problems.append(f"{EXTENSION_SECTION} must be a mapping of {', '.join(sorted(EXTENSION_KEYS))}")
+        return data
+    merged = {k: v for k, v in data.items() if k != EXTENSION_SECTION}
+    for key, value in section.items():
+        if key not in EXTENSION_KEYS:
+            problems.append(f"{EXTENSION_SECTION}: unknown key '{short_text(str(key))}' "
+                            f"(known: {', '.join(sorted(EXTENSION_KEYS))})")
+        elif key in data:
+            problems.append(f"'{key}' is given both at the top level and under {EXTENSION_SECTION}; give it once")
+        else:
+            merged[key] = value
+    return merged
+
+
 def _models(raw: Any, problems: list[str]) -> list[ModelEntry]:
     if raw is None:
-        problems.append("models is missing: list the models to merge")
+        problems.append("models is missing: list the models to merge (or give slices or modules)")
         return []
     if not isinstance(raw, list):
         problems.append("models must be a list of {model: PATH, parameters: {...}}")
@@ -465,8 +673,9 @@ def _not_finite(leaf: Any) -> str:
 
 def _check_required(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
     problems = []
+    shared = [recipe.parameters, *recipe.inherited_parameters]
     for spec in method.params.values():
-        if not spec.required or spec.recipe_name in recipe.parameters:
+        if not spec.required or any(spec.recipe_name in scope for scope in shared):
             continue
         if not spec.per_model:
             problems.append(f"{method.name} needs parameter '{spec.recipe_name}'")

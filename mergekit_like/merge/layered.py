@@ -1,0 +1,151 @@
+"""What each output tensor of a slices or modules recipe is made from, before any tensor is read.
+
+mergekit's rules, without its per-architecture files: the tensors before the layers
+(input embeddings) are merged by the first slice's recipe from its sources, then each
+slice's layers in order, one output layer per offset into its ranges (gradients run over
+the slice: ``t = offset / (layers - 1)``, 1 for a one-layer slice), then the tensors after
+the layers (final norm, head) by the last slice's recipe from its sources. Output layers are
+numbered from 0 in the order they are stacked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mergekit_like.errors import RecipeError
+from mergekit_like.io.reader import Checkpoint
+from mergekit_like.merge.layers import LayerLayout, LayerStack, find_layout, restacked_config
+from mergekit_like.merge.parameters import LayerPosition
+from mergekit_like.merge.recipe import MergeRecipe, SliceRecipe
+from mergekit_like.merge.slices import OutputSlice, SliceSource
+from mergekit_like.methods import BaseUse
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: the recipe that merges it and the tensor read from each model."""
+
+    name: str
+    recipe: MergeRecipe
+    sources: Mapping[str, str]  # model ref -> the name of the tensor read from it
+    position: LayerPosition
+
+    @property
+    def refs(self) -> list[str]:
+        """The models read, in kernel order: the inputs, then the base if the method uses one."""
+        method = self.recipe.method
+        refs = [m.model for m in self.recipe.inputs]
+        base = self.recipe.base_model
+        return refs + ([base] if base is not None and method.base is not BaseUse.NONE else [])
+
+    @property
+    def reference(self) -> str:
+        """The model this tensor follows (shape, integer values, default dtype): its base, else its first."""
+        base = self.recipe.base_model
+        return base if base is not None and base in self.sources else next(iter(self.sources))
+
+
+@dataclass(frozen=True)
+class LayeredPlan:
+    jobs: list[TensorJob]
+    config: dict[str, Any] | None  # the output's config.json, its layer count and per-layer lists restacked
+
+
+BEFORE, AFTER = LayerPosition(None, 0), LayerPosition(None, 0)  # mergekit resolves both at t = 0
+
+
+def plan_layers(
+    recipe: MergeRecipe, checkpoints: Mapping[str, Checkpoint], configs: Mapping[str, Mapping[str, Any] | None],
+    side_file_source: str,
+) -> LayeredPlan:
+    """Every output tensor of a layered recipe; :class:`RecipeError` listing every problem found."""
+    if recipe.modules:
+        raise RecipeError(["modules: recipes are read, but this tool slices single-module models only; "
+                           "write the language model's layers as top-level slices"])
+    layouts = {ref: find_layout(ref, c.names(), configs.get(ref)) for ref, c in checkpoints.items()}
+    views = recipe.slice_recipes()
+    problems: list[str] = []
+    stacks: dict[str, LayerStack] = {}
+    for ref in {s.model for v in views if v.slice for s in v.slice.sources}:
+        try:
+            stacks[ref] = layouts[ref].only_stack()
+        except RecipeError as exc:
+            problems += exc.problems
+    if problems:
+        raise RecipeError(problems)
+    for view in views:
+        problems += _range_problems(view, stacks)
+    if problems:
+        raise RecipeError(problems)
+    first, last = views[0], views[-1]
+    out_stack = stacks[_first_source(first).model]
+    jobs = _outside(first, layouts[_first_source(first).model].before, BEFORE)
+    layers: list[tuple[Mapping[str, Any], int]] = []
+    for view in views:
+        assert view.slice is not None
+        new_jobs, found = _slice_jobs(view, view.slice, stacks, out_stack, len(layers))
+        jobs += new_jobs
+        problems += found
+        source = view.slice.sources[0]
+        layers += [(configs.get(source.model) or {}, i) for i in range(*source.layer_range)]
+    jobs += _outside(last, layouts[_first_source(last).model].after, AFTER)
+    if problems:
+        raise RecipeError(problems)
+    config = _output_config(configs.get(side_file_source), layouts.get(side_file_source), layers)
+    return LayeredPlan(jobs, config)
+
+
+def _first_source(view: SliceRecipe) -> SliceSource:
+    assert view.slice is not None
+    return view.slice.sources[0]
+
+
+def _range_problems(view: SliceRecipe, stacks: Mapping[str, LayerStack]) -> list[str]:
+    assert view.slice is not None
+    problems = []
+    for j, source in enumerate(view.slice.sources):
+        count = stacks[source.model].count
+        if source.layer_range[1] > count:
+            problems.append(f"{view.label}.sources[{j}] ({source.model}): layer_range {list(source.layer_range)} "
+                            f"goes beyond its {count} layers (0..{count - 1})")
+    return problems
+
+
+def _outside(view: SliceRecipe, names: Sequence[str], position: LayerPosition) -> list[TensorJob]:
+    """The tensors outside the layers, merged by ``view``'s recipe from its sources' same-named tensors."""
+    assert view.slice is not None
+    return [TensorJob(name, view.recipe, {s.model: name for s in view.slice.sources}, position) for name in names]
+
+
+def _slice_jobs(
+    view: SliceRecipe, piece: OutputSlice, stacks: Mapping[str, LayerStack], out_stack: LayerStack, first_out: int,
+) -> tuple[list[TensorJob], list[str]]:
+    jobs, problems = [], []
+    count = piece.layers
+    for offset in range(count):
+        t = offset / (count - 1) if count > 1 else 1.0
+        position = LayerPosition(offset, count, slice_t=t)
+        layer = {s.model: (stacks[s.model], s.layer_range[0] + offset) for s in piece.sources}
+        suffixes = {ref: stack.suffixes[index] for ref, (stack, index) in layer.items()}
+        first_ref = piece.sources[0].model
+        for ref, names in suffixes.items():
+            if names != suffixes[first_ref]:
+                differ = sorted(names ^ suffixes[first_ref])
+                problems.append(
+                    f"{view.label}: layer {layer[ref][1]} of '{ref}' and layer {layer[first_ref][1]} of "
+                    f"'{first_ref}' hold different tensors ({', '.join(differ[:3])}"
+                    f"{' and more' if len(differ) > 3 else ''}); slice models of the same architecture")
+        for suffix in sorted(suffixes[first_ref]):
+            sources = {ref: stack.name(index, suffix) for ref, (stack, index) in layer.items()}
+            jobs.append(TensorJob(out_stack.name(first_out + offset, suffix), view.recipe, sources, position))
+    return jobs, problems
+
+
+def _output_config(
+    config: Mapping[str, Any] | None, layout: LayerLayout | None, layers: Sequence[tuple[Mapping[str, Any], int]],
+) -> dict[str, Any] | None:
+    if config is None or layout is None or len(layout.stacks) != 1 or layout.stacks[0].config_key is None:
+        return None if config is None else dict(config)
+    return restacked_config(config, layout.stacks[0].config_key, layers)
