@@ -2,32 +2,50 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
-from mergekit_like.cli.output import SESSION, RichProgress, console, handle_errors, human_bytes, print_json, size_option
+from mergekit_like.cli.output import (
+    SESSION,
+    RichProgress,
+    console,
+    handle_errors,
+    human_bytes,
+    one_output,
+    print_json,
+    size_option,
+)
 from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 from rich.markup import escape
 
-from mergekit_like.card import merge_outputs
+from mergekit_like.card import merge_outputs, recipe_set_text
 from mergekit_like.errors import RecipeError
-from mergekit_like.hub import model_resolver
+from mergekit_like.hub import ModelResolver, model_resolver
 from mergekit_like.io.dtypes import parse_dtype
+from mergekit_like.io.outputs import OutputSpec
 from mergekit_like.io.sidefiles import has_config
-from mergekit_like.merge.engine import MergeOptions, MergePlan, planned_merge, run_merge
-from mergekit_like.merge.recipe import MergeRecipe, load_recipe, recipe_from_cli
+from mergekit_like.merge.engine import MergeOptions, MergePlan, planned_merge
+from mergekit_like.merge.multidoc import NamedRecipe, RecipeSet, load_recipe_set, merge_documents
+from mergekit_like.merge.recipe import MergeRecipe, recipe_from_cli
 from mergekit_like.methods import all_methods
 
 HELP = f"""Merge checkpoints into a new, ready-to-load checkpoint.
 
-Recipe form (mergekit's YAML): mergekit-like merge recipe.yml -o OUT
+Recipe form (mergekit's YAML, as mergekit-yaml takes it): mergekit-like merge recipe.yml OUT
+
+A recipe of several YAML documents (mergekit-multi's form) runs every named merge first.
 
 Quick form: mergekit-like merge --method ties --base BASE M1 M2 -p density=0.2 -p weight=0.7,0.3 -o OUT
 
 Methods: {', '.join(all_methods())}.
 """
+MERGEKIT = "mergekit-yaml options"
+# mergekit-yaml's --out-shard-size counts with K, M and B suffixes (5B: five billion bytes).
+_KMB = {"K": 10**3, "M": 10**6, "B": 10**9}
 
 
 def register(app: typer.Typer) -> None:
@@ -36,14 +54,16 @@ def register(app: typer.Typer) -> None:
 
 @handle_errors
 def merge(
-    args: list[str] = typer.Argument(..., help="A recipe .yml, or (with --method) the models to merge."),
+    args: list[str] = typer.Argument(..., help="A recipe .yml and the output directory, or (with --method) "
+                                     "the models to merge."),
     output: Path = typer.Option(None, "--output", "-o", help="Output directory."),
     method: str = typer.Option(None, "--method", "-m", help="Merge method (quick form)."),
     base: str = typer.Option(None, "--base", "-b", help="Base model (quick form)."),
     param: list[str] = typer.Option([], "--param", "-p", help="name=value; per model: weight=0.7,0.3."),
     compute_dtype: str = typer.Option(None, "--compute-dtype", help="Dtype to merge in (default float32)."),
     out_dtype: str = typer.Option(None, "--out-dtype", help="Dtype to write (default: the base's)."),
-    seed: int = typer.Option(None, "--seed", help="Seed for random methods (DARE); default 0."),
+    seed: int = typer.Option(None, "--seed", "--random-seed", help="Seed for random methods (DARE, DELLA); "
+                             "default 0."),
     vocab_mismatch: str = typer.Option(
         None, "--vocab-mismatch",
         help="Embedding/head row counts differ: 'error' (default) or 'base' (keep the base's vocabulary: "
@@ -60,6 +80,10 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT once the new one is complete."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pytorch_model*.bin pickles."),
     check_finite: bool = typer.Option(False, "--check-finite", help="Refuse inputs holding NaN or Inf values."),
+    keep_intermediates: Path = typer.Option(
+        None, "--keep-intermediates", "--intermediate-dir", "-I",
+        help="Multi-document recipes: write the named merges to DIR/NAME and keep them (default: a temporary "
+        "directory beside the output, removed afterwards)."),
     push_to_hub: str = typer.Option(None, "--push-to-hub", help="Push the output to ORG/NAME once complete."),
     private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
     token: str = token_option(),
@@ -67,28 +91,65 @@ def merge(
                                   help="Overlap reading, merging and writing (off: one step at a time, to debug)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+    cuda: bool = typer.Option(False, "--cuda", help="Merge on the GPU (as --device cuda).", rich_help_panel=MERGEKIT),
+    copy_tokenizer: bool = typer.Option(True, "--copy-tokenizer/--no-copy-tokenizer",
+                                        help="Copy the tokenizer files beside the output.", rich_help_panel=MERGEKIT),
+    out_shard_size: str = typer.Option(None, "--out-shard-size", help="Largest output shard in bytes, with K, M "
+                                       "or B (as mergekit: 5B); same as --shard-size.", rich_help_panel=MERGEKIT),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes", help="Merge models whose config.json names "
+                                      "different architectures.", rich_help_panel=MERGEKIT),
+    write_model_card: bool = typer.Option(True, "--write-model-card/--no-write-model-card",
+                                          help="Write README.md, the model card.", rich_help_panel=MERGEKIT),
+    lazy_unpickle: bool = typer.Option(False, "--lazy-unpickle", help="Accepted; no effect: tensors are always "
+                                       "read one at a time.", rich_help_panel=MERGEKIT),
+    low_cpu_memory: bool = typer.Option(False, "--low-cpu-memory", help="Accepted; no effect: host memory holds "
+                                        "a few tensors at a time anyway.", rich_help_panel=MERGEKIT),
+    read_to_gpu: bool = typer.Option(False, "--read-to-gpu", help="Accepted; no effect: on a GPU, tensors go "
+                                     "straight from the file to it through pinned buffers.", rich_help_panel=MERGEKIT),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Refused: this tool runs no model "
+                                           "code.", rich_help_panel=MERGEKIT),
 ) -> None:
     warn_if_token_on_command_line(token)
-    recipe = _recipe(args, method, base, param, compute_dtype, out_dtype, seed)
+    if trust_remote_code:
+        raise typer.BadParameter(
+            "this tool never runs a model's code: it reads tensors and config.json only, so no model needs "
+            "remote code to be merged; leave the option out", param_hint="--trust-remote-code")
+    args, output = _split_output(args, output, method, dry_run)
+    recipes = _recipes(args, method, base, param, compute_dtype, out_dtype, seed)
     if vocab_mismatch is not None:
-        recipe = dataclasses.replace(recipe, vocab_mismatch=vocab_mismatch)
-    if output is None and not dry_run:
-        raise typer.BadParameter("give the output directory with -o/--output", param_hint="-o")
+        recipes = _each(recipes, lambda r: dataclasses.replace(r, vocab_mismatch=vocab_mismatch))
     options = MergeOptions(
-        device=device, memory_budget=size_option(memory_budget, "--memory-budget"),
-        max_shard_size=size_option(shard_size, "--shard-size"), pipeline=pipeline, allocator=SESSION.allocator,
-        check_finite=check_finite, allow_pickle=allow_pickle,
+        device="cuda" if cuda and device == "cpu" else device, memory_budget=size_option(memory_budget,
+                                                                                          "--memory-budget"),
+        max_shard_size=_shard_size(shard_size, out_shard_size), pipeline=pipeline, allocator=SESSION.allocator,
+        check_finite=check_finite, allow_pickle=allow_pickle, allow_crimes=allow_crimes,
+        copy_tokenizer=copy_tokenizer,
     )
     resolver = model_resolver(allow_pickle=allow_pickle, token=token, quiet=quiet or as_json)  # Hub ids: to the cache
-    with planned_merge(recipe, options, resolve_model=resolver) as plan:
-        if dry_run:
+    if dry_run:
+        with planned_merge(recipes.final.recipe, options, resolve_model=_dry_run_resolver(recipes, resolver)) as plan:
             _print_plan(plan, as_json)
-            return
-        outputs = merge_outputs(recipe, [v.label for v in plan.variants], title=output.name,
-                                has_config=has_config(plan.side_file_dir),
-                                paths={ref: r.path for ref, r in resolver.resolved.items()})
-        with RichProgress("merge", enabled=not (quiet or as_json)) as progress:
-            result = run_merge(plan, output, outputs=outputs, overwrite=overwrite, progress=progress)
+        return
+    assert output is not None
+    out = output
+
+    def final_outputs(plan: MergePlan) -> list[OutputSpec]:
+        paths = {ref: r.path for ref, r in resolver.resolved.items()}
+        recipe = recipes.final.recipe.with_output_dtype(plan.uniform_out_dtype)
+        text = recipe_set_text(recipes, paths=paths) if recipes.intermediates else None
+        return merge_outputs(recipe, [v.label for v in plan.variants], title=out.name,
+                             has_config=has_config(plan.side_file_dir) or plan.output_config is not None,
+                             paths=paths, recipe_file=text, card=write_model_card)
+
+    with contextlib.ExitStack() as bars:
+        def progress(name: str) -> RichProgress:
+            return bars.enter_context(RichProgress(f"merge {name}" if recipes.intermediates else "merge",
+                                                   enabled=not (quiet or as_json)))
+
+        result = merge_documents(recipes, output, options=options, resolve_model=resolver,
+                                 final_outputs=final_outputs, keep_intermediates=keep_intermediates,
+                                 overwrite=overwrite, progress=progress)
+    recipe = recipes.final.recipe
     if push_to_hub:
         for written in result.outputs:
             target = push_to_hub if len(result.outputs) == 1 else f"{push_to_hub}-{written.directory.name}"
@@ -113,25 +174,65 @@ def merge(
             console.print(f"peak GPU memory: {human_bytes(result.peak_gpu_bytes)}", highlight=False)
 
 
-def _recipe(
+def _split_output(
+    args: list[str], output: Path | None, method: str | None, dry_run: bool,
+) -> tuple[list[str], Path | None]:
+    """The recipe form takes its output as the last argument (as mergekit-yaml) or with -o."""
+    if method is not None:
+        if output is None and not dry_run:
+            raise typer.BadParameter("give the output directory with -o/--output", param_hint="-o")
+        return args, output
+    positional = Path(args[1]) if len(args) == 2 else None
+    if dry_run and positional is None and output is None:
+        return args[:1], None
+    return args[:1], one_output(positional, output)
+
+
+def _shard_size(shard_size: str, out_shard_size: str | None) -> int:
+    if out_shard_size is None:
+        return size_option(shard_size, "--shard-size")
+    text = out_shard_size.strip().upper()
+    if text[-1:] in _KMB and text[:-1].replace(".", "", 1).isdigit():
+        return int(float(text[:-1]) * _KMB[text[-1]])
+    return size_option(out_shard_size, "--out-shard-size")
+
+
+def _recipes(
     args: list[str], method: str | None, base: str | None, params: list[str],
     compute_dtype: str | None, out_dtype: str | None, seed: int | None,
-) -> MergeRecipe:
+) -> RecipeSet:
     if method is None:
         if len(args) != 1 or not args[0].endswith((".yml", ".yaml")):
-            raise RecipeError(["give a recipe .yml, or --method with the models to merge"])
-        recipe = load_recipe(args[0])
-        if compute_dtype:
-            recipe = recipe.with_compute_dtype(parse_dtype(compute_dtype))
+            raise RecipeError(["give a recipe .yml and the output directory, or --method with the models to merge"])
+        recipes = load_recipe_set(args[0])
         overrides: dict[str, Any] = {}
         if out_dtype:
             overrides["out_dtype"] = parse_dtype(out_dtype)
         if seed is not None:
             overrides["seed"] = seed
-        return dataclasses.replace(recipe, **overrides)
-    return recipe_from_cli(method, args, base=base, params=params, compute_dtype=compute_dtype,
-                           out_dtype=out_dtype, seed=seed or 0)
 
+        def override(recipe: MergeRecipe) -> MergeRecipe:
+            if compute_dtype:
+                recipe = recipe.with_compute_dtype(parse_dtype(compute_dtype))
+            return dataclasses.replace(recipe, **overrides)
+
+        return _each(recipes, override)
+    recipe = recipe_from_cli(method, args, base=base, params=params, compute_dtype=compute_dtype,
+                             out_dtype=out_dtype, seed=seed or 0)
+    return RecipeSet((NamedRecipe(None, recipe, ()),))
+
+
+def _each(recipes: RecipeSet, change: Callable[[MergeRecipe], MergeRecipe]) -> RecipeSet:
+    return RecipeSet(tuple(dataclasses.replace(d, recipe=change(d.recipe)) for d in recipes.documents))
+
+
+def _dry_run_resolver(recipes: RecipeSet, resolver: ModelResolver) -> ModelResolver:
+    """A dry run plans the final document only; it cannot read intermediates that do not exist yet."""
+    if recipes.intermediates:
+        names = ", ".join(str(d.name) for d in recipes.intermediates)
+        raise RecipeError([f"--dry-run plans one merge; this recipe first makes {names}: run it (with "
+                           "--keep-intermediates DIR to keep them), or dry-run each document alone"])
+    return resolver
 
 
 def _print_plan(plan: MergePlan, as_json: bool) -> None:

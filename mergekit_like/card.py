@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from mergekit_like import __version__
 from mergekit_like.errors import printable
 from mergekit_like.hub import is_hub_id, split_ref
 from mergekit_like.io.outputs import OutputSpec
+from mergekit_like.merge.multidoc import RecipeSet
 from mergekit_like.merge.recipe import MergeRecipe, dump_recipe
 
 logger = logging.getLogger(__name__)
@@ -34,9 +35,19 @@ def recipe_text(recipe: MergeRecipe, *, paths: Mapping[str, Path] | None = None)
     return dump_recipe(resolved_recipe(recipe, paths), extra={"written by": f"mergekit-like {__version__}"})
 
 
-def resolved_recipe(recipe: MergeRecipe, paths: Mapping[str, Path] | None = None) -> MergeRecipe:
-    """``recipe`` with every default filled in and every input reference made reproducible."""
-    refs = _all_refs(recipe)
+def recipe_set_text(recipes: RecipeSet, *, paths: Mapping[str, Path] | None = None) -> str:
+    """A multi-document recipe's ``merge_recipe.yml``: every document resolved, the named merges
+    still named (a rerun makes them again), in the order they run."""
+    names = {d.name for d in recipes.intermediates if d.name is not None}
+    documents = [dump_recipe(resolved_recipe(d.recipe, paths, keep=names), name=d.name) for d in recipes.documents]
+    return f"# written by: mergekit-like {__version__}\n" + "---\n".join(documents)
+
+
+def resolved_recipe(
+    recipe: MergeRecipe, paths: Mapping[str, Path] | None = None, *, keep: Collection[str] = (),
+) -> MergeRecipe:
+    """``recipe`` with every default filled in and every input reference (but ``keep``) made reproducible."""
+    refs = [ref for ref in recipe.referenced_models() if ref not in keep]
     if recipe.tokenizer_source not in (None, "base"):
         refs.append(str(recipe.tokenizer_source))
     return recipe.with_defaults().with_refs({ref: pinned_ref(ref, paths) for ref in refs})
@@ -117,7 +128,7 @@ def merge_card(
 ) -> str:
     """The card of a merge; ``paths`` (ref -> local directory) adds Hub commits and licenses."""
     method = recipe.method
-    refs = _all_refs(recipe)
+    refs = recipe.referenced_models()
     inputs = [(ref, ", ".join(filter(None, ["base" if ref == recipe.base_model else "",
                                             _revision_note(ref, paths)])))
               for ref in refs]
@@ -139,15 +150,18 @@ def merge_outputs(
     paths: Mapping[str, Path] | None = None,
     note: str | None = None,
     files: Mapping[str, str] | None = None,
+    recipe_file: str | None = None,
+    card: bool = True,
 ) -> list[OutputSpec]:
-    """One output per label, each with its model card and the recipe that reruns it (plus ``files``)."""
-    command = f"mergekit-like merge {RECIPE_FILE} -o OUTPUT"
-    recipe_file = recipe_text(recipe, paths=paths)
+    """One output per label, each with its model card (unless not ``card``) and the recipe that reruns
+    it (``recipe_file``, by default ``recipe``'s resolved text), plus ``files``."""
+    command = f"mergekit-like merge {RECIPE_FILE} OUTPUT"
+    recipe_file = recipe_file if recipe_file is not None else recipe_text(recipe, paths=paths)
     return [
         OutputSpec(label, {
             RECIPE_FILE: recipe_file,
-            CARD_FILE: merge_card(recipe, title=title, has_config=has_config, command=command, variant=label,
-                                  paths=paths, note=note),
+            **({CARD_FILE: merge_card(recipe, title=title, has_config=has_config, command=command, variant=label,
+                                      paths=paths, note=note)} if card else {}),
             **(files or {}),
         })
         for label in labels
@@ -180,10 +194,3 @@ def common_license(paths: Sequence[Path]) -> str | None:
             licenses.add(None)
     (only,) = licenses if len(licenses) == 1 else (None,)
     return only if isinstance(only, str) else None
-
-
-def _all_refs(recipe: MergeRecipe) -> list[str]:
-    refs = [m.model for m in recipe.models]
-    if recipe.base_model and recipe.base_model not in refs:
-        refs.append(recipe.base_model)
-    return refs

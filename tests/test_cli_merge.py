@@ -126,7 +126,7 @@ def test_written_recipe_is_resolved_and_reruns_bit_for_bit_from_another_cwd(
     assert [m["model"] for m in written["models"]] == [str(p) for p in example_models[1:3]]
     assert written["parameters"] == {"normalize": True, "density": 1.0, "rescale": False, "lambda": 1.0,
                                      "consensus": "sum", "trim_scope": "tensor", "trim_ties": "sort"}
-    assert written["dtype"] == "bfloat16" and written["seed"] == 0
+    assert written["dtype"] == "bfloat16" and written["mergekit_like"]["seed"] == 0
 
     second = tmp_path / "elsewhere" / "deeper"
     second.mkdir(parents=True)

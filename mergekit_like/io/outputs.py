@@ -89,6 +89,7 @@ def write_checkpoints(
     overwrite: bool = False,
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     side_files_from: Path | None = None,
+    copy_tokenizer: bool = True,
     out_dtype: torch.dtype | None = None,
     inputs: Mapping[str, Path] | None = None,
 ) -> list[WrittenCheckpoint]:
@@ -116,7 +117,7 @@ def write_checkpoints(
             files = list(result.shards) + ([result.index] if result.index else [])
             write_checksums(directory, files, result.digests)
             if side_files_from is not None:
-                copy_side_files(side_files_from, directory, out_dtype)
+                copy_side_files(side_files_from, directory, out_dtype, tokenizer=copy_tokenizer)
             if spec.config is not None:
                 write_config(directory, spec.config, out_dtype)
             for name, text in spec.files.items():

@@ -18,6 +18,11 @@ from mergekit_like.io.dtypes import dtype_name
 logger = logging.getLogger(__name__)
 
 CONFIG = "config.json"
+# The tokenizer's files (mergekit's --no-copy-tokenizer leaves them out).
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
+})
 COPIED_AS_IS = (
     "generation_config.json",
     "tokenizer.json",
@@ -42,8 +47,10 @@ def has_config(source: str | Path) -> bool:
     return (Path(source) / CONFIG).is_file()
 
 
-def copy_side_files(source: str | Path, destination: str | Path, out_dtype: torch.dtype | None) -> list[str]:
-    """Copies config, generation config and tokenizer files from ``source`` (a directory).
+def copy_side_files(
+    source: str | Path, destination: str | Path, out_dtype: torch.dtype | None, *, tokenizer: bool = True,
+) -> list[str]:
+    """Copies config, generation config and (unless not ``tokenizer``) tokenizer files from ``source``.
 
     The config's dtype field is set to ``out_dtype``. Returns the names copied.
     A source that is a single weights file has no side files; nothing is copied.
@@ -57,7 +64,7 @@ def copy_side_files(source: str | Path, destination: str | Path, out_dtype: torc
         _write_config(config_path, destination / CONFIG, out_dtype)
         copied.append(CONFIG)
     for name in COPIED_AS_IS:
-        if (source / name).is_file():
+        if (source / name).is_file() and (tokenizer or name not in TOKENIZER_FILES):
             shutil.copyfile(source / name, destination / name)
             copied.append(name)
     return copied

@@ -286,7 +286,8 @@ def run_merge(
             written = write_checkpoints(
                 output, specs, plan.specs(), merged, overwrite=overwrite,
                 max_shard_size=options.max_shard_size, side_files_from=plan.side_file_dir,
-                out_dtype=_uniform_out_dtype(plan),
+                copy_tokenizer=options.copy_tokenizer,
+                out_dtype=plan.uniform_out_dtype,
                 inputs={ref: c.layout.root for ref, c in plan.checkpoints.items()},
             )
     peak = torch.cuda.max_memory_allocated(staging.device) if staging.device.type == "cuda" else None
@@ -381,8 +382,3 @@ def _tensor_reference(plan: MergePlan, tensor: TensorPlan) -> str:
     """The model a slice's tensor follows: its base, else its first model."""
     recipe = plan.recipe_of(tensor)
     return recipe.base_model if recipe.base_model is not None else plan.models_of(tensor)[0]
-
-
-def _uniform_out_dtype(plan: MergePlan) -> torch.dtype | None:
-    dtypes = {t.out_dtype for t in plan.tensors if t.copy_from is None}
-    return dtypes.pop() if len(dtypes) == 1 else None

@@ -43,6 +43,7 @@ class MergeOptions:
     allow_pickle: bool = False  # read pytorch_model*.bin pickles (they can run code)
     # Merge models whose config.json names different architectures (mergekit's --allow-crimes).
     allow_crimes: bool = False
+    copy_tokenizer: bool = True  # the tokenizer files of the model the output follows go beside it
     # Threads for per-model work inside a kernel (TIES' masks); None: torch's thread count.
     kernel_threads: int | None = None
 

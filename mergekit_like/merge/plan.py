@@ -139,6 +139,12 @@ class MergePlan:
         per_output = sum(TensorSpec(t.name, t.out_dtype, t.shape).nbytes for t in self.tensors)
         return per_output * len(self.variants)
 
+    @property
+    def uniform_out_dtype(self) -> torch.dtype | None:
+        """The dtype every merged tensor is written in, when they share one."""
+        dtypes = {t.out_dtype for t in self.tensors if t.copy_from is None}
+        return dtypes.pop() if len(dtypes) == 1 else None
+
     def specs(self) -> list[TensorSpec]:
         return [TensorSpec(t.name, t.out_dtype, t.shape) for t in self.tensors]
 

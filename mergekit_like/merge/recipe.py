@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,8 +106,17 @@ class _YamlProblem(Exception):
 
 def _load_yaml(text: str) -> Any:
     """``text`` read as YAML with :class:`_RecipeLoader`, or :class:`_YamlProblem`."""
+    return _read_yaml(lambda: yaml.load(text, Loader=_RecipeLoader))
+
+
+def _load_yaml_documents(text: str) -> list[Any]:
+    """Every document of ``text`` (``---`` separated), or :class:`_YamlProblem`."""
+    return list(_read_yaml(lambda: list(yaml.load_all(text, Loader=_RecipeLoader))))
+
+
+def _read_yaml(load: Callable[[], Any]) -> Any:
     try:
-        return yaml.load(text, Loader=_RecipeLoader)
+        return load()
     except _DuplicateKey as exc:
         raise _YamlProblem(str(exc)) from None
     except yaml.MarkedYAMLError as exc:
@@ -356,19 +365,36 @@ class MergeRecipe:
 
 
 def load_recipe(path: str | Path) -> MergeRecipe:
-    """Reads and validates a YAML recipe file."""
+    """Reads and validates a YAML recipe file of one document."""
+    path = Path(path)
+    documents = load_documents(path)
+    if len(documents) != 1:
+        raise RecipeError([f"the file holds {len(documents)} YAML documents; read it with load_recipe_set "
+                           "(mergekit-like merge runs every document)"], source=path)
+    return parse_recipe(documents[0], source=path)
+
+
+def load_documents(path: str | Path) -> list[Any]:
+    """The YAML documents of a recipe file, as data (one per ``---`` section)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(["recipe file not found"], source=path) from None
+    except IsADirectoryError:
+        raise RecipeError(["the recipe is a directory, not a YAML file"], source=path) from None
     except UnicodeDecodeError:
         raise RecipeError(["recipe is not UTF-8 text"], source=path) from None
     try:
-        data = _load_yaml(text)
+        documents = [d for d in _load_yaml_documents(text) if d is not None]
     except _YamlProblem as exc:
         raise RecipeError([str(exc)], source=path) from None
-    return parse_recipe(data, source=path)
+    if not documents:
+        raise RecipeError(["the recipe file is empty"], source=path)
+    if expanded_size_exceeds(documents, MAX_RECIPE_VALUES):
+        raise RecipeError([f"the recipe expands to more than {MAX_RECIPE_VALUES:,} values; {_ALIASES_REPEAT}"],
+                          source=path)
+    return documents
 
 
 def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
@@ -773,9 +799,13 @@ def _parse_cli_value(text: str) -> Any:
     return _load_yaml(text)
 
 
-def dump_recipe(recipe: MergeRecipe, extra: Mapping[str, Any] | None = None) -> str:
-    """The recipe as YAML (with ``extra`` keys such as the tool version appended as comments)."""
-    text = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+def dump_recipe(recipe: MergeRecipe, extra: Mapping[str, Any] | None = None, *, name: str | None = None) -> str:
+    """The recipe as YAML (with ``extra`` keys such as the tool version as comments first).
+
+    ``name`` writes it as a named document of a multi-document recipe.
+    """
+    data = ({"name": name} if name is not None else {}) | recipe.to_dict()
+    text = yaml.safe_dump(data, sort_keys=False)
     if extra:
         text = "".join(f"# {k}: {v}\n" for k, v in extra.items()) + text
     return text

@@ -21,6 +21,8 @@ engine need, so none of them names a method or a method parameter::
   ``each(value)``); ``Range`` bounds every value; ``Typical`` warns outside a
   usual range; ``Sweep`` makes a list value mean one output per value. ``Literal``
   annotations list the accepted strings; a default makes a parameter optional.
+  ``X | None`` admits None as a value (``scale: PerModel[float | None] = each(None)``:
+  no value means "leave the tensor as it is", which no number says).
 """
 
 from __future__ import annotations
@@ -111,6 +113,9 @@ class ParamSpec:
     bounds: Range | None = None
     typical: Typical | None = None
     sweep: bool = False
+    # Declared ``X | None``: None is a value of its own (mergekit's ``Optional[float]``), not a
+    # missing one, so it passes the checks and reaches the kernel as None.
+    optional: bool = False
 
     @property
     def recipe_name(self) -> str:
@@ -123,6 +128,8 @@ class ParamSpec:
 
     def leaf_problem(self, leaf: Any) -> str | None:
         """Why one value (a scalar, after gradients and filters are unfolded) does not fit."""
+        if leaf is None and self.optional:
+            return None
         if self.kind is bool:
             return None if isinstance(leaf, bool) else f"{short_repr(leaf)} is not true or false"
         if self.kind is str:
@@ -134,6 +141,10 @@ class ParamSpec:
         if not math.isfinite(leaf):
             return f"{short_repr(leaf)} is not a finite number"
         return self.bounds.problem(leaf) if self.bounds else None
+
+    def coerce(self, value: Any) -> Any:
+        """A resolved value as the kernel takes it: ``kind(value)``, and None kept if optional."""
+        return None if value is None and self.optional else self.kind(value)
 
 
 class Reduction(Protocol):
@@ -326,8 +337,10 @@ def _param_spec(parameter: inspect.Parameter, hint: Any) -> ParamSpec:
         hint = typing.get_args(hint)[0]
     per_model = any(m is PER_MODEL for m in markers)
     inner = typing.get_args(hint)[0] if per_model else hint
-    # Optional[X] parameters read as X.
+    # Optional[X] parameters read as X, with None as a further value.
+    optional = False
     if typing.get_origin(inner) in (typing.Union, types.UnionType):
+        optional = type(None) in typing.get_args(inner)
         inner = next(a for a in typing.get_args(inner) if a is not type(None))
     choices = None
     if typing.get_origin(inner) is typing.Literal:
@@ -345,6 +358,7 @@ def _param_spec(parameter: inspect.Parameter, hint: Any) -> ParamSpec:
         bounds=next((m for m in markers if isinstance(m, Range)), None),
         typical=next((m for m in markers if isinstance(m, Typical)), None),
         sweep=any(isinstance(m, Sweep) for m in markers),
+        optional=optional,
     )
 
 
