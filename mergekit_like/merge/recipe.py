@@ -664,7 +664,7 @@ def _check_models(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
                 f"{name} does not use base_model; list '{recipe.base_model}' under models "
                 "to include it, or remove base_model"
             )
-    count = method.model_count_problem(len(recipe.inputs))
+    count = method.model_count_problem(len(recipe.inputs), with_base=recipe.base_model is not None)
     return problems + ([count] if count else [])
 
 

@@ -235,10 +235,11 @@ class MergeMethod:
             return self.params[key]
         return COMPATIBILITY_PARAMS[key] if key in self.ignored_params else None
 
-    def model_count_problem(self, inputs: int) -> str | None:
-        """Why ``inputs`` models besides the base do not suit this method, or None."""
+    def model_count_problem(self, inputs: int, *, with_base: bool = True) -> str | None:
+        """Why ``inputs`` models besides the base (``with_base``: one is given) do not suit this method."""
         if self.base is BaseUse.REQUIRED and self.min_models == self.max_models == 1 and inputs != 1:
-            return f"{self.name} needs exactly two models, one of them the base_model; got {inputs + 1}"
+            given = f"{inputs + 1}" if with_base else f"{inputs} and no base_model"
+            return f"{self.name} needs exactly two models, one of them the base_model; got {given}"
         if inputs < self.min_models:
             return f"{self.name} needs at least {self.min_models} model(s) besides the base; got {inputs}"
         if self.max_models is not None and inputs > self.max_models:
