@@ -278,7 +278,8 @@ class MergeRecipe:
         """
         filled = dict(self.parameters)
         for key, spec in self.method.params.items():
-            if key not in filled and not spec.required:
+            # A default of None ("no value") is written as no key: mergekit reads no null values.
+            if key not in filled and not spec.required and spec.default is not None:
                 filled[key] = spec.default
         return dataclasses.replace(self, parameters=filled)
 
