@@ -114,7 +114,7 @@ def merge(
         raise typer.BadParameter(
             "this tool never runs a model's code: it reads tensors and config.json only, so no model needs "
             "remote code to be merged; leave the option out", param_hint="--trust-remote-code")
-    args, output = _split_output(args, output, method, dry_run)
+    args, target = _split_output(args, output, method, dry_run)
     recipes = _recipes(args, method, base, param, compute_dtype, out_dtype, seed)
     if vocab_mismatch is not None:
         recipes = _each(recipes, lambda r: dataclasses.replace(r, vocab_mismatch=vocab_mismatch))
@@ -130,8 +130,8 @@ def merge(
         with planned_merge(recipes.final.recipe, options, resolve_model=_dry_run_resolver(recipes, resolver)) as plan:
             _print_plan(plan, as_json)
         return
-    assert output is not None
-    out = output
+    assert target is not None
+    out = target
 
     def final_outputs(plan: MergePlan) -> list[OutputSpec]:
         paths = {ref: r.path for ref, r in resolver.resolved.items()}
@@ -146,14 +146,14 @@ def merge(
             return bars.enter_context(RichProgress(f"merge {name}" if recipes.intermediates else "merge",
                                                    enabled=not (quiet or as_json)))
 
-        result = merge_documents(recipes, output, options=options, resolve_model=resolver,
+        result = merge_documents(recipes, out, options=options, resolve_model=resolver,
                                  final_outputs=final_outputs, keep_intermediates=keep_intermediates,
                                  overwrite=overwrite, progress=progress)
     recipe = recipes.final.recipe
     if push_to_hub:
         for written in result.outputs:
-            target = push_to_hub if len(result.outputs) == 1 else f"{push_to_hub}-{written.directory.name}"
-            push_and_report(written.directory, target, private=private, revision=None, commit_message=None,
+            repo = push_to_hub if len(result.outputs) == 1 else f"{push_to_hub}-{written.directory.name}"
+            push_and_report(written.directory, repo, private=private, revision=None, commit_message=None,
                             create_pr=False, token=token, quiet=quiet or as_json)
     summary = {
         "method": recipe.merge_method,

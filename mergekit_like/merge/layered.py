@@ -16,7 +16,15 @@ from typing import Any
 
 from mergekit_like.errors import RecipeError
 from mergekit_like.io.reader import Checkpoint
-from mergekit_like.merge.layers import LayerLayout, LayerStack, find_layout, restacked_config
+from mergekit_like.merge.layers import (
+    LayerLayout,
+    LayerStack,
+    Module,
+    find_layout,
+    find_modules,
+    module_named,
+    restacked_config,
+)
 from mergekit_like.merge.parameters import LayerPosition
 from mergekit_like.merge.recipe import MergeRecipe, SliceRecipe
 from mergekit_like.merge.slices import OutputSlice, SliceSource
@@ -61,11 +69,32 @@ def plan_layers(
     side_file_source: str,
 ) -> LayeredPlan:
     """Every output tensor of a layered recipe; :class:`RecipeError` listing every problem found."""
-    if recipe.modules:
-        raise RecipeError(["modules: recipes are read, but this tool slices single-module models only; "
-                           "write the language model's layers as top-level slices"])
     layouts = {ref: find_layout(ref, c.names(), configs.get(ref)) for ref, c in checkpoints.items()}
     views = recipe.slice_recipes()
+    if recipe.slices:
+        parts = [_single_module(views, layouts)]
+    else:
+        parts = _modules(recipe, views, layouts)
+    jobs: list[TensorJob] = []
+    config = dict(configs.get(side_file_source) or {}) or None
+    for part in parts:
+        jobs += part.jobs
+        if config is not None and part.stack is not None and part.stack.config_key is not None and part.layers:
+            layers = [(configs.get(ref) or {}, index) for ref, index in part.layers]
+            config = restacked_config(config, part.stack.config_key, layers)
+    return LayeredPlan(jobs, config)
+
+
+@dataclass
+class _Part:
+    """The jobs of one module, and the (model, layer) its output layers come from."""
+
+    jobs: list[TensorJob]
+    stack: LayerStack | None
+    layers: list[tuple[str, int]]
+
+
+def _single_module(views: Sequence[SliceRecipe], layouts: Mapping[str, LayerLayout]) -> _Part:
     problems: list[str] = []
     stacks: dict[str, LayerStack] = {}
     for ref in {s.model for v in views if v.slice for s in v.slice.sources}:
@@ -75,26 +104,96 @@ def plan_layers(
             problems += exc.problems
     if problems:
         raise RecipeError(problems)
+    first, last = _first_source(views[0]).model, _first_source(views[-1]).model
+    return _sliced(views, stacks, layouts[first].before, layouts[last].after)
+
+
+def _modules(recipe: MergeRecipe, views: Sequence[SliceRecipe], layouts: Mapping[str, LayerLayout]) -> list[_Part]:
+    """Each module of the recipe, from the same module of its models; every module must be given."""
+    found = {ref: find_modules(layout) for ref, layout in layouts.items()}
+    problems: list[str] = []
+    parts: list[_Part] = []
+    covered: set[str] = set()
+    for name in recipe.modules:
+        own = [v for v in views if v.module == name]
+        refs = ({s.model for v in own if v.slice for s in v.slice.sources} |
+                {m.model for v in own if v.slice is None for m in v.recipe.models})
+        try:
+            modules = {ref: module_named(found[ref], name, ref) for ref in sorted(refs)}
+        except RecipeError as exc:
+            problems += exc.problems
+            continue
+        covered |= {m.name for m in modules.values()}
+        try:
+            parts.append(_module_part(name, own, modules))
+        except RecipeError as exc:
+            problems += exc.problems
+    reference = found[next(iter(layouts))]
+    missing = [m for m in reference if m not in covered]
+    if missing and not problems:
+        problems.append(f"modules: the models also have {', '.join(missing)}, which the recipe does not merge; "
+                        "give every module (an output without them would not load)")
+    if problems:
+        raise RecipeError(problems)
+    return parts
+
+
+def _module_part(name: str, views: Sequence[SliceRecipe], modules: Mapping[str, Module]) -> _Part:
+    if views[0].slice is None:  # models: the whole module of each model, as a models: recipe merges them
+        (view,) = views
+        first = modules[view.recipe.models[0].model]
+        refs = [m.model for m in view.recipe.models] + ([view.recipe.base_model] if view.recipe.base_model else [])
+        jobs = []
+        for tensor in first.names:
+            index = layer_of(first, tensor)
+            position = LayerPosition(index, first.stack.count if first.stack else 0)
+            jobs.append(TensorJob(tensor, view.recipe, {ref: _same_place(first, modules[ref], tensor)
+                                                        for ref in dict.fromkeys(refs)}, position))
+        return _Part(jobs, None, [])
+    stacks = {ref: m.stack for ref, m in modules.items() if m.stack is not None}
+    without = [ref for ref, m in modules.items() if m.stack is None]
+    if without:
+        raise RecipeError([f"modules.{name}: '{without[0]}' has no layers in this module; merge it with models:"])
+    first, last = modules[_first_source(views[0]).model], modules[_first_source(views[-1]).model]
+    return _sliced(views, stacks, first.before, last.after)
+
+
+def layer_of(module: Module, tensor: str) -> int | None:
+    stack = module.stack
+    if stack is None or not tensor.startswith(stack.prefix + "."):
+        return None
+    index = tensor[len(stack.prefix) + 1:].split(".", 1)[0]
+    return int(index) if index.isdigit() else None
+
+
+def _same_place(first: Module, other: Module, tensor: str) -> str:
+    """The name in ``other`` of ``first``'s tensor (the same unless the module's prefix differs)."""
+    return other.name + tensor[len(first.name):] if tensor.startswith(first.name) else tensor
+
+
+def _sliced(
+    views: Sequence[SliceRecipe], stacks: Mapping[str, LayerStack], before: Sequence[str], after: Sequence[str],
+) -> _Part:
+    problems: list[str] = []
     for view in views:
         problems += _range_problems(view, stacks)
     if problems:
         raise RecipeError(problems)
     first, last = views[0], views[-1]
     out_stack = stacks[_first_source(first).model]
-    jobs = _outside(first, layouts[_first_source(first).model].before, BEFORE)
-    layers: list[tuple[Mapping[str, Any], int]] = []
+    jobs = _outside(first, before, BEFORE)
+    layers: list[tuple[str, int]] = []
     for view in views:
         assert view.slice is not None
         new_jobs, found = _slice_jobs(view, view.slice, stacks, out_stack, len(layers))
         jobs += new_jobs
         problems += found
         source = view.slice.sources[0]
-        layers += [(configs.get(source.model) or {}, i) for i in range(*source.layer_range)]
-    jobs += _outside(last, layouts[_first_source(last).model].after, AFTER)
+        layers += [(source.model, i) for i in range(*source.layer_range)]
+    jobs += _outside(last, after, AFTER)
     if problems:
         raise RecipeError(problems)
-    config = _output_config(configs.get(side_file_source), layouts.get(side_file_source), layers)
-    return LayeredPlan(jobs, config)
+    return _Part(jobs, out_stack, layers)
 
 
 def _first_source(view: SliceRecipe) -> SliceSource:
@@ -141,11 +240,3 @@ def _slice_jobs(
             sources = {ref: stack.name(index, suffix) for ref, (stack, index) in layer.items()}
             jobs.append(TensorJob(out_stack.name(first_out + offset, suffix), view.recipe, sources, position))
     return jobs, problems
-
-
-def _output_config(
-    config: Mapping[str, Any] | None, layout: LayerLayout | None, layers: Sequence[tuple[Mapping[str, Any], int]],
-) -> dict[str, Any] | None:
-    if config is None or layout is None or len(layout.stacks) != 1 or layout.stacks[0].config_key is None:
-        return None if config is None else dict(config)
-    return restacked_config(config, layout.stacks[0].config_key, layers)

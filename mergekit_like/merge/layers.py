@@ -137,3 +137,86 @@ def restacked_config(
             rebuilt.append(entries[index] if isinstance(entries, list) and index < len(entries) else fallback)
         scope[name] = rebuilt
     return out
+
+
+# mergekit's names for the modules of multi-module models, and what each names here.
+_TEXT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+@dataclass(frozen=True)
+class Module:
+    """One module of a multi-module model: a prefix of tensor names, with its layer stack if it has one."""
+
+    name: str  # the tensor-name prefix, e.g. "language_model", "vision_tower", "multi_modal_projector"
+    stack: LayerStack | None
+    before: tuple[str, ...]
+    after: tuple[str, ...]
+
+    @property
+    def names(self) -> list[str]:
+        inside = [] if self.stack is None else [self.stack.name(i, rest) for i in range(self.stack.count)
+                                                 for rest in sorted(self.stack.suffixes[i])]
+        return [*self.before, *inside, *self.after]
+
+
+def find_modules(layout: LayerLayout) -> dict[str, Module]:
+    """The modules of a checkpoint: each layer stack with the tensors under its root prefix, and
+    every other root prefix (a projector between towers) as a module without layers.
+
+    A stack's root is the shortest prefix of its name that no other stack shares
+    (``language_model``, ``vision_tower``; ``model.encoder`` beside ``model.decoder``).
+    Tensors under no module's root (a head at the top level) belong to the text module.
+    """
+    roots = {_root(stack.prefix, [s.prefix for s in layout.stacks if s is not stack]): stack
+             for stack in layout.stacks}
+    before: dict[str, list[str]] = {root: [] for root in roots}
+    after: dict[str, list[str]] = {root: [] for root in roots}
+    text = _text_root(roots)
+    for names, into in ((layout.before, before), (layout.after, after)):
+        for name in names:
+            root = next((r for r in roots if name.startswith(r + ".")), None)
+            if root is None:
+                top = name.split(".", 1)[0]
+                root = text if text is not None and not _has_own_root(top, layout, roots) else top
+                before.setdefault(root, [])
+                after.setdefault(root, [])
+            into[root].append(name)
+    return {root: Module(root, roots.get(root), tuple(before[root]), tuple(after[root])) for root in before}
+
+
+def module_named(modules: Mapping[str, Module], name: str, source: str) -> Module:
+    """The module a recipe's ``modules:`` key names: its prefix, or mergekit's name for it
+    (``text_decoder``, ``vision_tower``/``vision_model``, ``encoder``, ``decoder``)."""
+    if name in modules:
+        return modules[name]
+    wanted = {"text_decoder": lambda m: m.stack is not None and m.stack.config_key is not None and (
+                  m.stack.config_key in _TEXT_KEYS or m.stack.config_key.startswith("text_config.")),
+              "vision_tower": lambda m: "vision" in m.name or (m.stack is not None and "vision" in str(
+                  m.stack.config_key)),
+              "encoder": lambda m: "encoder" in m.name, "decoder": lambda m: "decoder" in m.name}
+    wanted["vision_model"] = wanted["vision_tower"]
+    test = wanted.get(name)
+    found = [m for m in modules.values() if test is not None and test(m)]
+    if len(found) == 1:
+        return found[0]
+    raise RecipeError([f"modules.{name}: '{source}' has no such module (its modules: {', '.join(modules)})"])
+
+
+def _root(prefix: str, others: Sequence[str]) -> str:
+    parts = prefix.split(".")
+    for length in range(1, len(parts) + 1):
+        root = ".".join(parts[:length])
+        if not any(o == root or o.startswith(root + ".") for o in others):
+            return root
+    return prefix
+
+
+def _text_root(roots: Mapping[str, LayerStack]) -> str | None:
+    texts = [r for r, s in roots.items() if s.config_key in _TEXT_KEYS or str(s.config_key).startswith("text_config.")]
+    return texts[0] if len(texts) == 1 else None
+
+
+def _has_own_root(top: str, layout: LayerLayout, roots: Mapping[str, LayerStack]) -> bool:
+    """Whether several tensors share the top-level prefix ``top`` (a module of its own, not a lone head)."""
+    outside = [n for n in (*layout.before, *layout.after) if n.split(".", 1)[0] == top]
+    return len(outside) > 1 and top not in roots

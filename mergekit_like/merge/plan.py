@@ -337,7 +337,12 @@ def _plan_tensor(
         return TensorPlan(name, ref_entry.shape, ref_entry.dtype, ref_entry.dtype, reference, ({},),
                           ref_entry.nbytes, recipe=own_recipe, sources=renamed)
     compute = recipe.compute_dtype or _promoted(e.dtype for e in entries.values())
-    out_dtype = recipe.out_dtype or (compute if recipe.dtype_sets_output else None) or ref_entry.dtype
+    # Without out_dtype mergekit writes what the kernel returns: a method declaring a more precise
+    # result keeps it.
+    written = compute if recipe.dtype_sets_output else ref_entry.dtype
+    if method.result_dtype is not None:
+        written = torch.promote_types(written, method.result_dtype)
+    out_dtype = recipe.out_dtype or written
     params = []
     for variant in variants:
         resolved, found = _resolve_params(recipe, method, job, variant)

@@ -680,6 +680,8 @@ def _check_param(method: MergeMethod, name: str, value: Any, where: str, *, per_
                      where, name, method.name)
     if per_model_scope and not spec.per_model:
         return [f"{where}: '{name}' is shared by all models; set it under the global parameters"]
+    if value is None and spec.optional:
+        return []  # "no value", which the parameter takes (passthrough's scale)
     problem = check_value_form(value)
     if problem:
         return [f"{where}: {name}: {problem}"]

@@ -220,6 +220,10 @@ class MergeMethod:
     inputs_as_stored: bool = False
     prepass: WholeModelPass | None = None
     checks: tuple[TensorCheck, ...] = ()
+    # The kernel's result is at least this precise whatever the compute dtype (arcee_fusion
+    # multiplies by a float32 mask); a recipe whose dtype sets the output keeps that precision,
+    # as mergekit writes the kernel's result as it is.
+    result_dtype: torch.dtype | None = None
 
     def __call__(self, tensors: list[torch.Tensor], **kwargs: Any) -> torch.Tensor:
         return self.kernel(tensors, **kwargs)
@@ -275,6 +279,7 @@ def merge_method(
     inputs_as_stored: bool = False,
     prepass: WholeModelPass | None = None,
     checks: tuple[TensorCheck, ...] = (),
+    result_dtype: torch.dtype | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], MergeMethod]:
     """Declares a kernel as merge method ``name`` (listed in :mod:`mergekit_like.methods.registry`)."""
 
@@ -300,6 +305,7 @@ def merge_method(
             description=description, uses_generator="generator" in signature.parameters,
             uses_executor="executor" in signature.parameters, ignored_params=frozenset(ignored_params),
             elementwise=elementwise, inputs_as_stored=inputs_as_stored, prepass=prepass, checks=checks,
+            result_dtype=result_dtype,
         )
 
     return declare

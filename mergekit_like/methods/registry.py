@@ -24,6 +24,17 @@ BUILTIN = (
     "slerp",
     "wise_ft",
     "model_stock",
+    "della",
+    "della_linear",
+    "sce",
+    "ram",
+    "ramplus_tl",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "nearswap",
+    "arcee_fusion",
+    "passthrough",
 )
 
 

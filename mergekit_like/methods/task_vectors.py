@@ -1,10 +1,11 @@
-"""The one kernel behind task arithmetic, TIES, DARE and breadcrumbs.
+"""The one kernel behind task arithmetic, TIES, DARE, breadcrumbs and DELLA.
 
 Every member of the family computes task vectors ``d_i = x_i - base``,
-optionally sparsifies each (magnitude top-k, random drop, or breadcrumbs'
-outlier-and-small cut), weights them, optionally elects a sign per entry and
-keeps only the agreeing entries (the TIES disjoint mean), and adds the
-combination, scaled by ``lambda``, to the base. Operation order follows
+optionally sparsifies each (magnitude top-k, random drop, breadcrumbs'
+outlier-and-small cut, or DELLA's random drop by magnitude rank), weights
+them, optionally elects a sign per entry and keeps only the agreeing entries
+(the TIES disjoint mean), and adds the combination, scaled by ``lambda``, to
+the base. Operation order follows
 mergekit 0.1.5 so recipes give its numbers.
 
 It runs in two phases. Only the sparsification needs a whole tensor (a top-k,
@@ -18,17 +19,19 @@ leaner than computing on whole tensors, with the same numbers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from mergekit_like.methods.topk import top_k_mask
 
 Consensus = Literal["sum", "count"]
-Sparsification = Literal["magnitude", "bernoulli", "breadcrumbs"]
+Sparsification = Literal["magnitude", "bernoulli", "breadcrumbs", "della"]
+# The sparsifications that draw random numbers: their draws must run in model order.
+RANDOM_SPARSIFICATIONS = frozenset({"bernoulli", "della"})
 TrimTies = Literal["sort", "index", "keep"]
 RescaleMode = Literal["l1", "inverse_density"]
 
@@ -57,7 +60,7 @@ class Trim:
     mask: torch.Tensor | None = None  # flat bool; None keeps everything
     multiply: torch.Tensor | None = None  # L1-norm rescale
     divide: float | None = None  # 1 / density rescale
-    work_dtype: torch.dtype | None = None  # DARE draws and rescales in float32 on CPU (as mergekit)
+    work_dtype: torch.dtype | None = None  # DARE and DELLA rescale in float32 on CPU (as mergekit)
 
     def apply(self, delta: torch.Tensor, block: slice) -> torch.Tensor:
         """The sparsified delta for the flat ``block`` of the tensor."""
@@ -133,8 +136,16 @@ def combine_task_vectors(
     return base + merged
 
 
+# From this many models up, torch's sum over stacked models (mergekit's) no longer adds them
+# one after another (it keeps several partial sums), so the block is stacked and summed as mergekit does.
+STACKED_SUM_MIN = 5
+
+
 def _sum_in_order(terms: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The sum in model order, accumulated (as torch's reductions do) in float32 for 16-bit dtypes."""
+    """The sum over models as torch sums stacked models: in model order, accumulated in float32 for
+    16-bit dtypes; from STACKED_SUM_MIN models up, by that reduction itself (on one block: small)."""
+    if len(terms) >= STACKED_SUM_MIN:
+        return torch.stack(list(terms)).sum(0)
     dtype = terms[0].dtype
     total = terms[0].float() if dtype in (torch.bfloat16, torch.float16) else terms[0].clone()
     for term in terms[1:]:
@@ -165,29 +176,32 @@ def make_trims(
     method: Sparsification,
     *,
     gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
     rescale: bool = False,
     rescale_mode: RescaleMode = "l1",
     generator: torch.Generator | None = None,
     trim_ties: TrimTies = "sort",
     executor: Executor | None = None,
 ) -> list[Trim]:
-    """One :class:`Trim` per model (``gammas`` per model for breadcrumbs).
+    """One :class:`Trim` per model (``gammas`` per model for breadcrumbs, ``epsilons`` for DELLA).
 
     With an ``executor``, mid-sized tensors get one model's mask per thread (the engine
     passes its pool; called directly, the masks are made one after another).
     """
     gammas = gammas if gammas is not None else [0.01] * len(tensors)
+    epsilons = epsilons if epsilons is not None else [0.15] * len(tensors)
 
-    def one(x: torch.Tensor, density: float, gamma: float) -> Trim:
-        return make_trim(x, base, density, method, gamma=gamma, rescale=rescale, rescale_mode=rescale_mode,
-                         generator=generator, trim_ties=trim_ties)
+    def one(x: torch.Tensor, density: float, gamma: float, epsilon: float) -> Trim:
+        return make_trim(x, base, density, method, gamma=gamma, epsilon=epsilon, rescale=rescale,
+                         rescale_mode=rescale_mode, generator=generator, trim_ties=trim_ties)
 
-    # Random draws must happen in model order to be reproducible, so DARE never goes parallel.
-    parallel = (method != "bernoulli" and base.device.type == "cpu" and len(tensors) > 1
+    # Random draws must happen in model order to be reproducible (mergekit draws model after
+    # model from one generator), so DARE and DELLA never go parallel.
+    parallel = (method not in RANDOM_SPARSIFICATIONS and base.device.type == "cpu" and len(tensors) > 1
                 and PARALLEL_MIN <= base.numel() <= PARALLEL_MAX)
     if executor is not None and parallel:
-        return list(executor.map(one, tensors, densities, gammas))
-    return [one(x, d, g) for x, d, g in zip(tensors, densities, gammas)]
+        return list(executor.map(one, tensors, densities, gammas, epsilons))
+    return [one(x, d, g, e) for x, d, g, e in zip(tensors, densities, gammas, epsilons)]
 
 
 def make_trim(
@@ -199,6 +213,7 @@ def make_trim(
     rescale: bool = False,
     rescale_mode: RescaleMode = "l1",
     gamma: float = 0.01,
+    epsilon: float = 0.15,
     generator: torch.Generator | None = None,
     trim_ties: TrimTies = "sort",
 ) -> Trim:
@@ -210,6 +225,9 @@ def make_trim(
     """
     if density >= 1:
         return KEEP_ALL
+    if method == "della":
+        return della_trim(x, base, density, epsilon, rescale=rescale, rescale_mode=rescale_mode,
+                          generator=generator)
     if method == "bernoulli":
         if generator is None:
             raise ValueError("random sparsification needs a seeded generator")
@@ -228,6 +246,93 @@ def make_trim(
     else:
         raise ValueError(f"unknown sparsification {method!r}")
     return _with_rescale(mask, magnitudes, rescale, rescale_mode, density, None)
+
+
+def della_trim(
+    x: torch.Tensor,
+    base: torch.Tensor,
+    density: float,
+    epsilon: float,
+    *,
+    rescale: bool = False,
+    rescale_mode: RescaleMode = "l1",
+    generator: torch.Generator | None = None,
+) -> Trim:
+    """DELLA's MAGPRUNE: drops each entry of ``x - base`` at random, larger ones less often.
+
+    Within each row (along dim 1, as mergekit; a 1-D tensor is one row) the entries are
+    ranked by magnitude, and the keep probability rises linearly with the rank from
+    ``density - epsilon`` (the smallest) to ``density + epsilon`` (the largest). One
+    Bernoulli draw per tensor, from ``generator``, in mergekit's order.
+    """
+    if density >= 1:
+        return KEEP_ALL
+    if (problem := della_probability_problem(density, epsilon)) is not None:
+        raise ValueError(problem)
+    delta = x - base
+    if density <= 0 or delta.numel() == 0:
+        return Trim(torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device))
+    if generator is None:
+        raise ValueError("random sparsification needs a seeded generator")
+    # As mergekit: bf16 and non-CPU tensors keep their dtype; other CPU dtypes work in float32.
+    keep_dtype = delta.dtype == torch.bfloat16 or delta.device.type != "cpu"
+    work_dtype = delta.dtype if keep_dtype else torch.float32
+    probs = della_keep_probabilities(delta, density, epsilon, work_dtype)
+    mask = torch.bernoulli(probs, generator=generator).reshape(-1).bool()
+    # In place: delta (or its float32 copy) is not needed any more.
+    magnitudes = delta.to(work_dtype).abs_().reshape(-1)
+    return _with_rescale(mask, magnitudes, rescale, rescale_mode, density, None if keep_dtype else work_dtype)
+
+
+def della_keep_probabilities(
+    delta: torch.Tensor, density: float, epsilon: float, work_dtype: torch.dtype
+) -> torch.Tensor:
+    """Each entry's keep probability, by its magnitude's rank along dim 1, in ``work_dtype``.
+
+    The shape is mergekit's: a 1-D (or 0-D) delta becomes one row, so the Bernoulli draw
+    that follows consumes the generator's stream in the same order.
+    """
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    n = rows.shape[1]
+    if n == 1:
+        # Ranks 1 to 1 normalise to 0/0 (mergekit fails there); a lone entry gets the mean.
+        return torch.full_like(rows, density, dtype=work_dtype)
+    # The argsort decides the order among equal magnitudes: the same call as mergekit's,
+    # on the same (unconverted) magnitudes, ranks ties alike.
+    order = torch.argsort(rows.abs(), dim=1, descending=False)
+    positions = torch.arange(n, device=rows.device).reshape(1, n, *([1] * (rows.dim() - 2))).expand_as(order)
+    # The inverse permutation: what mergekit gets from a second argsort, in O(n).
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(work_dtype) + 1
+    # min and max of the ranks are 1 and n, but rounded as mergekit rounds them (bf16 ranks
+    # above 256 are inexact), so they are computed, not written down.
+    low = ranks.amin(dim=1, keepdim=True)
+    high = ranks.amax(dim=1, keepdim=True)
+    rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def della_probability_problem(density: float, epsilon: float) -> str | None:
+    """Why keep probabilities from ``density - epsilon`` to ``density + epsilon`` do not work, or None.
+
+    mergekit refuses ``density + epsilon >= 1`` or ``density - epsilon <= 0`` when
+    ``0 < density < 1`` (density 0 and 1 draw nothing); a negative epsilon passes that
+    test but must still leave every probability in [0, 1].
+    """
+    if not 0 < density < 1:
+        return None
+    low, high = density - epsilon, density + epsilon
+    if high >= 1 or low <= 0 or low > 1 or high < 0:
+        return (f"density {density:g} with epsilon {epsilon:g} gives keep probabilities from {low:g} to "
+                f"{high:g}, which must lie in (0, 1) (use 0 <= epsilon < {min(density, 1 - density):g})")
+    return None
+
+
+def della_probabilities_in_range(params: Mapping[str, Any]) -> str | None:
+    """The recipe check for DELLA: each model's density and epsilon, before any tensor is read."""
+    pairs = zip(params.get("density", []), params.get("epsilon", []))
+    problems = [f"model {i + 1}: {problem}" for i, (density, epsilon) in enumerate(pairs)
+                if (problem := della_probability_problem(density, epsilon)) is not None]
+    return "; ".join(problems) or None
 
 
 def threshold_trim(x: torch.Tensor, base: torch.Tensor, threshold: float, rescale: bool) -> Trim:

@@ -1,0 +1,42 @@
+"""Linear DELLA: DELLA's drop by magnitude rank and rescale, then task arithmetic (no sign election)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+
+from mergekit_like.methods.declaration import (
+    NONNEGATIVE_WEIGHT,
+    PerModel,
+    Range,
+    each,
+    merge_method,
+    weights_do_not_cancel,
+)
+from mergekit_like.methods.della import EPSILON_TYPICAL
+from mergekit_like.methods.task_vectors import della_probabilities_in_range, make_trims, merge_task_vectors
+
+
+@merge_method(
+    "della_linear",
+    checks=(weights_do_not_cancel, della_probabilities_in_range),
+    inputs_as_stored=True,
+    paper="https://arxiv.org/abs/2406.11617",
+    description="Drop task-vector entries at random, larger ones less often (seeded), rescale, task arithmetic.",
+    ignored_params=("int8_mask",),  # mergekit accepts it; without sign election it is unused
+)
+def della_linear(
+    tensors: list[torch.Tensor],
+    *,
+    base: torch.Tensor,
+    generator: torch.Generator,
+    weight: Annotated[PerModel[float], NONNEGATIVE_WEIGHT],
+    density: Annotated[PerModel[float], Range(0, 1)] = each(1.0),
+    epsilon: Annotated[PerModel[float], EPSILON_TYPICAL] = each(0.15),
+    normalize: bool = False,
+    rescale: bool = True,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
+    trims = make_trims(tensors, base, density, "della", epsilons=epsilon, rescale=rescale, generator=generator)
+    return merge_task_vectors(base, tensors, weight, trims, consensus=None, normalize=normalize, scale=lambda_)
