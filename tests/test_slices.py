@@ -186,3 +186,51 @@ def test_a_whole_model_pass_is_refused_with_slices() -> None:
               "slices": [{"sources": [{"model": A, "layer_range": [0, 3]}, {"model": B, "layer_range": [0, 3]}]}]}
     (problem,) = problems(recipe)
     assert "needs a models: recipe" in problem
+
+
+def vision_language_model(directory: Path, seed: int) -> Path:
+    """A tiny model of three modules: a language model, a vision tower and a projector between them."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    tensors = {"language_model.model.embed_tokens.weight": rand(8, 4), "language_model.model.norm.weight": rand(4),
+               "language_model.lm_head.weight": rand(8, 4), "multi_modal_projector.linear.weight": rand(4, 4),
+               "multi_modal_projector.linear.bias": rand(4), "vision_tower.embeddings.weight": rand(4, 4)}
+    tensors |= {f"language_model.model.layers.{i}.mlp.weight": rand(4, 4) for i in range(3)}
+    tensors |= {f"vision_tower.encoder.layers.{i}.attn.weight": rand(4, 4) for i in range(2)}
+    config = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+              "text_config": {"num_hidden_layers": 3, "layer_types": ["a", "b", "c"]},
+              "vision_config": {"num_hidden_layers": 2}}
+    return write_checkpoint(directory, tensors, config=config)
+
+
+def test_modules_slice_each_module_of_a_multi_module_model(tmp_path: Path) -> None:
+    one, two = (str(vision_language_model(tmp_path / n, s)) for n, s in (("one", 1), ("two", 2)))
+    recipe = {"merge_method": "passthrough", "modules": {
+        "text_decoder": {"slices": [{"sources": [{"model": one, "layer_range": [0, 2]}]},
+                                    {"sources": [{"model": two, "layer_range": [1, 3]}]}]},
+        "vision_tower": {"slices": [{"sources": [{"model": two, "layer_range": [0, 2]}]}]},
+        "multi_modal_projector": {"models": [{"model": one}]}}}
+    out = merged(recipe, tmp_path / "out")
+    a, b = load_file(Path(one) / "model.safetensors"), load_file(Path(two) / "model.safetensors")
+    layer = "language_model.model.layers.{}.mlp.weight"
+    assert [torch.equal(out[layer.format(i)], t) for i, t in enumerate(
+        [a[layer.format(0)], a[layer.format(1)], b[layer.format(1)], b[layer.format(2)]])] == [True] * 4
+    assert torch.equal(out["language_model.lm_head.weight"], b["language_model.lm_head.weight"])
+    assert torch.equal(out["multi_modal_projector.linear.bias"], a["multi_modal_projector.linear.bias"])
+    assert torch.equal(out["vision_tower.encoder.layers.1.attn.weight"], b["vision_tower.encoder.layers.1.attn.weight"])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["text_config"] == {"num_hidden_layers": 4, "layer_types": ["a", "b", "b", "c"]}
+    assert config["vision_config"] == {"num_hidden_layers": 2}
+
+
+def test_a_module_left_out_is_refused(tmp_path: Path) -> None:
+    one = str(vision_language_model(tmp_path / "one", 1))
+    recipe = {"merge_method": "passthrough", "modules": {
+        "text_decoder": {"slices": [{"sources": [{"model": one, "layer_range": [0, 3]}]}]}}}
+    (problem,) = problems(recipe)
+    assert "also have vision_tower, multi_modal_projector" in problem
+    recipe["modules"]["speech"] = {"models": [{"model": one}]}
+    assert any("modules.speech: " in p and "has no such module" in p for p in problems(recipe))
