@@ -197,6 +197,72 @@ RECIPES["task_arithmetic"] = (RECIPES["ties"].replace("merge_method: ties", "mer
                                .replace(", density: 0.5", ""))
 RECIPES["ties_index"] = RECIPES["ties"] + "parameters: {{trim_ties: index}}\n"
 RECIPES["ties_keep"] = RECIPES["ties"] + "parameters: {{trim_ties: keep}}\n"
+# Methods of the task-vector family with their own parameters: base + 3, weights as for ties.
+for _method, _params in (("della", ", density: 0.5, epsilon: 0.1"), ("della_linear", ", density: 0.5, epsilon: 0.1"),
+                         ("multislerp", "")):
+    RECIPES[_method] = (RECIPES["ties"].replace("merge_method: ties", f"merge_method: {_method}")
+                        .replace(", density: 0.5", _params))
+for _method, _params in (("sce", "select_topk: 0.5"), ("ram", "epsilon: 1.0e-5"), ("ramplus_tl", "r: 0.1")):
+    RECIPES[_method] = (RECIPES["ties"].replace("merge_method: ties", f"merge_method: {_method}")
+                        .replace("\n    parameters: {{weight: 1.0, density: 0.5}}", "")
+                        .replace("\n    parameters: {{weight: 0.6, density: 0.5}}", "")
+                        .replace("\n    parameters: {{weight: 0.3, density: 0.5}}", "")
+                        + f"parameters: {{{{{_params}}}}}\n")
+RECIPES["karcher"] = RECIPES["linear"].replace("merge_method: linear", "merge_method: karcher").replace(
+    "\n    parameters: {{weight: 0.5}}", "").replace("\n    parameters: {{weight: 0.3}}", "").replace(
+    "\n    parameters: {{weight: 0.2}}", "")
+RECIPES.update({
+    "nuslerp": """\
+merge_method: nuslerp
+base_model: {base}
+models:
+  - model: {ft1}
+    parameters: {{weight: 0.6}}
+  - model: {ft2}
+    parameters: {{weight: 0.4}}
+dtype: float32
+out_dtype: bfloat16
+""",
+    "nearswap": """\
+merge_method: nearswap
+base_model: {base}
+models:
+  - model: {base}
+  - model: {ft1}
+parameters: {{t: 0.001}}
+dtype: float32
+out_dtype: bfloat16
+""",
+    "arcee_fusion": """\
+merge_method: arcee_fusion
+base_model: {base}
+models:
+  - model: {base}
+  - model: {ft1}
+dtype: float32
+out_dtype: bfloat16
+""",
+    # A frankenmerge: two thirds of ft1's layers, then the last two thirds of ft2's (4/3 the layers).
+    "passthrough_stack": """\
+merge_method: passthrough
+slices:
+  - sources:
+      - model: {ft1}
+        layer_range: [0, {two_thirds}]
+  - sources:
+      - model: {ft2}
+        layer_range: [{one_third}, {layers}]
+dtype: bfloat16
+""",
+})
+# Layers of each model preset (mergekit_like.example.PRESETS), for the frankenmerge's ranges.
+LAYERS = {"tiny": 4, "270m": 16, "1b": 22}
+# The models each recipe reads (the read floor is the time to read their files).
+INPUTS = {"linear": ("ft1", "ft2", "ft3"), "karcher": ("ft1", "ft2", "ft3"), "nuslerp": ("base", "ft1", "ft2"),
+          "nearswap": ("base", "ft1"), "arcee_fusion": ("base", "ft1"), "passthrough_stack": ("ft1", "ft2")}
+# Methods whose numbers depend on random draws: mergekit's come from its global generator, ours
+# from the run's seed and each tensor's name, so outputs agree in distribution, not bit for bit.
+RANDOM = {"della", "della_linear"}
 
 
 @dataclass
@@ -292,8 +358,8 @@ def prepare_inputs(workdir: Path, size: str, shard: int, reuse: bool) -> None:
 
 
 def input_files(method: str, dirs: dict[str, Path]) -> list[Path]:
-    names = [f"ft{i}" for i in range(1, NUM_FINETUNES + 1)] + (["base"] if method != "linear" else [])
-    return sorted(p for n in names for p in dirs[n].glob("*.safetensors"))
+    default = (*(f"ft{i}" for i in range(1, NUM_FINETUNES + 1)), "base")
+    return sorted(p for n in INPUTS.get(method, default) for p in dirs[n].glob("*.safetensors"))
 
 
 # Reads argv[1:] in order with 16 MB reads and prints the seconds it took.
@@ -519,7 +585,10 @@ def main() -> None:
         recipes = {}
         for method in methods:
             recipes[method] = workdir / f"{method}.yml"
-            recipes[method].write_text(RECIPES[method].format(**{k: str(v) for k, v in dirs.items()}))
+            layers = LAYERS[args.size]
+            recipes[method].write_text(RECIPES[method].format(
+                **{k: str(v) for k, v in dirs.items()}, layers=layers, one_third=layers // 3,
+                two_thirds=2 * layers // 3))
 
         floors: dict[int, float] = {}  # by input bytes: linear reads 3 models, the others 4
         startups: dict[str, float] = {}
@@ -566,6 +635,8 @@ def main() -> None:
                     verdict = "within bf16 rounding (<=1 ulp)"
                 elif method in BASELINE_OF:
                     verdict = "differs where ties at the trim threshold are broken otherwise (by design)"
+                elif method in RANDOM:
+                    verdict = "random draws differ (mergekit's global generator; ours seeded per tensor)"
                 else:
                     verdict = "DIFFER"
                 agreement.append(f"  {method:<10} {device:<5} max |ours - mergekit| = {c['max_abs']:.3g}, "
