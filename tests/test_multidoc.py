@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from mergekit_like.card import recipe_set_text
-from mergekit_like.errors import RecipeError
+from mergekit_like.errors import MergekitLikeError, RecipeError
 from mergekit_like.merge.multidoc import load_recipe_set, merge_documents
 
 MODELS = Path(__file__).parent / "data" / "mergekit_golden" / "models" / "f32"
@@ -63,7 +63,7 @@ def test_a_failed_document_leaves_no_intermediates(tmp_path: Path) -> None:
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{}")
     path = write(tmp_path, linear("ab", A, B), linear(None, "ab", str(tmp_path / "broken")))
-    with pytest.raises(Exception):
+    with pytest.raises(MergekitLikeError):
         merge_documents(load_recipe_set(path), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "recipe.yml"]
 
