@@ -182,6 +182,9 @@ def _split_output(
         if output is None and not dry_run:
             raise typer.BadParameter("give the output directory with -o/--output", param_hint="-o")
         return args, output
+    if len(args) > 2:
+        raise typer.BadParameter(f"give a recipe and the output directory; {len(args) - 2} more argument(s) "
+                                 f"given ({', '.join(args[2:])})", param_hint="ARGS")
     positional = Path(args[1]) if len(args) == 2 else None
     if dry_run and positional is None and output is None:
         return args[:1], None

@@ -19,12 +19,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 # The tokenizer's files (mergekit's --no-copy-tokenizer leaves them out).
-TOKENIZER_FILES = frozenset({
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
-    "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
-})
-COPIED_AS_IS = (
-    "generation_config.json",
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -36,8 +31,8 @@ COPIED_AS_IS = (
     "spiece.model",
     "chat_template.jinja",
     "chat_template.json",
-    "preprocessor_config.json",
 )
+COPIED_AS_IS = ("generation_config.json", *TOKENIZER_FILES, "preprocessor_config.json")
 # transformers < 4.56 writes "torch_dtype"; newer versions write "dtype".
 CONFIG_DTYPE_KEYS = ("torch_dtype", "dtype")
 

@@ -162,15 +162,14 @@ def read_inputs(
     with staging.copying():
         load = _loader(plan, tensor, staging, rows)
         as_stored = plan.recipe_of(tensor).method.inputs_as_stored
-        models = [load(ref, as_stored) for ref in plan.models_of(tensor)]
-        base_ref = plan.base_of(tensor)
-        base = load(base_ref) if base_ref is not None else None
+        models = [load(ref, as_stored) for ref in tensor.models]
+        base = load(tensor.base) if tensor.base is not None else None
         return _Inputs(tensor, rows, models, base, staging.fence())
 
 
 def prefetch_inputs(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> None:
     """Starts the kernel reading a later item's bytes, so the disk has work queued while we compute."""
-    for ref in [tensor.copy_from] if tensor.copy_from is not None else _merged_sources(plan, tensor):
+    for ref in [tensor.copy_from] if tensor.copy_from is not None else _merged_sources(tensor):
         checkpoint = plan.checkpoints[ref]
         name = tensor.source(ref)
         if name in checkpoint:
@@ -235,7 +234,7 @@ def _loader(
         if rows is not None or tuple(value.shape) == tensor.shape:
             return value
         if not reference:
-            reference.append(read(plan.reference if tensor.recipe is None else _tensor_reference(plan, tensor)))
+            reference.append(read(tensor.reference))
         return fit_rows(value.to(tensor.compute_dtype), reference[0])
 
     return load
@@ -369,16 +368,9 @@ def _written(
 
 def _item_bytes(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> int:
     numel = math.prod(tensor.shape) if rows is None else (rows[1] - rows[0]) * math.prod(tensor.shape[1:])
-    return numel * tensor.compute_dtype.itemsize * len(_merged_sources(plan, tensor))
+    return numel * tensor.compute_dtype.itemsize * len(_merged_sources(tensor))
 
 
-def _merged_sources(plan: MergePlan, tensor: TensorPlan) -> list[str]:
+def _merged_sources(tensor: TensorPlan) -> list[str]:
     """Every checkpoint a merged tensor is read from: the models, then the base if the method uses one."""
-    base = plan.base_of(tensor)
-    return plan.models_of(tensor) + ([base] if base is not None else [])
-
-
-def _tensor_reference(plan: MergePlan, tensor: TensorPlan) -> str:
-    """The model a slice's tensor follows: its base, else its first model."""
-    recipe = plan.recipe_of(tensor)
-    return recipe.base_model if recipe.base_model is not None else plan.models_of(tensor)[0]
+    return [*tensor.models, *([tensor.base] if tensor.base is not None else [])]

@@ -41,12 +41,19 @@ class TensorJob:
     position: LayerPosition
 
     @property
+    def models(self) -> list[str]:
+        """The models merged, in kernel order (the base not among them)."""
+        return [m.model for m in self.recipe.inputs]
+
+    @property
+    def base(self) -> str | None:
+        """The model whose tensor the kernel gets as ``base``, if its method takes one."""
+        return self.recipe.base_model if self.recipe.method.base is not BaseUse.NONE else None
+
+    @property
     def refs(self) -> list[str]:
-        """The models read, in kernel order: the inputs, then the base if the method uses one."""
-        method = self.recipe.method
-        refs = [m.model for m in self.recipe.inputs]
-        base = self.recipe.base_model
-        return refs + ([base] if base is not None and method.base is not BaseUse.NONE else [])
+        """Every model read, in kernel order: the inputs, then the base."""
+        return self.models + ([self.base] if self.base is not None else [])
 
     @property
     def reference(self) -> str:
@@ -66,9 +73,13 @@ BEFORE, AFTER = LayerPosition(None, 0), LayerPosition(None, 0)  # mergekit resol
 
 def plan_layers(
     recipe: MergeRecipe, checkpoints: Mapping[str, Checkpoint], configs: Mapping[str, Mapping[str, Any] | None],
-    side_file_source: str,
+    config_source: str,
 ) -> LayeredPlan:
-    """Every output tensor of a layered recipe; :class:`RecipeError` listing every problem found."""
+    """Every output tensor of a layered recipe; :class:`RecipeError` listing every problem found.
+
+    The output's config is ``config_source``'s (the base, else the first model, as mergekit's),
+    with the layer count and per-layer lists of each sliced module rebuilt.
+    """
     layouts = {ref: find_layout(ref, c.names(), configs.get(ref)) for ref, c in checkpoints.items()}
     views = recipe.slice_recipes()
     if recipe.slices:
@@ -76,13 +87,22 @@ def plan_layers(
     else:
         parts = _modules(recipe, views, layouts)
     jobs: list[TensorJob] = []
-    config = dict(configs.get(side_file_source) or {}) or None
+    config = dict(configs.get(config_source) or {}) or None
+    shared_keys = _shared_config_keys(layouts.get(config_source))
     for part in parts:
         jobs += part.jobs
+        if part.stack is not None and part.stack.config_key in shared_keys:
+            raise RecipeError([f"'{config_source}': config.json's {part.stack.config_key} counts the layers of more "
+                               "than one stack, so the output's count cannot be set for one of them alone"])
         if config is not None and part.stack is not None and part.stack.config_key is not None and part.layers:
             layers = [(configs.get(ref) or {}, index) for ref, index in part.layers]
             config = restacked_config(config, part.stack.config_key, layers)
     return LayeredPlan(jobs, config)
+
+
+def _shared_config_keys(layout: LayerLayout | None) -> set[str]:
+    keys = [s.config_key for s in layout.stacks if s.config_key is not None] if layout is not None else []
+    return {k for k in keys if keys.count(k) > 1}
 
 
 @dataclass
@@ -117,7 +137,8 @@ def _modules(recipe: MergeRecipe, views: Sequence[SliceRecipe], layouts: Mapping
     for name in recipe.modules:
         own = [v for v in views if v.module == name]
         refs = ({s.model for v in own if v.slice for s in v.slice.sources} |
-                {m.model for v in own if v.slice is None for m in v.recipe.models})
+                {m.model for v in own if v.slice is None for m in v.recipe.models} |
+                {v.recipe.base_model for v in own if v.slice is None and v.recipe.base_model is not None})
         try:
             modules = {ref: module_named(found[ref], name, ref) for ref in sorted(refs)}
         except RecipeError as exc:
@@ -145,7 +166,7 @@ def _module_part(name: str, views: Sequence[SliceRecipe], modules: Mapping[str, 
         refs = [m.model for m in view.recipe.models] + ([view.recipe.base_model] if view.recipe.base_model else [])
         jobs = []
         for tensor in first.names:
-            index = layer_of(first, tensor)
+            index = _layer_of(first, tensor)
             position = LayerPosition(index, first.stack.count if first.stack else 0)
             jobs.append(TensorJob(tensor, view.recipe, {ref: _same_place(first, modules[ref], tensor)
                                                         for ref in dict.fromkeys(refs)}, position))
@@ -158,7 +179,7 @@ def _module_part(name: str, views: Sequence[SliceRecipe], modules: Mapping[str, 
     return _sliced(views, stacks, first.before, last.after)
 
 
-def layer_of(module: Module, tensor: str) -> int | None:
+def _layer_of(module: Module, tensor: str) -> int | None:
     stack = module.stack
     if stack is None or not tensor.startswith(stack.prefix + "."):
         return None
@@ -177,9 +198,17 @@ def _sliced(
     problems: list[str] = []
     for view in views:
         problems += _range_problems(view, stacks)
+    first, last = views[0], views[-1]
+    assert first.slice is not None and last.slice is not None
+    if len(last.slice.sources) > len(first.slice.sources):
+        # mergekit merges the tensors after the layers from the last slice's models, but only as many
+        # of them as the first slice has: the others would be left out without a word.
+        problems.append(f"{last.label} has {len(last.slice.sources)} sources and {first.label} "
+                        f"{len(first.slice.sources)}: mergekit merges the final norm and head from only the "
+                        f"first {len(first.slice.sources)} of the last slice's; give the last slice no more "
+                        "sources than the first")
     if problems:
         raise RecipeError(problems)
-    first, last = views[0], views[-1]
     out_stack = stacks[_first_source(first).model]
     jobs = _outside(first, before, BEFORE)
     layers: list[tuple[str, int]] = []

@@ -80,7 +80,7 @@ def find_layout(source: str, names: Iterable[str], config: Mapping[str, Any] | N
         count = len(layers)
         if sorted(layers) != list(range(count)):
             continue  # not a run from 0: numbered, but not layers
-        key = next((k for k, v in counts if v == count), None)
+        key = _counting_key(prefix, [k for k, v in counts if v == count])
         if key is None and config:
             continue  # the config counts no such run: a numbered module inside, not a stack
         stacks.append(LayerStack(prefix, count, key, tuple(frozenset(layers[i]) for i in range(count))))
@@ -90,6 +90,16 @@ def find_layout(source: str, names: Iterable[str], config: Mapping[str, Any] | N
     outside = [n for n in names if n not in inside]
     return LayerLayout(source, tuple(stacks), tuple(n for n in outside if _BEFORE_LAYERS.search(n)),
                        tuple(n for n in outside if not _BEFORE_LAYERS.search(n)))
+
+
+def _counting_key(prefix: str, keys: Sequence[str]) -> str | None:
+    """Of the config keys holding a stack's count, the one meant for it: where an encoder, a decoder or a
+    vision tower counts its own layers, the key that names the same part as the prefix."""
+    def agrees(key: str) -> int:
+        parts = ("encoder", "decoder", "vision")
+        return sum((part in key) == (part in prefix or (part == "vision" and "visual" in prefix)) for part in parts)
+
+    return max(keys, key=agrees) if keys else None  # max keeps the first (preferred) key among equals
 
 
 def _config_counts(config: Mapping[str, Any]) -> list[tuple[str, int]]:
@@ -139,8 +149,8 @@ def restacked_config(
     return out
 
 
-# mergekit's names for the modules of multi-module models, and what each names here.
-_TEXT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# The top-level layer counts of a language model (a text module's, beside a vision tower's own).
+_TEXT_KEYS = LAYER_COUNT_KEYS[:4]
 
 
 @dataclass(frozen=True)

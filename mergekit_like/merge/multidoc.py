@@ -19,7 +19,7 @@ from typing import Any
 
 from mergekit_like.errors import RecipeError, short_text
 from mergekit_like.hub import is_hub_id
-from mergekit_like.io.outputs import OutputSpec
+from mergekit_like.io.outputs import OutputSpec, check_output
 from mergekit_like.merge.engine import MergeResult, run_merge
 from mergekit_like.merge.options import MergeOptions
 from mergekit_like.merge.plan import MergePlan, ModelResolver, planned_merge
@@ -81,6 +81,12 @@ def merge_documents(
     ``progress`` makes a progress sink per document (given its name).
     """
     output = Path(output)
+    # Every target is checked before the first merge: a run must not merge for hours and then find
+    # that its output exists.
+    check_output(output, overwrite=overwrite)
+    if keep_intermediates is not None:
+        for document in recipes.intermediates:
+            check_output(Path(keep_intermediates) / str(document.name), overwrite=overwrite)
     if keep_intermediates is None and recipes.intermediates:
         output.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.intermediates-", dir=output.parent))
@@ -97,7 +103,7 @@ def merge_documents(
             assert document.name is not None and folder is not None
             target = folder / document.name
             with planned_merge(document.recipe, options, resolve_model=resolve) as plan:
-                run_merge(plan, target, overwrite=keep_intermediates is not None and overwrite,
+                run_merge(plan, target, overwrite=overwrite,
                           progress=progress(document.name) if progress else None)
             paths[document.name] = target
         final = recipes.final
@@ -120,6 +126,11 @@ def parse_documents(documents: list[Any], *, source: str | Path | None = None) -
         name = data.get(NAME_KEY) if isinstance(data, Mapping) else None
         if name is not None and not isinstance(name, str):
             problems.append(f"{where}: name must be a string, not {short_text(repr(name))}")
+            continue
+        if name is not None and not _is_file_name(name):
+            # The name is the intermediate's directory: it must stay inside the intermediates' one.
+            problems.append(f"{where}: name {short_text(repr(name))} must be a plain directory name "
+                            "(no '/', not '.' or '..', not empty)")
             continue
         if name in named:
             problems.append(f"{where}: the name {name!r} is given twice" if name is not None
@@ -154,6 +165,10 @@ def parse_documents(documents: list[Any], *, source: str | Path | None = None) -
     if problems:
         raise RecipeError(problems, source=source)
     return RecipeSet(tuple(named[key] for key in ordered))
+
+
+def _is_file_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 def _dependency_order(

@@ -84,7 +84,7 @@ def interpolate_gradient(values: list[float], t: float) -> float:
 
 
 def filter_matches(pattern: str | None, tensor_name: str) -> bool:
-    if not pattern:
+    if not pattern or pattern == "*":  # mergekit's "*" matches every tensor, as no filter does
         return True
     if pattern.startswith("re:"):
         return re.search(pattern[3:], tensor_name) is not None
@@ -124,6 +124,8 @@ def unquoted(value: Any, kind: type) -> Any:
         return [unquoted(v, kind) for v in value]
     if isinstance(value, Mapping):
         return {k: unquoted(v, kind) if k == "value" else v for k, v in value.items()}
+    if kind is bool and type(value) is int and value in (0, 1):
+        return bool(value)
     if not isinstance(value, str):
         return value
     text = value.strip()

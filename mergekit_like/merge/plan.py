@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mergekit_like.errors import RecipeError
+from mergekit_like.errors import InvalidCheckpointError, RecipeError
 from mergekit_like.io.dtypes import dtype_name
 from mergekit_like.io.reader import Checkpoint, open_checkpoint
 from mergekit_like.io.safetensors_format import TensorEntry
@@ -30,6 +31,8 @@ from mergekit_like.merge.options import MergeOptions
 from mergekit_like.merge.parameters import LayerPosition, NoValue, layer_count, layer_index, resolve_value
 from mergekit_like.merge.recipe import MergeRecipe
 from mergekit_like.methods import BaseUse, MergeMethod
+
+logger = logging.getLogger(__name__)
 
 MAX_LISTED_PROBLEMS = 25
 
@@ -53,6 +56,9 @@ class TensorPlan:
     recipe: MergeRecipe | None = None
     # Model ref -> the tensor read from it, where that is not ``name`` (layers of a slice).
     sources: Mapping[str, str] = field(default_factory=dict)
+    models: tuple[str, ...] = ()  # the models merged, in kernel order (the base not among them)
+    base: str | None = None  # the model whose tensor the kernel gets as ``base``, if its method takes one
+    reference: str = ""  # the model it follows: rows to fit a vocabulary to, integer values
 
     def source(self, ref: str) -> str:
         """The name of the tensor this output tensor reads from model ``ref``."""
@@ -87,14 +93,6 @@ class MergePlan:
         """The recipe that merges ``tensor``: its slice's, or the plan's."""
         return tensor.recipe or self.recipe
 
-    def models_of(self, tensor: TensorPlan) -> list[str]:
-        """The models ``tensor`` is merged from, in kernel order (the base not among them)."""
-        return [m.model for m in self.recipe_of(tensor).inputs]
-
-    def base_of(self, tensor: TensorPlan) -> str | None:
-        """The model whose tensor the kernel gets as ``base``, if its method takes one."""
-        recipe = self.recipe_of(tensor)
-        return recipe.base_model if recipe.method.base is not BaseUse.NONE else None
 
     @property
     def memory_budget(self) -> int:
@@ -205,15 +203,16 @@ def plan_merge(
         for ref in refs:
             checkpoints[ref] = stack.enter_context(
                 open_checkpoint(resolve_model(ref), allow_pickle=options.allow_pickle))
-        configs = {ref: read_config(c.layout.root) for ref, c in checkpoints.items()}
+        configs = {ref: _config(c, needed=recipe.layered) for ref, c in checkpoints.items()}
         problems = [] if options.allow_crimes else _architecture_problems(configs)
         if problems:
             raise _recipe_error(problems)
         reference = _reference(recipe, refs)
         side_files = _side_file_source(recipe, reference)
-        output_config = None
+        # mergekit's config.json is the base's (else the first model's), wherever the tokenizer comes from.
+        output_config = configs.get(reference) if side_files != reference else None
         if recipe.layered:
-            layered = plan_layers(recipe, checkpoints, configs, side_files)
+            layered = plan_layers(recipe, checkpoints, configs, reference)
             jobs, output_config = layered.jobs, layered.config
         else:
             names = checkpoints[reference].names()
@@ -231,16 +230,39 @@ def plan_merge(
         plan = MergePlan(recipe, method, checkpoints, tensors, variants, side_files, reference, options,
                          output_config)
         prepass = method.prepass
-        if not problems and prepass is not None and plan.needs_prepass:
-            if recipe.layered:
-                problems.append(f"{method.name}'s whole-model pass needs a models: recipe (it ranks every "
-                                "tensor of each model at once)")
-            else:
-                problems += prepass.problems(plan.merged_params)
+        if not problems and recipe.layered:
+            problems += _layered_prepass_problems(plan)
+        elif not problems and prepass is not None and plan.needs_prepass:
+            problems += prepass.problems(plan.merged_params)
         if problems:
             raise _recipe_error(problems)
         stack.pop_all()
     return plan
+
+
+def _config(checkpoint: Checkpoint, *, needed: bool) -> dict[str, Any] | None:
+    """A model's config.json; one that cannot be read fails a slices merge (it counts the layers) and
+    only skips the architecture check of a whole-model one (its outputs get it copied unchanged)."""
+    try:
+        return read_config(checkpoint.layout.root)
+    except InvalidCheckpointError:
+        if needed:
+            raise
+        logger.warning("%s: config.json cannot be read; the models' architectures are not compared",
+                       checkpoint.layout.root)
+        return None
+
+
+def _layered_prepass_problems(plan: MergePlan) -> list[str]:
+    """A whole-model pass ranks every tensor of each model at once: a slice has no such model."""
+    problems = []
+    for method in plan.methods:
+        params = [p for t in plan.tensors if t.copy_from is None and plan.recipe_of(t).method is method
+                  for p in t.params]
+        if method.prepass is not None and method.prepass.needed(params):
+            problems.append(f"{method.name}'s whole-model pass needs a models: recipe (it ranks every tensor of "
+                            "each model at once); use its per-tensor form in slices")
+    return problems
 
 
 def _architecture_problems(configs: Mapping[str, Mapping[str, Any] | None]) -> list[str]:
@@ -329,13 +351,14 @@ def _plan_tensor(
     problems = _shape_problems(name, entries, reference, recipe.vocab_mismatch) + _dtype_problems(
         name, entries, reference)
     read_bytes = sum(e.nbytes for e in entries.values())
-    renamed = {ref: n for ref, n in job.sources.items() if n != name}
-    own_recipe = recipe if layered else None
+    where: dict[str, Any] = dict(
+        recipe=recipe if layered else None, sources={ref: n for ref, n in job.sources.items() if n != name},
+        models=tuple(job.models), base=job.base, reference=reference)
     if not ref_entry.dtype.is_floating_point:
         if problems:
             raise _TensorProblems(problems)
         return TensorPlan(name, ref_entry.shape, ref_entry.dtype, ref_entry.dtype, reference, ({},),
-                          ref_entry.nbytes, recipe=own_recipe, sources=renamed)
+                          ref_entry.nbytes, **where)
     compute = recipe.compute_dtype or _promoted(e.dtype for e in entries.values())
     # Without out_dtype mergekit writes what the kernel returns: a method declaring a more precise
     # result keeps it.
@@ -355,8 +378,7 @@ def _plan_tensor(
     # block read ahead (half) and the temporaries and result (a quarter).
     block_elements = memory_budget // (4 * len(entries) * compute.itemsize)
     chunks = row_chunks(ref_entry.shape, block_elements) if method.elementwise and same_shapes else None
-    return TensorPlan(name, ref_entry.shape, out_dtype, compute, None, tuple(params), read_bytes, chunks,
-                      recipe=own_recipe, sources=renamed)
+    return TensorPlan(name, ref_entry.shape, out_dtype, compute, None, tuple(params), read_bytes, chunks, **where)
 
 
 def row_chunks(shape: tuple[int, ...], budget: int) -> tuple[tuple[int, int], ...] | None:
@@ -455,8 +477,6 @@ def _lookup(key: str, scopes: list[Any], name: str, position: LayerPosition, def
             except NoValue:
                 continue
     return _MISSING if default is inspect.Parameter.empty else default
-
-
 
 
 def _side_file_source(recipe: MergeRecipe, reference: str) -> str:

@@ -234,8 +234,9 @@ class MergeRecipe:
         scopes = [module.parameters, self.parameters] if piece is None else [piece.parameters, module.parameters,
                                                                               self.parameters]
         if method is not None:
-            # The whole recipe's values reach a slice of another method only where they mean something.
-            scopes = [{k: v for k, v in scope.items() if k in method.params} for scope in scopes]
+            # Values from above reach a slice of another method only where they mean something; its
+            # own are checked against its method like any recipe's (a misspelt one is an error).
+            scopes = [scopes[0], *({k: v for k, v in scope.items() if k in method.params} for scope in scopes[1:])]
         if piece is None:
             models = tuple(ModelEntry(m, dict(p)) for m, p in module.models)
             base = self.base_model
@@ -526,8 +527,11 @@ def _layered_problems(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
     if recipe.models:
         return ["give one of models, slices or modules"]
     problems = []
-    for name, value in recipe.parameters.items():
-        problems += _check_param(method, name, value, "parameters", per_model_scope=False)
+    scopes = [("parameters", recipe.parameters)] + [(f"modules.{n} parameters", m.parameters)
+                                                    for n, m in recipe.modules.items() if m.slices]
+    for where, scope in scopes:
+        for name, value in scope.items():
+            problems += _check_param(method, name, value, where, per_model_scope=False)
     for piece in [*recipe.slices, *(p for m in recipe.modules.values() for p in m.slices)]:
         if piece.merge_method is not None and piece.merge_method not in all_methods():
             problems.append(f"{_UNKNOWN_METHOD} {short_repr(piece.merge_method)} in a slice "
@@ -641,6 +645,12 @@ def warn_unusual_values(recipe: MergeRecipe) -> None:
     that overrides and defaults make of it.
     """
     method = recipe.method
+    for view in recipe.slice_recipes() if recipe.layered else []:
+        if view.slice is not None and view.slice.merge_method not in (None, recipe.merge_method):
+            logger.warning("%s: merge_method %s is this tool's extension; mergekit reads one method per recipe "
+                           "and would merge this slice with %s", view.label, view.slice.merge_method,
+                           recipe.merge_method)
+        warn_unusual_values(view.recipe)
     for where, name, value, _ in _parameter_values(recipe):
         spec = method.spec(name)
         if spec is None or spec.typical is None:

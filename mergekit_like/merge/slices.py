@@ -14,11 +14,14 @@ make a layer is decided from the checkpoints (:mod:`mergekit_like.merge.layers`)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from mergekit_like.errors import short_repr, short_text
+
+logger = logging.getLogger(__name__)
 
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 # merge_method per slice is this tool's extension: mergekit 0.1.5 reads one method per recipe
@@ -89,6 +92,12 @@ def parse_slices(raw: Any, where: str, problems: list[str]) -> tuple[OutputSlice
         if method is not None and not isinstance(method, str):
             problems.append(f"{here}: merge_method must be a method name, not {short_repr(method)}")
             method = None
+        residual = item.get("residual_weight")
+        if residual is not None:
+            if isinstance(residual, bool) or not isinstance(residual, (int, float)):
+                problems.append(f"{here}: residual_weight must be a number, not {short_repr(residual)}")
+            else:
+                logger.warning("%s: residual_weight changes nothing, in mergekit 0.1.5 either; ignored", here)
         out.append(OutputSlice(tuple(sources), base, _parameters(item, here, problems), method))
     return tuple(out)
 
@@ -152,11 +161,18 @@ def _sources(raw: Any, where: str, problems: list[str]) -> list[SliceSource]:
         problems.append(f"{where}: sources must be a non-empty list of {{model, layer_range}}")
         return []
     out = []
+    seen: set[str] = set()
     for j, item in enumerate(raw):
         here = f"{where}.sources[{j}]"
         if not isinstance(item, Mapping) or not isinstance(item.get("model"), str):
             problems.append(f"{here} needs a 'model' path or repo id")
             continue
+        if item["model"] in seen:
+            # Sources are merged as models: one model twice would be one input counted twice.
+            problems.append(f"{here}: '{item['model']}' is already a source of this slice; a slice merges "
+                            "each model once (stack its layers in slices of their own)")
+            continue
+        seen.add(item["model"])
         _unknown_keys(item, SOURCE_KEYS, f"{here} ({item['model']})", problems)
         layer_range = _layer_range(item.get("layer_range"), f"{here} ({item['model']})", problems)
         if layer_range is None:
@@ -169,6 +185,8 @@ def _layer_range(raw: Any, where: str, problems: list[str]) -> tuple[int, int] |
     if raw is None:
         problems.append(f"{where}: layer_range is missing (write layer_range: [start, end))")
         return None
+    if isinstance(raw, list):  # mergekit's integers accept numbers written as strings
+        raw = [int(v) if isinstance(v, str) and v.strip().isdigit() else v for v in raw]
     ints = isinstance(raw, list) and len(raw) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in raw)
     if not ints:
         problems.append(f"{where}: layer_range must be two integers [start, end), not {short_repr(raw)}")
