@@ -96,3 +96,8 @@ def test_a_multi_document_recipe_from_the_command_line(tmp_path: Path) -> None:
     written = (tmp_path / "out" / "merge_recipe.yml").read_text()
     assert written.count("\n---\n") == 2 and "name: slerp_ft1_ft2" in written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yml"]
+
+
+def test_more_arguments_than_a_recipe_and_an_output_are_refused(recipe: Path, tmp_path: Path) -> None:
+    output = merge(str(recipe), str(tmp_path / "out"), str(tmp_path / "extra"))
+    assert output.startswith("2\n") and "1 more argument(s)" in output

@@ -79,3 +79,18 @@ def test_a_failed_document_leaves_no_intermediates(tmp_path: Path) -> None:
 def test_bad_sets_are_refused_before_any_work(tmp_path: Path, documents: list[dict], expected: str) -> None:
     with pytest.raises(RecipeError, match=expected):
         load_recipe_set(write(tmp_path, *documents))
+
+
+@pytest.mark.parametrize("name", ["", "..", "a/b", "/abs"])
+def test_document_names_must_be_plain_directory_names(tmp_path: Path, name: str) -> None:
+    with pytest.raises(RecipeError, match="must be a plain directory name"):
+        load_recipe_set(write(tmp_path, linear(name, A, B), linear(None, name, C)))
+
+
+def test_an_existing_output_is_found_before_the_first_merge(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("kept")
+    path = write(tmp_path, linear("ab", A, B), linear(None, "ab", C))
+    with pytest.raises(MergekitLikeError, match="exists"):
+        merge_documents(load_recipe_set(path), tmp_path / "out", keep_intermediates=tmp_path / "kept")
+    assert not (tmp_path / "kept").exists() and (tmp_path / "out" / "x").read_text() == "kept"

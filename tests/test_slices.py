@@ -234,3 +234,51 @@ def test_a_module_left_out_is_refused(tmp_path: Path) -> None:
     assert "also have vision_tower, multi_modal_projector" in problem
     recipe["modules"]["speech"] = {"models": [{"model": one}]}
     assert any("modules.speech: " in p and "has no such module" in p for p in problems(recipe))
+
+
+def test_a_star_filter_matches_every_tensor_as_in_mergekit(tmp_path: Path) -> None:
+    recipe = {"merge_method": "slerp", "base_model": A, "parameters": {"t": [{"filter": "*", "value": 1.0}]},
+              "slices": [{"sources": [{"model": A, "layer_range": [0, 3]}, {"model": B, "layer_range": [0, 3]}]}]}
+    out = merged(recipe, tmp_path / "out")
+    b = load_file(Path(B) / "model.safetensors")
+    assert all(torch.equal(out[n], b[n]) for n in b)  # t = 1 everywhere: the other model
+
+
+def test_a_model_twice_among_a_slices_sources_is_refused() -> None:
+    recipe = {"merge_method": "linear", "parameters": {"weight": 1.0},
+              "slices": [{"sources": [{"model": A, "layer_range": [0, 1]}, {"model": A, "layer_range": [1, 2]}]}]}
+    with pytest.raises(RecipeError, match=r"slices\[0\]\.sources\[1\]: '.*ft1' is already a source of this slice"):
+        parse_recipe(recipe)
+
+
+def test_a_misspelt_parameter_of_a_slice_is_an_error() -> None:
+    recipe = stack((A, 0, 3), parameters={"scale": 1.0})
+    recipe["slices"][0]["parameters"] = {"scael": 2.0}
+    with pytest.raises(RecipeError, match=r"slices\[0\]: parameters: unknown parameter 'scael' for passthrough"):
+        parse_recipe(recipe)
+
+
+def test_a_last_slice_with_more_sources_than_the_first_is_refused() -> None:
+    recipe = {"merge_method": "linear", "parameters": {"weight": 1.0}, "slices": [
+        {"sources": [{"model": A, "layer_range": [0, 1]}]},
+        {"sources": [{"model": A, "layer_range": [1, 3]}, {"model": B, "layer_range": [1, 3]}]}]}
+    (problem,) = problems(recipe)
+    assert "slices[1] has 2 sources and slices[0] 1" in problem and "final norm and head" in problem
+
+
+def test_a_whole_model_pass_in_a_slices_own_method_is_refused() -> None:
+    recipe = {"merge_method": "linear", "base_model": A, "parameters": {"weight": 1.0}, "slices": [
+        {"sources": [{"model": A, "layer_range": [0, 3]}, {"model": B, "layer_range": [0, 3]}],
+         "merge_method": "ties", "parameters": {"density": 0.5, "trim_scope": "model"}}]}
+    (problem,) = problems(recipe)
+    assert "ties's whole-model pass needs a models: recipe" in problem
+
+
+def test_a_module_merged_whole_reads_its_unlisted_base(tmp_path: Path) -> None:
+    base, one = (str(vision_language_model(tmp_path / n, s)) for n, s in (("base", 0), ("one", 1)))
+    recipe = {"merge_method": "task_arithmetic", "base_model": base, "parameters": {"weight": 0.5}, "modules": {
+        name: {"models": [{"model": one}]} for name in ("text_decoder", "vision_tower", "multi_modal_projector")}}
+    out = merged(recipe, tmp_path / "out")
+    b, o = load_file(Path(base) / "model.safetensors"), load_file(Path(one) / "model.safetensors")
+    name = "vision_tower.encoder.layers.1.attn.weight"
+    torch.testing.assert_close(out[name], b[name] + 0.5 * (o[name] - b[name]))
