@@ -100,4 +100,5 @@ def test_a_multi_document_recipe_from_the_command_line(tmp_path: Path) -> None:
 
 def test_more_arguments_than_a_recipe_and_an_output_are_refused(recipe: Path, tmp_path: Path) -> None:
     output = merge(str(recipe), str(tmp_path / "out"), str(tmp_path / "extra"))
-    assert output.startswith("2\n") and "1 more argument(s)" in output
+    words = " ".join(output.replace("│", " ").split())  # the usage error's box wraps the line
+    assert output.startswith("2\n") and "1 more argument(s)" in words

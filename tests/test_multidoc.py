@@ -19,7 +19,7 @@ A, B, C = (str(MODELS / n) for n in ("ft1", "ft2", "ft3"))
 
 def linear(name: str | None, *models: str) -> dict:
     doc = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in models]}
-    return ({"name": name} if name else {}) | doc
+    return ({"name": name} if name is not None else {}) | doc
 
 
 def write(tmp_path: Path, *documents: dict) -> Path:

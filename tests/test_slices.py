@@ -115,7 +115,7 @@ def test_a_slice_beyond_a_models_layers_is_one_line_naming_it() -> None:
 
 @pytest.mark.parametrize("layer_range, expected", [
     ([2, 2], "is empty or negative"), ([3, 1], "is empty or negative"), ([-1, 2], "is empty or negative"),
-    ([0], "must be two integers"), (["0", 2], "must be two integers"),
+    ([0], "must be two integers"), (["zero", 2], "must be two integers"), ([0.5, 2], "must be two integers"),
 ])
 def test_empty_or_malformed_ranges_are_refused(layer_range: list[Any], expected: str) -> None:
     recipe = stack((A, 0, 2))
