@@ -263,6 +263,8 @@ INPUTS = {"linear": ("ft1", "ft2", "ft3"), "karcher": ("ft1", "ft2", "ft3"), "nu
 # Methods whose numbers depend on random draws: mergekit's come from its global generator, ours
 # from the run's seed and each tensor's name, so outputs agree in distribution, not bit for bit.
 RANDOM = {"della", "della_linear"}
+# Arcee Fusion samples the quantiles of a tensor over 1,000,000 entries: there too the draws differ.
+SAMPLED = {"arcee_fusion"}
 
 
 @dataclass
@@ -637,6 +639,9 @@ def main() -> None:
                     verdict = "differs where ties at the trim threshold are broken otherwise (by design)"
                 elif method in RANDOM:
                     verdict = "random draws differ (mergekit's global generator; ours seeded per tensor)"
+                elif method in SAMPLED:
+                    verdict = ("the sampled quantiles of tensors over 1,000,000 entries differ (mergekit's global "
+                               "generator; ours seeded per tensor); smaller tensors are bit-exact")
                 else:
                     verdict = "DIFFER"
                 agreement.append(f"  {method:<10} {device:<5} max |ours - mergekit| = {c['max_abs']:.3g}, "

@@ -11,6 +11,7 @@ Keys this tool does not support are errors, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -480,6 +481,17 @@ def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
 _UNKNOWN_METHOD = "unknown merge_method"
 
 
+def _unknown_method(name: Any, where: str = "") -> str:
+    """One line naming an unknown method and the nearest known one, or every one (22 names) if none is near."""
+    methods = list(all_methods())
+    if not isinstance(name, str):
+        return f"{_UNKNOWN_METHOD}{where}: {short_repr(name)} is not a method name (write one, e.g. 'linear')"
+    near = difflib.get_close_matches(name, methods, n=1)
+    if near:
+        return f"{_UNKNOWN_METHOD} {short_text(name)!r}{where}; did you mean {near[0]!r}?"
+    return f"{_UNKNOWN_METHOD} {short_text(name)!r}{where} (known: {', '.join(methods)})"
+
+
 def _unquoted(parameters: Mapping[str, Any], method: MergeMethod | None) -> dict[str, Any]:
     """Parameter values with quoted numbers read as numbers, as mergekit reads them."""
     if method is None:
@@ -515,7 +527,7 @@ def recipe_problems(recipe: MergeRecipe) -> list[str]:
                         f"not {short_repr(recipe.vocab_mismatch)}")
     method = methods.get(recipe.merge_method)
     if method is None:
-        problems.append(f"{_UNKNOWN_METHOD} {short_repr(recipe.merge_method)} (known: {', '.join(methods)})")
+        problems.append(_unknown_method(recipe.merge_method))
         return problems
     if recipe.layered:
         return problems + _layered_problems(recipe, method)
@@ -534,8 +546,7 @@ def _layered_problems(recipe: MergeRecipe, method: MergeMethod) -> list[str]:
             problems += _check_param(method, name, value, where, per_model_scope=False)
     for piece in [*recipe.slices, *(p for m in recipe.modules.values() for p in m.slices)]:
         if piece.merge_method is not None and piece.merge_method not in all_methods():
-            problems.append(f"{_UNKNOWN_METHOD} {short_repr(piece.merge_method)} in a slice "
-                            f"(known: {', '.join(all_methods())})")
+            problems.append(_unknown_method(piece.merge_method, " in a slice"))
     if problems:
         return problems
     if recipe.sweep_values is not None:
@@ -549,7 +560,7 @@ def _method(name: Any, problems: list[str]) -> MergeMethod | None:
         problems.append(f"merge_method is missing (one of: {', '.join(methods)})")
         return None
     if not isinstance(name, str) or name not in methods:
-        problems.append(f"{_UNKNOWN_METHOD} {short_repr(name)} (known: {', '.join(methods)})")
+        problems.append(_unknown_method(name))
         return None
     return methods[name]
 
