@@ -251,6 +251,9 @@ def _print_plan(plan: MergePlan, as_json: bool) -> None:
         "write_bytes": plan.write_bytes,
         "parameter_groups": plan.parameter_groups(),
     }
+    vocabulary = plan.vocabulary_summary()
+    if vocabulary is not None:
+        data["vocabulary"] = vocabulary
     if as_json:
         print_json(data)
         return
@@ -260,7 +263,21 @@ def _print_plan(plan: MergePlan, as_json: bool) -> None:
     console.print(f"  {len(plan.tensors)} tensors; reads {human_bytes(plan.read_bytes)}, writes "
                   f"{human_bytes(plan.write_bytes)} in {len(plan.variants)} output(s); computes in "
                   f"{', '.join(data['compute_dtype'])}", highlight=False)
+    if vocabulary is not None:
+        _print_vocabulary(vocabulary)
     for group in data["parameter_groups"]:
         examples = ", ".join(group["examples"])
         console.print(f"  {group['tensors']:>5} tensors  {group['parameters']}  (e.g. {examples})",
                       highlight=False, soft_wrap=True)
+
+
+def _print_vocabulary(summary: dict[str, Any]) -> None:
+    padding = f" + {summary['padding_rows']} padding rows" if summary["padding_rows"] else ""
+    console.print(f"  vocabulary ({escape(str(summary['source']))}): {summary['tokens']} tokens{padding}; "
+                  f"{summary['forced']} forced", highlight=False)
+    for model, rows in summary["models"].items():
+        added = summary["tokens_added_by_model"].get(model, 0)
+        console.print(f"    {escape(model)}: {rows['own_rows']} own rows ({rows['moved']} moved), "
+                      f"{rows['filled']} filled, adds {added} tokens", highlight=False, soft_wrap=True)
+    for why, count in summary["default_rows"].items():
+        console.print(f"    {count:>5} rows {escape(why)}", highlight=False)

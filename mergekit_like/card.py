@@ -48,8 +48,8 @@ def resolved_recipe(
 ) -> MergeRecipe:
     """``recipe`` with every default filled in and every input reference (but ``keep``) made reproducible."""
     refs = [ref for ref in recipe.referenced_models() if ref not in keep]
-    if recipe.tokenizer_source not in (None, "base"):
-        refs.append(str(recipe.tokenizer_source))
+    if recipe.tokenizer is not None:
+        refs += [ref for ref in recipe.tokenizer.models() if ref not in refs and ref not in keep]
     return recipe.with_defaults().with_refs({ref: pinned_ref(ref, paths) for ref in refs})
 
 

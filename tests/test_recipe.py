@@ -57,9 +57,9 @@ def test_slerp_with_three_models_is_refused() -> None:
     assert "slerp needs exactly two models" in problem and "got 3" in problem
 
 
-def test_unknown_and_unsupported_keys_are_errors_not_ignored() -> None:
-    problems = problems_of(ties_recipe(tokenizer={"source": "union"}, foo=1))
-    assert any("'tokenizer'" in p and "not supported" in p for p in problems)
+def test_unknown_keys_are_errors_not_ignored() -> None:
+    problems = problems_of(ties_recipe(tokenizer={"source": "union", "pad": 8}, foo=1))
+    assert any("tokenizer: unknown key 'pad'" in p for p in problems)
     assert any("unknown key 'foo'" in p for p in problems)
 
 
@@ -226,7 +226,7 @@ def test_resolved_recipe_has_absolute_paths_and_pinned_hub_commits(
     recipe = resolved_recipe(parse_recipe(data), paths={"org/ft": snapshot, "models/base": Path("models/base")})
     assert recipe.base_model == str(tmp_path / "models" / "base")
     assert [m.model for m in recipe.models] == [f"org/ft@{sha}", "org/other@main"]  # no commit known: kept
-    assert recipe.tokenizer_source == f"org/ft@{sha}"
+    assert recipe.tokenizer is not None and recipe.tokenizer.source == f"org/ft@{sha}"
     assert recipe.parameters == {"weight": 0.5, "normalize": False, "lambda": 1.0}
     assert pinned_ref("org/ft") == "org/ft"
     (tmp_path / RECIPE_FILE).write_text(recipe_text(parse_recipe(data), paths={"org/ft": snapshot}))

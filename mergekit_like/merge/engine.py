@@ -40,6 +40,7 @@ from mergekit_like.merge.plan import (
 )
 from mergekit_like.merge.staging import DeviceStaging
 from mergekit_like.progress import NullProgress, ProgressSink
+from mergekit_like.vocab.rows import AlignedRows, gather_rows
 
 __all__ = [
     "MergeOptions", "MergePlan", "MergeResult", "ModelResolver", "OutputSpec", "TensorPlan", "Variant", "plan_merge",
@@ -169,6 +170,8 @@ def read_inputs(
 
 def prefetch_inputs(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | None) -> None:
     """Starts the kernel reading a later item's bytes, so the disk has work queued while we compute."""
+    if tensor.aligned:
+        return  # its rows are gathered from wherever the tokens are
     for ref in [tensor.copy_from] if tensor.copy_from is not None else _merged_sources(tensor):
         checkpoint = plan.checkpoints[ref]
         name = tensor.source(ref)
@@ -216,8 +219,8 @@ def _loader(
 ) -> _Load:
     reference: list[torch.Tensor] = []  # read only if some model's rows need fitting
 
-    def read(ref: str, as_stored: bool = False) -> torch.Tensor:
-        raw = staging.read(plan.checkpoints[ref], tensor.source(ref), rows)
+    def read(ref: str, as_stored: bool = False, span: tuple[int, int] | None = rows) -> torch.Tensor:
+        raw = staging.read(plan.checkpoints[ref], tensor.source(ref), span)
         if plan.options.check_finite and (bad := nonfinite_count(raw)):
             raise InvalidCheckpointError(
                 f"{bad} NaN or infinite values in model '{ref}'", path=plan.checkpoints[ref].layout.source,
@@ -226,6 +229,9 @@ def _loader(
         if as_stored and (raw.dtype, tensor.compute_dtype) in EXACT_WIDENINGS:
             return raw
         return raw.to(tensor.compute_dtype)
+
+    if tensor.aligned:
+        return _aligned_loader(plan, tensor, staging, rows, read)
 
     def load(ref: str | None, as_stored: bool = False) -> torch.Tensor:
         """``as_stored``: a model for a kernel that takes models in a dtype widening to the compute dtype."""
@@ -236,6 +242,26 @@ def _loader(
         if not reference:
             reference.append(read(tensor.reference))
         return fit_rows(value.to(tensor.compute_dtype), reference[0])
+
+    return load
+
+
+def _aligned_loader(
+    plan: MergePlan, tensor: TensorPlan, staging: DeviceStaging, rows: tuple[int, int] | None,
+    read: Callable[..., torch.Tensor],
+) -> _Load:
+    """Loads an embedding or head in the output's token order (see :mod:`mergekit_like.vocab.rows`)."""
+    assert plan.vocabulary is not None
+    alignment = plan.vocabulary.alignment(tensor.merged_from)
+
+    def read_rows(ref: str, indices: Sequence[int]) -> torch.Tensor:
+        return gather_rows(lambda start, stop: read(ref, span=(start, stop)), indices)
+
+    aligned = AlignedRows(alignment, read_rows, tensor.shape[1:], tensor.compute_dtype, staging.device)
+
+    def load(ref: str | None, as_stored: bool = False) -> torch.Tensor:
+        assert ref is not None
+        return aligned.block(ref, rows)
 
     return load
 
@@ -268,6 +294,9 @@ def run_merge(
         # A restacked model's config (its layer count) is the plan's, whatever the caller adds.
         specs = [spec if spec.config is not None else dataclasses.replace(spec, config=plan.output_config)
                  for spec in specs]
+    if plan.output_files:
+        # The merged tokenizer's files; the caller's own (a card, the recipe) come after.
+        specs = [dataclasses.replace(spec, files={**plan.output_files, **spec.files}) for spec in specs]
     labels = [v.label for v in plan.variants]
     if [spec.label for spec in specs] != labels:
         raise ValueError(f"outputs {[spec.label for spec in specs]} do not match the plan's variants {labels}")
@@ -285,7 +314,7 @@ def run_merge(
             written = write_checkpoints(
                 output, specs, plan.specs(), merged, overwrite=overwrite,
                 max_shard_size=options.max_shard_size, side_files_from=plan.side_file_dir,
-                copy_tokenizer=options.copy_tokenizer,
+                copy_tokenizer=options.copy_tokenizer and plan.vocabulary is None,
                 out_dtype=plan.uniform_out_dtype,
                 inputs={ref: c.layout.root for ref, c in plan.checkpoints.items()},
             )
@@ -372,5 +401,4 @@ def _item_bytes(plan: MergePlan, tensor: TensorPlan, rows: tuple[int, int] | Non
 
 
 def _merged_sources(tensor: TensorPlan) -> list[str]:
-    """Every checkpoint a merged tensor is read from: the models, then the base if the method uses one."""
-    return [*tensor.models, *([tensor.base] if tensor.base is not None else [])]
+    return list(tensor.merged_from)

@@ -8,6 +8,7 @@ is then streamed by :mod:`mergekit_like.merge.engine`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -26,11 +27,14 @@ from mergekit_like.io.reader import Checkpoint, open_checkpoint
 from mergekit_like.io.safetensors_format import TensorEntry
 from mergekit_like.io.sharding import TensorSpec
 from mergekit_like.io.sidefiles import read_config
+from mergekit_like.merge.heads import TiedHead, config_with_tying, find_tied_head, written_head
 from mergekit_like.merge.layered import TensorJob, plan_layers
 from mergekit_like.merge.options import MergeOptions
 from mergekit_like.merge.parameters import LayerPosition, NoValue, layer_count, layer_index, resolve_value
 from mergekit_like.merge.recipe import MergeRecipe
 from mergekit_like.methods import BaseUse, MergeMethod
+from mergekit_like.vocab.plan import VocabularyPlan, plan_vocabulary
+from mergekit_like.vocab.tensors import embedding_name, is_vocabulary_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +63,16 @@ class TensorPlan:
     models: tuple[str, ...] = ()  # the models merged, in kernel order (the base not among them)
     base: str | None = None  # the model whose tensor the kernel gets as ``base``, if its method takes one
     reference: str = ""  # the model it follows: rows to fit a vocabulary to, integer values
+    aligned: bool = False  # token-indexed rows, gathered by the plan's vocabulary alignment
 
     def source(self, ref: str) -> str:
         """The name of the tensor this output tensor reads from model ``ref``."""
         return self.sources.get(ref, self.name)
+
+    @property
+    def merged_from(self) -> tuple[str, ...]:
+        """Every model a merged tensor is read from: the models, then the base if its method uses one."""
+        return (*self.models, *([self.base] if self.base is not None else []))
 
 
 @dataclass(frozen=True)
@@ -86,8 +96,13 @@ class MergePlan:
     # The model whose names, shapes (and, with vocab_mismatch: base, rows) the output follows.
     reference: str
     options: MergeOptions = field(default_factory=MergeOptions)
-    # The outputs' config.json when the merge changes it (a slices recipe restacks layers).
+    # The outputs' config.json when the merge changes it (a slices recipe restacks layers, a
+    # vocabulary changes its size, a head is written where the base tied it).
     output_config: dict[str, Any] | None = None
+    # The output vocabulary (a recipe with a tokenizer section): rows per model, tokenizer files.
+    vocabulary: VocabularyPlan | None = None
+    # Files written beside every output (name -> text): the merged tokenizer's.
+    output_files: dict[str, str] = field(default_factory=dict)
 
     def recipe_of(self, tensor: TensorPlan) -> MergeRecipe:
         """The recipe that merges ``tensor``: its slice's, or the plan's."""
@@ -100,7 +115,8 @@ class MergePlan:
 
     @property
     def side_file_dir(self) -> Path:
-        """The directory whose config and tokenizer files the outputs get."""
+        """The directory whose config, generation config and (unless the merge makes its own)
+        tokenizer files the outputs get: the base's, else the first model's, as mergekit."""
         if self.side_file_source in self.checkpoints:
             return self.checkpoints[self.side_file_source].layout.root
         return Path(self.side_file_source)
@@ -166,6 +182,13 @@ class MergePlan:
         cleaned = [{names.get(k, k): v for k, v in p.items()} for p in params]
         return cleaned[0] if len(cleaned) == 1 else cleaned
 
+    def vocabulary_summary(self) -> dict[str, Any] | None:
+        """The vocabulary plan (for --dry-run): its size, tokens each model adds, where rows come from."""
+        aligned = next((t for t in self.tensors if t.aligned), None)
+        if self.vocabulary is None or aligned is None:
+            return None
+        return self.vocabulary.summary(aligned.merged_from)
+
     def close(self) -> None:
         for checkpoint in self.checkpoints.values():
             checkpoint.close()
@@ -208,27 +231,31 @@ def plan_merge(
         if problems:
             raise _recipe_error(problems)
         reference = _reference(recipe, refs)
-        side_files = _side_file_source(recipe, reference)
-        # mergekit's config.json is the base's (else the first model's), wherever the tokenizer comes from.
-        output_config = configs.get(reference) if side_files != reference else None
+        output_config = None
+        tied = find_tied_head({ref: set(c.names()) for ref, c in checkpoints.items()})
         if recipe.layered:
             layered = plan_layers(recipe, checkpoints, configs, reference)
             jobs, output_config = layered.jobs, layered.config
         else:
             names = checkpoints[reference].names()
-            problems += _check_names(checkpoints, reference)
+            problems += _check_names(checkpoints, reference, optional={tied.head} if tied else set())
             positions = _positions(names)
             jobs = [TensorJob(name, recipe, {ref: name for ref in refs}, positions[name]) for name in names]
+        if tied is not None:
+            jobs = _with_tied_head(jobs, tied)
+        vocabulary = _vocabulary(recipe, checkpoints, configs, reference, resolve_model)
         variants = _variants(recipe)
         tensors = []
         for job in jobs:
             try:
                 tensors.append(_plan_tensor(job, checkpoints, variants, options.memory_budget,
-                                            layered=recipe.layered))
+                                            layered=recipe.layered, vocabulary=vocabulary))
             except _TensorProblems as found:
                 problems += found.problems
-        plan = MergePlan(recipe, method, checkpoints, tensors, variants, side_files, reference, options,
-                         output_config)
+        output_config = _output_config(output_config or configs.get(reference), {t.name for t in tensors},
+                                       vocabulary, tied is not None, keep=output_config is not None)
+        plan = MergePlan(recipe, method, checkpoints, tensors, variants, reference, reference, options,
+                         output_config, vocabulary, _output_files(vocabulary, checkpoints[reference]))
         prepass = method.prepass
         if not problems and recipe.layered:
             problems += _layered_prepass_problems(plan)
@@ -301,13 +328,14 @@ def _reference(recipe: MergeRecipe, refs: Sequence[str]) -> str:
     return base if base is not None and base in refs else refs[0]
 
 
-def _check_names(checkpoints: dict[str, Checkpoint], reference: str) -> list[str]:
-    expected = set(checkpoints[reference].names())
+def _check_names(checkpoints: dict[str, Checkpoint], reference: str, *, optional: set[str]) -> list[str]:
+    """Every model has the reference's tensors (but ``optional`` ones: a head some models tie away)."""
+    expected = set(checkpoints[reference].names()) - optional
     problems = []
     for ref, checkpoint in checkpoints.items():
         if ref == reference:
             continue
-        names = set(checkpoint.names())
+        names = set(checkpoint.names()) - optional
         for kind, diff in (("missing from", expected - names), ("only in", names - expected)):
             if diff:
                 listed = ", ".join(sorted(diff)[:3]) + (f" and {len(diff) - 3} more" if len(diff) > 3 else "")
@@ -337,7 +365,7 @@ class _TensorProblems(Exception):
 
 def _plan_tensor(
     job: TensorJob, checkpoints: dict[str, Checkpoint], variants: list[Variant], memory_budget: int, *,
-    layered: bool,
+    layered: bool, vocabulary: VocabularyPlan | None = None,
 ) -> TensorPlan:
     recipe, name, reference = job.recipe, job.name, job.reference
     method = recipe.method
@@ -348,12 +376,18 @@ def _plan_tensor(
         raise _TensorProblems([f"tensor '{job.sources[ref]}' is missing from '{ref}'" for ref in missing])
     entries = {ref: entries[ref] for ref in job.refs} if job.refs else entries
     ref_entry = entries[reference] if reference in entries else next(iter(entries.values()))
-    problems = _shape_problems(name, entries, reference, recipe.vocab_mismatch) + _dtype_problems(
-        name, entries, reference)
+    aligned = vocabulary is not None and _token_indexed(name, entries, vocabulary)
+    if aligned:
+        assert vocabulary is not None
+        problems = _aligned_shape_problems(name, job, entries, vocabulary)
+        ref_entry = dataclasses.replace(ref_entry, shape=(vocabulary.rows, *ref_entry.shape[1:]))
+    else:
+        problems = _shape_problems(name, entries, reference, recipe.vocab_mismatch)
+    problems += _dtype_problems(name, entries, reference)
     read_bytes = sum(e.nbytes for e in entries.values())
     where: dict[str, Any] = dict(
         recipe=recipe if layered else None, sources={ref: n for ref, n in job.sources.items() if n != name},
-        models=tuple(job.models), base=job.base, reference=reference)
+        models=tuple(job.models), base=job.base, reference=reference, aligned=aligned)
     if not ref_entry.dtype.is_floating_point:
         if problems:
             raise _TensorProblems(problems)
@@ -373,7 +407,7 @@ def _plan_tensor(
         params.append(resolved)
     if problems:
         raise _TensorProblems(problems)
-    same_shapes = all(e.shape == ref_entry.shape for e in entries.values())
+    same_shapes = aligned or all(e.shape == ref_entry.shape for e in entries.values())
     # A quarter of the budget for the inputs of the block in compute: the rest holds the next
     # block read ahead (half) and the temporaries and result (a quarter).
     block_elements = memory_budget // (4 * len(entries) * compute.itemsize)
@@ -389,6 +423,31 @@ def row_chunks(shape: tuple[int, ...], budget: int) -> tuple[tuple[int, int], ..
     per_row = numel // shape[0]
     step = max(1, budget // per_row)
     return tuple((start, min(start + step, shape[0])) for start in range(0, shape[0], step))
+
+
+def _token_indexed(name: str, entries: Mapping[str, TensorEntry], vocabulary: VocabularyPlan) -> bool:
+    """An embedding or head whose rows are its model's tokens (in the reference at least)."""
+    if not is_vocabulary_tensor(name):
+        return False
+    return any(e.shape and e.shape[0] == vocabulary.vocabularies[ref].size for ref, e in entries.items()
+               if ref in vocabulary.vocabularies)
+
+
+def _aligned_shape_problems(
+    name: str, job: TensorJob, entries: Mapping[str, TensorEntry], vocabulary: VocabularyPlan,
+) -> list[str]:
+    """Each model's rows are its vocabulary; every other dimension agrees across the models."""
+    problems = []
+    first = next(iter(entries.values()))
+    for ref, entry in entries.items():
+        size = vocabulary.vocabularies[ref].size
+        if not entry.shape or entry.shape[0] != size:
+            problems.append(f"tensor '{job.sources[ref]}' of '{ref}': {list(entry.shape)} rows do not match its "
+                            f"vocabulary of {size} tokens ({vocabulary.vocabularies[ref].path})")
+        elif entry.shape[1:] != first.shape[1:]:
+            problems.append(f"tensor '{name}': shape {list(entry.shape)} in '{ref}' but {list(first.shape)} "
+                            "elsewhere (beyond the vocabulary rows)")
+    return problems
 
 
 def _promoted(dtypes: Iterable[torch.dtype]) -> torch.dtype:
@@ -479,11 +538,104 @@ def _lookup(key: str, scopes: list[Any], name: str, position: LayerPosition, def
     return _MISSING if default is inspect.Parameter.empty else default
 
 
-def _side_file_source(recipe: MergeRecipe, reference: str) -> str:
-    source = recipe.tokenizer_source
-    if source is None or source == "base":
-        return recipe.base_model or reference
-    return source
+def _with_tied_head(jobs: list[TensorJob], tied: TiedHead) -> list[TensorJob]:
+    """The head read from each tied model's embedding; added after the tensors when the reference ties it."""
+    def tied_sources(job: TensorJob) -> dict[str, str]:
+        return {ref: tied.embedding if ref in tied.tied else tied.head for ref in job.sources}
+
+    out = [dataclasses.replace(job, sources=tied_sources(job)) if job.name == tied.head else job for job in jobs]
+    if not any(job.name == tied.head for job in jobs):
+        embedding = next((job for job in jobs if job.name == tied.embedding), None)
+        if embedding is not None:
+            out.append(dataclasses.replace(embedding, name=tied.head, sources=tied_sources(embedding)))
+    return out
+
+
+def _vocabulary(
+    recipe: MergeRecipe, checkpoints: Mapping[str, Checkpoint], configs: Mapping[str, Mapping[str, Any] | None],
+    reference: str, resolve_model: ModelResolver,
+) -> VocabularyPlan | None:
+    """The output vocabulary of a recipe with a tokenizer section, every model's rows aligned by token."""
+    spec = recipe.tokenizer
+    if spec is None:
+        return None
+    problems = []
+    directories = {ref: c.layout.root for ref, c in checkpoints.items()}
+    sizes: dict[str, int | None] = {}
+    for ref, checkpoint in checkpoints.items():
+        embedding = embedding_name(checkpoint.names())
+        if embedding is None:
+            problems.append(f"'{ref}' has no input embedding tensor (model.embed_tokens.weight or the like) to "
+                            "align by token; leave the tokenizer section out")
+            continue
+        rows = checkpoint.entry(embedding).shape[0]
+        declared = _vocab_size(configs.get(ref))
+        if declared is not None and declared != rows:
+            problems.append(f"'{ref}': config.json says vocab_size {declared} but {embedding} has {rows} rows; "
+                            "the checkpoint is inconsistent (fix its config)")
+        sizes[ref] = rows
+    for ref in spec.models():
+        if ref not in directories:
+            directories[ref] = Path(resolve_model(ref))
+    if problems:
+        raise _recipe_error(problems)
+    base = recipe.base_model if recipe.base_model in checkpoints else None
+    models = [ref for ref in checkpoints if ref != base] + ([base] if base is not None else [])
+    plan = plan_vocabulary(spec, recipe.chat_template, models, base, directories, sizes)
+    for ref in models:
+        vocabulary = plan.vocabularies[ref]
+        if vocabulary.dropped_plain:
+            problems.append(f"'{ref}': its tokenizer ({vocabulary.path}) has {vocabulary.dropped_plain} tokens of its "
+                            f"own vocabulary beyond the embedding's {vocabulary.size} rows: it is not this model's "
+                            "tokenizer (copy the right tokenizer.json into the model)")
+        elif vocabulary.dropped:
+            logger.warning("'%s': %d added tokens of its tokenizer have no embedding row (ids %d and up); they are "
+                           "left out, as mergekit leaves them", ref, vocabulary.dropped, vocabulary.size)
+    if problems:
+        raise _recipe_error(problems)
+    return plan
+
+
+def _vocab_size(config: Mapping[str, Any] | None) -> int | None:
+    if config is None:
+        return None
+    for scope in (config, config.get("text_config")):
+        if isinstance(scope, Mapping) and isinstance(scope.get("vocab_size"), int):
+            return int(scope["vocab_size"])
+    return None
+
+
+def _output_config(
+    config: Mapping[str, Any] | None, names: set[str], vocabulary: VocabularyPlan | None, tied_head: bool, *,
+    keep: bool,
+) -> dict[str, Any] | None:
+    """The output's config.json where the merge changes the reference's (``keep``: already changed):
+    its vocabulary size and token ids, its tying. None: the reference's is copied as it is."""
+    if config is None:
+        return None
+    out = dict(config)
+    if vocabulary is not None:
+        out = vocabulary.config(out)
+    head = written_head(names)
+    if tied_head or (head is not None and _ties(out)):
+        out = config_with_tying(out, head_written=head is not None)
+    return out if keep or out != config else None
+
+
+def _ties(config: Mapping[str, Any]) -> bool:
+    text = config.get("text_config")
+    value = config.get("tie_word_embeddings", text.get("tie_word_embeddings") if isinstance(text, Mapping) else None)
+    return value is True
+
+
+def _output_files(vocabulary: VocabularyPlan | None, reference: Checkpoint) -> dict[str, str]:
+    if vocabulary is None:
+        return {}
+    files = dict(vocabulary.files)
+    generation = vocabulary.generation_config(reference.layout.root)
+    if generation is not None:
+        files["generation_config.json"] = generation
+    return files
 
 
 def _recipe_error(problems: list[str]) -> RecipeError:

@@ -41,6 +41,8 @@ from mergekit_like.merge.slices import (
     slices_to_dict,
 )
 from mergekit_like.methods import BaseUse, MergeMethod, ParamSpec, all_methods, get_method
+from mergekit_like.vocab.chat_templates import chat_template_problem
+from mergekit_like.vocab.spec import TokenizerSpec, parse_source, parse_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +54,10 @@ EXTENSION_KEYS = {"compute_dtype", "seed", "vocab_mismatch"}
 # mergekit keys we understand, and our own extensions.
 RECIPE_KEYS = {
     "merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", EXTENSION_SECTION, *EXTENSION_KEYS,
+    "tokenizer_source", "tokenizer", "chat_template", EXTENSION_SECTION, *EXTENSION_KEYS,
 }
 VOCAB_MISMATCH = ("error", "base")
 MODEL_KEYS = {"model", "parameters"}
-# mergekit features this tool does not implement, with what to do instead.
-UNSUPPORTED_KEYS = {
-    "tokenizer": "tokenizer merging is not supported; use tokenizer_source: base or a model",
-    "chat_template": "chat templates are copied from the tokenizer source; remove this key",
-}
 # Values a recipe (or one -p value) may hold, counting a value each time an alias repeats it.
 # Real recipes hold at most thousands; a 500-byte alias bomb holds 9**9.
 MAX_RECIPE_VALUES = 100_000
@@ -168,7 +165,10 @@ class MergeRecipe:
     # mergekit's `dtype` also sets the output dtype when `out_dtype` is absent.
     dtype_sets_output: bool = False
     seed: int = 0
-    tokenizer_source: str | None = None
+    # mergekit's ``tokenizer:`` section (or its older ``tokenizer_source:``): the output vocabulary,
+    # embeddings and heads aligned by token. None: every model's rows as they are.
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None  # "auto", a built-in name, or a Jinja template
     # Embeddings/heads whose row counts differ: "error", or "base" (follow the reference model).
     vocab_mismatch: str = "error"
     # mergekit's layer-range forms (instead of ``models``): output slices, or modules with their own.
@@ -253,8 +253,8 @@ class MergeRecipe:
         return MergeRecipe(
             merge_method=method_name, models=models, base_model=base, parameters=dict(scopes[0]),
             inherited_parameters=tuple(scopes[1:]), compute_dtype=self.compute_dtype, out_dtype=self.out_dtype,
-            dtype_sets_output=self.dtype_sets_output, seed=self.seed, tokenizer_source=self.tokenizer_source,
-            vocab_mismatch=self.vocab_mismatch,
+            dtype_sets_output=self.dtype_sets_output, seed=self.seed, tokenizer=self.tokenizer,
+            chat_template=self.chat_template, vocab_mismatch=self.vocab_mismatch,
         )
 
     @property
@@ -295,7 +295,6 @@ class MergeRecipe:
                 piece, sources=tuple(dataclasses.replace(s, model=rename(s.model)) for s in piece.sources),
                 base_model=None if piece.base_model is None else rename(piece.base_model)) for piece in pieces)
 
-        tokenizer = self.tokenizer_source
         return dataclasses.replace(
             self,
             models=tuple(dataclasses.replace(m, model=rename(m.model)) for m in self.models),
@@ -305,7 +304,7 @@ class MergeRecipe:
                      for name, module in self.modules.items()},
             base_model=None if self.base_model is None else rename(self.base_model),
             # "base" names the base model, whatever it is called.
-            tokenizer_source=tokenizer if tokenizer in (None, "base") else rename(str(tokenizer)),
+            tokenizer=None if self.tokenizer is None else self.tokenizer.renamed(rename),
         )
 
     def with_compute_dtype(self, dtype: torch.dtype) -> MergeRecipe:
@@ -358,8 +357,12 @@ class MergeRecipe:
                 dtype_name(self.compute_dtype))
         if self.out_dtype is not None:
             data["out_dtype"] = dtype_name(self.out_dtype)
-        if self.tokenizer_source is not None:
-            data["tokenizer_source"] = self.tokenizer_source
+        if self.tokenizer is not None and self.tokenizer.legacy:
+            data["tokenizer_source"] = self.tokenizer.source
+        elif self.tokenizer is not None:
+            data["tokenizer"] = self.tokenizer.to_dict()
+        if self.chat_template is not None:
+            data["chat_template"] = self.chat_template
         if self.vocab_mismatch != "error":
             extension["vocab_mismatch"] = self.vocab_mismatch
         extension["seed"] = self.seed
@@ -410,9 +413,7 @@ def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
     if not isinstance(data, Mapping):
         raise RecipeError([f"a recipe is a mapping of keys, not {type(data).__name__}"], source=source)
     for key in data:
-        if key in UNSUPPORTED_KEYS:
-            problems.append(f"'{key}': {UNSUPPORTED_KEYS[key]}")
-        elif key not in RECIPE_KEYS:
+        if key not in RECIPE_KEYS:
             problems.append(f"unknown key '{short_text(str(key))}' (known: {', '.join(sorted(RECIPE_KEYS))})")
     data = _with_extension_section(data, problems)
     method = _method(data.get("merge_method"), problems)
@@ -442,10 +443,11 @@ def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
     if not isinstance(vocab_mismatch, str):
         problems.append(f"vocab_mismatch must be one of {', '.join(VOCAB_MISMATCH)}, not {short_repr(vocab_mismatch)}")
         vocab_mismatch = "error"
-    tokenizer_source = data.get("tokenizer_source")
-    if tokenizer_source is not None and not isinstance(tokenizer_source, str):
-        problems.append("tokenizer_source must be 'base' or a model path")
-        tokenizer_source = None
+    tokenizer = _tokenizer(data, problems)
+    chat_template = data.get("chat_template")
+    if chat_template is not None and (problem := chat_template_problem(chat_template)):
+        problems.append(problem)
+        chat_template = None
     parameters = _unquoted(parameters, method)
     models = [dataclasses.replace(m, parameters=_unquoted(m.parameters, method)) for m in models]
     slices = _slices_unquoted(slices, method)
@@ -464,7 +466,8 @@ def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
             # Only without out_dtype does mergekit's dtype decide the output's.
             dtype_sets_output="dtype" in data and out is None,
             seed=seed,
-            tokenizer_source=tokenizer_source,
+            tokenizer=tokenizer,
+            chat_template=chat_template,
             vocab_mismatch=vocab_mismatch,
             slices=slices,
             modules=modules,
@@ -479,6 +482,17 @@ def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
 
 
 _UNKNOWN_METHOD = "unknown merge_method"
+
+
+def _tokenizer(data: Mapping[str, Any], problems: list[str]) -> TokenizerSpec | None:
+    """The ``tokenizer:`` section, or the older ``tokenizer_source:`` key (mergekit refuses both)."""
+    if data.get("tokenizer") is not None and data.get("tokenizer_source") is not None:
+        problems.append("give either tokenizer (a section) or tokenizer_source, not both")
+        return None
+    if data.get("tokenizer_source") is not None:
+        source = parse_source(data["tokenizer_source"], "tokenizer_source", problems)
+        return TokenizerSpec(source, legacy=True) if source is not None else None
+    return parse_tokenizer(data.get("tokenizer"), problems)
 
 
 def _unknown_method(name: Any, where: str = "") -> str:
