@@ -60,6 +60,8 @@ def tokenizer_dir_problem(directory: Path) -> str | None:
     """Why ``directory`` gives no tokenizer this tool reads, with the fix; None if it does."""
     if (directory / TOKENIZER_JSON).is_file():
         return None
+    if not directory.is_dir():
+        return f"'{directory}' does not exist (a tokenizer source is a model directory or Hub id)"
     slow = [name for name in SLOW_FORMATS if (directory / name).is_file()]
     if slow:
         return (f"'{directory}' has a tokenizer only as {slow[0]} (no tokenizer.json); "
