@@ -387,3 +387,17 @@ def test_the_union_needs_no_copy_of_any_input_tokenizer_file(tmp_path: Path) -> 
     out = merge(tmp_path, linear([tmp_path / "a"], tokenizer={"source": "union"}))
     assert not (out / "vocab.txt").exists()
     shutil.rmtree(out)
+
+
+def test_a_chat_template_without_a_tokenizer_section_goes_with_the_copied_tokenizer(tmp_path: Path) -> None:
+    write_model(tmp_path / "a", WORDS, seed=1)
+    write_model(tmp_path / "b", WORDS, seed=2)
+    config = json.loads((tmp_path / "a" / "tokenizer_config.json").read_text())
+    (tmp_path / "a" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ 'old' }}"}))
+    for name in ("a", "b"):
+        (tmp_path / name / "chat_template.jinja").write_text("{{ 'shared' }}")
+    out = merge(tmp_path, linear([tmp_path / "a", tmp_path / "b"], chat_template="chatml"))
+    assert (out / "chat_template.jinja").read_text().startswith("{% for message in messages %}")
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+    auto = merge(tmp_path, linear([tmp_path / "a", tmp_path / "b"], chat_template="auto"), "auto")
+    assert (auto / "chat_template.jinja").read_text() == "{{ 'shared' }}"  # the one most models have

@@ -33,7 +33,7 @@ from mergekit_like.merge.options import MergeOptions
 from mergekit_like.merge.parameters import LayerPosition, NoValue, layer_count, layer_index, resolve_value
 from mergekit_like.merge.recipe import MergeRecipe
 from mergekit_like.methods import BaseUse, MergeMethod
-from mergekit_like.vocab.plan import VocabularyPlan, plan_vocabulary
+from mergekit_like.vocab.plan import VocabularyPlan, chat_template_files, plan_vocabulary
 from mergekit_like.vocab.tensors import embedding_name, is_vocabulary_tensor
 
 logger = logging.getLogger(__name__)
@@ -254,8 +254,9 @@ def plan_merge(
                 problems += found.problems
         output_config = _output_config(output_config or configs.get(reference), {t.name for t in tensors},
                                        vocabulary, tied is not None, keep=output_config is not None)
+        files = _output_files(recipe, vocabulary, checkpoints, reference, options.copy_tokenizer)
         plan = MergePlan(recipe, method, checkpoints, tensors, variants, reference, reference, options,
-                         output_config, vocabulary, _output_files(vocabulary, checkpoints[reference]))
+                         output_config, vocabulary, files)
         prepass = method.prepass
         if not problems and recipe.layered:
             problems += _layered_prepass_problems(plan)
@@ -628,11 +629,21 @@ def _ties(config: Mapping[str, Any]) -> bool:
     return value is True
 
 
-def _output_files(vocabulary: VocabularyPlan | None, reference: Checkpoint) -> dict[str, str]:
+def _output_files(
+    recipe: MergeRecipe, vocabulary: VocabularyPlan | None, checkpoints: Mapping[str, Checkpoint], reference: str,
+    copy_tokenizer: bool,
+) -> dict[str, str]:
+    """The tokenizer files the merge writes itself: the merged vocabulary's, or a copied one's chat template."""
+    root = checkpoints[reference].layout.root
     if vocabulary is None:
-        return {}
+        if recipe.chat_template is None:
+            return {}
+        if not copy_tokenizer:
+            logger.warning("chat_template is not written: the tokenizer is not copied (--no-copy-tokenizer)")
+            return {}
+        return chat_template_files(recipe.chat_template, [c.layout.root for c in checkpoints.values()], root)
     files = dict(vocabulary.files)
-    generation = vocabulary.generation_config(reference.layout.root)
+    generation = vocabulary.generation_config(root)
     if generation is not None:
         files["generation_config.json"] = generation
     return files

@@ -8,6 +8,7 @@ its embedding, a ``tokens:`` entry that cannot be honoured) is reported at once.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from mergekit_like.vocab.tokenizers_io import (
     tokenizer_config_text,
     tokenizer_dir_problem,
 )
+
+logger = logging.getLogger(__name__)
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "unk_token_id")
 GENERATION_CONFIG = "generation_config.json"
@@ -134,6 +137,10 @@ def plan_vocabulary(
     problems = rule_problems(tokens, {m: vocabularies[m] for m in models}, spec)
     if problems:
         raise RecipeError(problems)
+    orphans = [t for t in tokens if t not in spec.tokens and not any(t in vocabularies[m].tokens for m in models)]
+    if orphans:
+        logger.warning("%d tokens of the output vocabulary are in none of the models merged (e.g. %s); their rows "
+                       "are zeros", len(orphans), ", ".join(repr(t) for t in orphans[:3]))
     template = None
     if chat_template is not None:
         template = resolve_chat_template(chat_template, [chat_template_of(directories[m]) for m in models])
@@ -146,6 +153,26 @@ def plan_vocabulary(
     elif (existing := chat_template_of(source_dir)) is not None and (source_dir / CHAT_TEMPLATE_FILE).is_file():
         files[CHAT_TEMPLATE_FILE] = existing
     return VocabularyPlan(spec, tokens, rows, vocabularies, base, files, vocabularies[first].token_at())
+
+
+def chat_template_files(value: str, models: Sequence[Path], source_dir: Path) -> dict[str, str]:
+    """The files that give a copied tokenizer the recipe's chat template (a recipe without a tokenizer
+    section): the template, and the source's tokenizer config without a template of its own."""
+    template = resolve_chat_template(value, [chat_template_of(d) for d in models])
+    if template is None:
+        return {}
+    config_path = source_dir / TOKENIZER_CONFIG
+    if not config_path.is_file():
+        raise RecipeError([f"chat_template: '{source_dir}' has no tokenizer_config.json to give the template to; "
+                           "add a tokenizer section (tokenizer: {source: base}) or copy the tokenizer in"])
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise InvalidCheckpointError("the tokenizer config cannot be read", path=config_path,
+                                     fix="replace it with the model's original tokenizer_config.json") from None
+    if isinstance(config, dict):
+        config.pop("chat_template", None)
+    return {TOKENIZER_CONFIG: json.dumps(config, indent=2, ensure_ascii=False) + "\n", CHAT_TEMPLATE_FILE: template}
 
 
 def _output_tokenizer(
