@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Collection, Mapping, Sequence
@@ -14,6 +15,7 @@ import yaml
 from mergekit_like import __version__
 from mergekit_like.errors import printable
 from mergekit_like.hub import is_hub_id, split_ref
+from mergekit_like.io.experts import resolved_expert_layout
 from mergekit_like.io.outputs import OutputSpec
 from mergekit_like.merge.multidoc import RecipeSet
 from mergekit_like.merge.recipe import MergeRecipe, dump_recipe
@@ -50,6 +52,7 @@ def resolved_recipe(
     refs = [ref for ref in recipe.referenced_models() if ref not in keep]
     if recipe.tokenizer is not None:
         refs += [ref for ref in recipe.tokenizer.models() if ref not in refs and ref not in keep]
+    recipe = dataclasses.replace(recipe, expert_layout=resolved_expert_layout(recipe.expert_layout))
     return recipe.with_defaults().with_refs({ref: pinned_ref(ref, paths) for ref in refs})
 
 

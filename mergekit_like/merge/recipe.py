@@ -24,6 +24,7 @@ import yaml
 
 from mergekit_like.errors import RecipeError, UnsupportedDtypeError, short_repr, short_text
 from mergekit_like.io.dtypes import dtype_name, parse_dtype
+from mergekit_like.io.experts import EXPERT_LAYOUTS
 from mergekit_like.merge.parameters import (
     check_value_form,
     expanded_size_exceeds,
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 # ignores keys it does not know, and none of these changes what mergekit's keys mean. They are
 # also read at the top level, where earlier versions wrote them.
 EXTENSION_SECTION = "mergekit_like"
-EXTENSION_KEYS = {"compute_dtype", "seed", "vocab_mismatch"}
+EXTENSION_KEYS = {"compute_dtype", "seed", "vocab_mismatch", "expert_layout"}
 # mergekit keys we understand, and our own extensions.
 RECIPE_KEYS = {
     "merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
@@ -169,6 +170,9 @@ class MergeRecipe:
     # embeddings and heads aligned by token. None: every model's rows as they are.
     tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None  # "auto", a built-in name, or a Jinja template
+    # Mixture-of-experts tensors as merged and written: "fused" (transformers 5, mergekit), "stored"
+    # (one tensor per expert, transformers 4), or "auto": fused unless transformers 4 is installed.
+    expert_layout: str = "auto"
     # Embeddings/heads whose row counts differ: "error", or "base" (follow the reference model).
     vocab_mismatch: str = "error"
     # mergekit's layer-range forms (instead of ``models``): output slices, or modules with their own.
@@ -254,7 +258,7 @@ class MergeRecipe:
             merge_method=method_name, models=models, base_model=base, parameters=dict(scopes[0]),
             inherited_parameters=tuple(scopes[1:]), compute_dtype=self.compute_dtype, out_dtype=self.out_dtype,
             dtype_sets_output=self.dtype_sets_output, seed=self.seed, tokenizer=self.tokenizer,
-            chat_template=self.chat_template, vocab_mismatch=self.vocab_mismatch,
+            chat_template=self.chat_template, vocab_mismatch=self.vocab_mismatch, expert_layout=self.expert_layout,
         )
 
     @property
@@ -365,6 +369,8 @@ class MergeRecipe:
             data["chat_template"] = self.chat_template
         if self.vocab_mismatch != "error":
             extension["vocab_mismatch"] = self.vocab_mismatch
+        if self.expert_layout != "auto":
+            extension["expert_layout"] = self.expert_layout
         extension["seed"] = self.seed
         data[EXTENSION_SECTION] = extension
         return data
@@ -444,6 +450,10 @@ def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
         problems.append(f"vocab_mismatch must be one of {', '.join(VOCAB_MISMATCH)}, not {short_repr(vocab_mismatch)}")
         vocab_mismatch = "error"
     tokenizer = _tokenizer(data, problems)
+    expert_layout = data.get("expert_layout", "auto")
+    if expert_layout not in EXPERT_LAYOUTS:
+        problems.append(f"expert_layout must be one of {', '.join(EXPERT_LAYOUTS)}, not {short_repr(expert_layout)}")
+        expert_layout = "auto"
     chat_template = data.get("chat_template")
     if chat_template is not None and (problem := chat_template_problem(chat_template)):
         problems.append(problem)
@@ -469,6 +479,7 @@ def parse_recipe(data: Any, *, source: str | Path | None = None) -> MergeRecipe:
             tokenizer=tokenizer,
             chat_template=chat_template,
             vocab_mismatch=vocab_mismatch,
+            expert_layout=expert_layout,
             slices=slices,
             modules=modules,
         )
