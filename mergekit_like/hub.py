@@ -49,6 +49,7 @@ PICKLE_PATTERNS = ["*.bin", "*.bin.index.json"]
 SIDE_PATTERNS = [
     "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
     "vocab.*", "merges.txt", "*.model", "chat_template.*", "preprocessor_config.json", "README.md",
+    "adapter_config.json",
 ]
 T = TypeVar("T")
 

@@ -89,10 +89,21 @@ def resolve(path: str | Path, *, allow_pickle: bool = False) -> CheckpointLayout
     )
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
 def _resolve_directory(root: Path, allow_pickle: bool) -> CheckpointLayout:
     # Every entry, not only regular files: a FIFO or folder named model.safetensors is an error
     # that names it (raised where the chosen file is checked), not a reason to read another file.
     names = sorted(p.name for p in root.iterdir())
+    if ADAPTER_CONFIG in names:
+        # Its lora_A and lora_B are factors of a change to a model, not weights: averaged
+        # as weights they mean nothing (and the output would not load as an adapter).
+        raise InvalidCheckpointError(
+            "is a LoRA adapter (adapter_config.json), not a model", path=root,
+            fix="merge it where a model is expected (mergekit-like merge reads adapters, or BASE+ADAPTER in a "
+                "recipe), or merge it into its base first: mergekit-like merge --method linear ADAPTER -o OUT",
+        )
     st_indexes = [n for n in names if n.endswith(SAFETENSORS_SUFFIX + ".index.json")]
     if DEFAULT_INDEX in st_indexes:
         return _from_index(root / DEFAULT_INDEX, allow_pickle)

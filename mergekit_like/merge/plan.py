@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
+from mergekit_like.adapters.models import open_model
 from mergekit_like.errors import InvalidCheckpointError, RecipeError
 from mergekit_like.io.dtypes import dtype_name
 from mergekit_like.io.experts import with_expert_layout
-from mergekit_like.io.reader import Checkpoint, open_checkpoint
+from mergekit_like.io.reader import Checkpoint
 from mergekit_like.io.safetensors_format import TensorEntry
 from mergekit_like.io.sharding import TensorSpec
 from mergekit_like.io.sidefiles import read_config
@@ -225,8 +226,7 @@ def plan_merge(
     checkpoints: dict[str, Checkpoint] = {}
     with ExitStack() as stack:
         for ref in refs:
-            checkpoints[ref] = stack.enter_context(
-                open_checkpoint(resolve_model(ref), allow_pickle=options.allow_pickle))
+            checkpoints[ref] = stack.enter_context(open_model(ref, resolve_model, allow_pickle=options.allow_pickle))
         configs = {ref: _config(c, needed=recipe.layered) for ref, c in checkpoints.items()}
         checkpoints = {ref: with_expert_layout(c, configs[ref], recipe.expert_layout) for ref, c in checkpoints.items()}
         problems = [] if options.allow_crimes else _architecture_problems(configs)

@@ -629,10 +629,9 @@ def _models(raw: Any, problems: list[str]) -> list[ModelEntry]:
         if unknown:
             problems.append(f"models[{i}] ({item['model']}): unknown keys {short_repr(sorted(unknown, key=str))}")
         model = item["model"]
-        if "+" in model and not Path(model).exists():
-            problems.append(
-                f"models[{i}]: '{model}' applies a LoRA ('+'), which is not supported; merge the adapter first"
-            )
+        parts = model.split("+")
+        if "+" in model and not Path(model).exists() and (len(parts) != 2 or not all(p.strip() for p in parts)):
+            problems.append(f"models[{i}]: '{short_text(model)}' is neither a model nor BASE+ADAPTER (one '+')")
         if model in seen:
             problems.append(f"models[{i}]: '{model}' is listed twice")
         seen.add(model)
