@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from mergekit_like import __version__
+from mergekit_like.adapters import is_adapter_dir, read_adapter_config, split_adapter_ref
 from mergekit_like.errors import printable
 from mergekit_like.hub import is_hub_id, split_ref
 from mergekit_like.io.experts import resolved_expert_layout
@@ -53,7 +54,20 @@ def resolved_recipe(
     if recipe.tokenizer is not None:
         refs += [ref for ref in recipe.tokenizer.models() if ref not in refs and ref not in keep]
     recipe = dataclasses.replace(recipe, expert_layout=resolved_expert_layout(recipe.expert_layout))
-    return recipe.with_defaults().with_refs({ref: pinned_ref(ref, paths) for ref in refs})
+    return recipe.with_defaults().with_refs({ref: pinned_model_ref(ref, paths) for ref in refs})
+
+
+def pinned_model_ref(ref: str, paths: Mapping[str, Path] | None = None) -> str:
+    """:func:`pinned_ref` of a model, or of each side of ``BASE+ADAPTER``; an adapter named alone is
+    written with the base its config named, so a rerun reads the same base."""
+    base, adapter = split_adapter_ref(ref)
+    if adapter is None:
+        local = (paths or {}).get(ref, Path(ref))
+        named_base = read_adapter_config(local).base_model if is_adapter_dir(local) else None
+        if named_base is None:
+            return pinned_ref(ref, paths)
+        base, adapter = named_base, ref
+    return f"{pinned_ref(base, paths)}+{pinned_ref(adapter, paths)}"
 
 
 def pinned_ref(ref: str, paths: Mapping[str, Path] | None = None) -> str:
@@ -131,10 +145,15 @@ def merge_card(
 ) -> str:
     """The card of a merge; ``paths`` (ref -> local directory) adds Hub commits and licenses."""
     method = recipe.method
-    refs = recipe.referenced_models()
-    inputs = [(ref, ", ".join(filter(None, ["base" if ref == recipe.base_model else "",
-                                            _revision_note(ref, paths)])))
-              for ref in refs]
+    inputs = []
+    for model in recipe.referenced_models():
+        base, adapter = split_adapter_ref(model)
+        role = "base" if model == recipe.base_model else ""
+        if adapter is not None:  # listed as the two repositories they are
+            inputs.append((base, ", ".join(filter(None, [role, "the adapter's base", _revision_note(base, paths)]))))
+            model, role = adapter, "LoRA adapter"
+        inputs.append((model, ", ".join(filter(None, [role, _revision_note(model, paths)]))))
+    refs = [ref for ref, _ in inputs]
     notes = [f"This output is the sweep value `{variant}`." if variant else None, note]
     return render_card(CardContent(
         title=title + (f" ({variant})" if variant else ""), method=method.name, paper=method.paper,

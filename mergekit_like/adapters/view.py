@@ -1,7 +1,7 @@
 """A base model with a LoRA adapter applied, read tensor by tensor as if it were the merged model.
 
 Each adapted weight is formed when it is read, ``W + scale * B @ A`` (the transpose for
-embeddings and ``fan_in_fan_out`` layers), on the rows asked for, exactly as PEFT's
+embeddings and ``fan_in_fan_out`` layers), one tensor at a time, exactly as PEFT's
 ``merge_and_unload()`` forms it: the product in float32 (PEFT upcasts adapter weights
 on loading), added to the weight and rounded to the weight's dtype. DoRA weights are
 then rescaled row by row to their magnitude vector. ``modules_to_save`` tensors (and an
@@ -47,6 +47,10 @@ class AdaptedCheckpoint(Checkpoint):
         self.config = config
         self.adapter_dir = adapter_dir
         self.adaptations, self.replacements = plan_adapter(base, adapter, config, adapter_dir)
+        # The last adapted tensor, whole: rows of it are sliced from the one product, so they are the
+        # bytes of the whole tensor whatever rows are asked for (a product of fewer rows can round
+        # differently), and a vocabulary's many spans of one embedding cost one product.
+        self._last: tuple[str, torch.Tensor] | None = None
         super().__init__(base.layout, {n: base.entry(n) for n in base.names()}, base.metadata)
 
     def read(
@@ -57,10 +61,9 @@ class AdaptedCheckpoint(Checkpoint):
         stored = self.replacements.get(name, name)
         if name not in self.adaptations:
             return source.read(stored, device=device, out=out, rows=rows)
-        # An embedding the adapter saved whole (PEFT does when it adapts one) is its weight.
-        weight = source.read(stored, rows=rows)
-        value = adapted(weight, self._factors(self.adaptations[name], rows), self.adaptations[name].scaling,
-                        self._magnitude(self.adaptations[name], rows))
+        value = self._adapted(name, source, stored)
+        if rows is not None:
+            value = value[rows[0]:rows[1]]
         if out is not None:
             value = _out_buffer(out, value.numel() * value.element_size()).view(value.dtype).reshape(
                 value.shape).copy_(value)
@@ -68,19 +71,17 @@ class AdaptedCheckpoint(Checkpoint):
             return value.to(device, non_blocking=value.is_pinned())
         return value
 
-    def _factors(self, adaptation: Adaptation, rows: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(left, right)`` with ``delta[rows] = left @ right``: B's rows, or A's columns transposed."""
-        a, b = self.adapter.read(adaptation.a), self.adapter.read(adaptation.b)
-        if adaptation.transposed:  # delta = (B @ A).T = A.T @ B.T: the rows are A's columns
-            left = a.T if rows is None else a[:, rows[0]:rows[1]].T
-            return left, b.T
-        return (b if rows is None else b[rows[0]:rows[1]]), a
-
-    def _magnitude(self, adaptation: Adaptation, rows: tuple[int, int] | None) -> torch.Tensor | None:
-        if adaptation.magnitude is None:
-            return None
-        magnitude = self.adapter.read(adaptation.magnitude)
-        return magnitude if rows is None else magnitude[rows[0]:rows[1]]
+    def _adapted(self, name: str, source: Checkpoint, stored: str) -> torch.Tensor:
+        if self._last is None or self._last[0] != name:
+            self._last = None  # freed before the next is made
+            adaptation = self.adaptations[name]
+            a, b = self.adapter.read(adaptation.a), self.adapter.read(adaptation.b)
+            # delta = B @ A, or its transpose A.T @ B.T for embeddings and fan_in_fan_out layers.
+            factors = (a.T, b.T) if adaptation.transposed else (b, a)
+            magnitude = self.adapter.read(adaptation.magnitude) if adaptation.magnitude is not None else None
+            # An embedding the adapter saved whole (PEFT does when it adapts one) is its weight.
+            self._last = (name, adapted(source.read(stored), factors, adaptation.scaling, magnitude))
+        return self._last[1]
 
     def prefetch(self, name: str, rows: tuple[int, int] | None = None) -> None:
         if name in self.replacements:
