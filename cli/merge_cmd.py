@@ -22,6 +22,7 @@ from mergekit_like.cli.output import (
 from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 from rich.markup import escape
 
+from mergekit_like.adapters.combine import merge_as_adapter
 from mergekit_like.card import merge_outputs, recipe_set_text
 from mergekit_like.errors import RecipeError
 from mergekit_like.hub import ModelResolver, model_resolver
@@ -108,6 +109,11 @@ def merge(
                                      "straight from the file to it through pinned buffers.", rich_help_panel=MERGEKIT),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Refused: this tool runs no model "
                                            "code.", rich_help_panel=MERGEKIT),
+    as_adapter: str | None = typer.Option(None, "--as-adapter", help="Write an adapter, not a model, from adapters "
+                                          "of one base: cat (exact; linear, task_arithmetic) or svd (any method, "
+                                          "then cut to --rank)."),
+    rank: int | None = typer.Option(None, "--rank", help="The rank of an --as-adapter svd output (default: the "
+                                    "adapters' largest)."),
 ) -> None:
     warn_if_token_on_command_line(token)
     if trust_remote_code:
@@ -132,6 +138,10 @@ def merge(
         return
     assert target is not None
     out = target
+    if as_adapter is not None:
+        _merge_as_adapter(recipes, out, options, resolver, as_adapter, rank, overwrite=overwrite, quiet=quiet,
+                          as_json=as_json, card=write_model_card)
+        return
 
     def final_outputs(plan: MergePlan) -> list[OutputSpec]:
         paths = {ref: r.path for ref, r in resolver.resolved.items()}
@@ -281,3 +291,23 @@ def _print_vocabulary(summary: dict[str, Any]) -> None:
                       f"{rows['filled']} filled, adds {added} tokens", highlight=False, soft_wrap=True)
     for why, count in summary["default_rows"].items():
         console.print(f"    {count:>5} rows {escape(why)}", highlight=False)
+
+
+def _merge_as_adapter(recipes: RecipeSet, out: Path, options: MergeOptions, resolver: ModelResolver, combination: str,
+                      rank: int | None, *, overwrite: bool, quiet: bool, as_json: bool, card: bool) -> None:
+    if recipes.intermediates:
+        raise RecipeError(["--as-adapter merges one document; make the intermediates first"])
+    with planned_merge(recipes.final.recipe, options, resolve_model=resolver) as plan:
+        paths = {ref: r.path for ref, r in resolver.resolved.items()}
+        (spec,) = merge_outputs(plan.recipe, [None], title=out.name, has_config=False, paths=paths, card=card)
+        with RichProgress("merge as adapter", enabled=not (quiet or as_json)) as bar:
+            result = merge_as_adapter(plan, out, combination=combination, rank=rank, overwrite=overwrite,
+                                      progress=bar, files=spec.files)
+    summary = {"output": str(result.path), "rank": result.rank, "modules": result.modules,
+               "kept_fraction": result.kept_fraction}
+    if as_json:
+        print_json(summary)
+    elif not quiet:
+        kept = f"; the cut keeps {result.kept_fraction:.1%} of the merged deltas' norm" if result.kept_fraction else ""
+        console.print(f"wrote an adapter of {result.modules} modules (rank {result.rank}) to {result.path}{kept}",
+                      highlight=False)

@@ -239,3 +239,79 @@ def test_the_recipe_and_card_name_base_and_adapter(adapter_pair: tuple[Path, Pat
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"`{base}` (local) (the adapter's base)" in card and f"`{adapter}` (local) (LoRA adapter)" in card
     assert f"model: {base}+{adapter}" in (tmp_path / "out" / "merge_recipe.yml").read_text()
+
+
+# --- adapters merged into an adapter -------------------------------------------------------------
+
+def as_adapter(tmp_path: Path, data: dict, combination: str, name: str, rank: int | None = None) -> Path:
+    from mergekit_like.adapters.combine import merge_as_adapter
+
+    with planned_merge(parse_recipe(data)) as plan:
+        merge_as_adapter(plan, tmp_path / name, combination=combination, rank=rank)
+    return tmp_path / name
+
+
+@pytest.fixture
+def two_adapters(tmp_path: Path) -> tuple[Path, Path, Path]:
+    base = tiny_llama(tmp_path / "base")
+    a = make_adapter(base, tmp_path / "a", seed=10, target_modules=["q_proj", "up_proj", "embed_tokens"])
+    b = make_adapter(base, tmp_path / "b", seed=11, target_modules=["q_proj", "v_proj"], r=2, lora_alpha=5)
+    return base, a, b
+
+
+def test_cat_of_adapters_is_exactly_the_weighted_sum_of_their_deltas(two_adapters: tuple[Path, Path, Path],
+                                                                      tmp_path: Path) -> None:
+    base, a, b = two_adapters
+    data = {"merge_method": "task_arithmetic", "base_model": str(base), "parameters": {"lambda": 0.5},
+            "models": [{"model": f"{base}+{a}", "parameters": {"weight": 1.0}},
+                       {"model": f"{base}+{b}", "parameters": {"weight": 0.6}}]}
+    out = as_adapter(tmp_path, data, "cat", "cat")
+    loaded = peft_merged(base, out)  # peft reads the adapter we wrote
+    first, second, plain = peft_merged(base, a), peft_merged(base, b), load_file(base / "model.safetensors")
+    for name, value in plain.items():
+        expected = value + 0.5 * ((first[name] - value) + 0.6 * (second[name] - value))
+        torch.testing.assert_close(loaded[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 6 and config["lora_alpha"] == 6  # 4 + 2 where both adapt a module
+
+
+def test_svd_of_a_ties_merge_of_adapters_equals_the_ties_merge_of_their_models_at_full_rank(
+        two_adapters: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, a, b = two_adapters
+    models = [{"model": f"{base}+{a}", "parameters": {"weight": 1.0, "density": 0.5}},
+              {"model": f"{base}+{b}", "parameters": {"weight": 0.7, "density": 0.5}}]
+    data = {"merge_method": "ties", "base_model": str(base), "models": models, "dtype": "float32"}
+    out = as_adapter(tmp_path, data, "svd", "ties_adapter", rank=16)  # full rank: the SVD loses nothing
+    as_model = merge(tmp_path, models, "ties_model", method="ties", base_model=str(base), dtype="float32")
+    loaded, expected = peft_merged(base, out), load_file(as_model / "model.safetensors")
+    for name, value in expected.items():
+        torch.testing.assert_close(loaded[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_low_rank_cut_reports_what_it_keeps_and_loads_in_peft(two_adapters: tuple[Path, Path, Path],
+                                                                tmp_path: Path) -> None:
+    base, a, b = two_adapters
+    from mergekit_like.adapters.combine import merge_as_adapter
+
+    data = {"merge_method": "linear", "models": [{"model": f"{base}+{a}", "parameters": {"weight": 1.0}},
+                                                 {"model": f"{base}+{b}", "parameters": {"weight": 1.0}}]}
+    with planned_merge(parse_recipe(data)) as plan:
+        result = merge_as_adapter(plan, tmp_path / "cut", combination="svd", rank=1)
+    assert result.rank == 1 and result.kept_fraction is not None and 0.3 < result.kept_fraction < 1.0
+    assert json.loads((tmp_path / "cut" / "adapter_config.json").read_text())["r"] == 1
+    peft_merged(base, tmp_path / "cut")
+
+
+def test_an_adapter_output_of_models_or_of_a_non_linear_cat_is_refused(two_adapters: tuple[Path, Path, Path]) -> None:
+    base, a, b = two_adapters
+    from mergekit_like.adapters.combine import adapter_merge_problems
+
+    mixed = {"merge_method": "linear", "models": [{"model": f"{base}+{a}", "parameters": {"weight": 1.0}},
+                                                  {"model": str(base), "parameters": {"weight": 1.0}}]}
+    with planned_merge(parse_recipe(mixed)) as plan:
+        assert any("these are models" in p for p in adapter_merge_problems(plan, "svd", 4))
+    ties = {"merge_method": "ties", "base_model": str(base),
+            "models": [{"model": f"{base}+{m}", "parameters": {"weight": 1.0, "density": 0.5}} for m in (a, b)]}
+    with planned_merge(parse_recipe(ties)) as plan:
+        assert adapter_merge_problems(plan, "svd", 4) == []
+        assert any("cat combines linear and task_arithmetic only" in p for p in adapter_merge_problems(plan, "cat", None))
