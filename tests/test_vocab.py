@@ -7,7 +7,6 @@ checked on vocabularies small enough to write out by hand.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -152,7 +151,17 @@ def test_rows_are_read_in_few_spans_whatever_their_order() -> None:
 
     order = [7, 3, 3, 45, 8, 0]
     assert torch.equal(gather_rows(read_span, order), table[order])
-    assert calls == [(0, 9), (45, 46)]  # rows near each other in one read; a far one alone
+    assert calls == [(0, 4), (7, 9), (45, 46)]  # near rows in one read while it reads at most twice what it needs
+
+
+def test_a_shuffled_vocabulary_is_read_about_once_block_by_block() -> None:
+    g = torch.Generator().manual_seed(1)
+    rows = 20_000
+    order = torch.randperm(rows, generator=g).tolist()
+    read = 0
+    for start in range(0, rows, 2000):
+        read += sum(stop - first for first, stop in spans(order[start:start + 2000]))
+    assert read <= 1.3 * rows  # never most of the tensor per block
 
 
 # --- the recipe section --------------------------------------------------------------------------
@@ -386,7 +395,6 @@ def test_the_union_needs_no_copy_of_any_input_tokenizer_file(tmp_path: Path) -> 
     (tmp_path / "a" / "vocab.txt").write_text("stale")  # an old file that would disagree with the new vocabulary
     out = merge(tmp_path, linear([tmp_path / "a"], tokenizer={"source": "union"}))
     assert not (out / "vocab.txt").exists()
-    shutil.rmtree(out)
 
 
 def test_a_chat_template_without_a_tokenizer_section_goes_with_the_copied_tokenizer(tmp_path: Path) -> None:
@@ -401,3 +409,53 @@ def test_a_chat_template_without_a_tokenizer_section_goes_with_the_copied_tokeni
     assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
     auto = merge(tmp_path, linear([tmp_path / "a", tmp_path / "b"], chat_template="auto"), "auto")
     assert (auto / "chat_template.jinja").read_text() == "{{ 'shared' }}"  # the one most models have
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("chatml", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+    ("llama3", "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
+               "<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+    ("mistral", "<s> [INST] Be brief.\n\nHi [/INST]"),
+    ("alpaca", "Be brief.\n\n### Instruction:\nHi\n\n### Response:\n"),
+    ("exaone", "[|system|]Be brief.[|endofturn|]\n[|user|]Hi\n[|assistant|]"),
+])
+def test_each_built_in_chat_template_renders_its_format(name: str, expected: str) -> None:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from mergekit_like.vocab.chat_templates import BUILT_IN
+
+    # As transformers renders a chat template.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rendered = env.from_string(BUILT_IN[name]).render(messages=messages, add_generation_prompt=True,
+                                                      bos_token="<s>", eos_token="</s>")
+    assert rendered == expected
+
+
+def test_a_model_without_a_head_whose_config_unties_it_is_refused_not_tied(tmp_path: Path) -> None:
+    write_model(tmp_path / "a", WORDS, seed=1)
+    write_model(tmp_path / "b", WORDS, seed=2, head=False, tied=False)  # an incomplete export
+    message = plan_problems(linear([tmp_path / "a", tmp_path / "b"]))
+    assert "tensor(s) missing from" in message and "lm_head.weight" in message
+
+
+def test_a_token_rule_from_a_model_a_slice_does_not_read_is_refused_before_the_merge(tmp_path: Path) -> None:
+    for name, seed in (("a", 1), ("b", 2)):
+        write_model(tmp_path / name, WORDS, seed=seed, added=[("<tool>", True)] if name == "b" else (), layers=2)
+    slices = [{"sources": [{"model": str(tmp_path / "a"), "layer_range": [0, 1]}]},
+              {"sources": [{"model": str(tmp_path / "b"), "layer_range": [1, 2]}]}]
+    data = {"merge_method": "passthrough", "slices": slices, "dtype": "float32",
+            "tokenizer": {"source": "union", "tokens": {"<tool>": {"source": str(tmp_path / "b")}}}}
+    message = plan_problems(data)
+    assert "takes its row from" in message and "which this tensor is not merged from" in message
+
+
+def test_padding_through_the_engine_in_row_blocks_is_the_whole_tensors(tmp_path: Path) -> None:
+    words = [f"w{i}" for i in range(700)]
+    write_model(tmp_path / "a", words, seed=1, hidden=256)
+    write_model(tmp_path / "b", list(reversed(words)), seed=2, hidden=256)
+    data = linear([tmp_path / "a", tmp_path / "b"], tokenizer={"source": "union", "pad_to_multiple_of": 512})
+    whole = load_file(merge(tmp_path, data, "whole", memory_budget=2**30) / "model.safetensors")
+    blocks = load_file(merge(tmp_path, data, "blocks", memory_budget=2**20) / "model.safetensors")
+    assert whole["model.embed_tokens.weight"].shape[0] == 1024
+    assert all(torch.equal(whole[n], blocks[n]) for n in whole)

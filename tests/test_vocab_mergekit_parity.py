@@ -77,8 +77,6 @@ def test_config_states_the_vocabulary_and_tying_of_the_tensors_written(case: str
     assert config["tie_word_embeddings"] is (not has_head)
 
 
-transformers = pytest.importorskip("transformers", reason="transformers is an integration dependency")
-
 # Cases whose mergekit output is itself consistent (an untied base keeps the flag mergekit copies).
 LOADABLE = ["union_linear", "union_task_arithmetic", "union_ties", "model_source_forced", "union_pad",
             "base_source_legacy", "union_chatml"]
@@ -87,6 +85,7 @@ LOADABLE = ["union_linear", "union_task_arithmetic", "union_ties", "model_source
 @pytest.mark.integration
 @pytest.mark.parametrize("case", LOADABLE)
 def test_output_loads_tokenizes_added_tokens_and_gives_mergekits_logits(case: str, merged: dict[str, Path]) -> None:
+    pytest.importorskip("transformers", reason="transformers is an integration dependency")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ours_dir, theirs_dir = merged[case], DATA / "cases" / case / "expected"
@@ -105,6 +104,7 @@ def test_output_loads_tokenizes_added_tokens_and_gives_mergekits_logits(case: st
 
 @pytest.mark.integration
 def test_chat_template_renders_as_mergekits(merged: dict[str, Path]) -> None:
+    pytest.importorskip("transformers", reason="transformers is an integration dependency")
     from transformers import AutoTokenizer
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Merge these."}]

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from mergekit_like.io.reader import PICKLED, Checkpoint, _out_buffer
+from mergekit_like.io.reader import Checkpoint, _out_buffer
 from mergekit_like.io.safetensors_format import TensorEntry
 
 EXPERT_LAYOUTS = ("auto", "fused", "stored")
-FUSED = -2  # the offset of an entry assembled from several stored tensors
+FUSED = -2  # the offset of an entry assembled from several stored tensors (none is read at it)
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ def _renamed(entry: TensorEntry, name: str) -> TensorEntry:
 def with_expert_layout(checkpoint: Checkpoint, config: Any, layout: str) -> Checkpoint:
     """``checkpoint`` in the layout the merge sees (fused experts where transformers 5 fuses them)."""
     fusion = fuses(config, layout)
-    if fusion is None or any(e.start == PICKLED for e in checkpoint.entries()):
+    if fusion is None:
         return checkpoint
     view = FusedExperts(checkpoint, fusion)
     return view if view.names() != checkpoint.names() else checkpoint

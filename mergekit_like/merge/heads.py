@@ -38,15 +38,40 @@ class TiedHead:
     tied: tuple[str, ...]  # models without the head: their embedding is read in its place
 
 
-def find_tied_head(names: Mapping[str, set[str]]) -> TiedHead | None:
-    """The head some models store and others do not, where those have the embedding it ties to."""
+# Families whose config ties the head unless it says otherwise (transformers' defaults).
+TIED_BY_DEFAULT = {"gpt2", "gemma", "gemma2", "gemma3", "gemma3_text", "t5", "bert", "roberta", "distilbert"}
+
+
+def find_tied_head(names: Mapping[str, set[str]], configs: Mapping[str, Mapping[str, Any] | None]) -> TiedHead | None:
+    """The head some models store and others tie away (their config says so), reading their embedding.
+
+    A model without the head whose config says it is untied is incomplete, not tied: it is
+    left to the names check, which refuses it.
+    """
     for head, embedding in TIED_PAIRS:
         holders = [ref for ref, found in names.items() if head in found]
         if not holders or len(holders) == len(names):
             continue
         tied = tuple(ref for ref in names if head not in names[ref])
-        if all(embedding in names[ref] for ref in tied):
+        if all(embedding in names[ref] and ties(configs.get(ref)) for ref in tied):
             return TiedHead(head, embedding, tied)
+    return None
+
+
+def ties(config: Mapping[str, Any] | None) -> bool:
+    """Whether a model's config ties its head to its embedding (no config: assumed, as its tensors say)."""
+    if config is None:
+        return True
+    value = tying_value(config)
+    return value if value is not None else config.get("model_type") in TIED_BY_DEFAULT
+
+
+def tying_value(config: Mapping[str, Any]) -> bool | None:
+    """The ``tie_word_embeddings`` a config states (top level, else its text_config), or None."""
+    text = config.get("text_config")
+    for scope in (config, text if isinstance(text, Mapping) else {}):
+        if isinstance(scope.get(TIE_KEY), bool):
+            return bool(scope[TIE_KEY])
     return None
 
 

@@ -29,7 +29,7 @@ from mergekit_like.io.reader import Checkpoint
 from mergekit_like.io.safetensors_format import TensorEntry
 from mergekit_like.io.sharding import TensorSpec
 from mergekit_like.io.sidefiles import read_config
-from mergekit_like.merge.heads import TiedHead, config_with_tying, find_tied_head, written_head
+from mergekit_like.merge.heads import TiedHead, config_with_tying, find_tied_head, tying_value, written_head
 from mergekit_like.merge.layered import TensorJob, plan_layers
 from mergekit_like.merge.options import MergeOptions
 from mergekit_like.merge.parameters import LayerPosition, NoValue, layer_count, layer_index, resolve_value
@@ -41,6 +41,9 @@ from mergekit_like.vocab.tensors import embedding_name, is_vocabulary_tensor
 logger = logging.getLogger(__name__)
 
 MAX_LISTED_PROBLEMS = 25
+# A tokenizer with fewer tokens than this share of its embedding's rows is likely another model's
+# (padded vocabularies leave well under 1% of their rows unused).
+SPARSE_VOCABULARY = 0.9
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,7 @@ def plan_merge(
             raise _recipe_error(problems)
         reference = _reference(recipe, refs)
         output_config = None
-        tied = find_tied_head({ref: set(c.names()) for ref, c in checkpoints.items()})
+        tied = find_tied_head({ref: set(c.names()) for ref, c in checkpoints.items()}, configs)
         if recipe.layered:
             layered = plan_layers(recipe, checkpoints, configs, reference)
             jobs, output_config = layered.jobs, layered.config
@@ -383,6 +386,7 @@ def _plan_tensor(
     if aligned:
         assert vocabulary is not None
         problems = _aligned_shape_problems(name, job, entries, vocabulary)
+        problems = problems or vocabulary.tensor_problems(name, (*job.models, *([job.base] if job.base else [])))
         ref_entry = dataclasses.replace(ref_entry, shape=(vocabulary.rows, *ref_entry.shape[1:]))
     else:
         problems = _shape_problems(name, entries, reference, recipe.vocab_mismatch)
@@ -591,7 +595,11 @@ def _vocabulary(
             problems.append(f"'{ref}': its tokenizer ({vocabulary.path}) has {vocabulary.dropped_plain} tokens of its "
                             f"own vocabulary beyond the embedding's {vocabulary.size} rows: it is not this model's "
                             "tokenizer (copy the right tokenizer.json into the model)")
-        elif vocabulary.dropped:
+        elif len(vocabulary.tokens) < SPARSE_VOCABULARY * vocabulary.size:
+            logger.warning("'%s': its tokenizer (%s) has %d tokens for the embedding's %d rows; if it is another "
+                           "model's, the rows are aligned wrongly", ref, vocabulary.path, len(vocabulary.tokens),
+                           vocabulary.size)
+        if vocabulary.dropped and not vocabulary.dropped_plain:
             logger.warning("'%s': %d added tokens of its tokenizer have no embedding row (ids %d and up); they are "
                            "left out, as mergekit leaves them", ref, vocabulary.dropped, vocabulary.size)
     if problems:
@@ -620,15 +628,9 @@ def _output_config(
     if vocabulary is not None:
         out = vocabulary.config(out)
     head = written_head(names)
-    if tied_head or (head is not None and _ties(out)):
+    if tied_head or (head is not None and tying_value(out) is True):
         out = config_with_tying(out, head_written=head is not None)
     return out if keep or out != config else None
-
-
-def _ties(config: Mapping[str, Any]) -> bool:
-    text = config.get("text_config")
-    value = config.get("tie_word_embeddings", text.get("tie_word_embeddings") if isinstance(text, Mapping) else None)
-    return value is True
 
 
 def _output_files(

@@ -46,12 +46,6 @@ class Alignment:
     def padding(self) -> int:
         return self.rows - len(self.tokens)
 
-    def is_identity(self, model: str, rows: int) -> bool:
-        """Whether ``model``'s tensor of ``rows`` rows is the output's as it is."""
-        source = self.sources[model]
-        return (rows == self.rows and not self.padding and not self.forced
-                and all(s == i for i, s in enumerate(source)))
-
     def summary(self) -> dict[str, object]:
         """What --dry-run shows: the sizes and where the rows come from."""
         models = {}

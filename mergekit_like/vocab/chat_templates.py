@@ -47,15 +47,16 @@ BUILT_IN = {
     ),
     "alpaca": (
         "{%- set systems = messages | selectattr('role', 'equalto', 'system') | list %}"
-        "{%- if systems %}{{- systems[-1]['content'] | trim }}\n\n{% endif %}"
+        "{%- if systems %}{{- systems[-1]['content'] | trim }}{{ '\\n\\n' }}{%- endif %}"
         "{%- for message in messages %}"
-        "{%- if message['role'] == 'user' %}### Instruction:\n{{ message['content'] | trim }}"
-        "{%- elif message['role'] == 'user_context' %}### Input:\n{{ message['content'] | trim }}"
-        "{%- elif message['role'] == 'assistant' %}### Response:\n{{ message['content'] | trim }}"
+        "{%- if message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] | trim }}"
+        "{%- elif message['role'] == 'user_context' %}{{ '### Input:\\n' + message['content'] | trim }}"
+        "{%- elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] | trim }}"
         "{%- endif %}"
-        "{%- if message['role'] != 'system' and not loop.last %}\n\n{% endif %}"
+        "{%- if message['role'] != 'system' and not loop.last %}{{ '\\n\\n' }}{%- endif %}"
         "{%- endfor %}"
-        "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' %}\n\n### Response:\n{% endif %}"
+        "{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' %}{{ '\\n\\n### Response:\\n' }}"
+        "{%- endif %}"
     ),
     "exaone": (
         "{%- for message in messages %}"

@@ -29,6 +29,7 @@ from mergekit_like.vocab.tokenizers_io import (
     chat_template_of,
     load_vocabulary,
     output_vocabulary,
+    read_tokenizer_config,
     read_tokenizer_json,
     stripped,
     tokenizer_config_text,
@@ -53,6 +54,24 @@ class VocabularyPlan:
     files: Mapping[str, str] = field(default_factory=dict)  # the output's tokenizer files: name -> text
     reference_tokens: Mapping[int, str] = field(default_factory=dict)  # the config model's id -> token
     _alignments: dict[tuple[str, ...], Alignment] = field(default_factory=dict, compare=False, repr=False)
+
+    def tensor_problems(self, name: str, models: tuple[str, ...]) -> list[str]:
+        """Why tensor ``name``, read from ``models``, cannot be aligned (each ``tokens:`` source must be
+        among them); aligns it, and warns of rows that come out zero because none of them has the token."""
+        problems = []
+        for token, rule in self.spec.tokens.items():
+            source = getattr(rule.source, "model", None)
+            if source is not None and source not in models:
+                problems.append(f"tensor '{name}': tokenizer.tokens[{token!r}] takes its row from '{source}', which "
+                                f"this tensor is not merged from ({', '.join(models)}); name one of those")
+        if problems:
+            return problems
+        zero = [row for row, d in self.alignment(models).defaults.items() if not d.parts and d.why.startswith("in no")]
+        if zero:
+            at = {i: t for t, i in self.tokens.items()}
+            logger.warning("tensor '%s': %d tokens are in none of the models it is merged from (e.g. %s); their rows "
+                           "are zeros", name, len(zero), ", ".join(repr(at[r]) for r in zero[:3]))
+        return []
 
     def alignment(self, models: tuple[str, ...]) -> Alignment:
         """The rows of ``models`` (a tensor's models, in the order their rows average)."""
@@ -137,10 +156,6 @@ def plan_vocabulary(
     problems = rule_problems(tokens, {m: vocabularies[m] for m in models}, spec)
     if problems:
         raise RecipeError(problems)
-    orphans = [t for t in tokens if t not in spec.tokens and not any(t in vocabularies[m].tokens for m in models)]
-    if orphans:
-        logger.warning("%d tokens of the output vocabulary are in none of the models merged (e.g. %s); their rows "
-                       "are zeros", len(orphans), ", ".join(repr(t) for t in orphans[:3]))
     template = None
     if chat_template is not None:
         template = resolve_chat_template(chat_template, [chat_template_of(directories[m]) for m in models])
@@ -161,17 +176,11 @@ def chat_template_files(value: str, models: Sequence[Path], source_dir: Path) ->
     template = resolve_chat_template(value, [chat_template_of(d) for d in models])
     if template is None:
         return {}
-    config_path = source_dir / TOKENIZER_CONFIG
-    if not config_path.is_file():
+    config = read_tokenizer_config(source_dir)
+    if config is None:
         raise RecipeError([f"chat_template: '{source_dir}' has no tokenizer_config.json to give the template to; "
                            "add a tokenizer section (tokenizer: {source: base}) or copy the tokenizer in"])
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        raise InvalidCheckpointError("the tokenizer config cannot be read", path=config_path,
-                                     fix="replace it with the model's original tokenizer_config.json") from None
-    if isinstance(config, dict):
-        config.pop("chat_template", None)
+    config.pop("chat_template", None)
     return {TOKENIZER_CONFIG: json.dumps(config, indent=2, ensure_ascii=False) + "\n", CHAT_TEMPLATE_FILE: template}
 
 

@@ -4,7 +4,9 @@ The alignment says which of the model's rows each output row is; the rows are re
 in few contiguous spans (a shuffled vocabulary still reads each byte about once),
 and the rows a model lacks get their default, computed exactly as mergekit computes
 it: the one row, or the running sum of the rows divided by their count, in the
-compute dtype. Padding rows are the mean of the model's aligned token rows.
+compute dtype. Padding rows are the mean of the model's aligned token rows, taken
+(as mergekit takes it) over the whole aligned tensor: a block with padding rows
+holds that tensor once, beyond the memory budget.
 """
 
 from __future__ import annotations
@@ -18,18 +20,25 @@ from mergekit_like.vocab.alignment import Alignment, DefaultRow
 
 # Reads rows (any order, repeats allowed) of one model's tensor, in the compute dtype.
 RowReader = Callable[[str, Sequence[int]], torch.Tensor]
-# Rows read in one span when the gap between two wanted rows is at most this.
+# Rows read in one span when the gap between two wanted rows is at most this, and the span
+# stays within SPAN_OVERREAD times the rows it is read for: a shuffled vocabulary's block then
+# reads at most twice its rows, in few reads, never most of the tensor.
 MAX_GAP_ROWS = 32
+SPAN_OVERREAD = 2
 
 
 def spans(indices: Sequence[int], max_gap: int = MAX_GAP_ROWS) -> list[tuple[int, int]]:
-    """Contiguous ``[start, stop)`` ranges covering ``indices``, joined across gaps of up to ``max_gap``."""
+    """Contiguous ``[start, stop)`` ranges covering ``indices``: neighbours joined across gaps of up to
+    ``max_gap`` while a range holds no more than :data:`SPAN_OVERREAD` rows per row wanted."""
     out: list[tuple[int, int]] = []
+    wanted: list[int] = []  # rows wanted in each range
     for index in sorted(set(indices)):
-        if out and index - out[-1][1] <= max_gap:
+        if out and index - out[-1][1] <= max_gap and index + 1 - out[-1][0] <= SPAN_OVERREAD * (wanted[-1] + 1):
             out[-1] = (out[-1][0], index + 1)
+            wanted[-1] += 1
         else:
             out.append((index, index + 1))
+            wanted.append(1)
     return out
 
 

@@ -20,7 +20,6 @@ from mergekit_like.errors import short_repr, short_text
 
 TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
 TOKEN_KEYS = {"source", "force"}
-SOURCE_KINDS = ("zero", "model_token")
 VOCABULARY_SOURCES = ("union", "base")
 
 

@@ -15,7 +15,7 @@ HEAD_SUFFIXES = (
     "lm_head.linear.bias", "cls.predictions.decoder.weight", "cls.predictions.bias", "vocab_projector.weight",
     "vocab_projector.bias", "lm_head.decoder.weight",
 )
-TOP_LEVEL_HEADS = ("output.weight", "lm_head.bias")
+TOP_LEVEL_HEADS = ("output.weight",)
 
 
 def is_vocabulary_tensor(name: str) -> bool:

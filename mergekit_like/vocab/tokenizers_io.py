@@ -160,17 +160,25 @@ def output_vocabulary(tokenizer: Any) -> dict[str, int]:
     return dict(sorted(vocab.items(), key=lambda item: item[1]))
 
 
+def read_tokenizer_config(directory: Path) -> dict[str, Any] | None:
+    """``directory``'s tokenizer_config.json (None: it has none); one that cannot be read is an error."""
+    path = directory / TOKENIZER_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise InvalidCheckpointError("the tokenizer config cannot be read", path=path,
+                                     fix="replace it with the model's original tokenizer_config.json") from None
+    if not isinstance(loaded, dict):
+        raise InvalidCheckpointError("the tokenizer config is not a mapping", path=path,
+                                     fix="replace it with the model's original tokenizer_config.json")
+    return loaded
+
+
 def tokenizer_config_text(source_dir: Path, tokenizer: Any, chat_template: str | None) -> str:
     """The output's tokenizer_config.json: the source's, its added tokens those of ``tokenizer``."""
-    path = source_dir / TOKENIZER_CONFIG
-    config: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-            config = loaded if isinstance(loaded, dict) else {}
-        except (OSError, ValueError, UnicodeDecodeError):
-            raise InvalidCheckpointError("the tokenizer config cannot be read", path=path,
-                                         fix="replace it with the model's original tokenizer_config.json") from None
+    config = read_tokenizer_config(source_dir) or {}
     data = json.loads(tokenizer.to_str())
     config["added_tokens_decoder"] = {
         str(e["id"]): {k: v for k, v in e.items() if k != "id"} for e in data.get("added_tokens") or []}
@@ -185,9 +193,5 @@ def chat_template_of(directory: Path) -> str | None:
     jinja = directory / CHAT_TEMPLATE_FILE
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
-    path = directory / TOKENIZER_CONFIG
-    try:
-        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template") if path.is_file() else None
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
-        return None
+    template = (read_tokenizer_config(directory) or {}).get("chat_template")
     return template if isinstance(template, str) else None
