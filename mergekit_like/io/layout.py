@@ -101,8 +101,8 @@ def _resolve_directory(root: Path, allow_pickle: bool) -> CheckpointLayout:
         # as weights they mean nothing (and the output would not load as an adapter).
         raise InvalidCheckpointError(
             "is a LoRA adapter (adapter_config.json), not a model", path=root,
-            fix="merge it where a model is expected (mergekit-like merge reads adapters, or BASE+ADAPTER in a "
-                "recipe), or merge it into its base first: mergekit-like merge --method linear ADAPTER -o OUT",
+            fix="merge it into its base first (mergekit-like merge --method linear BASE+ADAPTER -p weight=1 -o OUT; "
+                "merge and soup read adapters as they are), or name its adapter_model.safetensors to look at it",
         )
     st_indexes = [n for n in names if n.endswith(SAFETENSORS_SUFFIX + ".index.json")]
     if DEFAULT_INDEX in st_indexes:
