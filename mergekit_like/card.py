@@ -60,14 +60,21 @@ def resolved_recipe(
 def pinned_model_ref(ref: str, paths: Mapping[str, Path] | None = None) -> str:
     """:func:`pinned_ref` of a model, or of each side of ``BASE+ADAPTER``; an adapter named alone is
     written with the base its config named, so a rerun reads the same base."""
-    base, adapter = split_adapter_ref(ref)
+    base, adapter = adapter_sides(ref, paths)
     if adapter is None:
-        local = (paths or {}).get(ref, Path(ref))
-        named_base = read_adapter_config(local).base_model if is_adapter_dir(local) else None
-        if named_base is None:
-            return pinned_ref(ref, paths)
-        base, adapter = named_base, ref
+        return pinned_ref(ref, paths)
     return f"{pinned_ref(base, paths)}+{pinned_ref(adapter, paths)}"
+
+
+def adapter_sides(ref: str, paths: Mapping[str, Path] | None = None) -> tuple[str, str | None]:
+    """``(base, adapter)`` of ``BASE+ADAPTER`` or of an adapter named alone (its config's base); ``(ref, None)``
+    for a model."""
+    base, adapter = split_adapter_ref(ref)
+    if adapter is not None:
+        return base, adapter
+    local = (paths or {}).get(ref, Path(ref))
+    named_base = read_adapter_config(local).base_model if is_adapter_dir(local) else None
+    return (named_base, ref) if named_base else (ref, None)
 
 
 def pinned_ref(ref: str, paths: Mapping[str, Path] | None = None) -> str:
@@ -147,7 +154,7 @@ def merge_card(
     method = recipe.method
     inputs = []
     for model in recipe.referenced_models():
-        base, adapter = split_adapter_ref(model)
+        base, adapter = adapter_sides(model, paths)
         role = "base" if model == recipe.base_model else ""
         if adapter is not None:  # listed as the two repositories they are
             inputs.append((base, ", ".join(filter(None, [role, "the adapter's base", _revision_note(base, paths)]))))
