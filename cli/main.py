@@ -10,6 +10,7 @@ from mergekit_like.cli import (
     consolidate_cmd,
     convert_cmd,
     example_cmd,
+    extract_cmd,
     inspect_cmd,
     merge_cmd,
     push_cmd,
@@ -67,6 +68,7 @@ verify_cmd.register(app)
 inspect_cmd.register(app)
 example_cmd.register(app)
 convert_cmd.register(app)
+extract_cmd.register(app)
 
 
 def main() -> None:

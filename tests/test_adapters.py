@@ -272,7 +272,8 @@ def test_cat_of_adapters_is_exactly_the_weighted_sum_of_their_deltas(two_adapter
         expected = value + 0.5 * ((first[name] - value) + 0.6 * (second[name] - value))
         torch.testing.assert_close(loaded[name], expected, rtol=1e-5, atol=1e-6, msg=name)
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["r"] == 6 and config["lora_alpha"] == 6  # 4 + 2 where both adapt a module
+    ranks = {config["r"], *config["rank_pattern"].values()}
+    assert ranks == {2, 4, 6} and config["lora_alpha"] == config["r"]  # 4 + 2 where both adapt a module; scaling 1
 
 
 def test_svd_of_a_ties_merge_of_adapters_equals_the_ties_merge_of_their_models_at_full_rank(

@@ -19,9 +19,8 @@ Each module's factors are read, merged and written one tensor at a time.
 from __future__ import annotations
 
 import math
-import re
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,20 +28,9 @@ from typing import Any
 
 import torch
 
-from mergekit_like.adapters.config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig
-from mergekit_like.adapters.view import (
-    EMBEDDING_A,
-    EMBEDDING_B,
-    LINEAR_A,
-    LINEAR_B,
-    PEFT_PREFIX,
-    Adaptation,
-    AdaptedCheckpoint,
-)
+from mergekit_like.adapters.view import EMBEDDING_A, Adaptation, AdaptedCheckpoint
+from mergekit_like.adapters.writer import AdapterContents, adapter_config, is_causal_lm, write_adapter
 from mergekit_like.errors import RecipeError
-from mergekit_like.io.atomic import atomic_directory
-from mergekit_like.io.sharding import TensorSpec
-from mergekit_like.io.writer import ShardedWriter
 from mergekit_like.merge.plan import MergePlan, TensorPlan
 from mergekit_like.progress import NullProgress, ProgressSink
 
@@ -81,6 +69,9 @@ def adapter_merge_problems(plan: MergePlan, combination: str, rank: int | None) 
     if any(name not in c.adaptations for c in adapted.values() for name in c.replacements):
         problems.append("an adapter with modules_to_save (whole tensors) cannot be combined as factors; "
                         "merge to a model instead")
+    if any(c.config.fan_in_fan_out for c in adapted.values()):
+        problems.append("an adapter output of fan_in_fan_out adapters (GPT-2's Conv1D layers) is not written here; "
+                        "merge to a model instead")
     if combination == "cat" and plan.recipe.merge_method not in CAT_METHODS:
         problems.append(f"cat combines linear and task_arithmetic only (a sum of the deltas); use svd for "
                         f"{plan.recipe.merge_method}")
@@ -108,7 +99,8 @@ def merge_as_adapter(
     tensors = [t for t in plan.tensors if t.name in names]
     target = rank or max(c.adapter.entry(a.a).shape[0] for c in adapters for a in c.adaptations.values())
     progress.start(len(tensors), sum(t.read_bytes for t in tensors))
-    factors: dict[str, torch.Tensor] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (B, A)
+    embeddings = set()
     kept, total = 0.0, 0.0
     with torch.no_grad(), ThreadPoolExecutor(2, thread_name_prefix="kernel") as executor:
         for tensor in tensors:
@@ -116,17 +108,22 @@ def merge_as_adapter(
                 a, b, embedding = _concatenated(plan, tensor)
             else:
                 delta = _merged_delta(plan, tensor, executor)
-                a, b, embedding, part, whole = _cut(delta, target, _transposed(plan, tensor))
+                a, b, embedding, part, whole = _cut(delta, target, _transposed(plan, tensor))  # transposed: embedding
                 kept, total = kept + part, total + whole
             module = tensor.name.removesuffix(".weight")
-            keys = (EMBEDDING_A, EMBEDDING_B) if embedding else (LINEAR_A, LINEAR_B)
             dtype = _dtype(plan, tensor)
-            factors[PEFT_PREFIX + module + keys[0]] = a.to(dtype).contiguous()
-            factors[PEFT_PREFIX + module + keys[1]] = b.to(dtype).contiguous()
+            factors[module] = (b.to(dtype).contiguous(), a.to(dtype).contiguous())
+            if embedding:
+                embeddings.add(module)
             progress.advance(tensor.name, tensor.read_bytes)
-    config = _output_config(adapters[0], names, factors, target if combination == "svd" else None)
-    written = _write(output, factors, config, overwrite, files or {})
-    ranks = [v.shape[0] for k, v in factors.items() if k.endswith((LINEAR_A, EMBEDDING_A))]
+    first = adapters[0]
+    contents = AdapterContents(
+        factors=factors, embeddings=frozenset(embeddings), saved={}, source=first.base,
+        all_modules=tuple(dict.fromkeys(n.rpartition(".")[0] for n in first.base.names())),
+        base_ref=first.config.base_model or str(first.base.layout.root),
+        causal_lm=is_causal_lm(first.base.layout.root))
+    written = write_adapter(output, contents, adapter_config(contents), files=files, overwrite=overwrite)
+    ranks = [a.shape[0] for _, a in factors.values()]
     fraction = math.sqrt(kept / total) if combination == "svd" and total > 0 else None
     return AdapterOutput(written, max(ranks, default=0), len(names), fraction)
 
@@ -208,35 +205,3 @@ def _cut(delta: torch.Tensor, rank: int, transposed: bool) -> tuple[torch.Tensor
 def _dtype(plan: MergePlan, tensor: TensorPlan) -> torch.dtype:
     """The factors' dtype: the recipe's output dtype, else float32 (adapters are small)."""
     return plan.recipe_of(tensor).out_dtype or torch.float32
-
-
-def _output_config(
-    first: AdaptedCheckpoint, names: Sequence[str], factors: dict[str, torch.Tensor], rank: int | None,
-) -> AdapterConfig:
-    """Scaling 1 everywhere (alpha = rank, per module where ranks differ), the first adapter's other settings."""
-    ranks = {n.removeprefix(PEFT_PREFIX).removesuffix(s): v.shape[0] for n, v in factors.items()
-             for s in (LINEAR_A, EMBEDDING_A) if n.endswith(s)}
-    top = rank if rank is not None else max(ranks.values())
-    # PEFT reads pattern keys as regular expressions: module names escaped, so a dot is a dot.
-    pattern = {re.escape(module): r for module, r in ranks.items() if r != top}
-    leaves = sorted({n.removesuffix(".weight").rsplit(".", 1)[-1] for n in names})
-    raw = {k: v for k, v in first.config.raw.items() if k not in ("use_dora", "rank_pattern", "alpha_pattern")}
-    return AdapterConfig(r=top, lora_alpha=float(top), rank_pattern=pattern,
-                         alpha_pattern={m: float(r) for m, r in pattern.items()}, target_modules=tuple(leaves),
-                         base_model=first.config.base_model or str(first.base.layout.root), raw=raw)
-
-
-def _write(output: str | Path, factors: dict[str, torch.Tensor], config: AdapterConfig, overwrite: bool,
-           files: Mapping[str, str]) -> Path:
-    with atomic_directory(output, overwrite=overwrite) as temp:
-        specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in factors.items()]
-        # One file, as PEFT reads an adapter (it has no index for shards).
-        prefix = ADAPTER_WEIGHTS.removesuffix(".safetensors")
-        with ShardedWriter(temp, specs, max_shard_size=2**62, prefix=prefix) as writer:
-            for name, value in factors.items():
-                writer.write(name, value)
-        (temp / ADAPTER_CONFIG).write_text(config.to_json(), encoding="utf-8")
-        for name, text in files.items():
-            (temp / name).write_text(text, encoding="utf-8")
-    return Path(output)
-
