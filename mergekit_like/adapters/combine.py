@@ -19,7 +19,6 @@ Each module's factors are read, merged and written one tensor at a time.
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 from mergekit_like.adapters.view import EMBEDDING_A, Adaptation, AdaptedCheckpoint
 from mergekit_like.adapters.writer import AdapterContents, adapter_config, is_causal_lm, write_adapter
 from mergekit_like.errors import RecipeError
+from mergekit_like.merge.engine import tensor_generator
 from mergekit_like.merge.plan import MergePlan, TensorPlan
 from mergekit_like.progress import NullProgress, ProgressSink
 
@@ -172,10 +172,8 @@ def _merged_delta(plan: MergePlan, tensor: TensorPlan, executor: ThreadPoolExecu
     kwargs: dict[str, Any] = dict(tensor.params[0])
     if tensor.base is not None:
         kwargs["base"] = torch.zeros(tensor.shape)
-    if method.uses_generator:
-        generator = torch.Generator()
-        generator.manual_seed(zlib.crc32(f"{plan.recipe.seed}\0{tensor.name}".encode()))
-        kwargs["generator"] = generator
+    if method.uses_generator:  # the same draws as a merge to a model
+        kwargs["generator"] = tensor_generator(plan.recipe_of(tensor).seed, tensor.name, torch.device("cpu"))
     if method.uses_executor:
         kwargs["executor"] = executor
     return method.kernel(deltas, **kwargs).to(torch.float32)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_like.errors import InvalidCheckpointError, short_repr
+from mergekit_like.io.sidefiles import read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -88,14 +89,7 @@ def is_adapter_dir(path: str | Path) -> bool:
 def read_adapter_config(directory: Path) -> AdapterConfig:
     """``directory``'s adapter_config.json, refused with one line for anything not applied as PEFT applies it."""
     path = directory / ADAPTER_CONFIG
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise InvalidCheckpointError(f"the adapter config cannot be read ({type(exc).__name__})", path=path,
-                                     fix="replace it with the adapter's original adapter_config.json") from None
-    if not isinstance(data, dict):
-        raise InvalidCheckpointError("the adapter config is not a mapping", path=path,
-                                     fix="replace it with the adapter's original adapter_config.json")
+    data = read_json_object(path, "adapter config", "replace it with the adapter's original adapter_config.json")
     peft_type = data.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise InvalidCheckpointError(f"peft_type {short_repr(peft_type)} is not supported (only LORA adapters are)",

@@ -45,12 +45,3 @@ def open_model(ref: str, resolve_model: Resolver, *, allow_pickle: bool = False)
         raise InvalidCheckpointError("is a LoRA adapter whose config names no base model", path=path,
                                      fix="give its base as BASE+ADAPTER")
     return open_adapted(path, Path(resolve_model(base)), allow_pickle=allow_pickle)
-
-
-def base_of(ref: str, resolve_model: Resolver) -> str | None:
-    """The base reference of an adapter reference (None for a model): for recipes and cards."""
-    base_ref, adapter_ref = split_adapter_ref(ref)
-    if adapter_ref is not None:
-        return base_ref
-    path = Path(resolve_model(ref))
-    return read_adapter_config(path).base_model if is_adapter_dir(path) else None

@@ -87,6 +87,19 @@ def read_config(source: str | Path) -> dict[str, Any] | None:
     return config
 
 
+def read_json_object(path: Path, what: str, fix: str) -> dict[str, Any]:
+    """A JSON file that must hold an object (an adapter's or a tokenizer's config): one clear error otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise InvalidCheckpointError(f"the {what} cannot be read ({type(exc).__name__})", path=path, fix=fix) from None
+    except RecursionError:
+        raise _nested_too_deeply(path) from None
+    if not isinstance(data, dict):
+        raise InvalidCheckpointError(f"the {what} is not a JSON object", path=path, fix=fix)
+    return data
+
+
 def _write_config(source: Path, destination: Path, out_dtype: torch.dtype | None) -> None:
     try:
         config = json.loads(source.read_text(encoding="utf-8"))

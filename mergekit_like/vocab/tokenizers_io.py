@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_like.errors import InvalidCheckpointError
+from mergekit_like.io.sidefiles import read_json_object
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -73,12 +74,8 @@ def tokenizer_dir_problem(directory: Path) -> str | None:
 def read_tokenizer_json(directory: Path) -> dict[str, Any]:
     """The parsed tokenizer.json of ``directory`` (checked by :func:`tokenizer_dir_problem` first)."""
     path = directory / TOKENIZER_JSON
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise InvalidCheckpointError(f"the tokenizer cannot be read ({type(exc).__name__})", path=path,
-                                     fix="replace it with the model's original tokenizer.json") from None
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+    data = read_json_object(path, "tokenizer", "replace it with the model's original tokenizer.json")
+    if not isinstance(data.get("model"), dict):
         raise InvalidCheckpointError("not a tokenizer.json (no 'model' section)", path=path,
                                      fix="replace it with the model's original tokenizer.json")
     return data
@@ -165,15 +162,7 @@ def read_tokenizer_config(directory: Path) -> dict[str, Any] | None:
     path = directory / TOKENIZER_CONFIG
     if not path.is_file():
         return None
-    try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        raise InvalidCheckpointError("the tokenizer config cannot be read", path=path,
-                                     fix="replace it with the model's original tokenizer_config.json") from None
-    if not isinstance(loaded, dict):
-        raise InvalidCheckpointError("the tokenizer config is not a mapping", path=path,
-                                     fix="replace it with the model's original tokenizer_config.json")
-    return loaded
+    return read_json_object(path, "tokenizer config", "replace it with the model's original tokenizer_config.json")
 
 
 def tokenizer_config_text(source_dir: Path, tokenizer: Any, chat_template: str | None) -> str:
