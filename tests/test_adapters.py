@@ -8,7 +8,6 @@ tool must equal peft's ``merge_and_unload()``.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -101,16 +100,45 @@ def test_bf16_base_rounds_once_as_peft_does(tmp_path: Path) -> None:
     assert all(torch.equal(ours[n], v) for n, v in expected.items())
 
 
-def test_gpt2_conv1d_adapter_with_fan_in_fan_out(tmp_path: Path) -> None:
+def tiny_gpt2(directory: Path) -> Path:
     config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=32)
     torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
-    adapter = make_adapter(tmp_path / "base", tmp_path / "adapter", seed=3, target_modules=["c_attn", "c_fc"],
+    transformers.GPT2LMHeadModel(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("config_says", [True, False])
+def test_gpt2_conv1d_adapter_is_applied_transposed_whatever_its_config_says(config_says: bool,
+                                                                             tmp_path: Path) -> None:
+    # PEFT decides fan_in_fan_out by the layer (Conv1D: on), overriding the config; so does this tool.
+    base = tiny_gpt2(tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "adapter", seed=3, target_modules=["c_attn", "c_proj", "c_fc"],
                            fan_in_fan_out=True)
-    ours = merged_and_unloaded(tmp_path, f"{tmp_path / 'base'}+{adapter}")
-    expected = peft_merged(tmp_path / "base", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": config_says}))
+    ours = merged_and_unloaded(tmp_path, f"{base}+{adapter}")
+    expected = peft_merged(base, adapter)
     for name, value in ours.items():
         torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-7, msg=name)
+    square = "transformer.h.0.attn.c_proj.weight"  # (16, 16): a wrong transpose would fit silently
+    assert not torch.equal(ours[square], load_file(base / "model.safetensors")[square])
+
+
+def test_gpt2_adapters_merge_into_an_adapter_that_peft_loads(tmp_path: Path) -> None:
+    base = tiny_gpt2(tmp_path / "base")
+    a = make_adapter(base, tmp_path / "a", seed=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    b = make_adapter(base, tmp_path / "b", seed=5, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, r=2)
+    models = [{"model": f"{base}+{a}", "parameters": {"weight": 1.0}},
+              {"model": f"{base}+{b}", "parameters": {"weight": 0.5}}]
+    data = {"merge_method": "task_arithmetic", "base_model": str(base), "models": models, "dtype": "float32"}
+    as_model = load_file(merge(tmp_path, models, "model", method="task_arithmetic", base_model=str(base),
+                               dtype="float32") / "model.safetensors")
+    for combination, rank in (("cat", None), ("svd", 6)):
+        out = as_adapter(tmp_path, data, combination, combination, rank=rank)
+        assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+        loaded = peft_merged(base, out)
+        for name, value in as_model.items():
+            torch.testing.assert_close(loaded[name], value, rtol=1e-4, atol=1e-5, msg=f"{combination}: {name}")
 
 
 def test_an_adapter_directory_alone_brings_its_base(tmp_path: Path) -> None:
@@ -121,7 +149,7 @@ def test_an_adapter_directory_alone_brings_its_base(tmp_path: Path) -> None:
     assert torch.equal(merged_and_unloaded(tmp_path, str(adapter))["model.layers.0.self_attn.q_proj.weight"],
                        peft_merged(base, adapter)["model.layers.0.self_attn.q_proj.weight"])
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
-    with pytest.raises(InvalidCheckpointError, match="names no base model.*BASE\\+ADAPTER"):
+    with pytest.raises(InvalidCheckpointError, match=r"names no base model.*BASE\+ADAPTER"):
         merged_and_unloaded(tmp_path, str(adapter), "again")
 
 
@@ -289,6 +317,27 @@ def test_svd_of_a_ties_merge_of_adapters_equals_the_ties_merge_of_their_models_a
         torch.testing.assert_close(loaded[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_a_magnitude_prune_of_adapters_cut_to_a_rank_is_peft_add_weighted_adapter(
+        two_adapters: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, a, b = two_adapters
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), a, adapter_name="a")
+    model.load_adapter(b, adapter_name="b")
+    model.add_weighted_adapter(["a", "b"], [1.0, 0.7], "pruned", combination_type="magnitude_prune_svd",
+                               density=0.5, svd_rank=3)
+    model.set_adapter("pruned")
+    expected = model.merge_and_unload().state_dict()
+    models = [{"model": f"{base}+{a}", "parameters": {"weight": 1.0}},
+              {"model": f"{base}+{b}", "parameters": {"weight": 0.7}}]
+    data = {"merge_method": "magnitude_prune", "base_model": str(base), "parameters": {"density": 0.5},
+            "models": models, "dtype": "float32"}
+    loaded = peft_merged(base, as_adapter(tmp_path, data, "svd", "pruned", rank=3))
+    changed = 0
+    for name, value in load_file(base / "model.safetensors").items():
+        torch.testing.assert_close(loaded[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+        changed += not torch.equal(loaded[name], value)
+    assert changed >= 5  # q, v and up projections of both layers and the embedding
+
+
 def test_a_low_rank_cut_reports_what_it_keeps_and_loads_in_peft(two_adapters: tuple[Path, Path, Path],
                                                                 tmp_path: Path) -> None:
     base, a, b = two_adapters
@@ -315,4 +364,5 @@ def test_an_adapter_output_of_models_or_of_a_non_linear_cat_is_refused(two_adapt
             "models": [{"model": f"{base}+{m}", "parameters": {"weight": 1.0, "density": 0.5}} for m in (a, b)]}
     with planned_merge(parse_recipe(ties)) as plan:
         assert adapter_merge_problems(plan, "svd", 4) == []
-        assert any("cat combines linear and task_arithmetic only" in p for p in adapter_merge_problems(plan, "cat", None))
+        problems = adapter_merge_problems(plan, "cat", None)
+        assert any("cat combines linear and task_arithmetic only" in p for p in problems)

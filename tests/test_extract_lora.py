@@ -318,6 +318,29 @@ def test_embeddings_and_norms_as_asked_and_peft_loads_them(tmp_path: Path, mode:
     assert_peft_gives_the_finetune(base, ft, out)
 
 
+@pytest.mark.integration
+def test_gpt2_conv1d_layers_are_extracted_transposed_and_peft_loads_them(tmp_path: Path) -> None:
+    """GPT-2's Conv1D weights are stored (in, out): their factors are PEFT's, with fan_in_fan_out."""
+    transformers, _ = peft_or_skip()
+    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=32)  # type: ignore[attr-defined]
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)  # type: ignore[attr-defined]
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for i, (name, param) in enumerate(model.named_parameters()):
+            if name.rsplit(".", 2)[-2] in ("c_attn", "c_proj", "c_fc") and param.dim() == 2:
+                param.add_(rank_r(tuple(param.shape), 2, 200 + i, scale=0.2))
+    model.save_pretrained(tmp_path / "ft")
+    result = extract_lora(str(tmp_path / "ft"), str(tmp_path / "base"), tmp_path / "lora", ExtractOptions(rank=2))
+    assert len(result.modules) == 8 and max(m.error for m in result.modules) < 1e-5
+    adapter = tensors(tmp_path / "lora")
+    # c_fc's weight is (16, 64), (in, out): A is (r, in), B is (out, r), as for a Linear (64, 16).
+    assert adapter[PEFT_PREFIX + "transformer.h.0.mlp.c_fc.lora_A.weight"].shape == (2, 16)
+    assert adapter[PEFT_PREFIX + "transformer.h.0.mlp.c_fc.lora_B.weight"].shape == (64, 2)
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    assert_peft_gives_the_finetune(tmp_path / "base", tmp_path / "ft", tmp_path / "lora")
+
+
 @pytest.mark.gpu
 def test_cuda_extraction_matches_the_cpu(tmp_path: Path) -> None:
     base, ft = toy_models(tmp_path, r=3)

@@ -40,6 +40,7 @@ COVERED = {
     "dare_ties",
     "breadcrumbs",
     "breadcrumbs_ties",
+    "magnitude_prune",
     "slerp",
     "wise_ft",
     "model_stock",
@@ -242,6 +243,33 @@ def test_ties_rescale_matches_l1() -> None:
     # k = int(2.5) = 2: keep -5 and 3 ; L1 12 / kept L1 8 = 1.5 -> [0, -7.5, 0, 0, 4.5]
     # D = 2 * that, divisor 2 (normalize) -> + base
     assert torch.equal(out, base + vec(0, -7.5, 0, 0, 4.5))
+
+
+# ---------------------------------------------------------------------------
+# magnitude_prune
+# ---------------------------------------------------------------------------
+
+
+def test_magnitude_prune_adds_the_trimmed_vectors_without_election() -> None:
+    out = kernel("magnitude_prune")(TIES_MODELS, base=TIES_BASE, weight=TIES_WEIGHTS, density=[0.5] * 3)
+    # each keeps int(0.5 * 4) = 2 entries of largest |d_i|:
+    # d1 = [2, 1, 0, -3] -> [2, 0, 0, -3] ; d2 = [2, -1, 0, 1] -> [2, -1, 0, 0] (1 and -1 tie: the first)
+    # d3 = [-1, 1, 0, 2] -> [-1, 0, 0, 2] (|-1| = |1| tie: the first)
+    # weighted sum, no election, no division: [2 + 2 - 5, -1, 0, -3 + 10] = [-1, -1, 0, 7]
+    assert torch.equal(out, TIES_BASE + vec(-1.0, -1.0, 0.0, 7.0))
+
+
+def test_magnitude_prune_at_density_one_is_task_arithmetic() -> None:
+    prune = kernel("magnitude_prune")(TIES_MODELS, base=TIES_BASE, weight=TIES_WEIGHTS, lambda_=0.5)
+    arithmetic = kernel("task_arithmetic")(TIES_MODELS, base=TIES_BASE, weight=TIES_WEIGHTS, lambda_=0.5)
+    assert torch.equal(prune, arithmetic)
+
+
+def test_magnitude_prune_normalized_divides_by_the_weight_sum() -> None:
+    out = kernel("magnitude_prune")(TIES_MODELS, base=TIES_BASE, weight=TIES_WEIGHTS, density=[0.5] * 3,
+                                    normalize=True)
+    # [-1, -1, 0, 7] / (1 + 1 + 5)
+    close(out, TIES_BASE + vec(-1.0, -1.0, 0.0, 7.0) / 7)
 
 
 # ---------------------------------------------------------------------------
@@ -650,6 +678,7 @@ def test_every_method_has_a_paper_link(name: str) -> None:
 # Non-default values that exercise each method's sparsification in the smoke test.
 SMOKE_OVERRIDES: dict[str, dict[str, typing.Any]] = {
     "ties": {"density": 0.5},
+    "magnitude_prune": {"density": 0.5},
     "dare_linear": {"density": 0.5},
     "dare_ties": {"density": 0.5},
     "breadcrumbs": {"density": 0.5, "gamma": 0.1},
@@ -695,7 +724,8 @@ def test_every_method_runs_on_random_tensors(name: str) -> None:
 # Per-model parameters left out (scalar defaults) or given as one scalar for all models.
 # d1 = [1, 1, 1], d2 = [2, 2, 2]; density 1 keeps everything, all signs agree:
 # ties normalises by default: (1 + 2)/2 = 1.5 ; the others sum: 1 + 2 = 3
-PER_MODEL_DEFAULTS = {"ties": 1.5, "dare_linear": 3.0, "dare_ties": 3.0, "breadcrumbs": 3.0, "breadcrumbs_ties": 3.0}
+PER_MODEL_DEFAULTS = {"ties": 1.5, "magnitude_prune": 3.0, "dare_linear": 3.0, "dare_ties": 3.0, "breadcrumbs": 3.0,
+                      "breadcrumbs_ties": 3.0}
 
 
 @pytest.mark.parametrize(("name", "shift"), sorted(PER_MODEL_DEFAULTS.items()))

@@ -69,9 +69,6 @@ def adapter_merge_problems(plan: MergePlan, combination: str, rank: int | None) 
     if any(name not in c.adaptations for c in adapted.values() for name in c.replacements):
         problems.append("an adapter with modules_to_save (whole tensors) cannot be combined as factors; "
                         "merge to a model instead")
-    if any(c.config.fan_in_fan_out for c in adapted.values()):
-        problems.append("an adapter output of fan_in_fan_out adapters (GPT-2's Conv1D layers) is not written here; "
-                        "merge to a model instead")
     if combination == "cat" and plan.recipe.merge_method not in CAT_METHODS:
         problems.append(f"cat combines linear and task_arithmetic only (a sum of the deltas); use svd for "
                         f"{plan.recipe.merge_method}")
@@ -100,28 +97,31 @@ def merge_as_adapter(
     target = rank or max(c.adapter.entry(a.a).shape[0] for c in adapters for a in c.adaptations.values())
     progress.start(len(tensors), sum(t.read_bytes for t in tensors))
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (B, A)
-    embeddings = set()
+    embeddings: set[str] = set()
+    conv1d: set[str] = set()  # GPT-2's Conv1D layers: the config says fan_in_fan_out
     kept, total = 0.0, 0.0
     with torch.no_grad(), ThreadPoolExecutor(2, thread_name_prefix="kernel") as executor:
         for tensor in tensors:
-            if combination == "cat":
-                a, b, embedding = _concatenated(plan, tensor)
-            else:
-                delta = _merged_delta(plan, tensor, executor)
-                a, b, embedding, part, whole = _cut(delta, target, _transposed(plan, tensor))  # transposed: embedding
-                kept, total = kept + part, total + whole
             module = tensor.name.removesuffix(".weight")
+            layout = _adaptation_of(plan, tensor)  # the base's layer, the same in every adapter
+            if combination == "cat":
+                a, b = _concatenated(plan, tensor)
+            else:
+                a, b, part, whole = _cut(_merged_delta(plan, tensor, executor), target, layout.transposed)
+                kept, total = kept + part, total + whole
             dtype = _dtype(plan, tensor)
             factors[module] = (b.to(dtype).contiguous(), a.to(dtype).contiguous())
-            if embedding:
+            if layout.a.endswith(EMBEDDING_A):
                 embeddings.add(module)
+            elif layout.transposed:
+                conv1d.add(module)
             progress.advance(tensor.name, tensor.read_bytes)
     first = adapters[0]
     contents = AdapterContents(
         factors=factors, embeddings=frozenset(embeddings), saved={}, source=first.base,
         all_modules=tuple(dict.fromkeys(n.rpartition(".")[0] for n in first.base.names())),
         base_ref=first.config.base_model or str(first.base.layout.root),
-        causal_lm=is_causal_lm(first.base.layout.root))
+        causal_lm=is_causal_lm(first.base.layout.root), fan_in_fan_out=bool(conv1d))
     written = write_adapter(output, contents, adapter_config(contents), files=files, overwrite=overwrite)
     ranks = [a.shape[0] for _, a in factors.values()]
     fraction = math.sqrt(kept / total) if combination == "svd" and total > 0 else None
@@ -138,19 +138,18 @@ def _coefficients(plan: MergePlan, tensor: TensorPlan) -> list[float]:
     return [w / total for w in weights] if params.get("normalize", True) and total != 0 else weights
 
 
-def _concatenated(plan: MergePlan, tensor: TensorPlan) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    pieces_a, pieces_b, embedding = [], [], False
+def _concatenated(plan: MergePlan, tensor: TensorPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    pieces_a, pieces_b = [], []
     for ref, coefficient in zip(tensor.models, _coefficients(plan, tensor)):
         adapter = plan.checkpoints[ref]
         assert isinstance(adapter, AdaptedCheckpoint)
         adaptation = adapter.adaptations.get(tensor.name)
         if adaptation is None:
             continue  # this adapter leaves the module alone: a zero delta
-        embedding = embedding or adaptation.a.endswith(EMBEDDING_A)
         a, b = (adapter.adapter.read(n).to(torch.float32) for n in (adaptation.a, adaptation.b))
         pieces_a.append(a * (coefficient * adaptation.scaling))
         pieces_b.append(b)
-    return torch.cat(pieces_a, dim=0), torch.cat(pieces_b, dim=1), embedding
+    return torch.cat(pieces_a, dim=0), torch.cat(pieces_b, dim=1)
 
 
 def _delta(adapter: AdaptedCheckpoint, adaptation: Adaptation, shape: tuple[int, ...]) -> torch.Tensor:
@@ -179,25 +178,26 @@ def _merged_delta(plan: MergePlan, tensor: TensorPlan, executor: ThreadPoolExecu
     return method.kernel(deltas, **kwargs).to(torch.float32)
 
 
-def _transposed(plan: MergePlan, tensor: TensorPlan) -> bool:
+def _adaptation_of(plan: MergePlan, tensor: TensorPlan) -> Adaptation:
+    """The first adapter's adaptation of ``tensor`` (some adapter adapts it: it is planned for that)."""
     for ref in tensor.models:
         adapter = plan.checkpoints[ref]
         if isinstance(adapter, AdaptedCheckpoint) and tensor.name in adapter.adaptations:
-            return adapter.adaptations[tensor.name].transposed
-    return False
+            return adapter.adaptations[tensor.name]
+    raise AssertionError(f"no adapter adapts {tensor.name}")
 
 
-def _cut(delta: torch.Tensor, rank: int, transposed: bool) -> tuple[torch.Tensor, torch.Tensor, bool, float, float]:
+def _cut(delta: torch.Tensor, rank: int, transposed: bool) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Factors ``A`` (rank x in) and ``B`` (out x rank) of the best rank-``rank`` approximation of ``delta``.
 
-    For embeddings and fan_in_fan_out layers the factors are of ``delta.T``, as PEFT stores them.
+    For embeddings and Conv1D layers the factors are of ``delta.T``, as PEFT stores them.
     Also returns the squared norms kept and in all.
     """
     matrix = delta.T if transposed else delta
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     r = min(rank, s.shape[0])
     b, a = u[:, :r] * s[:r], vh[:r]
-    return a, b, transposed, float((s[:r] ** 2).sum()), float((s ** 2).sum())
+    return a, b, float((s[:r] ** 2).sum()), float((s ** 2).sum())
 
 
 def _dtype(plan: MergePlan, tensor: TensorPlan) -> torch.dtype:

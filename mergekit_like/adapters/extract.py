@@ -5,7 +5,8 @@ SVD ``U_r S_r V_r^T``, written as ``lora_B = U_r S_r`` (out, r) and ``lora_A = V
 with ``lora_alpha = r``: PEFT's scaling ``alpha / r`` is 1, so ``B @ A`` is the truncated SVD
 itself, the best rank-r approximation (Eckart-Young), and a change of rank r comes back to
 float32 rounding. Input embeddings are cut as ``delta.T``, PEFT's ``lora_embedding_B`` (dim, r)
-and ``lora_embedding_A`` (r, tokens).
+and ``lora_embedding_A`` (r, tokens); GPT-2's Conv1D weights, stored (in, out), as ``delta.T``
+too, into ``lora_A`` / ``lora_B`` with ``fan_in_fan_out``.
 
 One tensor of each model is read at a time. The factors (the adapter itself) are kept until
 every rank is known, then written in one file with the tensors saved whole, read again.
@@ -24,6 +25,7 @@ from typing import Any, Literal
 
 import torch
 
+from mergekit_like.adapters.layers import is_conv1d
 from mergekit_like.adapters.writer import AdapterContents, adapter_config, is_causal_lm, write_adapter
 from mergekit_like.card import CARD_FILE, CardContent, render_card
 from mergekit_like.errors import IncompatibleModelsError, OptionsError, printable, short_repr
@@ -31,6 +33,7 @@ from mergekit_like.io.atomic import check_target
 from mergekit_like.io.dtypes import dtype_name
 from mergekit_like.io.outputs import refuse_output_among_inputs
 from mergekit_like.io.reader import Checkpoint, open_checkpoint
+from mergekit_like.io.sidefiles import read_config
 from mergekit_like.merge.engine import resolve_device
 from mergekit_like.progress import NullProgress, ProgressSink
 from mergekit_like.vocab.tensors import EMBEDDING_SUFFIXES, HEAD_SUFFIXES, TOP_LEVEL_HEADS
@@ -136,6 +139,7 @@ class ExtractionPlan:
     """What each tensor becomes, decided from the headers alone."""
 
     lora: dict[str, Kind]  # weight name -> how it is decomposed
+    conv1d: frozenset[str]  # weights of GPT-2's Conv1D layers, stored (in, out): their transpose is decomposed
     saved: dict[str, tuple[str, ...]]  # module -> its tensors, saved whole (modules_to_save) if one changed
     others: tuple[str, ...]  # tensors the adapter leaves as they are (reported when they changed)
 
@@ -143,6 +147,7 @@ class ExtractionPlan:
 def plan_extraction(base: Checkpoint, finetuned: Checkpoint, options: ExtractOptions) -> ExtractionPlan:
     """Refuses models whose tensors differ in name or shape; sorts the rest into LoRA, saved and left out."""
     check_same_tensors(base, finetuned)
+    config = read_config(finetuned.layout.root)
     lora: dict[str, Kind] = {}
     saved: dict[str, tuple[str, ...]] = {}
     others: list[str] = []
@@ -164,7 +169,8 @@ def plan_extraction(base: Checkpoint, finetuned: Checkpoint, options: ExtractOpt
             saved[module] = names
         else:
             others += names
-    return ExtractionPlan(lora, saved, tuple(others))
+    conv1d = frozenset(w for w, kind in lora.items() if kind == "lora" and is_conv1d(config, w.removesuffix(".weight")))
+    return ExtractionPlan(lora, conv1d, saved, tuple(others))
 
 
 def check_same_tensors(base: Checkpoint, finetuned: Checkpoint) -> None:
@@ -315,7 +321,8 @@ def extract_lora(
         contents = AdapterContents(
             factors=factors, embeddings=frozenset(r.module for r in reports if r.kind == "embedding"),
             saved={m: plan.saved[m] for m in saved}, source=ft_ckpt, all_modules=tuple(_by_module(ft_ckpt)),
-            base_ref=base, causal_lm=is_causal_lm(paths[base]), dtype=options.dtype)
+            base_ref=base, causal_lm=is_causal_lm(paths[base]), dtype=options.dtype,
+            fan_in_fan_out=any(m + ".weight" in plan.conv1d for m in factors))
         config = adapter_config(contents)
         result = ExtractionResult(Path(output), tuple(reports), tuple(saved), tuple(left_out), unchanged + same,
                                   json.loads(config.to_json()))
@@ -335,7 +342,8 @@ def _decompose_all(plan: ExtractionPlan, base: Checkpoint, finetuned: Checkpoint
             unchanged += 1
         else:
             dtype = options.dtype or base.entry(name).dtype
-            (b, a), report = _decompose(name.removesuffix(".weight"), kind, delta, dtype, options)
+            transposed = kind == "embedding" or name in plan.conv1d
+            (b, a), report = _decompose(name.removesuffix(".weight"), kind, delta, transposed, dtype, options)
             factors[report.module] = (b.cpu(), a.cpu())
             reports.append(report)
         del delta
@@ -343,9 +351,10 @@ def _decompose_all(plan: ExtractionPlan, base: Checkpoint, finetuned: Checkpoint
     return factors, reports, unchanged
 
 
-def _decompose(module: str, kind: Kind, delta: torch.Tensor, dtype: torch.dtype,
+def _decompose(module: str, kind: Kind, delta: torch.Tensor, transposed: bool, dtype: torch.dtype,
                options: ExtractOptions) -> tuple[tuple[torch.Tensor, torch.Tensor], ModuleReport]:
-    matrix = delta.T if kind == "embedding" else delta
+    # PEFT factors the (out, in) delta of a Linear, the transpose of an embedding's or a Conv1D's.
+    matrix = delta.T if transposed else delta
     sketch = options.rank + options.oversample if options.fast and options.rank is not None else None
     cut = low_rank(matrix, rank=options.rank, energy=options.energy, sketch=sketch, niter=options.niter,
                    seed=zlib.crc32(module.encode()))

@@ -1,7 +1,7 @@
 """A base model with a LoRA adapter applied, read tensor by tensor as if it were the merged model.
 
 Each adapted weight is formed when it is read, ``W + scale * B @ A`` (the transpose for
-embeddings and ``fan_in_fan_out`` layers), one tensor at a time, exactly as PEFT's
+embeddings and GPT-2's Conv1D layers), one tensor at a time, exactly as PEFT's
 ``merge_and_unload()`` forms it: the product in float32 (PEFT upcasts adapter weights
 on loading), added to the weight and rounded to the weight's dtype. DoRA weights are
 then rescaled row by row to their magnitude vector. ``modules_to_save`` tensors (and an
@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 from mergekit_like.adapters.config import ADAPTER_PICKLE, ADAPTER_WEIGHTS, AdapterConfig, read_adapter_config
+from mergekit_like.adapters.layers import stores_transposed
 from mergekit_like.errors import InvalidCheckpointError
 from mergekit_like.io.reader import Checkpoint, _out_buffer, open_checkpoint
+from mergekit_like.io.sidefiles import read_config
 
 PEFT_PREFIX = "base_model.model."
 # The tensor-name suffixes of a LoRA adapter file, by role.
@@ -34,7 +36,7 @@ class Adaptation:
     a: str
     b: str
     scaling: float
-    transposed: bool  # the delta is (B @ A).T: embeddings, fan_in_fan_out layers
+    transposed: bool  # the delta is (B @ A).T: embeddings, Conv1D (fan_in_fan_out) layers
     magnitude: str | None = None  # DoRA
 
 
@@ -76,7 +78,7 @@ class AdaptedCheckpoint(Checkpoint):
             self._last = None  # freed before the next is made
             adaptation = self.adaptations[name]
             a, b = self.adapter.read(adaptation.a), self.adapter.read(adaptation.b)
-            # delta = B @ A, or its transpose A.T @ B.T for embeddings and fan_in_fan_out layers.
+            # delta = B @ A, or its transpose A.T @ B.T for embeddings and Conv1D layers.
             factors = (a.T, b.T) if adaptation.transposed else (b, a)
             magnitude = self.adapter.read(adaptation.magnitude) if adaptation.magnitude is not None else None
             # An embedding the adapter saved whole (PEFT does when it adapts one) is its weight.
@@ -132,8 +134,10 @@ def plan_adapter(
         else:
             modules.setdefault(module, {})[role] = key
     adaptations = {}
+    model_config = read_config(base.layout.root)  # which layers are GPT-2's Conv1D
     for module, parts in modules.items():
-        adaptations[module + ".weight"] = _adaptation(module, parts, base, adapter, config, where)
+        transposed = stores_transposed(model_config, module, config.fan_in_fan_out)
+        adaptations[module + ".weight"] = _adaptation(module, parts, base, adapter, config, where, transposed)
     for saved in config.modules_to_save:
         if not any(n == saved or n.startswith(saved + ".") or n.endswith("." + saved) or f".{saved}." in n
                    for n in replacements):
@@ -159,7 +163,7 @@ def _role(name: str) -> tuple[str | None, str]:
 
 
 def _adaptation(module: str, parts: dict[str, str], base: Checkpoint, adapter: Checkpoint, config: AdapterConfig,
-                where: Path) -> Adaptation:
+                where: Path, conv1d: bool) -> Adaptation:
     weight = module + ".weight"
     if "unknown" in parts:
         raise InvalidCheckpointError(f"adapter tensor '{parts['unknown']}' is of a kind this tool does not apply",
@@ -175,7 +179,7 @@ def _adaptation(module: str, parts: dict[str, str], base: Checkpoint, adapter: C
                                      fix="use the base model the adapter was trained on")
     a, b = adapter.entry(parts[a_role]).shape, adapter.entry(parts[b_role]).shape
     shape = base.entry(weight).shape
-    transposed = embedding or config.fan_in_fan_out
+    transposed = embedding or conv1d
     # Linear: A (r, in), B (out, r), W (out, in). Embedding: A (r, tokens), B (dim, r), W (tokens, dim).
     expected = (b[0], a[1]) if not transposed else (a[1], b[0])
     if len(a) != 2 or len(b) != 2 or a[0] != b[1] or tuple(shape) != expected:
@@ -187,8 +191,8 @@ def _adaptation(module: str, parts: dict[str, str], base: Checkpoint, adapter: C
         raise InvalidCheckpointError(f"'{module}' has rank {rank} but the config says {config.rank(module)}",
                                      path=where, fix="correct r or rank_pattern in adapter_config.json")
     magnitude = parts.get("m")
-    if magnitude is not None and (embedding or config.fan_in_fan_out):
-        raise InvalidCheckpointError(f"'{module}': DoRA on an embedding or a fan_in_fan_out layer is not applied here",
+    if magnitude is not None and transposed:
+        raise InvalidCheckpointError(f"'{module}': DoRA on an embedding or a Conv1D layer is not applied here",
                                      path=where, fix="merge it into its base with peft's merge_and_unload() first")
     if config.use_dora and magnitude is None:
         raise InvalidCheckpointError(f"use_dora is set but '{module}' has no lora_magnitude_vector", path=where,

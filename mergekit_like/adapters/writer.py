@@ -40,6 +40,7 @@ class AdapterContents:
     base_ref: str  # base_model_name_or_path, as the user named it
     causal_lm: bool  # task_type CAUSAL_LM: PeftModel.from_pretrained gives a PeftModelForCausalLM
     dtype: torch.dtype | None = None  # of the saved tensors; None: the source's
+    fan_in_fan_out: bool = False  # some factors are of GPT-2's Conv1D layers (PEFT decides per layer)
 
     def factor_names(self, module: str) -> tuple[str, str]:
         """The adapter file's names of ``module``'s (B, A)."""
@@ -62,7 +63,7 @@ def adapter_config(contents: AdapterContents) -> AdapterConfig:
         r=r, lora_alpha=float(r), rank_pattern=pattern, alpha_pattern={k: float(v) for k, v in pattern.items()},
         target_modules=target_modules(list(ranks), contents.all_modules),
         modules_to_save=modules_to_save(list(contents.saved), contents.all_modules),
-        base_model=contents.base_ref, raw=raw,
+        base_model=contents.base_ref, raw=raw, fan_in_fan_out=contents.fan_in_fan_out,
     )
 
 

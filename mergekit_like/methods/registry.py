@@ -21,6 +21,7 @@ BUILTIN = (
     "dare_ties",
     "breadcrumbs",
     "breadcrumbs_ties",
+    "magnitude_prune",
     "slerp",
     "wise_ft",
     "model_stock",
