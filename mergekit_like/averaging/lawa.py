@@ -52,7 +52,8 @@ class LAWA(Averager):
     the same order (oldest first), as SWA and the offline command.
     """
 
-    def __init__(self, k: int = 5, nu: int = 0, *, device: torch.device | str | None = None) -> None:
+    def __init__(self, k: int = 5, nu: int = 0, *, start_step: int | None = None,
+                 device: torch.device | str | None = None) -> None:
         super().__init__(device)
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
@@ -60,11 +61,12 @@ class LAWA(Averager):
             raise ValueError(f"nu must be at least 0, got {nu}")
         self.k = k
         self.nu = nu
+        self.start_step = start_step  # snapshots before it are never averaged
         self.kept: list[tuple[int, dict[str, torch.Tensor]]] = []  # (step, snapshot), oldest first
 
     @property
     def label(self) -> str:
-        return f"lawa_k{self.k}_nu{self.nu}"
+        return f"lawa_k{self.k}_nu{self.nu}" + (f"_from{self.start_step}" if self.start_step is not None else "")
 
     @property
     def ready(self) -> bool:
@@ -84,10 +86,15 @@ class LAWA(Averager):
     @torch.no_grad()
     def update(self, snapshot: Snapshot, step: int) -> bool:
         self._check_step(step)
+        if not self.accepts(step):
+            return False
         self.kept.append((step, kept_copy(snapshot, self.device)))
         self.last_step = step
         self._drop_unreachable()
         return True
+
+    def accepts(self, step: int) -> bool:
+        return self.start_step is None or step >= self.start_step
 
     def _drop_unreachable(self) -> None:
         chosen = lawa_selection(self.steps, self.k, self.nu)
