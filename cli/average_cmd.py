@@ -1,4 +1,4 @@
-"""``mergekit-like average``: EMA, SWA, LAWA or SFA over a run's checkpoints."""
+"""``mergekit-like average``: EMA, power EMA, post-hoc EMA, SWA, LAWA or SFA over a run's checkpoints."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from mergekit_like.cli.output import (
 )
 from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 
-from mergekit_like.averaging.offline import MemoryBound, run_average, trajectory_memory_bound
+from mergekit_like.averaging.offline import AverageOutput, MemoryBound, run_average, trajectory_memory_bound
 from mergekit_like.averaging.plan import AverageListing, AveragePlan, AverageSettings, list_average, plan_average
+from mergekit_like.averaging.plots import plot_reconstruction, require_matplotlib
 from mergekit_like.averaging.trajectory import TrajectoryPoint
 from mergekit_like.card import CardContent, common_license, render_card
 from mergekit_like.hub import ModelResolver, model_resolver
@@ -33,10 +34,15 @@ Examples:
   mergekit-like average runs/exp1 --method lawa --k 5 --nu 1000 --every-step -o runs/exp1-lawa
 
   mergekit-like average runs/exp1/checkpoint-3000 --method sfa --anchor runs/exp1/checkpoint-1000 -o out
+
+  mergekit-like average runs/avg/posthoc_ema_0.05_0.1 --method phema --sigma-rel 0.03,0.08,0.15 -o out --plot w.png
 """
 
 PAPERS = {
     "ema": ("https://arxiv.org/abs/2411.18704", "exponential moving average of the checkpoints, step-aware"),
+    "power_ema": ("https://arxiv.org/abs/2312.02696", "EDM2's power-function EMA of the checkpoints (relative width)"),
+    "phema": ("https://arxiv.org/abs/2312.02696", "EDM2's post-hoc EMA: the stored profiles' least-squares "
+                                                  "combination nearest the chosen width"),
     "swa": ("https://arxiv.org/abs/1803.05407", "uniform mean of the checkpoints in a step window"),
     "lawa": ("https://arxiv.org/abs/2209.14981", "mean of the latest k checkpoints spaced nu steps apart"),
     "sfa": ("https://arxiv.org/abs/2503.07507", "(1 - beta) theta + beta theta_o: pulled back toward the anchor"),
@@ -60,12 +66,18 @@ def _floats(text: str | None, option: str) -> tuple[float, ...]:
 def average(
     paths: list[str] = typer.Argument(
         ..., help="A run directory, or checkpoints listed in training order; local paths or ORG/NAME[@REV]."),
-    method: str = typer.Option(..., "--method", "-m", help="ema, swa, lawa or sfa."),
+    method: str = typer.Option(..., "--method", "-m", help="ema, power_ema, phema, swa, lawa or sfa."),
     output: Path = typer.Option(None, "--output", "-o", help="Output directory."),
     decay: str = typer.Option(None, "--decay", help="EMA decay per step; several: 0.99,0.999 (one output each)."),
     half_life: str = typer.Option(None, "--half-life", help="EMA half-life in steps instead of --decay."),
     per_checkpoint: bool = typer.Option(False, "--per-checkpoint", help="EMA: each checkpoint counts as one step."),
-    start: int = typer.Option(None, "--start", help="SWA: first step of the window."),
+    warmup: str = typer.Option(None, "--warmup", help="EMA: inv_gamma, decay 1 - (1 + n/inv_gamma)^-power."),
+    inv_gamma: float = typer.Option(1.0, "--inv-gamma", help="EMA warm-up: its time scale in steps."),
+    power: float = typer.Option(2 / 3, "--power", help="EMA warm-up: its exponent."),
+    min_decay: float = typer.Option(0.0, "--min-decay", help="EMA warm-up: the smallest decay."),
+    sigma_rel: str = typer.Option(None, "--sigma-rel", help="power_ema, phema: relative widths, e.g. 0.05,0.1."),
+    plot: Path = typer.Option(None, "--plot", help="phema: draw the snapshots' weights over training (PNG)."),
+    start: int = typer.Option(None, "--start", help="SWA: first step of the window; EMA, LAWA: first step averaged."),
     end: int = typer.Option(None, "--end", help="SWA: last step of the window."),
     k: int = typer.Option(5, "--k", min=1, help="LAWA: how many checkpoints to average."),
     nu: int = typer.Option(0, "--nu", min=0, help="LAWA: the least steps between averaged checkpoints."),
@@ -88,12 +100,19 @@ def average(
     settings = AverageSettings(
         method, decays=_floats(decay, "--decay"), half_lives=_floats(half_life, "--half-life"),
         per_checkpoint=per_checkpoint, start=start, end=end, k=k, nu=nu, every_step=every_step, beta=beta,
+        warmup=warmup, inv_gamma=inv_gamma, power=power, min_decay=min_decay,
+        sigma_rels=_floats(sigma_rel, "--sigma-rel"),
     )
     if list_only:
         listing = list_average(paths, settings, anchor=anchor, resolve_model=resolver)
         _warn(listing.warnings)
         _print_list(listing, as_json)
         return
+    if plot is not None:
+        if method != "phema":
+            raise typer.BadParameter("--plot draws post-hoc EMA weights: it goes with --method phema",
+                                     param_hint="--plot")
+        require_matplotlib()  # before any work
     plan = plan_average(paths, settings, anchor=anchor, resolve_model=resolver)
     _warn(plan.warnings)
     if output is None:
@@ -111,17 +130,35 @@ def average(
             overwrite=overwrite, max_shard_size=max_shard_size, progress=progress, files=cards,
             check_finite=check_finite, announce=announce,
         )
+    if plot is not None:
+        plot_reconstruction(plan.points, plan.outputs, plot)
     for w in written if push_to_hub else []:
         target = push_to_hub if len(written) == 1 else f"{push_to_hub}-{w.directory.name}"
         push_and_report(w.directory, target, private=private, revision=None, commit_message=None,
                         create_pr=False, token=token, quiet=quiet or as_json)
     if as_json:
         print_json({"method": method, "outputs": [str(w.directory) for w in written],
-                    "checkpoints": len(plan.points)})
+                    "checkpoints": len(plan.points), "reconstruction": _reconstructions(plan)})
     elif not quiet:
         for w in written:
             console.print(f"wrote {w.num_tensors} tensors, {human_bytes(w.total_bytes)} to {w.directory}",
                           highlight=False)
+        for out in plan.outputs:
+            if out.reconstruction is not None:
+                console.print(f"{out.label}: relative profile error {out.reconstruction.error:.2%} from "
+                              f"{len(out.reconstruction.weights)} stored snapshots", highlight=False)
+
+
+def _reconstruction_note(output: AverageOutput) -> dict[str, object]:
+    found = output.reconstruction
+    return {} if found is None else {"reconstructed_at_step": found.step, "reconstruction_error": found.error}
+
+
+def _reconstructions(plan: AveragePlan) -> dict[str, dict[str, object]]:
+    """Post-hoc EMA outputs: each one's snapshot weights (oldest first) and profile error."""
+    return {str(o.label): {"error": o.reconstruction.error, "step": o.reconstruction.step,
+                           "weights": list(o.reconstruction.weights)}
+            for o in plan.outputs if o.reconstruction is not None}
 
 
 def _warn(warnings: tuple[str, ...]) -> None:
@@ -141,7 +178,8 @@ def _cards(plan: AveragePlan, title: str, command: str, resolver: ModelResolver)
     return [{"README.md": render_card(CardContent(
         title=title + (f" ({out.label})" if several else ""), method=method, paper=paper,
         description=description, inputs=[_card_input(points[i], resolver) for i in out.indices],
-        recipe={**recipe, "output": out.label}, has_config=plan.has_config, command=command, relation="merge",
+        recipe={**recipe, "output": out.label, **_reconstruction_note(out)}, has_config=plan.has_config,
+        command=command, relation="merge",
         license=license_,
     ))} for out in plan.outputs]
 

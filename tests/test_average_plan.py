@@ -36,7 +36,7 @@ class Recording:
 
 
 @pytest.mark.parametrize(("settings", "problems"), [
-    (AverageSettings("mean"), ["unknown averaging method 'mean' (known: ema, swa, lawa, sfa)"]),
+    (AverageSettings("mean"), ["unknown averaging method 'mean' (known: ema, power_ema, phema, swa, lawa, sfa)"]),
     (AverageSettings("ema"), ["ema needs --decay or --half-life"]),
     (AverageSettings("ema", decays=(0.9, 1.0, float("nan")), half_lives=(0.0, float("inf"), 1e300)),
      ["decay must be in [0, 1), got 1.0", "decay must be in [0, 1), got nan",
@@ -95,8 +95,12 @@ def test_a_listing_shows_the_checkpoints_whatever_the_settings(tmp_path: Path) -
 
 
 def test_options_are_those_of_the_method_as_they_would_be_typed() -> None:
-    ema = AverageSettings("ema", decays=(0.99, 0.999), half_lives=(100.0,), k=3, start=4)
+    ema = AverageSettings("ema", decays=(0.99, 0.999), half_lives=(100.0,), k=3, end=4)
     assert ema.options() == {"decay": "0.99,0.999", "half_life": "100", "per_checkpoint": False}
+    warm = AverageSettings("ema", decays=(0.99,), warmup="inv_gamma", power=0.75, start=10)
+    assert warm.options() == {"decay": "0.99", "per_checkpoint": False, "warmup": "inv_gamma", "inv_gamma": 1.0,
+                              "power": 0.75, "min_decay": 0.0, "start": 10}
+    assert AverageSettings("phema", sigma_rels=(0.05, 0.1)).options() == {"sigma_rel": "0.05,0.1"}
     assert AverageSettings("ema", decays=(0.12345678,)).options()["decay"] == "0.12345678"
     assert AverageSettings("swa", start=5).options() == {"start": 5}
     assert AverageSettings("lawa").options() == {"k": 5, "nu": 0, "every_step": False}

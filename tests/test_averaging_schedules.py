@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,37 @@ def test_start_step_skips_earlier_snapshots_for_ema_and_lawa() -> None:
     assert torch.equal(ema.result()["w"], torch.full((2,), 4.25))
     assert torch.equal(lawa.result()["w"], torch.full((2,), 4.5))
     assert ema.label == "ema_0.5_from3" and lawa.label == "lawa_k2_nu0_from3"
+
+
+# -- the offline command -----------------------------------------------------------------------
+
+
+def test_the_average_command_tracks_power_ema_and_warmed_up_ema_as_the_hook_does(tmp_path: Path) -> None:
+    from helpers import write_checkpoint
+    from mergekit_like.cli.main import app
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    steps = [5, 10, 20, 40, 80]
+    points = trajectory(steps)
+    for step in steps:
+        write_checkpoint(tmp_path / "run" / f"checkpoint-{step}", {"w": points[step].float()})
+    runner = CliRunner()
+    result = runner.invoke(app, ["average", str(tmp_path / "run"), "--method", "power_ema", "--sigma-rel",
+                                 "0.1,0.2", "-o", str(tmp_path / "power"), "-q"])
+    assert result.exit_code == 0, result.output
+    for sigma_rel in (0.1, 0.2):
+        online = PowerEMA(sigma_rel)
+        for step in steps:
+            online.update({"w": points[step].float()}, step)
+        written = load_file(tmp_path / "power" / f"power_ema_sr{sigma_rel:g}" / "model.safetensors")
+        assert torch.equal(written["w"], online.result()["w"])
+    result = runner.invoke(app, ["average", str(tmp_path / "run"), "--method", "ema", "--decay", "0.9",
+                                 "--warmup", "inv_gamma", "--power", "0.75", "--start", "10", "-o",
+                                 str(tmp_path / "ema"), "-q"])
+    assert result.exit_code == 0, result.output
+    online_ema = EMA(0.9, warmup="inv_gamma", power=0.75, start_step=10)
+    for step in steps:
+        online_ema.update({"w": points[step].float()}, step)
+    assert torch.equal(load_file(tmp_path / "ema" / "model.safetensors")["w"], online_ema.result()["w"])
+    assert "--warmup inv_gamma" in (tmp_path / "ema" / "README.md").read_text()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -73,6 +74,21 @@ def step_number(value: Any, key: str) -> int | None:
     return value
 
 
+@dataclass(frozen=True)
+class StoredSnapshot:
+    """Tensors an averager wants kept beside its average (post-hoc EMA's profiles), with a description.
+
+    Written under the average's directory as ``<name>/`` (floating tensors in ``dtype``), with
+    ``info`` as JSON in ``<name>/<info_file>``.
+    """
+
+    name: str
+    tensors: Mapping[str, torch.Tensor]
+    dtype: torch.dtype
+    info_file: str
+    info: Mapping[str, Any]
+
+
 class Averager(ABC):
     """One averaging rule over snapshots taken at increasing steps.
 
@@ -115,6 +131,10 @@ class Averager(ABC):
     def accepts(self, step: int) -> bool:
         """Whether a snapshot at ``step`` would be folded in (SWA's window)."""
         return True
+
+    def stored_snapshots(self, *, final: bool = False) -> list[StoredSnapshot]:
+        """Snapshots to keep beside the average, due after the last update (``final``: at the run's end)."""
+        return []
 
     def _check_step(self, step: int) -> None:
         if self.last_step is not None and step <= self.last_step:

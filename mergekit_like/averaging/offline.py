@@ -19,12 +19,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mergekit_like.averaging.base import Averager
 from mergekit_like.averaging.ema import EMA
-from mergekit_like.averaging.lawa import lawa_selection
+from mergekit_like.averaging.lawa import LAWA, lawa_selection
+from mergekit_like.averaging.posthoc import FixedCombination, Reconstruction, read_snapshot_info, reconstruct
+from mergekit_like.averaging.power_ema import PowerEMA
 from mergekit_like.averaging.sfa import AnchorPull
 from mergekit_like.averaging.swa import SWA, UniformMean
 from mergekit_like.averaging.trajectory import TrajectoryPoint
@@ -53,6 +56,7 @@ class AverageOutput:
     indices: tuple[int, ...]  # positions in the trajectory, oldest first
     make: Callable[[], Averager]  # a fresh state for each tensor
     state_tensors: int = 1  # float32 tensors one state holds per name (SFA keeps the anchor too)
+    reconstruction: Reconstruction | None = None  # post-hoc EMA: the snapshots' weights and the error
 
     @property
     def last(self) -> int:
@@ -60,12 +64,43 @@ class AverageOutput:
 
 
 def ema_outputs(points: Sequence[TrajectoryPoint], decays: Sequence[float] = (),
-                half_lives: Sequence[float] = (), per_checkpoint: bool = False) -> list[AverageOutput]:
-    """One EMA per decay and per half-life, each over the whole trajectory."""
+                half_lives: Sequence[float] = (), per_checkpoint: bool = False, *, start: int | None = None,
+                **warmup: Any) -> list[AverageOutput]:
+    """One EMA per decay and per half-life, over the checkpoints from ``start`` (``warmup``: EMA's options)."""
+    kept = _from_step(points, start, "EMA")
+    options = dict(per_checkpoint=per_checkpoint, start_step=start, **warmup)
+    makers = [functools.partial(EMA, d, **options) for d in decays]
+    makers += [functools.partial(EMA, half_life=h, **options) for h in half_lives]
+    return [AverageOutput(make().label, kept, make) for make in makers]
+
+
+def power_ema_outputs(points: Sequence[TrajectoryPoint], sigma_rels: Sequence[float]) -> list[AverageOutput]:
+    """One power-function EMA per relative width, over the whole trajectory (steps from 0)."""
     everything = tuple(range(len(points)))
-    makers = [functools.partial(EMA, d, per_checkpoint=per_checkpoint) for d in decays]
-    makers += [functools.partial(EMA, half_life=h, per_checkpoint=per_checkpoint) for h in half_lives]
+    makers = [functools.partial(PowerEMA, s) for s in sigma_rels]
     return [AverageOutput(make().label, everything, make) for make in makers]
+
+
+def phema_outputs(points: Sequence[TrajectoryPoint], sigma_rels: Sequence[float]) -> list[AverageOutput]:
+    """Post-hoc EMA: per width, the stored snapshots' combination nearest it at the newest step."""
+    infos = [read_snapshot_info(p.path) for p in points]
+    steps, gammas = [i.step for i in infos], [i.gamma for i in infos]
+    outputs = []
+    for sigma_rel in sigma_rels:
+        found = reconstruct(steps, gammas, sigma_rel, max(steps))
+        label = f"phema_sr{sigma_rel:g}"
+        make = functools.partial(FixedCombination, found.weights, label)
+        # The sum is kept in float64: two float32 states' worth.
+        outputs.append(AverageOutput(label, tuple(range(len(points))), make, state_tensors=2, reconstruction=found))
+    return outputs
+
+
+def _from_step(points: Sequence[TrajectoryPoint], start: int | None, what: str) -> tuple[int, ...]:
+    kept = tuple(i for i, p in enumerate(points) if start is None or p.step >= start)
+    if not kept:
+        raise RecipeError([f"no checkpoint has a step from the {what} start {start} on "
+                           f"(steps run from {points[0].step} to {points[-1].step})"])
+    return kept
 
 
 def swa_outputs(points: Sequence[TrajectoryPoint], start: int | None, end: int | None) -> list[AverageOutput]:
@@ -78,15 +113,16 @@ def swa_outputs(points: Sequence[TrajectoryPoint], start: int | None, end: int |
     return [AverageOutput(window.label, indices, lambda: SWA(start, end))]
 
 
-def lawa_outputs(points: Sequence[TrajectoryPoint], k: int, nu: int, every_step: bool = False
-                 ) -> list[AverageOutput]:
-    """LAWA at the newest checkpoint, or (every_step) at every position of the trajectory."""
-    steps = [p.step for p in points]
-    positions = range(len(points)) if every_step else [len(points) - 1]
+def lawa_outputs(points: Sequence[TrajectoryPoint], k: int, nu: int, every_step: bool = False, *,
+                 start: int | None = None) -> list[AverageOutput]:
+    """LAWA at the newest checkpoint, or (every_step) at every position, of the checkpoints from ``start``."""
+    kept = _from_step(points, start, "LAWA")
+    steps = [points[i].step for i in kept]
+    positions = range(len(kept)) if every_step else [len(kept) - 1]
     outputs = []
     for position in positions:
-        chosen = tuple(lawa_selection(steps[: position + 1], k, nu))
-        label = f"step_{steps[position]}" if every_step else f"lawa_k{k}_nu{nu}"
+        chosen = tuple(kept[i] for i in lawa_selection(steps[: position + 1], k, nu))
+        label = f"step_{steps[position]}" if every_step else LAWA(k, nu, start_step=start).label
         outputs.append(AverageOutput(label, chosen, UniformMean))
     return outputs
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from mergekit_like.averaging.base import Averager, StateDict
+from mergekit_like.averaging.base import Averager, StateDict, StoredSnapshot
 from mergekit_like.errors import HookUsageError, InvalidCheckpointError, UnknownAverageError
 from mergekit_like.io.atomic import pid_alive
 from mergekit_like.io.outputs import OutputSpec, WriteItem, write_checkpoints
@@ -110,6 +110,7 @@ def run_sidecar(
         except queue.Empty:
             if not _alive(settings.parent_pid):
                 logger.warning("the training process is gone; saving the averages and exiting")
+                sidecar.store_snapshots(final=True)
                 sidecar.save()
                 return
             continue
@@ -123,6 +124,7 @@ def serve(sidecar: Sidecar, message: tuple[Any, ...], replies: Any, free: Any) -
     if kind == "snapshot":
         try:
             sidecar.fold(message[1])
+            sidecar.store_snapshots()
             sidecar.save_if_due()
         except Exception:
             # Nobody waits for an answer to a snapshot: the log is where this failure shows.
@@ -135,6 +137,7 @@ def serve(sidecar: Sidecar, message: tuple[Any, ...], replies: Any, free: Any) -
         if kind == "average":
             value: Any = sidecar.average(argument)
         elif kind == "close":
+            sidecar.store_snapshots(final=True)
             sidecar.save()
             value = sidecar.last_step
         else:
@@ -192,6 +195,20 @@ class Sidecar:
         return {n: t.clone() for n, t in averager.result().items()}
 
     # -- persistence ---------------------------------------------------------------
+    def store_snapshots(self, *, final: bool = False) -> None:
+        """Writes the snapshots the averagers keep beside their averages (post-hoc EMA's profiles)."""
+        for averager in self.averagers:
+            for stored in averager.stored_snapshots(final=final):
+                self._write_stored(averager, stored)
+
+    def _write_stored(self, averager: Averager, stored: StoredSnapshot) -> None:
+        target = self.settings.out_dir / averager.label / stored.name
+        dtypes = {n: stored.dtype if t.is_floating_point() else t.dtype for n, t in stored.tensors.items()}
+        specs = [TensorSpec(n, dtypes[n], tuple(t.shape)) for n, t in stored.tensors.items()]
+        items = (WriteItem(0, n, t.to(dtypes[n])) for n, t in stored.tensors.items())
+        files = {stored.info_file: json.dumps(dict(stored.info)) + "\n"}
+        write_checkpoints(target, [OutputSpec(files=files)], specs, items, overwrite=True)
+
     def save(self) -> None:
         """Writes every ready average as step_N/, moves ``latest``, and saves the state."""
         if self.last_step is None or self.last_step == self.saved_step:
