@@ -19,6 +19,13 @@ before it ran is restarted at most MAX_UNSTARTED_RESTARTS times in a row. Every
 wait for the sidecar is bounded and checks, in short slices, that it still runs;
 its answers are read whole by a thread of the hook, so one that dies halfway
 through an answer leaves no caller reading the rest forever.
+
+``with avg.swapped_in("ema_0.999"): evaluate(model)`` evaluates with an average:
+the training weights go to host memory (one copy, in their own dtype), the
+average is copied into the live parameters and floating buffers a chunk at a
+time, and on leaving the block (also by an exception) the training weights are
+copied back bit for bit. Only a process that runs a sidecar has the average: under
+DDP that is rank 0 alone (nothing is broadcast); under FSDP every rank swaps its shard.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
@@ -277,6 +285,7 @@ class WeightAveraging:
         self._anchor: dict[str, torch.Tensor] | None = None
         self._task_step = 0
         self._merged_at: int | None = None  # the task step of the last merge-back
+        self._swapped: str | None = None  # the label swapped in by swapped_in(), while its block runs
         self._pending: tuple[int, Any] | None = None  # (step, CUDA event) of a copy in flight
         self._requests = itertools.count()
         self._unstarted_restarts = 0  # restarts since a sidecar last ran (bounded by MAX_UNSTARTED_RESTARTS)
@@ -391,6 +400,7 @@ class WeightAveraging:
     # -- the training loop ---------------------------------------------------------------
     def step(self) -> None:
         """Call once per optimizer step; snapshots every ``snapshot_every`` steps."""
+        self._refuse_inside_swap("step()")
         self.step_count += 1
         if self.sfa is not None:
             self._sfa_step(self.sfa)
@@ -448,6 +458,7 @@ class WeightAveraging:
         """Takes theta_o, the model at the start of a task, into (pinned) host memory."""
         if self.sfa is None:
             raise HookUsageError("start_task() needs SFA(...) among the averages given to WeightAveraging")
+        self._refuse_inside_swap("start_task()")
         self._anchor = {n: _host_copy(t) for n, t in _snapshot_tensors(self.model).items()
                         if t.is_floating_point()}
         self._task_step = 0
@@ -470,6 +481,7 @@ class WeightAveraging:
             raise HookUsageError("merge_back() needs SFA(...) among the averages given to WeightAveraging")
         if self._anchor is None:
             raise HookUsageError("call start_task() first: it takes theta_o, the model the merge-back pulls toward")
+        self._refuse_inside_swap("merge_back()")
         check_beta(self.sfa.beta)  # once here: the pull itself trusts its beta
         with torch.no_grad():
             for name, live in _snapshot_tensors(self.model).items():
@@ -488,9 +500,7 @@ class WeightAveraging:
         :class:`HookUsageError` for an average that holds no snapshot yet, and
         :class:`SidecarError` when the sidecar dies or does not answer within ``timeout`` seconds.
         """
-        if label not in self.labels():
-            kept = ", ".join(self.labels()) or "none (SFA changes the model itself)"
-            raise UnknownAverageError(f"no average named {label!r}; this hook keeps: {kept}")
+        self._check_label(label)
         if self._closed:
             raise HookUsageError(f"averaged_state_dict() after close(): read the averages saved in {self.out_dir}")
         if not self._revive():
@@ -499,6 +509,57 @@ class WeightAveraging:
         self._finish_pending_copy()
         value: dict[str, torch.Tensor] = self._request("average", label, timeout)
         return value
+
+    @contextmanager
+    def swapped_in(self, label: str, *, timeout: float = REPLY_TIMEOUT) -> Iterator[None]:
+        """Runs the ``with`` block with the average ``label`` in the live model; restores it bit for bit after.
+
+        Parameters and floating buffers get the average cast to their own dtype and device, copied
+        a chunk at a time (no float32 copy of the model on the GPU); integer buffers
+        (``num_batches_tracked``) keep their values. The training weights wait in host memory (pinned
+        for CUDA tensors) and are copied back when the block ends, also when it raises. ``step()``
+        inside the block is refused: it would average the average. Needs this process's sidecar: under
+        DDP only rank 0 has the average and nothing is broadcast, so evaluate with it on rank 0 alone.
+
+        Raises what :meth:`averaged_state_dict` raises, and :class:`HookUsageError` inside another
+        swap, after :meth:`close` and in a process that runs no sidecar.
+        """
+        self._check_label(label)
+        self._refuse_swap(label)
+        live = {n: t for n, t in _snapshot_tensors(self.model).items() if t.is_floating_point()}
+        average = self.averaged_state_dict(label, timeout=timeout)
+        _check_average_fits(average, live, label)
+        training = {n: _host_copy(t) for n, t in live.items()}
+        self._swapped = label
+        try:
+            _load(live, average)
+            del average  # its host memory is not needed while the block runs
+            yield
+        finally:
+            _load(live, training)
+            self._swapped = None
+
+    def _check_label(self, label: str) -> None:
+        if label not in self.labels():
+            kept = ", ".join(self.labels()) or "none (SFA changes the model itself)"
+            raise UnknownAverageError(f"no average named {label!r}; this hook keeps: {kept}")
+
+    def _refuse_swap(self, label: str) -> None:
+        """Raises :class:`HookUsageError` when ``swapped_in(label)`` cannot run now."""
+        if self._swapped is not None:
+            raise HookUsageError(f"swapped_in({label!r}) inside swapped_in({self._swapped!r}): leave the first "
+                                 f"block before swapping in another average")
+        if self._closed:
+            raise HookUsageError(f"swapped_in({label!r}) after close(): no sidecar holds the average any more; "
+                                 f"load it from {self.out_dir}")
+        if self._link is None:
+            raise HookUsageError(f"swapped_in({label!r}) in a process that keeps no averages: under DDP only rank 0 "
+                                 f"has them (nothing is broadcast), so evaluate with the average on rank 0 alone")
+
+    def _refuse_inside_swap(self, call: str) -> None:
+        if self._swapped is not None:
+            raise HookUsageError(f"{call} inside swapped_in({self._swapped!r}): the model holds the average, not the "
+                                 f"training weights; call it after the with-block")
 
     def wait_until_ready(self, timeout: float = 120.0) -> bool:
         """Blocks until the sidecar runs and can take a snapshot (the hook itself never waits)."""
@@ -577,11 +638,44 @@ def _pull_in_chunks(live: torch.Tensor, anchor: torch.Tensor, beta: float) -> No
 
     The only GPU scratch is the anchor's chunk on its way in: the pull writes into ``live``.
     """
-    flat_live, flat_anchor = live.view(-1), anchor.view(-1)
-    for start in range(0, flat_live.numel(), SFA_CHUNK):
-        part = flat_live[start:start + SFA_CHUNK]
-        theta_o = flat_anchor[start:start + SFA_CHUNK].to(live.device, non_blocking=True)
+    for part, theta_o in _device_chunks(live, anchor):
         sfa_pull(part, theta_o, beta, out=part)
+
+
+def _device_chunks(live: torch.Tensor, source: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs of a chunk of ``live`` (a view to write through) and the same chunk of ``source`` on live's device.
+
+    ``source`` keeps its dtype: a float32 chunk of :data:`SFA_CHUNK` elements is the only scratch on the
+    device. A tensor not contiguous in the standard layout (a channels-last convolution) has no flat view,
+    so it comes whole.
+    """
+    if not live.is_contiguous():
+        yield live, source.to(live.device)
+        return
+    flat_live, flat_source = live.view(-1), source.reshape(-1)
+    for start in range(0, flat_live.numel(), SFA_CHUNK):
+        yield flat_live[start:start + SFA_CHUNK], flat_source[start:start + SFA_CHUNK].to(live.device,
+                                                                                         non_blocking=True)
+
+
+def _load(live: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    """Copies each of ``values`` into the live tensor of its name, cast to that tensor's dtype, in chunks."""
+    with torch.no_grad():
+        for name, tensor in live.items():
+            for part, chunk in _device_chunks(tensor, values[name]):
+                part.copy_(chunk)
+
+
+def _check_average_fits(average: dict[str, torch.Tensor], live: dict[str, torch.Tensor], label: str) -> None:
+    """Raises :class:`HookUsageError` before the swap touches anything when the average lacks a tensor or
+    has another shape (the model changed since the hook was made)."""
+    for name, tensor in live.items():
+        value = average.get(name)
+        if value is None or value.shape != tensor.shape:
+            found = "no such tensor" if value is None else f"shape {tuple(value.shape)}"
+            raise HookUsageError(f"the average {label!r} does not fit the model: tensor {name!r} has shape "
+                                 f"{tuple(tensor.shape)}, the average {found}; make a new WeightAveraging for a "
+                                 f"changed model")
 
 
 def _snapshot_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
