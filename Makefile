@@ -12,7 +12,7 @@ EXAMPLE_DIR ?= example
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e '.[test,integration]'
+	$(BIN)/python -m pip install -q -e '.[test,integration,distributed]'
 	touch $(STAMP)
 
 install: $(STAMP)

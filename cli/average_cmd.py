@@ -19,11 +19,12 @@ from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_to
 
 from mergekit_like.averaging.offline import AverageOutput, MemoryBound, run_average, trajectory_memory_bound
 from mergekit_like.averaging.plan import AverageListing, AveragePlan, AverageSettings, list_average, plan_average
-from mergekit_like.averaging.plots import plot_reconstruction, require_matplotlib
+from mergekit_like.averaging.plots import plot_reconstruction
 from mergekit_like.averaging.trajectory import TrajectoryPoint
 from mergekit_like.card import CardContent, common_license, render_card
 from mergekit_like.hub import ModelResolver, model_resolver
 from mergekit_like.io.dtypes import parse_dtype
+from mergekit_like.plotting import require_matplotlib
 
 HELP = """Average the checkpoints of a training run (one streaming pass).
 

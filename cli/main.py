@@ -14,6 +14,7 @@ from mergekit_like.cli import (
     inspect_cmd,
     merge_cmd,
     push_cmd,
+    search_cmd,
     soup_cmd,
     verify_cmd,
 )
@@ -62,6 +63,7 @@ def _root(
 merge_cmd.register(app)
 average_cmd.register(app)
 soup_cmd.register(app)
+search_cmd.register(app)
 consolidate_cmd.register(app)
 push_cmd.register(app)
 verify_cmd.register(app)

@@ -203,3 +203,15 @@ class OptionsError(MergekitLikeError, ValueError):
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = list(problems)
         super().__init__("; ".join(self.problems))
+
+
+class EvaluationError(MergekitLikeError, RuntimeError):
+    """The evaluator of a soup or a search failed or gave no score; ``output``: all it printed."""
+
+    def __init__(self, message: str, *, output: str | None = None) -> None:
+        super().__init__(message)
+        self.output = output
+
+
+class SearchError(MergekitLikeError, RuntimeError):
+    """A merge search cannot go on: every trial failed, the cluster is unreachable, the study is not this one."""

@@ -20,16 +20,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergekit_like.errors import MergekitLikeError
+from mergekit_like.errors import EvaluationError
 from mergekit_like.io.atomic import pid_alive
 from mergekit_like.merge.engine import MergeOptions, planned_merge, run_merge
 from mergekit_like.merge.recipe import MergeRecipe, recipe_from_cli
 
 Evaluator = Callable[[Path], float]
-
-
-class EvaluationError(MergekitLikeError, RuntimeError):
-    """The evaluator failed or gave no score."""
 
 
 @dataclass
@@ -92,11 +88,12 @@ def command_evaluator(template: str, timeout: float | None = None) -> Evaluator:
             done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise EvaluationError(f"eval command timed out after {timeout} s on {path}: {command}") from None
-        tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
+        output = done.stdout + done.stderr
+        tail = output.strip().splitlines()[-5:]
         if done.returncode != 0:
             raise EvaluationError(
                 f"eval command failed (exit {done.returncode}) on {path}: {command}; last output: "
-                + " | ".join(tail)
+                + " | ".join(tail), output=output,
             )
         lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
         try:
@@ -104,10 +101,10 @@ def command_evaluator(template: str, timeout: float | None = None) -> Evaluator:
         except (IndexError, ValueError):
             raise EvaluationError(
                 f"eval command printed no number as its last line on {path}: {command}; last output: "
-                + (" | ".join(tail) or "(nothing)")
+                + (" | ".join(tail) or "(nothing)"), output=output,
             ) from None
         if math.isnan(score):
-            raise EvaluationError(f"eval command printed NaN on {path}: {command}")
+            raise EvaluationError(f"eval command printed NaN on {path}: {command}", output=output)
         return score
 
     return evaluate

@@ -4,24 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 
 from mergekit_like.averaging.offline import AverageOutput
 from mergekit_like.averaging.posthoc import read_snapshot_info
 from mergekit_like.averaging.trajectory import TrajectoryPoint
-from mergekit_like.errors import OptionsError
-
-
-def require_matplotlib() -> ModuleType:
-    """pyplot, on a backend that needs no display; a one-line error when matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise OptionsError(["--plot needs matplotlib: pip install matplotlib"]) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from mergekit_like.plotting import require_matplotlib
 
 
 def plot_reconstruction(points: Sequence[TrajectoryPoint], outputs: Sequence[AverageOutput], path: Path) -> Path:
