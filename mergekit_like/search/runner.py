@@ -10,9 +10,11 @@ same for all three (Optuna's ask-and-tell interface).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
+import random
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass, field
@@ -116,8 +118,8 @@ def run_search(
         out.mkdir(parents=True, exist_ok=True)
     study = _study(optuna, space, out, settings, resume)
     records = _previous_records(out) if resume else []
-    _requeue_unfinished(optuna, study)
-    finished = sum(1 for t in study.trials if t.state.is_finished())
+    cut_short = _requeue_unfinished(optuna, study)
+    finished = sum(1 for t in study.trials if t.state.is_finished()) - cut_short
     budget = _trial_budget(space, settings) - finished
     with make_executor(settings) as executor:
         _loop(optuna, study, space, evaluate, executor, budget, out, records, options, on_trial, settings)
@@ -155,6 +157,8 @@ def _study(optuna: Any, space: SearchSpace, out: Path, settings: SearchSettings,
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction=settings.direction,
                                 sampler=_sampler(optuna, space, settings), load_if_exists=False)
     study.set_user_attr("ranges", names)
+    if settings.sampler == "grid":
+        _enqueue_grid(study, space, settings)
     return study
 
 
@@ -167,7 +171,18 @@ def _sampler(optuna: Any, space: SearchSpace, settings: SearchSettings) -> Any:
         return samplers.CmaEsSampler(seed=settings.seed, warn_independent_sampling=False)
     if settings.sampler == "random":
         return samplers.RandomSampler(seed=settings.seed)
-    return samplers.GridSampler(grid_space(space.ranges, settings.grid_points), seed=settings.seed)
+    # The grid: every point is enqueued when the study is made (see _enqueue_grid); Optuna's GridSampler
+    # stops the study from inside tell(), which only its own optimize loop allows.
+    return samplers.RandomSampler(seed=settings.seed)
+
+
+def _enqueue_grid(study: Any, space: SearchSpace, settings: SearchSettings) -> None:
+    """Every point of the grid, in a seeded random order, as trials to ask first."""
+    grid = grid_space(space.ranges, settings.grid_points)
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    random.Random(settings.seed).shuffle(points)
+    for point in points[:settings.trials]:
+        study.enqueue_trial(point)
 
 
 def _trial_budget(space: SearchSpace, settings: SearchSettings) -> int:
@@ -180,12 +195,16 @@ def _trial_budget(space: SearchSpace, settings: SearchSettings) -> int:
     return min(settings.trials, size)
 
 
-def _requeue_unfinished(optuna: Any, study: Any) -> None:
-    """Trials a killed run left running are marked failed and asked again with the same values."""
-    for trial in study.trials:
-        if trial.state == optuna.trial.TrialState.RUNNING:
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(dict(trial.params), skip_if_exists=False)
+def _requeue_unfinished(optuna: Any, study: Any) -> int:
+    """Trials a killed run left running are marked failed and asked again with the same values.
+
+    Returns how many: they do not count against the trial budget (their new runs do).
+    """
+    unfinished = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    for trial in unfinished:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(dict(trial.params), skip_if_exists=False)
+    return len(unfinished)
 
 
 def _loop(optuna: Any, study: Any, space: SearchSpace, evaluate: Evaluator, executor: Executor, budget: int,
