@@ -6,7 +6,17 @@ prints the median step time and extra persistent device memory of:
 
 - no averaging;
 - torch.optim.swa_utils.AveragedModel with an EMA (the usual in-process approach);
-- this project's hook (sidecar process) at snapshot_every 1 and 10.
+- this project's hook (sidecar process) at snapshot_every 1 and 10, with one EMA;
+- the hook at snapshot_every 1 and 10 with a post-hoc EMA, ``PostHocEMA((0.05, 0.10))``:
+  two power-function EMA profiles, both stored in float16 every ``--posthoc-store-every``
+  steps (a short run stores several times, so the cost of storing is part of the figure).
+
+For every configuration with a hook it also prints the sidecar's peak resident memory
+(RSS): a thread samples ``psutil.Process().children(recursive=True)`` every 50 ms from
+before the hook is made until ``close()`` has returned (the final save included), summing
+the RSS of every child except multiprocessing's resource tracker. RSS counts the sidecar's
+Python and torch runtime and the shared snapshot buffers it has touched (pages the trainer
+maps as well), beside its float32 averages.
 
 The project's targets (on a GPU): snapshot_every=10 within 1% of no hook; snapshot_every=1
 within 5%; zero extra persistent GPU memory (AveragedModel keeps a second model copy).
@@ -18,11 +28,14 @@ within 5%; zero extra persistent GPU memory (AveragedModel keeps a second model 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 
+import psutil
 import torch
 
 SIZES = {  # hidden, intermediate, layers, vocab
@@ -53,6 +66,48 @@ def loss_of(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
                                              batch[:, 1:].reshape(-1))
 
 
+class SidecarMemory:
+    """Peak RSS of this process's children but multiprocessing's resource tracker, sampled by a thread."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak = 0
+        self.seen = False  # whether any child other than the tracker was found
+        self._tracker: dict[int, bool] = {}  # pid -> is the resource tracker (its command line is read once)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sidecar-memory", daemon=True)
+
+    def __enter__(self) -> SidecarMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(self.interval):
+                return
+
+    def _is_tracker(self, child: psutil.Process) -> bool:
+        if child.pid not in self._tracker:
+            self._tracker[child.pid] = "resource_tracker" in " ".join(child.cmdline())
+        return self._tracker[child.pid]
+
+    def sample(self) -> None:
+        total = 0
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if not self._is_tracker(child):
+                    total += child.memory_info().rss
+                    self.seen = True
+            except psutil.Error:  # it exited between the listing and the reading
+                continue
+        self.peak = max(self.peak, total)
+
+
 def measure(name: str, size: str, device: torch.device, steps: int, batch: int, seq: int,
             setup: Callable[[torch.nn.Module], tuple[Callable[[], None], Callable[[], None]]]) -> dict:
     torch.manual_seed(0)
@@ -68,23 +123,24 @@ def measure(name: str, size: str, device: torch.device, steps: int, batch: int, 
         optimizer.zero_grad()
     sync()
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    after_step, finish = setup(model)
-    times = []
-    for _ in range(steps):
-        sync()
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss_of(model, data).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        after_step()
-        sync()
-        times.append(time.perf_counter() - start)
-    extra = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else 0
-    finish()
+    with SidecarMemory() as sidecar:
+        after_step, finish = setup(model)
+        times = []
+        for _ in range(steps):
+            sync()
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss_of(model, data).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            after_step()
+            sync()
+            times.append(time.perf_counter() - start)
+        extra = (torch.cuda.memory_allocated(device) - before) if device.type == "cuda" else 0
+        finish()
     params = sum(p.numel() for p in model.parameters())
     return {"name": name, "median_ms": 1000 * statistics.median(times[2:]), "extra_mb": extra / 1e6,
-            "params": params}
+            "params": params, "sidecar_rss_mb": sidecar.peak / 1e6 if sidecar.seen else None}
 
 
 def main() -> None:
@@ -94,12 +150,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--posthoc-store-every", type=int, default=10,
+                        help="PostHocEMA's snapshot_every: steps between stored profiles")
     args = parser.parse_args()
     device = torch.device(args.device)
 
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from mergekit_like.hook import EMA, WeightAveraging
+    from mergekit_like.hook import EMA, PostHocEMA, WeightAveraging
 
     def nothing(model: torch.nn.Module) -> tuple[Callable[[], None], Callable[[], None]]:
         return (lambda: None), (lambda: None)
@@ -108,28 +166,36 @@ def main() -> None:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999))
         return (lambda: ema.update_parameters(model)), (lambda: None)
 
-    def hook(every: int) -> Callable[[torch.nn.Module], tuple[Callable[[], None], Callable[[], None]]]:
+    def hook(every: int, posthoc: bool = False
+             ) -> Callable[[torch.nn.Module], tuple[Callable[[], None], Callable[[], None]]]:
         def setup(model: torch.nn.Module) -> tuple[Callable[[], None], Callable[[], None]]:
             out = tempfile.mkdtemp(prefix="hook-bench-")
-            averaging = WeightAveraging(model, [EMA(0.999)], snapshot_every=every, out_dir=out)
+            average = PostHocEMA((0.05, 0.10), snapshot_every=args.posthoc_store_every) if posthoc else EMA(0.999)
+            averaging = WeightAveraging(model, [average], snapshot_every=every, out_dir=out)
             averaging.wait_until_ready()
 
             def finish() -> None:
                 counts = averaging.close()
-                print(f"    hook every {every}: snapshots taken {counts.taken}, skipped {counts.skipped}")
+                what = f"post-hoc EMA, stored every {args.posthoc_store_every}" if posthoc else "EMA"
+                print(f"    hook every {every} ({what}): snapshots taken {counts.taken}, skipped {counts.skipped}")
+                shutil.rmtree(out, ignore_errors=True)  # the stored profiles of a large model fill a disk fast
 
             return averaging.step, finish
         return setup
 
     runs = [("no averaging", nothing), ("torch AveragedModel EMA", averaged_model),
-            ("hook, snapshot_every=10", hook(10)), ("hook, snapshot_every=1", hook(1))]
+            ("hook, snapshot_every=10", hook(10)), ("hook, snapshot_every=1", hook(1)),
+            ("hook PostHocEMA x2, every=10", hook(10, posthoc=True)),
+            ("hook PostHocEMA x2, every=1", hook(1, posthoc=True))]
     results = [measure(name, args.size, device, args.steps, args.batch, args.seq, setup) for name, setup in runs]
     base = results[0]["median_ms"]
     print(f"\n{results[0]['params'] / 1e6:.0f}M parameters, {device}, bf16 autocast, batch {args.batch}x{args.seq}, "
           f"{args.steps} steps (median of all but the first two)")
-    print(f"{'run':<28}{'median step ms':>16}{'vs none':>10}{'extra memory MB':>18}")
+    print(f"{'run':<28}{'median step ms':>16}{'vs none':>10}{'extra memory MB':>18}{'sidecar peak RSS MB':>22}")
     for r in results:
-        print(f"{r['name']:<28}{r['median_ms']:>16.1f}{r['median_ms'] / base - 1:>+10.1%}{r['extra_mb']:>18.0f}")
+        rss = "-" if r["sidecar_rss_mb"] is None else f"{r['sidecar_rss_mb']:.0f}"
+        print(f"{r['name']:<28}{r['median_ms']:>16.1f}{r['median_ms'] / base - 1:>+10.1%}{r['extra_mb']:>18.0f}"
+              f"{rss:>22}")
 
 
 if __name__ == "__main__":
