@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def search(
     eval_timeout: float = typer.Option(3600.0, "--eval-timeout", help="Seconds one evaluation may take."),
     resume: bool = typer.Option(False, "--resume", help="Continue the search in OUT, keeping its trials."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh, removing OUT first."),
-    plot: bool = typer.Option(True, "--plot/--no-plot", help="Draw OUT/search.png (needs matplotlib)."),
+    plot: bool = typer.Option(None, "--plot/--no-plot",
+                              help="Draw OUT/search.png (needs matplotlib; default: when it is installed)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress table."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
@@ -64,7 +66,9 @@ def search(
     space = load_space(space_file)  # every range checked against the method before anything starts
     evaluate = command_evaluator(eval_cmd, timeout=eval_timeout)
     if plot:
-        require_matplotlib()
+        require_matplotlib()  # asked for: refused before any trial when it cannot be drawn
+    elif plot is None:
+        plot = importlib.util.find_spec("matplotlib") is not None
     _prepare(output, resume=resume, overwrite=overwrite)
     show = not (quiet or as_json)
     options = MergeOptions(allocator=SESSION.allocator)
