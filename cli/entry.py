@@ -26,18 +26,28 @@ def main() -> None:
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         from mergekit_like.cli.main import main as run
+        from mergekit_like.cli.output import SESSION
     except BaseException:
+        signal.signal(signal.SIGINT, previous)
         if interrupted or isinstance(sys.exc_info()[1], KeyboardInterrupt):
             _exit_interrupted()
         raise
-    finally:
-        signal.signal(signal.SIGINT, previous)
     if interrupted:  # a library that imports with a bare except swallowed the interrupt
         _exit_interrupted()
     try:
         run()
     except KeyboardInterrupt:
         _exit_interrupted()
+    except SystemExit as leaving:
+        # Typer turns a Ctrl-C outside a command (while it parses, or prints the help) into a silent
+        # exit 130; a command says so itself.
+        if interrupted and leaving.code == EXIT_INTERRUPTED and not SESSION.interrupt_reported:
+            _exit_interrupted()
+        raise
+    finally:
+        # The work is done and the process is leaving: a Ctrl-C now would only kill the interpreter's
+        # shutdown by the signal (exit -2), after a complete run.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _exit_interrupted() -> None:

@@ -40,6 +40,7 @@ class Session:
 
     debug: bool = False  # show tracebacks instead of one line
     low_memory: bool = False  # return freed tensors to the OS at once
+    interrupt_reported: bool = False  # a command said it was interrupted (the entry point then says nothing)
 
     @property
     def allocator(self) -> Allocator:
@@ -71,6 +72,7 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(EXIT_KNOWN_ERROR) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; nothing was written", highlight=False)
+            SESSION.interrupt_reported = True
             raise typer.Exit(130) from None
 
     return wrapper
