@@ -73,19 +73,10 @@ class PostHocEMA(Averager):
     def ready(self) -> bool:
         return self.profiles[0].ready
 
-    @property  # type: ignore[override]
-    def device(self) -> torch.device | None:
-        return self._device
-
-    @device.setter
-    def device(self, value: torch.device | None) -> None:  # the sidecar moves the state to its device
-        self._device = value
-        for profile in getattr(self, "profiles", ()):
-            profile.device = value
-
     def update(self, snapshot: Snapshot, step: int) -> bool:
         self._check_step(step)
         for profile in self.profiles:
+            profile.device = self.device  # the sidecar sets this averager's device after making it
             profile.update(snapshot, step)
         self.last_step = step
         return True

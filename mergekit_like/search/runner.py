@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -224,7 +224,8 @@ def _loop(optuna: Any, study: Any, space: SearchSpace, evaluate: Evaluator, exec
         for future in done:
             number, values = pending.pop(future)
             outcome = _outcome(future)
-            record = _tell(optuna, study, number, values, outcome, out)
+            best = records[-1].best if records else None
+            record = _tell(optuna, study, number, values, outcome, out, best)
             records.append(record)
             _append_record(out, record)
             if on_trial is not None:
@@ -240,14 +241,15 @@ def _outcome(future: Future[TrialOutcome]) -> TrialOutcome:
 
 
 def _tell(optuna: Any, study: Any, number: int, values: dict[str, Any], outcome: TrialOutcome,
-          out: Path) -> TrialRecord:
+          out: Path, best: float | None) -> TrialRecord:
+    """Tells the study; the record's best is ``best`` (the previous record's) with this score taken in."""
     if outcome.score is None:
         study.tell(number, state=optuna.trial.TrialState.FAIL)
         _save_failure(out, number, outcome)
     else:
         study.tell(number, outcome.score)
-    scored = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    best = (max if study.direction.name.lower() == "maximize" else min)(scored) if scored else None
+        better = max if study.direction.name.lower() == "maximize" else min
+        best = outcome.score if best is None else better(best, outcome.score)
     return TrialRecord(number, values, outcome.score, outcome.error, round(outcome.seconds, 3), best)
 
 
@@ -285,7 +287,3 @@ def _give_up_if_nothing_scores(records: list[TrialRecord], settings: SearchSetti
     raise SearchError(f"the first {len(failures)} trials all failed; the first: {failures[0].error} "
                       f"(each one's output is in {TRIAL_LOGS}/)")
 
-
-def best_candidate(space: SearchSpace, values: Mapping[str, Any]) -> dict[str, Any]:
-    """The recipe of the best trial, as it is merged into ``best/``."""
-    return space.candidate(values)
