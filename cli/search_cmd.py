@@ -50,6 +50,8 @@ def search(
     ray_address: str = typer.Option(None, "--ray-address", help="Run trials on a Ray cluster: auto or HOST:PORT."),
     cpus_per_trial: float = typer.Option(1.0, "--cpus-per-trial", help="Ray: CPUs each trial asks for."),
     gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", help="Ray: GPUs each trial asks for."),
+    batch: int = typer.Option(1, "--batch", help="Candidates merged in one read pass, then scored in turn "
+                              "(saves reads; best for linear, task_arithmetic, wise_ft)."),
     grid_points: int = typer.Option(5, "--grid-points", help="Grid sampler: values per continuous range."),
     storage: str = typer.Option(None, "--storage", help="Optuna storage URL (default: SQLite in OUT)."),
     eval_timeout: float = typer.Option(3600.0, "--eval-timeout", help="Seconds one evaluation may take."),
@@ -62,7 +64,7 @@ def search(
 ) -> None:
     settings = SearchSettings(trials=trials, sampler=sampler, direction=direction, seed=seed, workers=workers,
                               ray_address=ray_address, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
-                              grid_points=grid_points, storage=storage)
+                              batch=batch, grid_points=grid_points, storage=storage)
     space = load_space(space_file)  # every range checked against the method before anything starts
     evaluate = command_evaluator(eval_cmd, timeout=eval_timeout)
     if plot:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -194,9 +199,9 @@ def test_an_unreachable_ray_cluster_is_one_line(models: Path, tmp_path: Path) ->
 
 
 def test_settings_problems_are_reported_together() -> None:
-    with pytest.raises(Exception, match="--trials must be at least 1.*--sampler must be one of"):
+    with pytest.raises(Exception, match=r"--trials must be at least 1.*--sampler must be one of"):
         SearchSettings(trials=0, sampler="bayes")
-    with pytest.raises(SearchError, match="holds no study.db"):
+    with pytest.raises(SearchError, match=r"holds no study\.db"):
         run_search(load_space_for_resume(), lambda p: 0.0, Path("/nonexistent-search"), SearchSettings(),
                    resume=True)
 
@@ -206,3 +211,59 @@ def load_space_for_resume():
         {"model": "a", "parameters": {"weight": {"search": "uniform", "low": 0, "high": 1}}},
         {"model": "b", "parameters": {"weight": 1.0}}]})
 
+
+
+@pytest.fixture
+def ray_cluster() -> Iterator[str]:
+    """A real local Ray cluster, two worker CPUs on 127.0.0.1, stopped afterwards: its address."""
+    pytest.importorskip("ray")
+    ray_cli = Path(sys.executable).with_name("ray")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    start = [str(ray_cli), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus",
+             "2", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp]
+    started = subprocess.run(start, capture_output=True, text=True, timeout=120)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_tpe_finds_the_optimum_on_a_real_local_ray_cluster(models: Path, tmp_path: Path, ray_cluster: str) -> None:
+    (tmp_path / "space.yml").write_text(yaml.safe_dump(space_data(models)))
+    command = f"{sys.executable} {EVAL} {{path}} {models / 'target'}"
+    result = runner.invoke(app, ["search", str(tmp_path / "space.yml"), "--eval-cmd", command, "--trials", "40",
+                                 "--ray-address", ray_cluster, "--no-plot", "-o", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert len(summary["trials"]) == 40 and all(t["score"] is not None for t in summary["trials"])
+    found = [summary["best_values"][f"ft{i}.weight"] for i in range(3)]
+    assert all(abs(f - t) <= 0.05 for f, t in zip(found, TARGET_WEIGHTS)), found
+    assert (tmp_path / "out" / "best" / "model.safetensors").is_file()
+
+
+def test_a_seeded_search_in_parallel_asks_the_same_values_however_the_workers_finish(
+        models: Path, tmp_path: Path) -> None:
+    score = distance_to_target(models)
+
+    def uneven(path: Path) -> float:
+        time.sleep(random.random() * 0.3)  # workers finish in a different order each run
+        return score(path)
+
+    runs = [run_search(space_from(space_data(models)), uneven, tmp_path / f"out{i}",
+                       SearchSettings(trials=14, workers=3)) for i in range(2)]
+    assert [r.values for r in runs[0].records] == [r.values for r in runs[1].records]
+    assert [r.number for r in runs[0].records] == list(range(14))
+
+
+def test_a_batched_search_merges_several_candidates_per_read_pass(models: Path, tmp_path: Path) -> None:
+    result = run_search(space_from(space_data(models)), distance_to_target(models), tmp_path / "out",
+                        SearchSettings(trials=10, batch=4, sampler="random"))
+    assert [r.number for r in result.records] == list(range(10)) and all(r.score is not None for r in result.records)
+    alone = run_search(space_from(space_data(models)), distance_to_target(models), tmp_path / "alone",
+                       SearchSettings(trials=10, sampler="random"))
+    assert [r.score for r in result.records] == [r.score for r in alone.records]

@@ -5,7 +5,8 @@ so a search that is killed resumes with every finished trial kept: trials the ki
 left unfinished are marked failed and asked again with the same values. Trials run one
 after another in this process, several at once in threads (``workers``), or as Ray tasks
 on a cluster (``ray_address``); the loop that asks Optuna and tells it the scores is the
-same for all three (Optuna's ask-and-tell interface).
+same for all three (Optuna's ask-and-tell interface). With ``batch``, each task takes that
+many trials at once and merges their candidates in one read pass.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import os
 import random
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ TRIAL_LOGS = "trials"
 STUDY_NAME = "merge-search"
 # With no trial scored yet, this many failures stop the search: the evaluator, or the space, is broken.
 FAILURES_BEFORE_GIVING_UP = 3
+# Candidates in one read pass: each holds one output tensor in memory while the batch merges.
+MAX_BATCH = 64
 # How long the loop waits for a trial before it looks again (so Ctrl-C is never held up).
 POLL_SECONDS = 1.0
 
@@ -53,6 +56,7 @@ class SearchSettings:
     ray_address: str | None = None  # "auto" or HOST:PORT: trials as Ray tasks
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    batch: int = 1  # candidates merged together in one read pass (then scored one by one)
     grid_points: int = 5  # grid sampler: values per continuous range
     storage: str | None = None  # an Optuna RDB URL; None: SQLite in the output directory
 
@@ -70,6 +74,8 @@ class SearchSettings:
             problems.append("--workers runs trials on this machine and --ray-address on a cluster: give one")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             problems.append("--cpus-per-trial must be positive and --gpus-per-trial at least 0")
+        if not 1 <= self.batch <= MAX_BATCH:
+            problems.append(f"--batch must be from 1 to {MAX_BATCH}, not {self.batch}")
         if self.grid_points < 2:
             problems.append(f"--grid-points must be at least 2, not {self.grid_points}")
         if problems:
@@ -210,20 +216,28 @@ def _requeue_unfinished(optuna: Any, study: Any) -> int:
 def _loop(optuna: Any, study: Any, space: SearchSpace, evaluate: Evaluator, executor: Executor, budget: int,
           out: Path, records: list[TrialRecord], options: MergeOptions | None,
           on_trial: Callable[[TrialRecord], None] | None, settings: SearchSettings) -> None:
-    pending: dict[Future[TrialOutcome], tuple[int, dict[str, Any]]] = {}
+    pending: dict[Future[list[TrialOutcome]], list[tuple[int, dict[str, Any]]]] = {}
     launched = 0
     while launched < budget or pending:
         while launched < budget and len(pending) < executor.concurrency:
-            trial = study.ask()
-            values = {r.name: suggested(r, trial) for r in space.ranges}
-            future = executor.submit(merge_and_score, space.candidate(values), evaluate, number=trial.number,
-                                     options=options)
-            pending[future] = (trial.number, values)
-            launched += 1
-        done, _ = wait(list(pending), timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
-        for future in done:
-            number, values = pending.pop(future)
-            outcome = _outcome(future)
+            batch = []
+            for _ in range(min(settings.batch, budget - launched)):
+                trial = study.ask()
+                batch.append((trial.number, {r.name: suggested(r, trial) for r in space.ranges}))
+            future = executor.submit(merge_and_score, [space.candidate(values) for _, values in batch], evaluate,
+                                     numbers=[number for number, _ in batch], options=options)
+            pending[future] = batch
+            launched += len(batch)
+        # The oldest trial is told first, and the free slot refilled before the next is told: the
+        # asks and tells then come in one order whatever order the workers finish in, so a seeded
+        # search is repeatable on threads or a cluster. A slow trial keeps the ones after it untold
+        # (their workers idle) for as long as it is slower than they are.
+        oldest = next(iter(pending))
+        done, _ = wait([oldest], timeout=POLL_SECONDS)
+        if not done:
+            continue
+        batch = pending.pop(oldest)
+        for (number, values), outcome in zip(batch, _outcomes(oldest, len(batch))):
             best = records[-1].best if records else None
             record = _tell(optuna, study, number, values, outcome, out, best)
             records.append(record)
@@ -233,11 +247,11 @@ def _loop(optuna: Any, study: Any, space: SearchSpace, evaluate: Evaluator, exec
         _give_up_if_nothing_scores(records, settings)
 
 
-def _outcome(future: Future[TrialOutcome]) -> TrialOutcome:
+def _outcomes(future: Future[list[TrialOutcome]], count: int) -> list[TrialOutcome]:
     try:
         return future.result()
-    except Exception as lost:  # a Ray worker that died, a task that could not be sent: the trial failed
-        return TrialOutcome(None, f"the trial did not come back: {type(lost).__name__}: {lost}", 0.0)
+    except Exception as lost:  # a Ray worker that died, a task that could not be sent: its trials failed
+        return [TrialOutcome(None, f"the trial did not come back: {type(lost).__name__}: {lost}", 0.0)] * count
 
 
 def _tell(optuna: Any, study: Any, number: int, values: dict[str, Any], outcome: TrialOutcome,

@@ -1,7 +1,9 @@
-"""One trial: merge a candidate recipe into a scratch directory, score it, remove it.
+"""Trials: merge candidate recipes into a scratch directory, score each, remove them.
 
 The same function runs in this process, in a worker thread, or as a Ray task on another
-machine, so it takes plain data (the candidate recipe as a mapping) and returns plain data.
+machine, so it takes plain data (the candidate recipes as mappings) and returns plain data.
+Several candidates given at once are merged in one read pass (see
+:mod:`mergekit_like.merge.batch`) and scored one after another.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import shutil
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mergekit_like.errors import MergekitLikeError
+from mergekit_like.merge.batch import batched_plan
 from mergekit_like.merge.engine import MergeOptions, planned_merge, run_merge
 from mergekit_like.merge.recipe import parse_recipe
 
@@ -28,28 +32,58 @@ class TrialOutcome:
 
     score: float | None
     error: str | None
-    seconds: float
+    seconds: float  # its share of the merge (a batch's pass split evenly) and its evaluation
     output: str | None = None  # all the evaluator printed, when it failed
 
 
-def merge_and_score(candidate: Mapping[str, Any], evaluate: Evaluator, scratch: str | Path | None = None,
-                    *, number: int = 0, options: MergeOptions | None = None) -> TrialOutcome:
-    """Merges ``candidate`` under ``scratch`` (a fresh directory, removed afterwards) and scores it.
+def merge_and_score(candidates: Sequence[Mapping[str, Any]], evaluate: Evaluator, scratch: str | Path | None = None,
+                    *, numbers: Sequence[int] = (), options: MergeOptions | None = None) -> list[TrialOutcome]:
+    """Merges ``candidates`` under ``scratch`` (a fresh directory, removed afterwards) and scores each.
 
+    ``numbers`` name the trials (their directories); several candidates share one read pass.
     A failure of the merge or of the evaluator is the trial's outcome, never an exception: the
-    search goes on and records why.
+    search goes on and records why. Each candidate is removed as soon as it is scored.
     """
+    numbers = list(numbers) or list(range(len(candidates)))
     started = time.perf_counter()
-    root = Path(tempfile.mkdtemp(prefix=f"trial-{number}-", dir=scratch))
+    root = Path(tempfile.mkdtemp(prefix=f"trial-{numbers[0]}-", dir=scratch))
     try:
-        with planned_merge(parse_recipe(candidate), options or MergeOptions()) as plan:
-            run_merge(plan, root / "model")
-        score = evaluate(root / "model")
-        return TrialOutcome(float(score), None, time.perf_counter() - started)
-    except MergekitLikeError as failed:
-        return TrialOutcome(None, str(failed), time.perf_counter() - started, getattr(failed, "output", None))
-    except Exception as failed:  # an evaluator written in Python may raise anything: the trial failed
-        return TrialOutcome(None, "".join(traceback.format_exception_only(failed)).strip(),
-                            time.perf_counter() - started)
+        try:
+            paths = _merge_together(candidates, [f"trial_{n}" for n in numbers], root, options or MergeOptions())
+        except Exception as failed:  # the batch's merge failed: so did each of its trials
+            share = (time.perf_counter() - started) / len(candidates)
+            return [_failed(failed, share) for _ in candidates]
+        share = (time.perf_counter() - started) / len(candidates)
+        return [_scored(path, evaluate, share) for path in paths]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _merge_together(candidates: Sequence[Mapping[str, Any]], labels: list[str], root: Path,
+                    options: MergeOptions) -> list[Path]:
+    """Every candidate merged in one pass; the directories, in the candidates' order."""
+    with ExitStack() as stack:
+        plans = [stack.enter_context(planned_merge(parse_recipe(c), options)) for c in candidates]
+        if len(plans) == 1:
+            run_merge(plans[0], root / labels[0])
+            return [root / labels[0]]
+        run_merge(batched_plan(plans, labels), root / "batch")
+        return [root / "batch" / label for label in labels]
+
+
+def _scored(path: Path, evaluate: Evaluator, merge_seconds: float) -> TrialOutcome:
+    started = time.perf_counter()
+    try:
+        score = evaluate(path)
+        return TrialOutcome(float(score), None, merge_seconds + time.perf_counter() - started)
+    except Exception as failed:
+        return _failed(failed, merge_seconds + time.perf_counter() - started)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)  # a candidate is a whole model: never keep one scored
+
+
+def _failed(failed: Exception, seconds: float) -> TrialOutcome:
+    if isinstance(failed, MergekitLikeError):
+        return TrialOutcome(None, str(failed), seconds, getattr(failed, "output", None))
+    # An evaluator written in Python may raise anything: the trial failed.
+    return TrialOutcome(None, "".join(traceback.format_exception_only(failed)).strip(), seconds)
