@@ -28,6 +28,10 @@ SPACE.yml is a recipe in which any value may be a range:
 
   mergekit-like search space.yml --eval-cmd '...' --trials 200 --ray-address auto --gpus-per-trial 1 -o out
 
+A greedy soup (Wortsman et al.) of the recipe's models, each weight {search: choice, values: [0, 1]}:
+
+  mergekit-like search soup_space.yml --sampler greedy-soup --eval-cmd '...' --workers 4 -o out
+
 The eval command's last output line is the score. OUT holds study.db (resume with --resume),
 trials.jsonl, trials/ (the output of failed trials), best/ (the best merge) and search.png.
 """
@@ -43,7 +47,8 @@ def search(
     output: Path = typer.Option(..., "--output", "-o", help="The search's directory."),
     eval_cmd: str = typer.Option(..., "--eval-cmd", help="Scores a merge: a command with {path}."),
     trials: int = typer.Option(20, "--trials", "-n", help="Trials in all (a resumed search's count)."),
-    sampler: str = typer.Option("tpe", "--sampler", help="tpe, cmaes, random or grid."),
+    sampler: str = typer.Option("tpe", "--sampler",
+                                help="tpe, cmaes, random, grid or greedy-soup (--trials then unused)."),
     direction: str = typer.Option("maximize", "--direction", help="maximize or minimize the score."),
     seed: int = typer.Option(0, "--seed", help="The sampler's seed."),
     workers: int = typer.Option(1, "--workers", help="Trials at once on this machine."),

@@ -32,6 +32,9 @@ Uniform: mergekit-like soup run1 run2 run3 -o soup
 
 Greedy (Wortsman et al.): mergekit-like soup run1 run2 run3 --greedy --eval-cmd 'python eval.py {path}' -o soup
 (the command's last output line is the score; higher is better unless --lower-is-better)
+
+The same greedy soup with trials in parallel, on a Ray cluster or resumable:
+mergekit-like search --sampler greedy-soup (see its --help).
 """
 SCORES_FILE = "soup_scores.json"
 

@@ -16,7 +16,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +50,24 @@ class GreedySoupResult:
             "score": self.score,
             "steps": [vars(s) for s in self.steps],
         }
+
+
+@dataclass(frozen=True)
+class GreedyRule:
+    """The greedy soup's rule, for ``soup --greedy`` and ``search --sampler greedy-soup`` alike."""
+
+    lower_is_better: bool = False
+    tolerance: float = 0.0
+
+    def ranked(self, alone: Mapping[str, float]) -> list[str]:
+        """The ingredients best first by their score alone (ties keep the given order)."""
+        sign = -1.0 if self.lower_is_better else 1.0
+        return sorted(alone, key=lambda m: -sign * alone[m])
+
+    def improves(self, score: float, best: float) -> bool:
+        """Whether a soup scoring ``score`` is kept over the best so far: better by more than the tolerance."""
+        sign = -1.0 if self.lower_is_better else 1.0
+        return sign * (score - best) > self.tolerance
 
 
 SCRATCH_PREFIX = "greedy-soup-"
@@ -132,9 +150,9 @@ def greedy_soup(
     """
     if len(set(models)) != len(models):
         raise EvaluationError("an ingredient is listed twice")
-    sign = -1.0 if lower_is_better else 1.0
+    rule = GreedyRule(lower_is_better, tolerance)
     alone = {m: evaluate(resolve_model(m)) for m in models}
-    ranked = sorted(models, key=lambda m: -sign * alone[m])
+    ranked = rule.ranked(alone)
     kept = [ranked[0]]
     best = alone[ranked[0]]
     steps = [SoupStep(ranked[0], best, None, True)]
@@ -149,7 +167,7 @@ def greedy_soup(
             score = evaluate(soup_dir)
             if keep_soups is None:
                 shutil.rmtree(soup_dir)  # a soup is a whole model: never hold one per ingredient on disk
-            better = sign * (score - best) > tolerance
+            better = rule.improves(score, best)
             if better:
                 kept.append(candidate)
                 best = score

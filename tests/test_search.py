@@ -267,3 +267,37 @@ def test_a_batched_search_merges_several_candidates_per_read_pass(models: Path, 
     alone = run_search(space_from(space_data(models)), distance_to_target(models), tmp_path / "alone",
                        SearchSettings(trials=10, sampler="random"))
     assert [r.score for r in result.records] == [r.score for r in alone.records]
+
+
+def test_the_greedy_soup_is_a_search_strategy_with_soup_greedys_choices(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(3)
+    target = {"w": torch.randn(6, 6, generator=g)}
+    # Ingredients near the target (good alone) and far from it; the soup of the near ones is best.
+    offsets = [0.3, 0.35, 2.0, 0.4]
+    for i, scale in enumerate(offsets):
+        write_checkpoint(tmp_path / f"run{i}", {"w": target["w"] + scale * torch.randn(6, 6, generator=g)})
+    write_checkpoint(tmp_path / "target", target)
+
+    def score(path: Path) -> float:
+        return -float((load_file(path / "model.safetensors")["w"] - target["w"]).norm())
+
+    choice = {"search": "choice", "values": [0, 1]}
+    space = space_from({"merge_method": "linear", "dtype": "float32", "models": [
+        {"model": str(tmp_path / f"run{i}"), "parameters": {"weight": dict(choice)}} for i in range(4)]})
+    result = run_search(space, score, tmp_path / "out", SearchSettings(sampler="greedy-soup", workers=2))
+    from mergekit_like.soup import greedy_soup
+
+    expected = greedy_soup([str(tmp_path / f"run{i}") for i in range(4)], score)
+    kept = {f"run{i}.weight" for i in range(4) if result.best_values and result.best_values[f"run{i}.weight"] == 1}
+    assert kept == {f"{Path(m).name}.weight" for m in expected.kept}
+    assert result.best_score == pytest.approx(expected.score, abs=1e-6)
+    assert len(result.records) == 4 + 3  # each alone, then each addition
+    assert 1 < len(kept) < 4  # the far ingredient is dropped, another one kept
+
+    def never(path: Path) -> float:
+        raise AssertionError("a resumed greedy soup scores again what it scored before")
+
+    resumed = run_search(space, never, tmp_path / "out", SearchSettings(sampler="greedy-soup"), resume=True)
+    assert resumed.best_values == result.best_values and len(resumed.records) == 7
+    with pytest.raises(RecipeError, match="choice of 0"):
+        run_search(space_from(space_data(tmp_path)), score, tmp_path / "bad", SearchSettings(sampler="greedy-soup"))

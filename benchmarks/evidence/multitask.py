@@ -72,11 +72,11 @@ def train_base(seed: int, steps: int, directory: Path) -> Path:
     return common.save_model(model, directory)
 
 
-def one_seed(seed: int, work: Path, base_steps: int, ft_steps: int) -> dict:
-    t0 = time.perf_counter()
+def train_models(seed: int, work: Path, base_steps: int, ft_steps: int) -> tuple[dict, Path, list[Path]]:
+    """The base and its three fine-tunes, with their test and val scores."""
     print(f"[seed {seed}] base: {base_steps} steps over A, B, C", flush=True)
     base = train_base(seed, base_steps, work / "base")
-    result: dict = {"seed": seed, "base": scores(base), "finetunes": {}, "merges": {}}
+    result: dict = {"seed": seed, "base": scores(base), "finetunes": {}}
     finetunes = []
     for i, task in enumerate(TASKS):
         model = common.load_model(base)
@@ -86,14 +86,25 @@ def one_seed(seed: int, work: Path, base_steps: int, ft_steps: int) -> dict:
         result["finetunes"][LETTER[task]] = scores(finetunes[-1])
         print(f"[seed {seed}] fine-tune on {LETTER[task]}: " + " ".join(
             f"{t} {result['finetunes'][LETTER[task]][t]:.3f}" for t in "ABC"), flush=True)
-    for method, params in grid():
-        out = work / label(method, params)
-        args = ["merge", "--method", method, "--base", str(base), *map(str, finetunes), "-p", "weight=1,1,1",
-                *(arg for k, v in params.items() for arg in ("-p", f"{k}={v:g}")), "-o", str(out), "-q"]
-        if method == "dare_ties":
-            args += ["--seed", str(seed)]
-        common.run_cli(args)
-        result["merges"][label(method, params)] = {"method": method, "params": params, **scores(out)}
+    return result, base, finetunes
+
+
+def merged_scores(method: str, params: dict[str, float], base: Path, finetunes: list[Path], out: Path,
+                  seed: int) -> dict:
+    """One grid point merged through the CLI (weights 1), with its test and val scores."""
+    args = ["merge", "--method", method, "--base", str(base), *map(str, finetunes), "-p", "weight=1,1,1",
+            *(arg for k, v in params.items() for arg in ("-p", f"{k}={v:g}")), "-o", str(out), "-q"]
+    if method == "dare_ties":
+        args += ["--seed", str(seed)]
+    common.run_cli(args)
+    return {"method": method, "params": params, **scores(out)}
+
+
+def one_seed(seed: int, work: Path, base_steps: int, ft_steps: int) -> dict:
+    t0 = time.perf_counter()
+    result, base, finetunes = train_models(seed, work, base_steps, ft_steps)
+    result["merges"] = {label(m, p): merged_scores(m, p, base, finetunes, work / label(m, p), seed)
+                        for m, p in grid()}
     result["wall_s"] = time.perf_counter() - t0
     print(f"[seed {seed}] {len(grid())} merges done ({result['wall_s']:.0f}s)", flush=True)
     return result

@@ -25,12 +25,15 @@ from typing import Any
 from mergekit_like.errors import OptionsError, SearchError
 from mergekit_like.merge.engine import MergeOptions
 from mergekit_like.search.executors import Executor, make_executor
+from mergekit_like.search.greedy import ingredient_weights, run_greedy_soup
 from mergekit_like.search.space import SearchSpace, grid_space, suggested
 from mergekit_like.search.trial import Evaluator, TrialOutcome, merge_and_score
+from mergekit_like.soup import GreedyRule
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("tpe", "cmaes", "random", "grid")
+GREEDY_SOUP = "greedy-soup"
+SAMPLERS = ("tpe", "cmaes", "random", "grid", GREEDY_SOUP)
 DIRECTIONS = ("maximize", "minimize")
 STUDY_FILE = "study.db"
 TRIALS_FILE = "trials.jsonl"
@@ -119,16 +122,24 @@ def run_search(
 ) -> SearchResult:
     """Runs ``settings.trials`` trials in all (those of a resumed study count) and returns them with the best."""
     optuna = _optuna()
+    weights = ingredient_weights(space.ranges) if settings.sampler == GREEDY_SOUP else None
     out = Path(output)
     if not resume:
         out.mkdir(parents=True, exist_ok=True)
     study = _study(optuna, space, out, settings, resume)
     records = _previous_records(out) if resume else []
-    cut_short = _requeue_unfinished(optuna, study)
-    finished = sum(1 for t in study.trials if t.state.is_finished()) - cut_short
-    budget = _trial_budget(space, settings) - finished
+    # The greedy soup asks for the points it still needs itself: a cut-short trial is not asked again.
+    cut_short = _requeue_unfinished(optuna, study, ask_again=weights is None)
     with make_executor(settings) as executor:
-        _loop(optuna, study, space, evaluate, executor, budget, out, records, options, on_trial, settings)
+        def run_trials(budget: int) -> None:
+            _loop(optuna, study, space, evaluate, executor, budget, out, records, options, on_trial, settings)
+
+        if weights is not None:
+            rule = GreedyRule(lower_is_better=settings.direction == "minimize")
+            run_greedy_soup(weights, lambda points: _scores_of(points, study, records, run_trials), rule)
+        else:
+            finished = sum(1 for t in study.trials if t.state.is_finished()) - cut_short
+            run_trials(_trial_budget(space, settings) - finished)
     result = SearchResult(records)
     scored = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if scored:
@@ -178,7 +189,8 @@ def _sampler(optuna: Any, space: SearchSpace, settings: SearchSettings) -> Any:
     if settings.sampler == "random":
         return samplers.RandomSampler(seed=settings.seed)
     # The grid: every point is enqueued when the study is made (see _enqueue_grid); Optuna's GridSampler
-    # stops the study from inside tell(), which only its own optimize loop allows.
+    # stops the study from inside tell(), which only its own optimize loop allows. The greedy soup
+    # enqueues each point it needs (see mergekit_like.search.greedy).
     return samplers.RandomSampler(seed=settings.seed)
 
 
@@ -201,16 +213,33 @@ def _trial_budget(space: SearchSpace, settings: SearchSettings) -> int:
     return min(settings.trials, size)
 
 
-def _requeue_unfinished(optuna: Any, study: Any) -> int:
-    """Trials a killed run left running are marked failed and asked again with the same values.
+def _requeue_unfinished(optuna: Any, study: Any, *, ask_again: bool = True) -> int:
+    """Trials a killed run left running are marked failed and (``ask_again``) asked again with the same values.
 
     Returns how many: they do not count against the trial budget (their new runs do).
     """
     unfinished = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     for trial in unfinished:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(dict(trial.params), skip_if_exists=False)
+        if ask_again:
+            study.enqueue_trial(dict(trial.params), skip_if_exists=False)
     return len(unfinished)
+
+
+def _scores_of(points: list[dict[str, Any]], study: Any, records: list[TrialRecord],
+               run_trials: Callable[[int], None]) -> list[float | None]:
+    """The scores of ``points``: those not run before (a resumed search's) run now, as enqueued trials."""
+    missing = [p for p in points if _record_of(p, records) is None]
+    for point in missing:
+        study.enqueue_trial(point, skip_if_exists=False)
+    if missing:
+        run_trials(len(missing))
+    found = [_record_of(p, records) for p in points]
+    return [r.score if r is not None else None for r in found]
+
+
+def _record_of(point: dict[str, Any], records: list[TrialRecord]) -> TrialRecord | None:
+    return next((r for r in reversed(records) if r.values == point), None)
 
 
 def _loop(optuna: Any, study: Any, space: SearchSpace, evaluate: Evaluator, executor: Executor, budget: int,
