@@ -54,7 +54,9 @@ def search(
     workers: int = typer.Option(1, "--workers", help="Trials at once on this machine."),
     ray_address: str = typer.Option(None, "--ray-address", help="Run trials on a Ray cluster: auto or HOST:PORT."),
     cpus_per_trial: float = typer.Option(1.0, "--cpus-per-trial", help="Ray: CPUs each trial asks for."),
-    gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", help="Ray: GPUs each trial asks for."),
+    gpus_per_trial: float = typer.Option(None, "--gpus-per-trial",
+                                         help="Ray: GPUs each trial asks for (default: 1 where the cluster has GPUs)."),
+    device: str = typer.Option("auto", "--device", help="Where each trial merges: cpu, cuda, cuda:N or auto."),
     batch: int = typer.Option(1, "--batch", help="Candidates merged in one read pass, then scored in turn "
                               "(saves reads; best for linear, task_arithmetic, wise_ft)."),
     grid_points: int = typer.Option(5, "--grid-points", help="Grid sampler: values per continuous range."),
@@ -78,7 +80,7 @@ def search(
         plot = importlib.util.find_spec("matplotlib") is not None
     _prepare(output, resume=resume, overwrite=overwrite)
     show = not (quiet or as_json)
-    options = MergeOptions(allocator=SESSION.allocator)
+    options = MergeOptions(allocator=SESSION.allocator, device=device)
     if show:
         err_console.print(f"searching {', '.join(r.name for r in space.ranges)}: {settings.trials} trials, "
                           f"{settings.sampler}, {settings.direction}", highlight=False)

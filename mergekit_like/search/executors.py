@@ -4,7 +4,8 @@ Each executor hands back a :class:`concurrent.futures.Future` per trial, so the 
 is one loop whatever runs the trials. Threads suit this tool's trials: a merge spends its
 time in torch kernels and file reads, and an eval command in its own process, neither
 holding the GIL. Ray is imported only when asked for; each trial is a task asking for
-``cpus_per_trial`` CPUs and ``gpus_per_trial`` GPUs, writing its candidate in the worker's
+``cpus_per_trial`` CPUs and ``gpus_per_trial`` GPUs (one by default where the cluster has
+GPUs; Ray makes the task's own GPU the one it sees as ``cuda``), writing its candidate in the worker's
 temporary directory and removing it once scored.
 """
 
@@ -45,8 +46,10 @@ class _RayTasks:
     def __init__(self, ray: Any, settings: SearchSettings) -> None:
         self.ray = ray
         self.cpus = settings.cpus_per_trial
-        self.gpus = settings.gpus_per_trial
         resources = ray.cluster_resources()
+        # A trial merges and evaluates on one GPU where the cluster has them, unless told otherwise.
+        self.gpus = settings.gpus_per_trial if settings.gpus_per_trial is not None else float(
+            resources.get("GPU", 0) >= 1)
         fits = min(resources.get("CPU", 0) / self.cpus, resources.get("GPU", 0) / self.gpus if self.gpus else 1e9)
         if fits < 1:
             raise SearchError(f"the Ray cluster has {resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} "

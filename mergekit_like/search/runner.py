@@ -58,7 +58,7 @@ class SearchSettings:
     workers: int = 1  # trials at once on this machine
     ray_address: str | None = None  # "auto" or HOST:PORT: trials as Ray tasks
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    gpus_per_trial: float | None = None  # None: one GPU each on a cluster that has GPUs, else none
     batch: int = 1  # candidates merged together in one read pass (then scored one by one)
     grid_points: int = 5  # grid sampler: values per continuous range
     storage: str | None = None  # an Optuna RDB URL; None: SQLite in the output directory
@@ -75,7 +75,7 @@ class SearchSettings:
             problems.append(f"--workers must be at least 1, not {self.workers}")
         if self.ray_address is not None and self.workers != 1:
             problems.append("--workers runs trials on this machine and --ray-address on a cluster: give one")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+        if self.cpus_per_trial <= 0 or (self.gpus_per_trial is not None and self.gpus_per_trial < 0):
             problems.append("--cpus-per-trial must be positive and --gpus-per-trial at least 0")
         if not 1 <= self.batch <= MAX_BATCH:
             problems.append(f"--batch must be from 1 to {MAX_BATCH}, not {self.batch}")
