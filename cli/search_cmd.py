@@ -11,11 +11,12 @@ from mergekit_like.cli.output import SESSION, console, err_console, handle_error
 from rich.table import Table
 
 from mergekit_like.errors import OutputExistsError
+from mergekit_like.io.outputs import refuse_output_among_inputs
 from mergekit_like.merge.engine import MergeOptions
 from mergekit_like.plotting import require_matplotlib
 from mergekit_like.search.results import PLOT_FILE, plot_search, write_best
 from mergekit_like.search.runner import SearchResult, SearchSettings, TrialRecord, run_search
-from mergekit_like.search.space import load_space
+from mergekit_like.search.space import load_space, referenced_models
 from mergekit_like.soup import command_evaluator
 
 HELP = """Search the values of a recipe for the best score (Optuna), scoring each merge with a command.
@@ -78,7 +79,7 @@ def search(
         require_matplotlib()  # asked for: refused before any trial when it cannot be drawn
     elif plot is None:
         plot = importlib.util.find_spec("matplotlib") is not None
-    _prepare(output, resume=resume, overwrite=overwrite)
+    _prepare(output, resume=resume, overwrite=overwrite, inputs=referenced_models(space))
     show = not (quiet or as_json)
     options = MergeOptions(allocator=SESSION.allocator, device=device)
     if show:
@@ -97,10 +98,12 @@ def search(
         _print_summary(result, best)
 
 
-def _prepare(output: Path, *, resume: bool, overwrite: bool) -> None:
+def _prepare(output: Path, *, resume: bool, overwrite: bool, inputs: list[str]) -> None:
     if resume and overwrite:
         raise typer.BadParameter("--resume keeps OUT's trials and --overwrite removes them: give one",
                                  param_hint="--resume")
+    # Before anything is removed: OUT must not be, or hold, a model the search merges.
+    refuse_output_among_inputs(output, {ref: Path(ref) for ref in inputs if Path(ref).exists()})
     if output.exists() and not resume:
         if not overwrite:
             raise OutputExistsError("already exists", path=output,

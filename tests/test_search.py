@@ -301,3 +301,17 @@ def test_the_greedy_soup_is_a_search_strategy_with_soup_greedys_choices(tmp_path
     assert resumed.best_values == result.best_values and len(resumed.records) == 7
     with pytest.raises(RecipeError, match="choice of 0"):
         run_search(space_from(space_data(tmp_path)), score, tmp_path / "bad", SearchSettings(sampler="greedy-soup"))
+
+
+def test_overwrite_never_removes_a_model_the_search_merges(tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    g = torch.Generator().manual_seed(5)
+    for name in ("base", "a", "b"):
+        write_checkpoint(out / name, {"w": torch.randn(4, 4, generator=g)})
+    space = {"merge_method": "task_arithmetic", "base_model": str(out / "base"), "models": [
+        {"model": str(out / m), "parameters": {"weight": {"search": "uniform", "low": 0, "high": 1}}} for m in "ab"]}
+    (tmp_path / "space.yml").write_text(yaml.safe_dump(space))
+    result = runner.invoke(app, ["search", str(tmp_path / "space.yml"), "--eval-cmd", "echo 1 {path}", "--trials",
+                                 "2", "--no-plot", "-o", str(out), "--overwrite"])
+    assert result.exit_code != 0 and "would replace input" in " ".join(result.output.split())
+    assert all((out / name / "model.safetensors").is_file() for name in ("base", "a", "b"))

@@ -200,16 +200,30 @@ def _substituted(node: Any, values: Mapping[str, Any], where: str) -> Any:
 
 def _check_candidates(space: SearchSpace) -> None:
     """Every end of every range, the others at their lows, must make a valid recipe."""
-    base = {r.name: _typed(r, r.ends()[0]) for r in space.ranges}
     problems: list[str] = []
-    for searched in space.ranges:
-        for end in searched.ends():
-            try:
-                space.recipe({**base, searched.name: _typed(searched, end)})
-            except RecipeError as refused:
-                problems += [f"{searched.name} = {short_repr(end)}: {p}" for p in refused.problems]
+    for (name, end), values in _end_points(space):
+        try:
+            space.recipe(values)
+        except RecipeError as refused:
+            problems += [f"{name} = {short_repr(end)}: {p}" for p in refused.problems]
     if problems:
         raise RecipeError(list(dict.fromkeys(problems)), source=space.source)
+
+
+def _end_points(space: SearchSpace) -> Iterator[tuple[tuple[str, Any], dict[str, Any]]]:
+    """((range, end), values) for every end of every range, the other ranges at their lows."""
+    base = {r.name: _typed(r, r.ends()[0]) for r in space.ranges}
+    for searched in space.ranges:
+        for end in searched.ends():
+            yield (searched.name, end), {**base, searched.name: _typed(searched, end)}
+
+
+def referenced_models(space: SearchSpace) -> list[str]:
+    """Every model a candidate of ``space`` may read (a range may choose among models)."""
+    found: dict[str, None] = {}
+    for _, values in _end_points(space):
+        found.update(dict.fromkeys(space.recipe(values).referenced_models()))
+    return list(found)
 
 
 def _typed(searched: Range, value: Any) -> Any:
