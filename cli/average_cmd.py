@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 import typer
+from mergekit_like.cli.nonfinite import warn_nonfinite
 from mergekit_like.cli.output import (
     RichProgress,
     console,
@@ -87,7 +88,8 @@ def average(
     anchor: str = typer.Option(None, "--anchor", help="SFA: the checkpoint at the start of the task (or ORG/NAME)."),
     out_dtype: str = typer.Option(None, "--out-dtype", help="Dtype to write (default: the checkpoints')."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard (decimal units)."),
-    check_finite: bool = typer.Option(False, "--check-finite", help="Refuse checkpoints holding NaN or Inf values."),
+    check_finite: bool = typer.Option(False, "--check-finite",
+                                      help="Refuse checkpoints and outputs holding NaN or Inf values."),
     list_only: bool = typer.Option(False, "--list", help="Print the checkpoints found, in order, and stop."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT once the new one is complete."),
     push_to_hub: str = typer.Option(None, "--push-to-hub", help="Push the output(s) to ORG/NAME once complete."),
@@ -131,6 +133,7 @@ def average(
             overwrite=overwrite, max_shard_size=max_shard_size, progress=progress, files=cards,
             check_finite=check_finite, announce=announce,
         )
+    warn_nonfinite(written)
     if plot is not None:
         plot_reconstruction(plan.points, plan.outputs, plot)
     for w in written if push_to_hub else []:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from mergekit_like.cli.nonfinite import warn_nonfinite
 from mergekit_like.cli.output import console, handle_errors, human_bytes, print_json, size_option
 
 from mergekit_like.hook.shards import consolidate as join_shards
@@ -27,10 +28,12 @@ def consolidate(
     step: int = typer.Option(None, "--step", help="A saved step (default: latest)."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard (decimal units)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT once the new one is complete."),
+    check_finite: bool = typer.Option(False, "--check-finite", help="Refuse an output holding NaN or Inf values."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     written = join_shards(out_dir, average, output, step=step, overwrite=overwrite,
-                          max_shard_size=size_option(shard_size))
+                          max_shard_size=size_option(shard_size), check_finite=check_finite)
+    warn_nonfinite([written])
     if as_json:
         print_json({"output": str(written.directory), "tensors": written.num_tensors, "bytes": written.total_bytes})
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from mergekit_like.cli.nonfinite import warn_nonfinite
 from mergekit_like.cli.output import (
     RichProgress,
     console,
@@ -40,6 +41,7 @@ def convert(
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="Read pytorch_model*.bin pickles (torch.load weights_only=True)."
     ),
+    check_finite: bool = typer.Option(False, "--check-finite", help="Refuse an output holding NaN or Inf values."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
@@ -48,8 +50,9 @@ def convert(
     with RichProgress("convert", enabled=not (quiet or as_json)) as progress:
         written = convert_checkpoint(
             source, output, dtype=parse_dtype(dtype) if dtype else None, max_shard_size=max_shard,
-            overwrite=overwrite, allow_pickle=allow_pickle, progress=progress,
+            overwrite=overwrite, allow_pickle=allow_pickle, progress=progress, check_finite=check_finite,
         )
+    warn_nonfinite([written])
     if as_json:
         print_json({"output": str(written.directory), "shards": list(written.shards),
                     "index": written.index, "total_bytes": written.total_bytes,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from mergekit_like.cli.nonfinite import warn_nonfinite
 from mergekit_like.cli.output import (
     SESSION,
     RichProgress,
@@ -80,7 +81,8 @@ def merge(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop; reads no tensor data."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT once the new one is complete."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pytorch_model*.bin pickles."),
-    check_finite: bool = typer.Option(False, "--check-finite", help="Refuse inputs holding NaN or Inf values."),
+    check_finite: bool = typer.Option(False, "--check-finite",
+                                      help="Refuse inputs and outputs holding NaN or Inf values."),
     keep_intermediates: Path = typer.Option(
         None, "--keep-intermediates", "--intermediate-dir", "-I",
         help="Multi-document recipes: write the named merges to DIR/NAME and keep them (default: a temporary "
@@ -160,6 +162,7 @@ def merge(
                                  final_outputs=final_outputs, keep_intermediates=keep_intermediates,
                                  overwrite=overwrite, progress=progress)
     recipe = recipes.final.recipe
+    warn_nonfinite(result.outputs)
     if push_to_hub:
         for written in result.outputs:
             repo = push_to_hub if len(result.outputs) == 1 else f"{push_to_hub}-{written.directory.name}"

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from mergekit_like.cli.nonfinite import warn_nonfinite
 from mergekit_like.cli.output import (
     SESSION,
     RichProgress,
@@ -54,6 +55,8 @@ def soup(
     compute_dtype: str = typer.Option(None, "--compute-dtype", help="Dtype to average in (default float32)."),
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard (decimal units)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT once the new one is complete."),
+    check_finite: bool = typer.Option(False, "--check-finite",
+                                      help="Refuse ingredients and soups holding NaN or Inf values."),
     push_to_hub: str = typer.Option(None, "--push-to-hub", help="Push the soup to ORG/NAME once complete."),
     private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repo private."),
     token: str = token_option(),
@@ -61,7 +64,8 @@ def soup(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     warn_if_token_on_command_line(token)
-    options = MergeOptions(max_shard_size=size_option(shard_size), allocator=SESSION.allocator)
+    options = MergeOptions(max_shard_size=size_option(shard_size), allocator=SESSION.allocator,
+                           check_finite=check_finite)
     # Before any download or evaluation (a greedy soup scores for hours): the output must be writable.
     check_output(output, overwrite=overwrite)
     result: GreedySoupResult | None = None
@@ -91,6 +95,7 @@ def soup(
                                 paths=paths, note=note, files=scores)
         with RichProgress("soup", enabled=not (quiet or as_json)) as progress:
             merged = run_merge(plan, output, outputs=outputs, overwrite=overwrite, progress=progress)
+    warn_nonfinite(merged.outputs)
     if push_to_hub:
         push_and_report(output, push_to_hub, private=private, revision=None, commit_message=None,
                         create_pr=False, token=token, quiet=quiet or as_json)

@@ -159,9 +159,12 @@ def _shown(value: Any) -> str:
 
 def consolidate(
     out_dir: str | Path, average: str, output: str | Path, *, step: int | None = None,
-    overwrite: bool = False, max_shard_size: int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False, max_shard_size: int = DEFAULT_SHARD_SIZE, check_finite: bool = False,
 ) -> WrittenCheckpoint:
-    """Joins every rank's shard of ``average`` (``latest``, or ``step_N``) into one checkpoint."""
+    """Joins every rank's shard of ``average`` (``latest``, or ``step_N``) into one checkpoint.
+
+    ``check_finite`` refuses an output holding NaN or infinite values (they are counted otherwise).
+    """
     manifest_path = Path(out_dir) / SHARDS / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointNotFoundError("has no shards/manifest.json", path=out_dir,
@@ -184,7 +187,8 @@ def consolidate(
         # Every rank's shards are inputs: the output may not replace the run that holds them.
         (written,) = write_checkpoints(output, [OutputSpec(config=manifest.config)], specs, joined(),
                                        overwrite=overwrite, max_shard_size=max_shard_size,
-                                       inputs={f"{average} shards": Path(out_dir) / SHARDS})
+                                       inputs={f"{average} shards": Path(out_dir) / SHARDS},
+                                       refuse_nonfinite=check_finite)
     return written
 
 

@@ -28,11 +28,13 @@ def convert_checkpoint(
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: ProgressSink | None = None,
+    check_finite: bool = False,
 ) -> WrittenCheckpoint:
     """Writes ``source`` to ``output`` as sharded safetensors, one tensor in memory at a time.
 
     Floating tensors are cast to ``dtype`` when given. Side files (config,
-    tokenizer) are copied. The output appears atomically.
+    tokenizer) are copied. The output appears atomically. NaN and infinite values written (a cast
+    to float16 of values beyond its range) are counted in the result, or refused with ``check_finite``.
     """
     sink = progress or NullProgress()
     with open_checkpoint(source, allow_pickle=allow_pickle) as checkpoint:
@@ -47,5 +49,6 @@ def convert_checkpoint(
         (written,) = write_checkpoints(
             output, [OutputSpec()], specs, copied(), overwrite=overwrite, max_shard_size=max_shard_size,
             side_files_from=checkpoint.layout.root, out_dtype=dtype, inputs={str(source): checkpoint.layout.root},
+            refuse_nonfinite=check_finite,
         )
     return written

@@ -8,6 +8,7 @@ into place only when everything, side files included, is complete.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -92,8 +93,12 @@ def write_checkpoints(
     copy_tokenizer: bool = True,
     out_dtype: torch.dtype | None = None,
     inputs: Mapping[str, Path] | None = None,
+    refuse_nonfinite: bool = False,
 ) -> list[WrittenCheckpoint]:
     """Writes one checkpoint per entry of ``outputs`` from one stream of tensors, atomically.
+
+    NaN and infinite values are counted as they are written (each result's ``nonfinite``); with
+    ``refuse_nonfinite`` the first tensor holding any fails the write and nothing is put in place.
 
     The target is checked (see :func:`check_output`; the atomic directory checks it) before
     the stream is first read, so a producer that does work up front (a pre-pass over the
@@ -105,7 +110,8 @@ def write_checkpoints(
         directories = [temp / spec.label if spec.label else temp for spec in outputs]
         for directory in directories:
             directory.mkdir(exist_ok=True)
-        writers = [ShardedWriter(d, specs, max_shard_size=max_shard_size) for d in directories]
+        writers = [ShardedWriter(d, specs, max_shard_size=max_shard_size, refuse_nonfinite=refuse_nonfinite)
+                   for d in directories]
         try:
             _write_in_background(writers, tensors)
             written = [writer.close() for writer in writers]
@@ -122,11 +128,8 @@ def write_checkpoints(
                 write_config(directory, spec.config, out_dtype)
             for name, text in spec.files.items():
                 (directory / name).write_text(text, encoding="utf-8")
-    return [
-        WrittenCheckpoint(output / spec.label if spec.label else output, w.shards, w.index, w.total_bytes,
-                          w.num_tensors, w.digests)
-        for spec, w in zip(outputs, written)
-    ]
+    return [dataclasses.replace(w, directory=output / spec.label if spec.label else output)
+            for spec, w in zip(outputs, written)]
 
 
 def _write_in_background(writers: Sequence[ShardedWriter], items: TensorStream) -> None:

@@ -32,6 +32,7 @@ from mergekit_like.errors import OutputWriteError, TensorWriteError
 from mergekit_like.io import libc
 from mergekit_like.io.safetensors_format import build_header
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, ShardPlan, TensorSpec, plan_shards
+from mergekit_like.io.values import nonfinite_count
 
 INDEX_SUFFIX = ".safetensors.index.json"
 DEFAULT_METADATA = {"format": "pt"}
@@ -48,6 +49,20 @@ class WrittenCheckpoint:
     num_tensors: int
     # sha256 of each shard whose bytes were written in file order (the others are hashed later).
     digests: dict[str, str] = field(default_factory=dict)
+    # Tensor name -> how many NaN or infinite values were written in it (only those holding any).
+    nonfinite: dict[str, int] = field(default_factory=dict)
+
+    def nonfinite_note(self) -> str | None:
+        """One line naming the tensors written with NaN or infinite values, or None when there are none."""
+        if not self.nonfinite:
+            return None
+        worst = sorted(self.nonfinite.items(), key=lambda item: -item[1])
+        named = ", ".join(f"'{name}' ({count:,})" for name, count in worst[:3])
+        more = f" and {len(worst) - 3} more" if len(worst) > 3 else ""
+        total = sum(self.nonfinite.values())
+        return (f"{self.directory}: {total:,} NaN or infinite values written in {len(worst)} tensor(s): {named}{more}; "
+                "an overflow in a 16-bit dtype (write float32), or NaN in an input; --check-finite refuses such "
+                "an output")
 
 
 @dataclass
@@ -113,8 +128,13 @@ class ShardedWriter:
         max_shard_size: int = DEFAULT_SHARD_SIZE,
         prefix: str = "model",
         metadata: dict[str, str] | None = None,
+        refuse_nonfinite: bool = False,
     ) -> None:
+        """``refuse_nonfinite``: a tensor holding NaN or infinite values fails the write (otherwise
+        they are counted, in :attr:`WrittenCheckpoint.nonfinite`)."""
         self.directory = Path(directory)
+        self.refuse_nonfinite = refuse_nonfinite
+        self._nonfinite: dict[str, int] = {}
         self.prefix = prefix
         self.metadata = dict(DEFAULT_METADATA if metadata is None else metadata)
         self.plans: list[ShardPlan] = plan_shards(specs, max_shard_size, prefix)
@@ -145,6 +165,7 @@ class ShardedWriter:
         dimension). A tensor written in parts is complete once every byte is.
         """
         slot = self._slot_for(name, tensor, row_start)
+        self._count_nonfinite(name, tensor)
         fd = self._open_shard(slot.shard)
         path = self.directory / self.plans[slot.shard].filename
         data = tensor_bytes(tensor)
@@ -160,6 +181,16 @@ class ShardedWriter:
         self._remaining[slot.shard] -= 1
         if self._remaining[slot.shard] == 0:
             self._finish_shard(slot.shard)
+
+    def _count_nonfinite(self, name: str, tensor: torch.Tensor) -> None:
+        # One pass over the tensor, on the writer's thread: it overlaps the next tensor's compute.
+        bad = nonfinite_count(tensor)
+        if not bad:
+            return
+        if self.refuse_nonfinite:
+            raise TensorWriteError(f"holds {bad:,} NaN or infinite values (--check-finite refuses them); an "
+                                   "overflow in a 16-bit dtype (write float32), or NaN in an input", tensor=name)
+        self._nonfinite[name] = self._nonfinite.get(name, 0) + bad
 
     def _slot_for(self, name: str, tensor: torch.Tensor, row_start: int | None) -> _Slot:
         slot = self._slots.get(name)
@@ -230,6 +261,7 @@ class ShardedWriter:
             sum(p.nbytes for p in self.plans),
             len(self._slots),
             self._known_digests(),
+            dict(self._nonfinite),
         )
         return self.result
 

@@ -26,7 +26,7 @@ import torch
 from mergekit_like.errors import DeviceError, InvalidCheckpointError, MergeError
 from mergekit_like.io.outputs import OutputSpec, WriteItem, write_checkpoints
 from mergekit_like.io.sharding import TensorSpec
-from mergekit_like.io.verify import nonfinite_count
+from mergekit_like.io.values import nonfinite_count
 from mergekit_like.io.writer import WrittenCheckpoint
 from mergekit_like.memory import apply_allocator
 from mergekit_like.merge.options import MergeOptions
@@ -317,6 +317,7 @@ def run_merge(
                 copy_tokenizer=options.copy_tokenizer and plan.vocabulary is None,
                 out_dtype=plan.uniform_out_dtype,
                 inputs={ref: c.layout.root for ref, c in plan.checkpoints.items()},
+                refuse_nonfinite=options.check_finite,
             )
     peak = torch.cuda.max_memory_allocated(staging.device) if staging.device.type == "cuda" else None
     return MergeResult(written, plan.read_bytes, plan.write_bytes, peak)

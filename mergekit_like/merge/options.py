@@ -38,7 +38,8 @@ class MergeOptions:
     # (slower, the same bytes, and a plain stack trace when debugging).
     pipeline: bool = True
     allocator: Allocator = "as_is"
-    # Refuse inputs holding NaN or Inf; off by default: it costs a pass over every tensor.
+    # Refuse inputs and outputs holding NaN or Inf (outputs are always counted, and warned about;
+    # the inputs' check is off by default: it costs a pass over every input tensor).
     check_finite: bool = False
     allow_pickle: bool = False  # read pytorch_model*.bin pickles (they can run code)
     # Merge models whose config.json names different architectures (mergekit's --allow-crimes).
