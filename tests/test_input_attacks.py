@@ -284,6 +284,23 @@ def test_header_over_the_tensor_limit_is_refused_with_file_count_and_limit(
     assert "\n" not in message
 
 
+def test_a_flood_of_entries_or_objects_is_refused_before_the_json_is_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(safetensors_format, "MAX_TENSORS", 10)
+
+    def no_parse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the header was parsed before its size in entries was checked")
+
+    monkeypatch.setattr(safetensors_format.json, "loads", no_parse)
+    entries = write_raw_safetensors(tmp_path / "entries.safetensors", zero_size_header(25))
+    with pytest.raises(InvalidCheckpointError, match="header lists 25 tensors, over the limit of 10"):
+        open_checkpoint(entries)
+    objects = write_raw_safetensors(tmp_path / "objects.safetensors", b'{"a": [' + b",".join([b"{}"] * 30) + b"]}")
+    with pytest.raises(InvalidCheckpointError, match="header holds 30 JSON objects or more"):
+        open_checkpoint(objects)
+
+
 def test_tensor_limit_is_checked_before_any_entry_is_built(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

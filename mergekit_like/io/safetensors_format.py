@@ -168,6 +168,7 @@ def _decode_json(raw: bytes, path: Path) -> dict[str, Any]:
             f"header is not UTF-8 (byte {exc.start})", path=path,
             fix="the file is corrupt or not safetensors",
         ) from None
+    _refuse_an_object_flood(raw, path)
     objects = _HeaderObjects()
     try:
         header = json.loads(text, object_pairs_hook=objects)
@@ -194,6 +195,27 @@ def _decode_json(raw: bytes, path: Path) -> dict[str, Any]:
             fix="the file is corrupt or not safetensors",
         )
     return header
+
+
+def _refuse_an_object_flood(raw: bytes, path: Path) -> None:
+    """Refuses, before parsing, a header with more opening braces than ``MAX_TENSORS`` entries need.
+
+    Parsing is what costs (a 100 MB header of 1.7M empty tensors takes a minute and GBs);
+    counting bytes takes milliseconds. Braces inside strings count too, so this is an upper
+    bound on the objects: only a header whose strings hold about a million braces could be
+    refused wrongly, and no checkpoint's metadata does.
+    """
+    # Each entry has one data_offsets key, and a quote inside a string is escaped: this counts entries.
+    entries = raw.count(b'"data_offsets"')
+    if entries > MAX_TENSORS:
+        raise InvalidCheckpointError(f"header lists {entries} tensors, over the limit of {MAX_TENSORS} per file",
+                                     path=path, fix="the file is corrupt or hostile; do not use it")
+    braces = raw.count(b"{")
+    if braces > MAX_TENSORS + 2:  # + the header and its metadata
+        raise InvalidCheckpointError(
+            f"header holds {braces} JSON objects or more, more than a header of at most {MAX_TENSORS} tensors "
+            "needs", path=path, fix="the file is corrupt or hostile; do not use it",
+        )
 
 
 def _check_tensor_count(header: Any, objects: _HeaderObjects, path: Path) -> None:
