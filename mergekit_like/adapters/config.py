@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_like.errors import InvalidCheckpointError, short_repr
+from mergekit_like.io.layout import ADAPTER_CONFIG
+from mergekit_like.io.layout import ADAPTER_WEIGHTS as ADAPTER_WEIGHTS  # re-exported: the adapter package names it
 from mergekit_like.io.sidefiles import read_json_object
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
 # Keys of adapter_config.json that, set, change the weights in ways not applied here.
 UNSUPPORTED = {

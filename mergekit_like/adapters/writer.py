@@ -20,6 +20,7 @@ import torch
 from mergekit_like.adapters.config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterConfig
 from mergekit_like.adapters.view import EMBEDDING_A, EMBEDDING_B, LINEAR_A, LINEAR_B, PEFT_PREFIX
 from mergekit_like.io.atomic import atomic_directory
+from mergekit_like.io.checksums import write_manifest
 from mergekit_like.io.reader import Checkpoint
 from mergekit_like.io.sharding import TensorSpec
 from mergekit_like.io.writer import ShardedWriter, write_text_durably
@@ -138,4 +139,6 @@ def write_adapter(output: str | Path, contents: AdapterContents, config: Adapter
         write_text_durably(temp / ADAPTER_CONFIG, config.to_json())
         for name, text in (files or {}).items():
             write_text_durably(temp / name, text)
+        assert writer.result is not None
+        write_manifest(temp, writer.result.digests)  # last: it covers every file above
     return Path(output)

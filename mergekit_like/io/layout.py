@@ -89,7 +89,9 @@ def resolve(path: str | Path, *, allow_pickle: bool = False) -> CheckpointLayout
     )
 
 
+# A PEFT adapter's files (named here, below the adapters package, so the readers and verify know them).
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def _resolve_directory(root: Path, allow_pickle: bool) -> CheckpointLayout:

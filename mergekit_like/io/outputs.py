@@ -20,7 +20,7 @@ import torch
 
 from mergekit_like.errors import IncompatibleModelsError
 from mergekit_like.io.atomic import atomic_directory, check_target
-from mergekit_like.io.checksums import write_checksums
+from mergekit_like.io.checksums import write_manifest
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
 from mergekit_like.io.sidefiles import copy_side_files, write_config
 from mergekit_like.io.writer import ShardedWriter, WrittenCheckpoint
@@ -120,14 +120,14 @@ def write_checkpoints(
                 writer.abort()
             raise
         for spec, directory, result in zip(outputs, directories, written):
-            files = list(result.shards) + ([result.index] if result.index else [])
-            write_checksums(directory, files, result.digests)
             if side_files_from is not None:
                 copy_side_files(side_files_from, directory, out_dtype, tokenizer=copy_tokenizer)
             if spec.config is not None:
                 write_config(directory, spec.config, out_dtype)
             for name, text in spec.files.items():
                 (directory / name).write_text(text, encoding="utf-8")
+            # Last, so it covers every file written above: `verify` fails a file it does not list.
+            write_manifest(directory, result.digests)
     return [dataclasses.replace(w, directory=output / spec.label if spec.label else output)
             for spec, w in zip(outputs, written)]
 
