@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,27 @@ class CardContent:
     license: str | None = None
 
 
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
+
+
+def fenced(content: str, info: str) -> list[str]:
+    """A fenced code block holding ``content`` whatever it holds: CommonMark closes a fence only at a
+    line of at least as many backticks, so one longer than every run inside stays open to its end."""
+    fence = "`" * max(3, _longest_backtick_run(content) + 1)
+    return [fence + info, content, fence]
+
+
+def code_span(text: str) -> str:
+    """``text`` as inline code: a span ends at the next run of exactly its own length (backslashes
+    escape nothing inside), so it is one longer than every run inside; a space pads a span that
+    starts or ends with a backtick, which CommonMark strips again."""
+    ticks = "`" * (_longest_backtick_run(text) + 1)
+    edge = text[:1] + text[-1:]
+    padded = "`" in edge or (edge == "  " and bool(text.strip()))
+    return f"{ticks} {text} {ticks}" if padded else f"{ticks}{text}{ticks}"
+
+
 def render_card(card: CardContent) -> str:
     """The model card (``README.md``): Hub metadata in the front matter, then method, inputs and recipe."""
     from huggingface_hub import ModelCard, ModelCardData  # here: a tenth of a second every command paid
@@ -129,13 +151,14 @@ def render_card(card: CardContent) -> str:
     ]
     for ref, role in card.inputs:
         shown = (f"[{ref}](https://huggingface.co/{ref.split('@')[0]})" if is_hub_id(ref)
-                 else f"`{printable(ref).replace('`', chr(92) + '`')}` (local)")
+                 else f"{code_span(printable(ref))} (local)")
         lines.append(f"- {shown}" + (f" ({printable(role)})" if role else ""))
     if card.note:
         lines += ["", card.note]
-    lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(dict(card.recipe), sort_keys=False).rstrip(), "```"]
+    lines += ["", "## Recipe", "", *fenced(yaml.safe_dump(dict(card.recipe), sort_keys=False).rstrip(), "yaml")]
     if card.command:
-        lines += ["", "## Reproduce", "", "```bash", card.command, "```"]
+        # The callers build the command with shlex.join, so it runs as written, newlines in paths included.
+        lines += ["", "## Reproduce", "", *fenced(card.command, "bash")]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
     return str(ModelCard(content))
 

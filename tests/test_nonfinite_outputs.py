@@ -73,3 +73,26 @@ def test_a_finite_merge_prints_no_warning(models: Path) -> None:
     result = runner.invoke(app, ["merge", "--method", "task_arithmetic", "--base", str(models / "base"),
                                  str(models / "big"), "-p", "weight=0.5", "-o", str(models / "ok"), "--check-finite"])
     assert result.exit_code == 0 and "warning" not in result.output
+
+
+def test_average_check_finite_refuses_an_output_that_overflows_its_dtype(models: Path) -> None:
+    result = runner.invoke(app, ["average", str(models / "big32"), str(models / "big32"), "--method", "swa",
+                                 "--out-dtype", "float16", "-o", str(models / "avg16"), "--check-finite"])
+    assert result.exit_code == 2 and "holds 16 NaN or infinite values" in one_line(result.output)
+    assert not (models / "avg16").exists()
+
+
+def test_an_extracted_adapter_carries_a_manifest_that_verify_checks(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    base = {"model.layers.0.mlp.down_proj.weight": torch.randn(8, 8, generator=g)}
+    tuned = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1}
+    write_checkpoint(tmp_path / "base", base, config=config)
+    write_checkpoint(tmp_path / "tuned", tuned, config=config)
+    made = runner.invoke(app, ["extract-lora", str(tmp_path / "tuned"), "--base", str(tmp_path / "base"), "--rank",
+                               "2", "-o", str(tmp_path / "adapter")])
+    assert made.exit_code == 0, made.output
+    assert (tmp_path / "adapter" / "checksums.sha256").is_file()
+    assert runner.invoke(app, ["verify", str(tmp_path / "adapter")]).exit_code == 0
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    assert runner.invoke(app, ["verify", str(tmp_path / "adapter")]).exit_code != 0

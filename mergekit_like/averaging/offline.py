@@ -32,11 +32,12 @@ from mergekit_like.averaging.sfa import AnchorPull
 from mergekit_like.averaging.swa import SWA, UniformMean
 from mergekit_like.averaging.trajectory import TrajectoryPoint
 from mergekit_like.errors import IncompatibleModelsError, InvalidCheckpointError, RecipeError
+from mergekit_like.io.dtypes import dtype_name
 from mergekit_like.io.outputs import OutputSpec, WriteItem, write_checkpoints
 from mergekit_like.io.reader import Checkpoint, open_checkpoint
 from mergekit_like.io.safetensors_format import TensorEntry
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
-from mergekit_like.io.verify import nonfinite_count
+from mergekit_like.io.values import nonfinite_count
 from mergekit_like.io.writer import WrittenCheckpoint
 from mergekit_like.progress import NullProgress, ProgressSink
 
@@ -190,7 +191,7 @@ def trajectory_memory_bound(points: Sequence[TrajectoryPoint], outputs: Sequence
 
 
 def check_trajectory(checkpoints: Sequence[Checkpoint], points: Sequence[TrajectoryPoint]) -> None:
-    """Every checkpoint must hold the newest one's tensors with the same shapes."""
+    """Every checkpoint must hold the newest one's tensors with the same shapes and kinds of dtype."""
     newest = checkpoints[-1]
     problems = []
     for checkpoint, point in zip(checkpoints[:-1], points[:-1]):
@@ -201,15 +202,29 @@ def check_trajectory(checkpoints: Sequence[Checkpoint], points: Sequence[Traject
             problems.append(f"{point.path} ({len(missing)} tensors missing, {len(extra)} extra, e.g. '{example}')")
             continue
         for name in newest.names():
-            if checkpoint.entry(name).shape != newest.entry(name).shape:
-                problems.append(f"{point.path}: tensor '{name}' has shape {list(checkpoint.entry(name).shape)}, "
-                                f"not {list(newest.entry(name).shape)}")
+            entry, expected = checkpoint.entry(name), newest.entry(name)
+            if entry.shape != expected.shape:
+                problems.append(f"{point.path}: tensor '{name}' has shape {list(entry.shape)}, "
+                                f"not {list(expected.shape)}")
+                break
+            if problem := _dtype_problem(name, entry.dtype, point.path, expected.dtype, points[-1].path):
+                problems.append(problem)
                 break
     if problems:
         raise IncompatibleModelsError(
             f"checkpoints differ from the newest ({points[-1].path}): " + "; ".join(problems[:5]),
             fix="average checkpoints of one model; list the right ones explicitly",
         )
+
+
+def _dtype_problem(name: str, dtype: torch.dtype, path: Path, expected: torch.dtype, newest: Path) -> str | None:
+    """As a merge refuses them (merge.plan): floating tensors may differ in precision (the state is
+    float32), but a floating tensor beside an integer one, or integers of two types, have no mean;
+    without this the newest checkpoint's dtype would silently decide what is written."""
+    if dtype == expected or (dtype.is_floating_point and expected.is_floating_point):
+        return None
+    return (f"tensor '{name}': {dtype_name(dtype)} in '{path}' but {dtype_name(expected)} in '{newest}' "
+            "(average checkpoints whose tensors have the same kind of dtype)")
 
 
 def run_average(
@@ -230,7 +245,8 @@ def run_average(
 
     A single output is written to ``output`` itself, several to subdirectories named by their labels.
     ``files`` (one mapping per output, name -> text) are written beside each output's weights.
-    ``check_finite`` refuses a checkpoint tensor holding NaN or Inf values, naming tensor and checkpoint.
+    ``check_finite`` refuses a checkpoint tensor holding NaN or Inf values, naming tensor and checkpoint,
+    and an output holding any (they are counted in each result otherwise).
     ``announce`` receives the memory bound once the headers are read, before any tensor is.
     """
     sink = progress or NullProgress()
@@ -258,6 +274,7 @@ def run_average(
             output, [OutputSpec(label, written) for label, written in zip(labels, extra, strict=True)], specs,
             stream, overwrite=overwrite, max_shard_size=max_shard_size, side_files_from=newest.layout.root,
             out_dtype=out_dtype, inputs={str(p.path): c.layout.root for p, c in zip(points, checkpoints)},
+            refuse_nonfinite=check_finite,
         )
 
 

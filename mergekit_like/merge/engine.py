@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import zlib
 from collections.abc import Callable, Generator, Sequence
@@ -39,8 +40,11 @@ from mergekit_like.merge.plan import (
     planned_merge,
 )
 from mergekit_like.merge.staging import DeviceStaging
+from mergekit_like.methods.declaration import AmplificationLog
 from mergekit_like.progress import NullProgress, ProgressSink
 from mergekit_like.vocab.rows import AlignedRows, gather_rows
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MergeOptions", "MergePlan", "MergeResult", "ModelResolver", "OutputSpec", "TensorPlan", "Variant", "plan_merge",
@@ -133,6 +137,8 @@ class KernelContext:
     staging: DeviceStaging
     executor: Executor | None = None
     prepass_result: Any = None
+    # The worst amplification each method declares one (model_stock), warned about once the merge is written.
+    amplifications: AmplificationLog | None = None
 
 
 @dataclass
@@ -206,6 +212,8 @@ def compute(plan: MergePlan, inputs: _Inputs, context: KernelContext) -> list[to
             merged = method.kernel(inputs.models, **kwargs)
         except MergeError as exc:
             raise MergeError(exc.what, tensor=tensor.name, fix=exc.fix) from None
+        if context.amplifications is not None and inputs.rows is None:
+            context.amplifications.observe(method, tensor.name, merged, inputs.models, kwargs)
         results.append(merged.to(dtype=tensor.out_dtype))
     return results
 
@@ -306,8 +314,9 @@ def run_merge(
     if staging.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(staging.device)
     threads = options.kernel_threads or max(2, torch.get_num_threads())
+    amplifications = AmplificationLog()
     with ThreadPoolExecutor(threads, thread_name_prefix="kernel") as executor:
-        merged = _merged_stream(plan, staging, executor, progress, passes > 1)
+        merged = _merged_stream(plan, staging, executor, progress, passes > 1, amplifications)
         # Closed on any exit: a writer failure otherwise leaves the generator (and its reader
         # thread) alive for as long as the traceback refers to it.
         with contextlib.closing(merged):
@@ -319,18 +328,22 @@ def run_merge(
                 inputs={ref: c.layout.root for ref, c in plan.checkpoints.items()},
                 refuse_nonfinite=options.check_finite,
             )
+    for line in amplifications.warnings():
+        logger.warning("%s", line)
     peak = torch.cuda.max_memory_allocated(staging.device) if staging.device.type == "cuda" else None
     return MergeResult(written, plan.read_bytes, plan.write_bytes, peak)
 
 
 def _merged_stream(
-    plan: MergePlan, staging: DeviceStaging, executor: Executor, progress: ProgressSink, prepass: bool
+    plan: MergePlan, staging: DeviceStaging, executor: Executor, progress: ProgressSink, prepass: bool,
+    amplifications: AmplificationLog | None = None,
 ) -> Generator[WriteItem, None, None]:
     """The merge as a stream for the writer; its first read (the pre-pass, if any) waits for the writer's
     check of the target, so nothing is read (and no allocator setting changed) for an output that
     cannot be written."""
     apply_allocator(plan.options.allocator, elementwise=all(m.elementwise for m in plan.methods))
-    context = KernelContext(staging, executor, run_prepass(plan, staging, progress) if prepass else None)
+    context = KernelContext(staging, executor, run_prepass(plan, staging, progress) if prepass else None,
+                            amplifications)
     items = [(t, rows) for t in plan.tensors for rows in (t.chunks or [None])]
     stream = _pipelined if plan.options.pipeline else _sequential
     yield from stream(plan, items, lambda i: compute(plan, i, context), staging, progress)

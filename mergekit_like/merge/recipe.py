@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import logging
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -674,18 +675,23 @@ def _parameter_values(recipe: MergeRecipe) -> Iterator[tuple[str, str, Any, bool
 
 
 def warn_unusual_values(recipe: MergeRecipe) -> None:
-    """Logs values the method allows but rarely means (a negative averaging weight).
+    """Logs values the method allows but rarely means (a negative averaging weight, weights that
+    nearly cancel), each line once.
 
     Once, where a recipe is read or built from the command line; never for the copies
     that overrides and defaults make of it.
     """
+    for line in dict.fromkeys(_unusual_values(recipe)):
+        logger.warning("%s", line)
+
+
+def _unusual_values(recipe: MergeRecipe) -> Iterator[str]:
     method = recipe.method
     for view in recipe.slice_recipes() if recipe.layered else []:
         if view.slice is not None and view.slice.merge_method not in (None, recipe.merge_method):
-            logger.warning("%s: merge_method %s is this tool's extension; mergekit reads one method per recipe "
-                           "and would merge this slice with %s", view.label, view.slice.merge_method,
-                           recipe.merge_method)
-        warn_unusual_values(view.recipe)
+            yield (f"{view.label}: merge_method {view.slice.merge_method} is this tool's extension; mergekit reads "
+                   f"one method per recipe and would merge this slice with {recipe.merge_method}")
+        yield from _unusual_values(view.recipe)
     for where, name, value, _ in _parameter_values(recipe):
         spec = method.spec(name)
         if spec is None or spec.typical is None:
@@ -694,8 +700,32 @@ def warn_unusual_values(recipe: MergeRecipe) -> None:
         unusual = [v for v in numeric_values(value) if isinstance(v, (int, float)) and not typical.contains(v)]
         if unusual:
             described = "negative" if typical.low == 0 and unusual[0] < 0 else "outside its usual range"
-            logger.warning("%s: %s %s is %s; %s %s", where, name, short_repr(unusual[0]), described, method.name,
-                           typical.why)
+            yield f"{where}: {name} {short_repr(unusual[0])} is {described}; {method.name} {typical.why}"
+    uniform = None if recipe.layered or not method.warns else _uniform_params(recipe, method)
+    if uniform is not None:
+        yield from (line for warn in method.warns if (line := warn(uniform)))
+
+
+def _uniform_params(recipe: MergeRecipe, method: MergeMethod) -> dict[str, Any] | None:
+    """The kernel parameters every tensor gets, when the recipe gives each one plain value (or a default).
+
+    None when some value varies by tensor (a gradient or a filter list): only the plan, tensor by
+    tensor, knows those, and it refuses what its checks refuse there.
+    """
+    shared = [recipe.parameters, *recipe.inherited_parameters]
+    resolved: dict[str, Any] = {}
+    for key, spec in method.params.items():
+        scopes_of = [[entry.parameters, *shared] for entry in recipe.inputs] if spec.per_model else [shared]
+        values = []
+        for scopes in scopes_of:
+            value = next((scope[key] for scope in scopes if key in scope), spec.default)
+            # A missing or invalid value is the checker's to refuse.
+            if value is inspect.Parameter.empty or isinstance(value, (list, tuple, Mapping)) or _leaf_problem(
+                    spec, value):
+                return None
+            values.append(spec.coerce(value))
+        resolved[spec.name] = values if spec.per_model else values[0]
+    return resolved
 
 
 def _check_models(recipe: MergeRecipe, method: MergeMethod) -> list[str]:

@@ -23,6 +23,11 @@ engine need, so none of them names a method or a method parameter::
   annotations list the accepted strings; a default makes a parameter optional.
   ``X | None`` admits None as a value (``scale: PerModel[float | None] = each(None)``:
   no value means "leave the tensor as it is", which no number says).
+
+Rules on several parameters at once are declared beside the kernel: ``checks`` refuse a
+tensor's combination before any tensor is read, ``warns`` warn about one once per recipe, and
+an ``amplification`` measures what only the tensors tell (how far the result strays), which the
+engine reports once per merge.
 """
 
 from __future__ import annotations
@@ -194,6 +199,42 @@ NONNEGATIVE_WEIGHT = Typical(
 # A check on one tensor's resolved parameters (kernel names): a problem, or None.
 TensorCheck = Callable[[Mapping[str, Any]], "str | None"]
 
+# A rule on one tensor's resolved parameters (kernel names) that the method allows but rarely
+# means, such as weights that nearly cancel: a one-line warning, or None. It refuses nothing;
+# the recipe checker runs it once per recipe (on the values every tensor gets).
+ParamWarning = Callable[[Mapping[str, Any]], "str | None"]
+
+# An output this many times larger than its inputs (or moved this many times farther than any
+# task vector) is warned about: below it, extrapolating on purpose (a weight of -0.5, task
+# arithmetic's negation) is common; above it, rounding noise of the inputs becomes visible change.
+AMPLIFICATION_WARN = 10.0
+
+
+def factor_text(factor: float) -> str:
+    """A factor as a warning writes it: ``19``, ``1.05e3``, ``2e6``."""
+    text = f"{factor:.3g}"
+    if "e" not in text:
+        return text
+    mantissa, exponent = text.split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+@dataclass(frozen=True)
+class Amplification:
+    """How far a kernel's result strays from its inputs, which only the tensors tell (model_stock's
+    ratio grows without bound as its task vectors turn opposite).
+
+    ``measure`` is a pure function called as ``measure(result, tensors, **kernel_kwargs)`` with the
+    kernel's result in the compute dtype; it returns a factor, 1 meaning "no farther than the
+    inputs". The engine feeds every merged tensor to an :class:`AmplificationLog`, which warns once
+    per merge with the largest factor and its tensor when it exceeds ``warn_above``. ``says`` is
+    the warning, formatted with ``method``, ``tensor`` and ``factor``.
+    """
+
+    measure: Callable[..., float]
+    says: str
+    warn_above: float = AMPLIFICATION_WARN
+
 
 @dataclass(frozen=True)
 class MergeMethod:
@@ -224,6 +265,11 @@ class MergeMethod:
     # multiplies by a float32 mask); a recipe whose dtype sets the output keeps that precision,
     # as mergekit writes the kernel's result as it is.
     result_dtype: torch.dtype | None = None
+    # Parameter combinations allowed but rarely meant (linear's weights that nearly cancel).
+    warns: tuple[ParamWarning, ...] = ()
+    # Only methods merged whole tensor by tensor declare one: a factor over a block of rows is not
+    # the tensor's.
+    amplification: Amplification | None = None
 
     def __call__(self, tensors: list[torch.Tensor], **kwargs: Any) -> torch.Tensor:
         return self.kernel(tensors, **kwargs)
@@ -280,6 +326,8 @@ def merge_method(
     prepass: WholeModelPass | None = None,
     checks: tuple[TensorCheck, ...] = (),
     result_dtype: torch.dtype | None = None,
+    warns: tuple[ParamWarning, ...] = (),
+    amplification: Amplification | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], MergeMethod]:
     """Declares a kernel as merge method ``name`` (listed in :mod:`mergekit_like.methods.registry`)."""
 
@@ -298,6 +346,9 @@ def merge_method(
         _check_ignored(kernel.__name__, ignored_params, params)
         if sum(spec.sweep for spec in params.values()) > 1:
             raise TypeError(f"{kernel.__name__}: at most one parameter may be a Sweep")
+        if amplification is not None and elementwise:
+            raise TypeError(f"{kernel.__name__}: an element-wise method is merged in row blocks; "
+                            "an amplification is measured on whole tensors")
         base_use = base or (BaseUse.REQUIRED if "base" in signature.parameters else BaseUse.NONE)
         return MergeMethod(
             name=name, kernel=_broadcasting_per_model(kernel, [p for p in params.values() if p.per_model]),
@@ -305,7 +356,7 @@ def merge_method(
             description=description, uses_generator="generator" in signature.parameters,
             uses_executor="executor" in signature.parameters, ignored_params=frozenset(ignored_params),
             elementwise=elementwise, inputs_as_stored=inputs_as_stored, prepass=prepass, checks=checks,
-            result_dtype=result_dtype,
+            result_dtype=result_dtype, warns=warns, amplification=amplification,
         )
 
     return declare
@@ -374,3 +425,31 @@ def weights_do_not_cancel(params: Mapping[str, Any]) -> str | None:
     if params.get("normalize") and sum(params.get("weight", [1])) == 0:
         return "the weights sum to zero and normalize is on (set normalize: false or change the weights)"
     return None
+
+
+class AmplificationLog:
+    """The largest declared amplification of each method over one merge, for one warning each.
+
+    The engine calls :meth:`observe` with every merged tensor's kernel result and arguments and
+    logs :meth:`warnings` once the merge is written; the kernels stay pure.
+    """
+
+    def __init__(self) -> None:
+        self._worst: dict[str, tuple[float, str, Amplification]] = {}
+
+    def observe(self, method: MergeMethod, tensor: str, result: torch.Tensor, tensors: list[torch.Tensor],
+                kwargs: Mapping[str, Any]) -> None:
+        declared = method.amplification
+        if declared is None:
+            return
+        factor = declared.measure(result, tensors, **kwargs)
+        if math.isnan(factor):
+            return  # a non-finite result is the output checks' to report, not a factor
+        worst = self._worst.get(method.name)
+        if worst is None or factor > worst[0]:
+            self._worst[method.name] = (factor, tensor, declared)
+
+    def warnings(self) -> list[str]:
+        """One line per method whose worst tensor exceeds its threshold."""
+        return [declared.says.format(method=name, tensor=tensor, factor=factor_text(factor))
+                for name, (factor, tensor, declared) in self._worst.items() if factor > declared.warn_above]

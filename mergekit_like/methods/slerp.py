@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
-from mergekit_like.methods.declaration import merge_method
+from mergekit_like.methods.declaration import Typical, merge_method
 
 # Colinear vectors (|cos| above this) are interpolated linearly: slerp is ill-conditioned there.
 DOT_THRESHOLD = 0.9995
@@ -12,6 +14,10 @@ NORM_EPS = 1e-8
 # mergekit reduces tensors over 2**20 elements chunk by chunk; summing in the same
 # chunks gives its numbers to the last bit on large tensors too.
 CHUNK = 1024 * 1024
+# mergekit does not clamp t (nor do we: its numbers are ours), but outside [0, 1] the result is no
+# longer between the two models.
+INTERPOLATES = Typical(0, 1, why="extrapolates beyond the two models when t is outside [0, 1] "
+                                "(past the base below 0, past the other model above 1); mergekit computes the same")
 
 
 def _chunks(x: torch.Tensor) -> list[torch.Tensor]:
@@ -40,7 +46,7 @@ def slerp_coefficients(v0: torch.Tensor, v1: torch.Tensor, t: torch.Tensor) -> t
     min_models=1,
     max_models=1,
 )
-def slerp(tensors: list[torch.Tensor], *, base: torch.Tensor, t: float) -> torch.Tensor:
+def slerp(tensors: list[torch.Tensor], *, base: torch.Tensor, t: Annotated[float, INTERPOLATES]) -> torch.Tensor:
     (other,) = tensors
     dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
     v0 = base.reshape(-1).to(dtype)
