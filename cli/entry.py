@@ -1,8 +1,10 @@
 """The console script's entry point: imports the application only inside its guard.
 
-Importing the commands imports torch (seconds on a cold cache). A Ctrl-C then lands
+Importing a command imports torch (seconds on a cold cache). A Ctrl-C then lands
 inside the import machinery: as a KeyboardInterrupt traceback, or, inside a C
 extension's initialisation, as an unrelated ImportError. Both are one line here.
+The app itself imports no command (``--help`` needs none); the one invoked is
+imported here, inside the guard.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ def main() -> None:
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
+        from mergekit_like.cli.main import import_invoked_command
         from mergekit_like.cli.main import main as run
         from mergekit_like.cli.output import SESSION
+
+        import_invoked_command(sys.argv[1:])
     except BaseException:
         signal.signal(signal.SIGINT, previous)
         if interrupted or isinstance(sys.exc_info()[1], KeyboardInterrupt):
@@ -42,6 +47,11 @@ def main() -> None:
         # Typer turns a Ctrl-C outside a command (while it parses, or prints the help) into a silent
         # exit 130; a command says so itself.
         if interrupted and leaving.code == EXIT_INTERRUPTED and not SESSION.interrupt_reported:
+            _exit_interrupted()
+        raise
+    except Exception:
+        # A module a command imports as it runs, interrupted in its initialisation (an ImportError).
+        if interrupted:
             _exit_interrupted()
         raise
     finally:

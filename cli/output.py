@@ -1,7 +1,12 @@
-"""Console output shared by the commands: errors, progress bars, JSON."""
+"""Console output shared by the commands: errors, progress bars, JSON.
+
+Imported at start-up, before any command: nothing here imports torch at module level, so
+``--help`` and ``--version`` stay fast (what needs the library imports it inside).
+"""
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -9,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,9 +29,10 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from mergekit_like.errors import MergekitLikeError, printable
-from mergekit_like.io.sharding import parse_size
-from mergekit_like.merge.options import Allocator
+from mergekit_like.errors import FileAccessError, MergekitLikeError, from_os_error, printable
+
+if TYPE_CHECKING:
+    from mergekit_like.merge.options import Allocator
 
 # Plain text by default: paths, tensor names and messages come from the user and their files,
 # and Rich markup in them ("[/]", "[bold]") would be styled, dropped, or crash the print. The
@@ -57,7 +63,11 @@ EXIT_KNOWN_ERROR = 2
 
 
 def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
-    """Prints a known error as one line on stderr and exits 2 (traceback with --debug)."""
+    """Prints a known error as one line on stderr and exits 2 (traceback with --debug).
+
+    Known: the toolkit's own errors, and any OSError they did not already name (a file this
+    user may not read, too many open files), printed with its path and what to do.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -66,10 +76,11 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
         except MergekitLikeError as exc:
             if SESSION.debug:
                 raise
-            # The message is plain text: brackets in it ("[inf]", a path) are not markup.
-            err_console.print(f"[bold red]error:[/] {escape(printable(str(exc)))}", markup=True, highlight=False,
-                              soft_wrap=True)
-            raise typer.Exit(EXIT_KNOWN_ERROR) from None
+            _exit_with_error(exc)
+        except OSError as exc:
+            if SESSION.debug or exc.errno == errno.EPIPE:  # a closed pipe (| head): Typer leaves quietly
+                raise
+            _exit_with_error(from_os_error(exc, FileAccessError))
         except KeyboardInterrupt:
             err_console.print("interrupted; nothing was written", highlight=False)
             SESSION.interrupt_reported = True
@@ -78,8 +89,17 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def _exit_with_error(exc: MergekitLikeError) -> NoReturn:
+    # The message is plain text: brackets in it ("[inf]", a path) are not markup.
+    err_console.print(f"[bold red]error:[/] {escape(printable(str(exc)))}", markup=True, highlight=False,
+                      soft_wrap=True)
+    raise typer.Exit(EXIT_KNOWN_ERROR) from None
+
+
 def size_option(text: str, option: str = "--shard-size") -> int:
     """A byte count given on the command line (``5GB``, ``256MiB``), or a usage error naming the option."""
+    from mergekit_like.io.sharding import parse_size  # imports torch: only once a command runs
+
     try:
         return parse_size(text)
     except ValueError as exc:

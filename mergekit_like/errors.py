@@ -8,9 +8,11 @@ prints ``str(error)`` as one line.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 # The most characters of a user's value that a message shows (a recipe value can be megabytes).
 SHORT_CHARS = 80
@@ -127,6 +129,10 @@ class OutputWriteError(_Located, OSError):
     """Writing the output failed (disk full, permissions); nothing partial was kept."""
 
 
+class FileAccessError(_Located, OSError):
+    """The system refused a file or directory: permission denied, read-only file system, too many open files."""
+
+
 class TensorWriteError(_Located, ValueError):
     """A tensor handed to the writer does not match the planned name, dtype or shape."""
 
@@ -215,3 +221,72 @@ class EvaluationError(MergekitLikeError, RuntimeError):
 
 class SearchError(MergekitLikeError, RuntimeError):
     """A merge search cannot go on: every trial failed, the cluster is unreachable, the study is not this one."""
+
+
+# -- the system's refusals (OSError) in words a user can act on ---------------------------------
+
+PERMISSION_FIX = "check its permissions (ls -l) or those of its directory, or use a path this user may access"
+DESCRIPTORS_FIX = "raise the limit with ulimit -n or merge fewer inputs at once"
+SPACE_FIX = "free space on the device, or write elsewhere"
+
+# errno -> (what failed, what to do). An errno not listed is described by its strerror.
+OS_ERROR_WORDS: dict[int, tuple[str, str]] = {
+    errno.EACCES: ("permission denied", PERMISSION_FIX),
+    errno.EPERM: ("operation not permitted", PERMISSION_FIX),
+    errno.EROFS: ("read-only file system", "use a path on a writable file system"),
+    errno.EMFILE: ("too many open files", DESCRIPTORS_FIX),
+    errno.ENFILE: ("too many open files on this system", "close other programs' files, or merge fewer inputs at once"),
+    errno.ENOSPC: ("no space left on device", SPACE_FIX),
+    errno.EDQUOT: ("no space left on device (disk quota exceeded)", SPACE_FIX),
+    errno.EFBIG: ("no space left on device for a file this large (file size limit exceeded)",
+                  "raise the file size limit (ulimit -f) or use a smaller --shard-size"),
+    errno.EIO: ("input/output error", "the device reported a fault: check it (dmesg), then copy the file again"),
+    errno.ENAMETOOLONG: ("file name too long", "use a shorter path"),
+}
+OTHER_OS_ERROR_FIX = "check the path, then run again"
+
+L = TypeVar("L", bound=_Located)
+
+
+def os_error_words(exc: OSError) -> tuple[str, str | None]:
+    """What ``exc`` says failed, in words (``"permission denied"``), and what to do about it.
+
+    An error that names no file and no errno we know (a network library's, say) gets no
+    fix: a guess would mislead.
+    """
+    if exc.errno in OS_ERROR_WORDS:
+        return OS_ERROR_WORDS[exc.errno]
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return reason[:1].lower() + reason[1:], OTHER_OS_ERROR_FIX if os_error_path(exc) is not None else None
+
+
+def os_error_path(exc: OSError) -> Path | None:
+    """The path an OSError names, if any (it may name a descriptor instead, or nothing)."""
+    if isinstance(exc.filename, (str, bytes, os.PathLike)):
+        return Path(os.fsdecode(exc.filename))
+    return None
+
+
+def from_os_error(
+    exc: OSError,
+    error_type: type[L],
+    *,
+    path: str | Path | None = None,
+    doing: str | None = None,
+    fix: str | None = None,
+) -> L:
+    """``exc`` as one of this module's errors: ``PATH: [DOING (]WHAT[)]. FIX.``
+
+    ``path`` defaults to the file the OSError names; ``doing`` says what the toolkit was doing
+    when a bare reason would not ("cannot create the scratch directory"). The errno is kept, so
+    callers that test ``error.errno`` keep working.
+    """
+    what, default_fix = os_error_words(exc)
+    error = error_type(
+        f"{doing} ({what})" if doing else what,
+        path=path if path is not None else os_error_path(exc),
+        fix=fix or default_fix,
+    )
+    if isinstance(error, OSError):
+        error.errno = exc.errno
+    return error

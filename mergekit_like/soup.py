@@ -84,7 +84,16 @@ def _scratch(parent: Path) -> Iterator[Path]:
         pid = stale.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
         if stale.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=parent))
+    # Belongs with the imports at the top; kept inside this function while soup.py has other edits in flight.
+    from mergekit_like.errors import OutputWriteError, from_os_error
+
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=parent))
+    except OSError as exc:
+        raise from_os_error(
+            exc, OutputWriteError, path=parent, doing="cannot create the greedy soup's scratch directory",
+            fix=f"make {parent} writable for this user, or write the output elsewhere",
+        ) from exc
     try:
         yield scratch
     finally:

@@ -239,8 +239,47 @@ def test_out_of_space_while_flushing_names_the_target(tmp_path: Path, monkeypatc
     assert not target.exists() and leftovers(tmp_path) == []
 
 
-def test_other_os_errors_pass_through_unchanged(tmp_path: Path) -> None:
+# -- other refusals: permissions, read-only file systems ---------------------------------------
+
+
+@pytest.mark.parametrize(("code", "words", "fix"), [
+    (errno.EACCES, "permission denied", "writable for this user, or write the output elsewhere"),
+    (errno.EPERM, "operation not permitted", "writable for this user, or write the output elsewhere"),
+    (errno.EROFS, "read-only file system", "write the output to a writable file system"),
+])
+def test_other_os_errors_about_the_output_are_output_write_errors(
+    tmp_path: Path, code: int, words: str, fix: str
+) -> None:
+    with pytest.raises(OutputWriteError) as info:
+        with atomic_directory(tmp_path / "out") as temp:
+            raise OSError(code, os.strerror(code), str(temp / "config.json"))
+    assert re.fullmatch(rf"{re.escape(str(tmp_path))}/\.out\.tmp-[^/]+/config\.json: {words}\. .*{fix}; "
+                        r"nothing partial was kept\.", str(info.value), flags=re.IGNORECASE), str(info.value)
+    assert info.value.errno == code and isinstance(info.value.__cause__, OSError)
+    assert leftovers(tmp_path) == []
+
+
+def test_os_errors_about_other_files_pass_through_unchanged(tmp_path: Path) -> None:
+    # An input the block reads is the caller's to describe (the CLI names it); it is not the output's.
     with pytest.raises(PermissionError) as info:
         with atomic_directory(tmp_path / "out"):
-            raise PermissionError(errno.EACCES, "Permission denied", "x")
+            raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "model-a" / "model.safetensors"))
     assert not isinstance(info.value, OutputWriteError) and leftovers(tmp_path) == []
+
+
+def test_a_lock_that_cannot_be_created_is_an_output_write_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def refused(path: object, flags: int, *args: object) -> int:
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refused)
+    with pytest.raises(OutputWriteError, match=rf"^{re.escape(str(tmp_path / '.out.lock'))}: permission denied\. "
+                                               rf"Make {re.escape(str(tmp_path))} writable"):
+        with atomic_directory(tmp_path / "out"):
+            pass
+    assert leftovers(tmp_path) == [] and not (tmp_path / "out").exists()

@@ -16,6 +16,7 @@ elsewhere two renames leave a moment without a target, which recovery covers.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -26,7 +27,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mergekit_like.errors import OutputExistsError, OutputLockedError, OutputWriteError
+from mergekit_like.errors import (
+    MergekitLikeError,
+    OutputExistsError,
+    OutputLockedError,
+    OutputWriteError,
+    from_os_error,
+    os_error_path,
+    os_error_words,
+)
 from mergekit_like.io import libc
 
 logger = logging.getLogger(__name__)
@@ -130,53 +139,125 @@ def fsync_dir(path: Path) -> None:
 def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yields a temporary directory; on clean exit it becomes ``target``.
 
+    Any OSError about the output (its parent, lock, temporary, files, renames) becomes an
+    :class:`OutputWriteError` naming the path; one about another file (an input read by the
+    block) passes through unchanged. Either way nothing is left behind.
+
     >>> with atomic_directory("out") as tmp:   # doctest: +SKIP
     ...     (tmp / "model.safetensors").write_bytes(data)
     """
     target = Path(target).absolute()
-    check_target(target, overwrite=overwrite)
-    try:
+    with _output_errors(target):
+        check_target(target, overwrite=overwrite)
         target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputWriteError(f"cannot create the parent directory ({exc.strerror})", path=target.parent) from exc
-    with _no_space_is_a_write_error(target), _exclusive(target):
-        _remove_stale(target)
-        check_target(target, overwrite=overwrite)  # a restored previous output counts
-        temp = _temp_name(target, TEMP_MARK)
-        temp.mkdir()
+    with _exclusive(target), _spare_descriptors() as spare:
+        with _output_errors(target):
+            _remove_stale(target)
+            check_target(target, overwrite=overwrite)  # a restored previous output counts
+            temp = _temp_name(target, TEMP_MARK)
+            temp.mkdir()
         try:
-            yield temp
-            fsync_tree(temp)
-            _move_into_place(temp, target, overwrite)
+            with _block_errors(target, temp):
+                yield temp
+            with _output_errors(target):
+                fsync_tree(temp)
+                _move_into_place(temp, target, overwrite)
         except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
+            spare.release()  # a block that ran out of descriptors leaves none to remove the temporary with
+            _remove_temporary(temp)
             raise
 
 
-OUT_OF_SPACE = {
-    errno.ENOSPC: "no space left on device",
-    errno.EDQUOT: "no space left on device (disk quota exceeded)",
-    errno.EFBIG: "no space left on device for a file this large (file size limit exceeded)",
-}
+OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def output_write_error(exc: OSError, target: Path) -> OutputWriteError:
+    """``exc``, raised while writing ``target``, as one line naming the path and what to do."""
+    where = os_error_path(exc) or target
+    if exc.errno in OUT_OF_SPACE:
+        fix = f"free space on the device holding {target.parent} or write the output elsewhere"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        fix = f"make {where.parent} writable for this user, or write the output elsewhere"
+    elif exc.errno == errno.EROFS:
+        fix = "write the output to a writable file system"
+    else:
+        fix = os_error_words(exc)[1] or "check the output path, then run again"
+    return from_os_error(exc, OutputWriteError, path=where, fix=f"{fix}; nothing partial was kept")
 
 
 @contextmanager
-def _no_space_is_a_write_error(target: Path) -> Iterator[None]:
-    """Turns a full disk anywhere in a run (side files, manifest, fsync, rename) into one clear error.
+def _output_errors(target: Path) -> Iterator[None]:
+    """Turns any OSError of the output's own steps (lock, temporary, fsync, renames) into one clear error."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, MergekitLikeError):
+            raise
+        raise output_write_error(exc, target) from exc
 
-    The shard writer names its own file and tensor; this catches what it does not see.
+
+@contextmanager
+def _block_errors(target: Path, temp: Path) -> Iterator[None]:
+    """Turns an OSError of the caller's block into an output error where it is about the output.
+
+    A full disk always is (it is writing that fills it). Other errors count where they name
+    the output; one naming an input, or nothing, is the caller's to describe. The shard writer
+    names its own file and tensor.
     """
     try:
         yield
     except OSError as exc:
-        if isinstance(exc, OutputWriteError) or exc.errno not in OUT_OF_SPACE:
+        if isinstance(exc, MergekitLikeError) or not (exc.errno in OUT_OF_SPACE or _names_output(exc, target, temp)):
             raise
-        where = exc.filename if exc.filename is not None else target
-        raise OutputWriteError(
-            OUT_OF_SPACE[exc.errno], path=where,
-            fix=f"free space on the device holding {target.parent} or write the output elsewhere; "
-                "nothing partial was kept",
-        ) from exc
+        raise output_write_error(exc, target) from exc
+
+
+def _names_output(exc: OSError, target: Path, temp: Path) -> bool:
+    named = [Path(os.fsdecode(n)).absolute() for n in (exc.filename, exc.filename2)
+             if isinstance(n, (str, bytes, os.PathLike))]
+    return any(path == target.parent or _within(path, temp) or _within(path, target) for path in named)
+
+
+def _within(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+# Descriptors held back while the block runs. A block that fails for want of descriptors (EMFILE,
+# inputs still open) leaves none for removing the temporary (rmtree opens each directory it empties),
+# so these are closed first.
+SPARE_DESCRIPTORS = 8
+
+
+class _Spare:
+    """Open descriptors to /dev/null, closed on release (or when the block ends)."""
+
+    def __init__(self, fds: list[int]) -> None:
+        self.fds = fds
+
+    def release(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+@contextmanager
+def _spare_descriptors() -> Iterator[_Spare]:
+    fds: list[int] = []
+    with contextlib.suppress(OSError):  # already short of descriptors: keep what could be had
+        for _ in range(SPARE_DESCRIPTORS):
+            fds.append(os.open(os.devnull, os.O_RDONLY))
+    spare = _Spare(fds)
+    try:
+        yield spare
+    finally:
+        spare.release()
+
+
+def _remove_temporary(temp: Path) -> None:
+    """Removes a failed run's temporary; what cannot be removed now, the next run into the target removes."""
+    shutil.rmtree(temp, ignore_errors=True)
+    if temp.exists():
+        logger.warning("could not remove %s; the next run into this output removes it", temp)
 
 
 LOCK_MARK = ".lock"
@@ -187,7 +268,8 @@ def _exclusive(target: Path) -> Iterator[None]:
     """Holds ``.NAME.lock`` beside the target: a second run into the same target is refused."""
     lock_path = target.parent / f".{target.name}{LOCK_MARK}"
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        with _output_errors(target):
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
