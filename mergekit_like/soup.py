@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergekit_like.errors import EvaluationError
+from mergekit_like.errors import EvaluationError, OutputWriteError, from_os_error
 from mergekit_like.io.atomic import pid_alive
 from mergekit_like.merge.engine import MergeOptions, planned_merge, run_merge
 from mergekit_like.merge.recipe import MergeRecipe, recipe_from_cli
@@ -84,9 +84,6 @@ def _scratch(parent: Path) -> Iterator[Path]:
         pid = stale.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
         if stale.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-    # Belongs with the imports at the top; kept inside this function while soup.py has other edits in flight.
-    from mergekit_like.errors import OutputWriteError, from_os_error
-
     try:
         scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=parent))
     except OSError as exc:

@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 from mergekit_like.errors import (
     CheckpointNotFoundError,
+    FileAccessError,
     InvalidCheckpointError,
     UnsafeCheckpointError,
+    from_os_error,
 )
 
 Format = Literal["safetensors", "pickle"]
@@ -307,7 +309,10 @@ def open_regular_file(path: Path) -> int:
     """
     require_regular_file(path)
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
-    fd = os.open(path, flags)
+    try:
+        fd = os.open(path, flags)
+    except OSError as refused:  # permission denied, too many open files: one line naming the file
+        raise from_os_error(refused, FileAccessError, path=path) from refused
     try:
         _refuse_unless_regular(path, os.fstat(fd).st_mode)
         if hasattr(os, "set_blocking"):

@@ -28,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from mergekit_like.errors import OutputWriteError, TensorWriteError
+from mergekit_like.errors import OutputWriteError, TensorWriteError, os_error_words
 from mergekit_like.io import libc
 from mergekit_like.io.safetensors_format import build_header
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, ShardPlan, TensorSpec, plan_shards
@@ -356,10 +356,5 @@ class _as_write_error:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                what, fix = "no space left on the device", "free space or write the output elsewhere"
-            elif exc.errno == errno.EFBIG:
-                what, fix = "file size limit exceeded", "raise the file size limit or use a smaller --shard-size"
-            else:
-                what, fix = f"cannot write ({exc.strerror or exc})", "check the output directory's permissions"
+            what, fix = os_error_words(exc)  # the one table of OS errors in words, with their fixes
             raise OutputWriteError(what, path=self.path, tensor=self.tensor, fix=fix) from exc
