@@ -4,6 +4,10 @@
 model (:meth:`WeightAveraging.swapped_in`) and training resumes on the exact training weights.
 The average lives only in processes that run a sidecar: under DDP only rank 0, so the adapters
 refuse ``evaluate_with`` there when training starts (under FSDP every rank swaps its own shard).
+
+Both adapters make the hook with ``start_step`` set to the trainer's global step when training
+starts, so a run resumed from a checkpoint continues the averages saved in ``out_dir`` and their
+step numbers (an explicit ``start_step=`` option wins).
 """
 
 from __future__ import annotations
@@ -61,6 +65,15 @@ class _EvaluationSwap:
             stack.close()
 
 
+def _with_start_step(options: dict[str, Any], global_step: int) -> dict[str, Any]:
+    """The hook's options with the trainer's global step as ``start_step``, unless the caller gave one.
+
+    The sidecar ignores snapshots at or before the step of the averages it restored: a resumed
+    run counting from 0 again would average nothing until it passed its old step count.
+    """
+    return {"start_step": int(global_step), **options}
+
+
 def hf_trainer_callback(averages: list[Any], *, evaluate_with: str | None = None, **options: Any) -> Any:
     """A ``transformers.TrainerCallback`` that drives a :class:`WeightAveraging` from the Trainer's loop.
 
@@ -85,7 +98,11 @@ def hf_trainer_callback(averages: list[Any], *, evaluate_with: str | None = None
             self._warned = False
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-            self.averaging = WeightAveraging(model, averages, **options)
+            self._close_previous()
+            # state.global_step is the checkpoint's by now when the Trainer resumes (it loads it first);
+            # a caller driving the callback without a TrainerState starts at 0.
+            step = getattr(state, "global_step", 0)
+            self.averaging = WeightAveraging(model, averages, **_with_start_step(options, step))
             if swap is not None:
                 swap.check(self.averaging)
             self._training = True
@@ -117,6 +134,11 @@ def hf_trainer_callback(averages: list[Any], *, evaluate_with: str | None = None
             if self.averaging is not None:
                 self.averaging.close()
 
+        def _close_previous(self) -> None:
+            """Closes the hook of a train() that raised (no on_train_end): it holds out_dir's lock."""
+            if self.averaging is not None:
+                self.averaging.close()
+
         def _swap_in_if_evaluating(self, control: Any) -> None:
             if swap is not None and self.averaging is not None and control.should_evaluate:
                 swap.swap_in(self.averaging)
@@ -135,10 +157,15 @@ def hf_trainer_callback(averages: list[Any], *, evaluate_with: str | None = None
 def lightning_callback(averages: list[Any], *, evaluate_with: str | None = None, **options: Any) -> Any:
     """A Lightning ``Callback`` that drives a :class:`WeightAveraging` after every optimizer step.
 
+    The hook is made at ``on_train_start``, once Lightning has restored a resumed run's loops (after
+    ``on_fit_start``), so it starts at ``trainer.global_step``; ``step()`` runs at the end of each batch
+    that advanced the global step, so with ``accumulate_grad_batches`` the hook counts optimizer steps
+    as ``trainer.global_step`` does, not batches.
+
     With ``evaluate_with`` (a label such as ``"ema_0.999"``) every validation during ``fit`` runs with
     that average, swapped in at ``on_validation_start`` and out at ``on_validation_end`` (or at
-    ``on_exception``); the sanity check before training, which runs before any snapshot, keeps the
-    training weights. The other options go to :class:`WeightAveraging`.
+    ``on_exception``); the sanity check before training, which runs before any snapshot (and before
+    the hook is made), keeps the training weights. The other options go to :class:`WeightAveraging`.
     """
     try:
         from lightning.pytorch import Callback
@@ -151,15 +178,24 @@ def lightning_callback(averages: list[Any], *, evaluate_with: str | None = None,
         def __init__(self) -> None:
             self.averaging: WeightAveraging | None = None
             self._fitting = False
+            self._stepped_at = 0  # the trainer's global step at the hook's last step()
 
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-            self.averaging = WeightAveraging(pl_module, averages, **options)
-            if swap is not None:
-                swap.check(self.averaging)
             self._fitting = True
 
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            # Not at on_fit_start: a resumed run's global step is restored between the two.
+            if self.averaging is not None:  # of a fit() that raised (no on_fit_end): it holds out_dir's lock
+                self.averaging.close()
+            self._stepped_at = trainer.global_step
+            self.averaging = WeightAveraging(pl_module, averages, **_with_start_step(options, trainer.global_step))
+            if swap is not None:
+                swap.check(self.averaging)
+
         def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-            if self.averaging is not None:
+            # A batch that only accumulated gradients changed no weight: no step, as for the trainer.
+            if self.averaging is not None and trainer.global_step > self._stepped_at:
+                self._stepped_at = trainer.global_step
                 self.averaging.step()
 
         def on_validation_start(self, trainer: Any, pl_module: Any) -> None:

@@ -9,6 +9,16 @@ directory, atomically, updates a ``latest`` link, and saves each averager's
 ``state_dict()`` so a restarted sidecar or a resumed run continues exactly.
 If the trainer process disappears, the sidecar saves what it has and exits.
 
+A save that fails (a full disk, a directory taken away) does not stop the
+averaging: the trainer is told once, as a ``("notice", None, ("warning", text))``
+on the reply pipe, and the save is tried again after :data:`SAVE_RETRY_FIRST`
+seconds, twice as long after each further failure, at most every
+:data:`SAVE_RETRY_MOST` seconds (also while no snapshot comes), until one succeeds.
+
+``out_dir`` belongs to one hook at a time: :class:`OutDirLock` holds
+``out_dir/.hook.lock`` for the trainer, and the sidecar inherits the same lock, so
+it stays taken while an orphaned sidecar still saves.
+
 Requests (``("average", id, label)``, ``("close", id, None)``) are answered on the
 reply pipe (a :class:`ReplyPipe`) with ``("ok", id, value)`` or ``("error", id, (kind,
 message))``: a bad request is an answer, never the sidecar's end.
@@ -17,12 +27,18 @@ message))``: a bad request is an answer, never the sidecar's end.
 from __future__ import annotations
 
 import copy
+import errno
+import fcntl
 import json
 import logging
 import os
 import queue
 import shutil
+import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -31,7 +47,7 @@ from typing import Any
 import torch
 
 from mergekit_like.averaging.base import Averager, StateDict, StoredSnapshot
-from mergekit_like.errors import HookUsageError, InvalidCheckpointError, UnknownAverageError
+from mergekit_like.errors import HookUsageError, InvalidCheckpointError, OutputLockedError, UnknownAverageError
 from mergekit_like.io.atomic import pid_alive
 from mergekit_like.io.outputs import OutputSpec, WriteItem, write_checkpoints
 from mergekit_like.io.reader import open_checkpoint
@@ -46,6 +62,125 @@ LATEST = "latest"
 PARENT_POLL = 1.0
 # Keys of state.json that describe the average rather than belong to its state dict.
 DESCRIPTION_KEYS = ("label", "kind")
+# After a failed save the next try waits this long, doubling after each further failure up to
+# SAVE_RETRY_MOST: soon enough to save once space is freed, rare enough not to hammer a full disk.
+SAVE_RETRY_FIRST = 1.0
+SAVE_RETRY_MOST = 300.0
+# Doublings after which the delay is SAVE_RETRY_MOST anyway (keeps 2 ** n a small number).
+MAX_DOUBLINGS = 30
+# The file in out_dir whose lock says which hook keeps its averages there.
+LOCK_FILE = ".hook.lock"
+# What flock raises where the filesystem keeps no locks (some network filesystems).
+NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
+# A message about the sidecar's saves for the trainer, which shows it: (level, text), level "warning" or "info".
+Notify = Callable[[str, str], None]
+
+
+class OutDirLock:
+    """``out_dir/.hook.lock``, locked (``flock``) while a hook keeps its averages in ``out_dir``.
+
+    The lock belongs to an open file, not to a process: the kernel drops it when the last
+    process holding that file ends, so the lock of a killed run is free again without any
+    clean-up. Pickled into a spawned sidecar the same open file goes along (as a
+    multiprocessing heap arena's does), so the lock lasts while an orphaned sidecar saves.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd: int | None = fd
+
+    @classmethod
+    def claim(cls, directory: Path) -> OutDirLock:
+        """Takes the lock of ``directory`` (which exists), or raises :class:`OutputLockedError` naming its holder."""
+        path = directory / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _locked_error(directory, path) from None
+        except OSError as exc:  # a filesystem without locks: the hook still runs, unguarded
+            if exc.errno not in NO_LOCKS:
+                os.close(fd)
+                raise
+            logger.warning("%s cannot be locked (%s): a second hook on this out_dir would not be refused",
+                           path, exc.strerror)
+        os.ftruncate(fd, 0)  # the holder's pid, for the message of a hook refused
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Unlocks for every process sharing the lock (a sidecar that outlived close()'s wait included)."""
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self.fd is None:
+            raise ValueError(f"the lock of {self.path} was released")
+        return _inherited_lock, (self.path, reduction.DupFd(self.fd))
+
+
+def _inherited_lock(path: Path, duplicate: Any) -> OutDirLock:
+    """The lock in the sidecar: the trainer's open file, duplicated into it at spawn."""
+    return OutDirLock(path, duplicate.detach())
+
+
+def _locked_error(directory: Path, path: Path) -> OutputLockedError:
+    try:
+        holder = int(path.read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        holder = None
+    if holder is None:
+        who = "another WeightAveraging"
+    elif pid_alive(holder):
+        who = f"another WeightAveraging (process {holder})"
+    else:
+        who = f"the sidecar of a WeightAveraging whose process {holder} has ended (it saves, then exits)"
+    return OutputLockedError(f"{who} keeps its averages here now", path=directory,
+                             fix=f"give this hook another out_dir, or close the other hook first "
+                                 f"(the lock is {LOCK_FILE}; it frees itself when its holder ends)")
+
+
+def prepare_out_dir(directory: Path) -> None:
+    """Creates ``directory`` and checks that it takes new files; :class:`HookUsageError` in one line otherwise.
+
+    A directory is created for each save, so a probe directory is what this tries.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".hook-probe-", dir=directory))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if exc.filename not in (None, str(directory)) else ""
+        raise HookUsageError(f"out_dir {directory} cannot hold the averages: {reason}{where}; give an out_dir "
+                             f"that the training process can create and write") from None
+
+
+@dataclass
+class SaveRetries:
+    """When a failed save is tried again: SAVE_RETRY_FIRST s after the first failure, doubling to SAVE_RETRY_MOST."""
+
+    failures: int = 0
+    next_try: float = 0.0  # time.monotonic() from when a save may be tried
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_try
+
+    def failed(self, now: float) -> float:
+        """Counts a failure; returns the delay until the next try."""
+        delay = min(SAVE_RETRY_FIRST * 2 ** min(self.failures, MAX_DOUBLINGS), SAVE_RETRY_MOST)
+        self.failures += 1
+        self.next_try = now + delay
+        return delay
+
+    def succeeded(self) -> int:
+        """Resets after a save that worked; returns how many had failed before it."""
+        failures, self.failures, self.next_try = self.failures, 0, 0.0
+        return failures
 
 
 @dataclass
@@ -59,6 +194,7 @@ class SidecarConfig:
     config: dict[str, Any] | None = None  # the model's config.json, when it has one
     parent_pid: int = field(default_factory=os.getpid)
     device: str = "cpu"
+    lock: OutDirLock | None = None  # held by the sidecar too (see OutDirLock); None in-process
 
 
 class ReplyPipe:
@@ -96,7 +232,7 @@ def run_sidecar(
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # leave the cores to the trainer
     try:
-        sidecar = Sidecar(settings, buffers)
+        sidecar = Sidecar(settings, buffers, notify=_notifier(replies))
     except Exception as exc:
         # The trainer reads this when it finds the sidecar gone before it ever started.
         logger.exception("the averaging sidecar could not start")
@@ -110,12 +246,17 @@ def run_sidecar(
         except queue.Empty:
             if not _alive(settings.parent_pid):
                 logger.warning("the training process is gone; saving the averages and exiting")
-                sidecar.store_snapshots(final=True)
-                sidecar.save()
+                sidecar.save_at_exit()
                 return
+            sidecar.retry_save()  # a failed save is tried again while no snapshot comes
             continue
         if not serve(sidecar, message, replies, free):
             return
+
+
+def _notifier(replies: ReplyPipe) -> Notify:
+    """Sends a message about the saves to the trainer, which shows it (request None: it answers nothing)."""
+    return lambda level, text: replies.put(("notice", None, (level, text)))
 
 
 def serve(sidecar: Sidecar, message: tuple[Any, ...], replies: Any, free: Any) -> bool:
@@ -124,11 +265,11 @@ def serve(sidecar: Sidecar, message: tuple[Any, ...], replies: Any, free: Any) -
     if kind == "snapshot":
         try:
             sidecar.fold(message[1])
-            sidecar.store_snapshots()
-            sidecar.save_if_due()
         except Exception:
             # Nobody waits for an answer to a snapshot: the log is where this failure shows.
             logger.exception("the snapshot of step %s was not averaged", message[1])
+        else:
+            sidecar.persist()  # a failed save is reported and retried, never taken for a failed fold
         finally:
             free.set()
         return True
@@ -138,7 +279,7 @@ def serve(sidecar: Sidecar, message: tuple[Any, ...], replies: Any, free: Any) -
             value: Any = sidecar.average(argument)
         elif kind == "close":
             sidecar.store_snapshots(final=True)
-            sidecar.save()
+            sidecar.save()  # tried whatever the retry delay: it is the last chance
             value = sidecar.last_step
         else:
             raise HookUsageError(f"the sidecar takes no request {kind!r}")
@@ -149,6 +290,11 @@ def serve(sidecar: Sidecar, message: tuple[Any, ...], replies: Any, free: Any) -
     return kind != "close"  # a failed last save still ends the sidecar: the trainer is closing
 
 
+def _log_notice(level: str, text: str) -> None:
+    """Where a message about the saves goes in a sidecar used in-process (tests): the log."""
+    logger.log(logging.WARNING if level == "warning" else logging.INFO, "%s", text)
+
+
 def _alive(pid: int) -> bool:
     # Re-parented means our trainer is gone, even if its pid was reused since.
     return pid_alive(pid) and os.getppid() == pid
@@ -157,9 +303,13 @@ def _alive(pid: int) -> bool:
 class Sidecar:
     """The averaging state and its persistence (usable in-process for tests)."""
 
-    def __init__(self, settings: SidecarConfig, buffers: dict[str, torch.Tensor]) -> None:
+    def __init__(self, settings: SidecarConfig, buffers: dict[str, torch.Tensor], *,
+                 notify: Notify | None = None) -> None:
         self.settings = settings
         self.buffers = buffers
+        self.notify = notify or _log_notice
+        self.retries = SaveRetries()
+        self._said_behind = False
         self.averagers = [copy.deepcopy(a) for a in settings.averagers]
         for averager in self.averagers:  # the float32 state lives on the sidecar's device
             averager.device = torch.device(settings.device)
@@ -172,17 +322,75 @@ class Sidecar:
         return [a.label for a in self.averagers]
 
     def fold(self, step: int) -> None:
+        """Folds the buffers in as the snapshot of ``step`` into every average that has no later one."""
+        behind = [a for a in self.averagers if a.last_step is not None and step <= a.last_step]
         with torch.no_grad():
             for averager in self.averagers:
-                if averager.last_step is None or step > averager.last_step:
+                if averager not in behind:
                     averager.update(self.buffers, step)
-        self.last_step = step
+        if behind:
+            self._say_behind(step, behind)
+        self.last_step = max(step, self.last_step or step)
 
-    def save_if_due(self) -> None:
+    def _say_behind(self, step: int, behind: list[Averager]) -> None:
+        """Says once that snapshots are ignored: a resumed run that did not pass its step would lose them silently."""
+        if self._said_behind:
+            return
+        self._said_behind = True
+        restored = max(a.last_step or 0 for a in behind)
+        labels = ", ".join(a.label for a in behind)
+        self.notify("warning", f"the snapshot of step {step} is not averaged into {labels}: the averages restored "
+                               f"from {self.settings.out_dir} are at step {restored}, and snapshots up to that are "
+                               f"ignored; a resumed run passes start_step=global_step")
+
+    def save_due(self) -> bool:
         every = self.settings.save_every
         # Due once the step crosses a multiple of save_every (4, 8, ... for save_every=4).
-        if every and self.last_step is not None and self.last_step // every > (self.saved_step or 0) // every:
+        return bool(every and self.last_step is not None and self.last_step // every > (self.saved_step or 0) // every)
+
+    # -- saving through failures -------------------------------------------------------
+    def persist(self) -> None:
+        """After a fold: stores due snapshots and saves when due; a failure is reported once, the save retried."""
+        try:
+            self.store_snapshots()
+        except Exception as exc:  # post-hoc EMA's profile of this step is lost; the average is not
+            self._failed("a stored snapshot", exc)
+        self.retry_save()
+
+    def retry_save(self) -> None:
+        """Saves if a save is due (a failed one stays due) and the delay after a failure has passed."""
+        if not self.save_due() or not self.retries.due(time.monotonic()):
+            return
+        try:
             self.save()
+        except Exception as exc:
+            self._failed("the averages", exc)
+            return
+        failed = self.retries.succeeded()
+        if failed:
+            self.notify("info", f"the averages are saved again in {self.settings.out_dir} (step {self.last_step}, "
+                                f"after {failed} failed tries)")
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        first = self.retries.failures == 0
+        delay = self.retries.failed(time.monotonic())
+        if not first:
+            return  # said once until a save works again: a full disk would otherwise fill the log
+        if not isinstance(exc, OSError):  # not the disk: a bug, whose traceback is worth one log entry
+            logger.error("saving in %s failed", self.settings.out_dir, exc_info=exc)
+        self.notify("warning", f"{what} could not be saved in {self.settings.out_dir}: {type(exc).__name__}: "
+                               f"{str(exc).rstrip('.')}; "
+                               f"averaging goes on, and the save is tried again in {delay:g} s, then after twice "
+                               f"as long each time (at most {SAVE_RETRY_MOST:g} s) until it works")
+
+    def save_at_exit(self) -> None:
+        """The save of a sidecar whose trainer is gone: one try, whose failure only the log can tell."""
+        try:
+            self.store_snapshots(final=True)
+            self.save()
+        except Exception as exc:
+            logger.error("the averages could not be saved in %s: %s: %s; the last saved ones remain",
+                         self.settings.out_dir, type(exc).__name__, exc)
 
     def average(self, label: str) -> dict[str, torch.Tensor]:
         """A copy of the average ``label``; an error naming the labels, or saying it holds nothing yet."""
@@ -210,13 +418,23 @@ class Sidecar:
         write_checkpoints(target, [OutputSpec(files=files)], specs, items, overwrite=True)
 
     def save(self) -> None:
-        """Writes every ready average as step_N/, moves ``latest``, and saves the state."""
+        """Writes every ready average as step_N/, moves ``latest``, and saves the state.
+
+        Every average is tried even when one fails (a directory of one taken away); the first
+        failure is raised after, and the save stays owed.
+        """
         if self.last_step is None or self.last_step == self.saved_step:
             return
+        failure: Exception | None = None
         for averager in self.averagers:
             if averager.ready:
-                self._write_average(averager)
-                self._write_state(averager)
+                try:
+                    self._write_average(averager)
+                    self._write_state(averager)
+                except Exception as exc:
+                    failure = failure or exc
+        if failure is not None:
+            raise failure
         self.saved_step = self.last_step
 
     def _write_average(self, averager: Averager) -> None:
