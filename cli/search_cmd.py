@@ -15,7 +15,7 @@ from mergekit_like.io.outputs import refuse_output_among_inputs
 from mergekit_like.merge.engine import MergeOptions
 from mergekit_like.plotting import require_matplotlib
 from mergekit_like.search.results import PLOT_FILE, plot_search, write_best
-from mergekit_like.search.runner import SearchResult, SearchSettings, TrialRecord, run_search
+from mergekit_like.search.runner import GREEDY_SOUP, SearchResult, SearchSettings, TrialRecord, run_search
 from mergekit_like.search.space import load_space, referenced_models
 from mergekit_like.soup import command_evaluator
 
@@ -70,6 +70,8 @@ def search(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress table."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
+    if device == "cpu" and gpus_per_trial is None:
+        gpus_per_trial = 0.0  # trials that merge on the CPU hold no GPU of the cluster
     settings = SearchSettings(trials=trials, sampler=sampler, direction=direction, seed=seed, workers=workers,
                               ray_address=ray_address, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                               batch=batch, grid_points=grid_points, storage=storage)
@@ -83,7 +85,9 @@ def search(
     show = not (quiet or as_json)
     options = MergeOptions(allocator=SESSION.allocator, device=device)
     if show:
-        err_console.print(f"searching {', '.join(r.name for r in space.ranges)}: {settings.trials} trials, "
+        count = (f"{2 * len(space.ranges) - 1} trials at most" if settings.sampler == GREEDY_SOUP
+                 else f"{settings.trials} trials")
+        err_console.print(f"searching {', '.join(r.name for r in space.ranges)}: {count}, "
                           f"{settings.sampler}, {settings.direction}", highlight=False)
     result = run_search(space, evaluate, output, settings, resume=resume, options=options,
                         on_trial=_print_trial if show else None)

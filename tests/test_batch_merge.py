@@ -98,8 +98,19 @@ def test_candidates_that_cannot_share_a_pass_are_refused_in_one_line(models: Pat
                 plan.close()
 
 
-def test_a_failed_batch_fails_each_of_its_trials(models: Path, tmp_path: Path) -> None:
+def test_a_batch_that_cannot_merge_together_merges_each_candidate_alone(models: Path, tmp_path: Path) -> None:
     whole = [recipe(models, "ties", [1.0, 1.0, 1.0], density=d, trim_scope="model") for d in (0.3, 0.6)]
-    outcomes = merge_and_score(whole, lambda p: 0.0, tmp_path, numbers=[4, 5])
-    assert [o.score for o in outcomes] == [None, None]
-    assert all("cannot share one read pass" in (o.error or "") for o in outcomes)
+    broken = recipe(models, "task_arithmetic", [1.0, 1.0, 1.0])
+    broken["models"][0]["model"] = str(models / "missing")
+
+    def total(path: Path) -> float:
+        return float(load_file(path / "model.safetensors")["model.layers.0.mlp.weight"].sum())
+
+    outcomes = merge_and_score([*whole, broken], total, tmp_path, numbers=[4, 5, 6])
+    expected = [total_of(alone(d, tmp_path / f"alone{i}")) for i, d in enumerate(whole)]
+    assert [o.score for o in outcomes[:2]] == expected  # the pre-pass candidates merged alone, exactly
+    assert outcomes[2].score is None and "missing" in (outcomes[2].error or "")  # only the bad one failed
+
+
+def total_of(tensors: dict[str, torch.Tensor]) -> float:
+    return float(tensors["model.layers.0.mlp.weight"].sum())

@@ -299,6 +299,18 @@ def test_the_greedy_soup_is_a_search_strategy_with_soup_greedys_choices(tmp_path
 
     resumed = run_search(space, never, tmp_path / "out", SearchSettings(sampler="greedy-soup"), resume=True)
     assert resumed.best_values == result.best_values and len(resumed.records) == 7
+
+    # A run killed with trials enqueued and not started leaves them waiting in the study: a resume
+    # drops them instead of asking one in place of a point it needs.
+    import optuna
+
+    lines = (tmp_path / "out" / "trials.jsonl").read_text().splitlines()
+    (tmp_path / "out" / "trials.jsonl").write_text("\n".join(lines[:4]) + "\n")  # the additions "not run"
+    study = optuna.load_study(study_name="merge-search", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    study.enqueue_trial({f"run{i}.weight": 0 for i in range(4)}, skip_if_exists=False)  # never a soup point
+    again = run_search(space, score, tmp_path / "out", SearchSettings(sampler="greedy-soup"), resume=True)
+    assert again.best_values == result.best_values and len(again.records) == 7
+    assert all(r.values != {f"run{i}.weight": 0 for i in range(4)} for r in again.records[4:])
     with pytest.raises(RecipeError, match="choice of 0"):
         run_search(space_from(space_data(tmp_path)), score, tmp_path / "bad", SearchSettings(sampler="greedy-soup"))
 

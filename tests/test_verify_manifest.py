@@ -241,7 +241,7 @@ def test_a_foreign_checkpoint_is_checked_for_readability_only(tmp_path: Path) ->
     assert failed_naming(verify(model, "--strict"), CHECKSUMS)
 
 
-def test_an_extracted_adapter_without_a_manifest_is_not_failed_by_default(tmp_path: Path) -> None:
+def test_an_extracted_adapter_verifies_and_fails_without_its_manifest(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     base = {"model.layers.0.mlp.down_proj.weight": torch.randn(16, 16, generator=g)}
     changed = {k: v + 0.05 * torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g) for k, v in base.items()}
@@ -251,6 +251,9 @@ def test_an_extracted_adapter_without_a_manifest_is_not_failed_by_default(tmp_pa
                                  "--rank", "2", "-o", str(tmp_path / "adapter"), "-q"])
     assert result.exit_code == 0, result.output
     assert verify(tmp_path / "adapter" / "adapter_model.safetensors").exit_code == 0
+    assert verify(tmp_path / "adapter").exit_code == 0
+    (tmp_path / "adapter" / CHECKSUMS).unlink()  # an output of this tool (its card says so) without its manifest
+    assert verify(tmp_path / "adapter").exit_code != 0
 
 
 # -- every command's output verifies -------------------------------------------------------

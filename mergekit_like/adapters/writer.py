@@ -8,7 +8,9 @@ The directory appears atomically, complete or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +29,8 @@ from mergekit_like.io.writer import ShardedWriter, write_text_durably
 
 # PEFT reads an adapter from one file (it has no index for shards).
 ONE_FILE = 2**62
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -141,4 +145,6 @@ def write_adapter(output: str | Path, contents: AdapterContents, config: Adapter
             write_text_durably(temp / name, text)
         assert writer.result is not None
         write_manifest(temp, writer.result.digests)  # last: it covers every file above
+    if (note := dataclasses.replace(writer.result, directory=Path(output)).nonfinite_note()) is not None:
+        logger.warning("%s", note)
     return Path(output)

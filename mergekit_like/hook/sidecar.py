@@ -109,12 +109,14 @@ class OutDirLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         return cls(path, fd)
 
-    def release(self) -> None:
-        """Unlocks for every process sharing the lock (a sidecar that outlived close()'s wait included)."""
+    def release(self, *, unlock: bool = True) -> None:
+        """Lets go of the lock. ``unlock`` unlocks for every process sharing it; without it only this
+        process's descriptor is closed, and a sidecar still running keeps out_dir locked until it exits."""
         if self.fd is not None:
             fd, self.fd = self.fd, None
             try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                if unlock:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
                 os.close(fd)
 

@@ -390,9 +390,9 @@ class WeightAveraging:
         self._link = _SidecarLink(self._settings, self._buffers)
         atexit.register(self.close)
 
-    def _release_lock(self) -> None:
+    def _release_lock(self, *, unlock: bool = True) -> None:
         if self._lock is not None:
-            self._lock.release()
+            self._lock.release(unlock=unlock)
             self._lock = None
 
     # -- the sidecar ------------------------------------------------------------------
@@ -732,7 +732,9 @@ class WeightAveraging:
         # Flushing waits for the pipe to drain: only a sidecar that answered has read everything.
         link.close(flush=saved)
         self._relay_notices()
-        self._release_lock()  # after the sidecar's last save: a next hook may use out_dir now
+        # After the sidecar's last save a next hook may use out_dir; a sidecar still alive past the
+        # wait keeps its share of the lock, so no second hook writes beside its save.
+        self._release_lock(unlock=not link.alive)
         logger.info("snapshots taken %d, skipped %d", self.counts.taken, self.counts.skipped)
         return self.counts
 

@@ -35,6 +35,8 @@ MAX_HEADER_BYTES = 100_000_000
 # quantization scales), so even such a model saved as one file is five times below this. Without
 # it the 100 MB above fits 1.7 million zero-size entries, which took a minute and 1.75 GB to list.
 MAX_TENSORS = 1_000_000
+# An entry has four keys (its name, dtype, shape, data_offsets); one more each leaves room for metadata.
+KEYS_PER_ENTRY = 5
 # numpy caps arrays at 64 dimensions and real weights have at most 5 or 6; the cap matters because
 # torch's cost grows with the square of the rank (a reshape to 10**5 dimensions takes 50 s).
 MAX_RANK = 64
@@ -210,6 +212,13 @@ def _refuse_an_object_flood(raw: bytes, path: Path) -> None:
     if entries > MAX_TENSORS:
         raise InvalidCheckpointError(f"header lists {entries} tensors, over the limit of {MAX_TENSORS} per file",
                                      path=path, fix="the file is corrupt or hostile; do not use it")
+    # A key is a string followed by a colon, and a quote in a string is escaped: this counts keys.
+    keys = raw.count(b'":')
+    if keys > KEYS_PER_ENTRY * MAX_TENSORS:
+        raise InvalidCheckpointError(
+            f"header holds {keys} keys, more than a header of at most {MAX_TENSORS} tensors needs", path=path,
+            fix="the file is corrupt or hostile; do not use it",
+        )
     braces = raw.count(b"{")
     if braces > MAX_TENSORS + 2:  # + the header and its metadata
         raise InvalidCheckpointError(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from mergekit_like.errors import InvalidCheckpointError, MergekitLikeError, describe
+from mergekit_like.errors import InvalidCheckpointError, MergekitLikeError, describe, os_error_words
 from mergekit_like.io.checksums import CHECKSUMS, MANIFEST_FIX, read_checksums, sha256_of
 from mergekit_like.io.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, open_regular_file
 from mergekit_like.io.reader import Checkpoint, open_checkpoint
@@ -167,8 +167,8 @@ def _listed_file_problem(target: Path, digest: str) -> str | None:
         return f"{target}: listed in {CHECKSUMS} but missing"
     except InvalidCheckpointError as exc:  # a folder, a FIFO, a device, or a link to one
         return f"{target}: listed in {CHECKSUMS} but {exc.what}"
-    except OSError as exc:
-        return f"{target}: listed in {CHECKSUMS} but cannot be read ({exc.strerror})"
+    except OSError as exc:  # permission denied, too many open files: in words
+        return f"{target}: listed in {CHECKSUMS} but cannot be read ({os_error_words(exc)[0]})"
     if actual != digest:
         return f"{target}: sha256 differs from {CHECKSUMS}; the file changed or is corrupt"
     return None

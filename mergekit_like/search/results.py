@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from mergekit_like.plotting import require_matplotlib
 from mergekit_like.search.runner import TRIALS_FILE, SearchResult, SearchSettings, TrialRecord
 from mergekit_like.search.space import SearchSpace
 
+logger = logging.getLogger(__name__)
 BEST_DIR = "best"
 PLOT_FILE = "search.png"
 
@@ -35,7 +37,9 @@ def write_best(space: SearchSpace, result: SearchResult, output: Path, settings:
         outputs = merge_outputs(recipe, [None], title=f"{output.name} (best of a search)",
                                 has_config=has_config(plan.side_file_dir), paths=paths, note=note,
                                 files={"search.json": json.dumps(_summary(result, settings), indent=2) + "\n"})
-        run_merge(plan, target, outputs=outputs, overwrite=True)
+        written = run_merge(plan, target, outputs=outputs, overwrite=True)
+    for note in filter(None, (w.nonfinite_note() for w in written.outputs)):
+        logger.warning("%s", note)
     return target
 
 

@@ -130,6 +130,8 @@ def run_search(
     records = _previous_records(out) if resume else []
     # The greedy soup asks for the points it still needs itself: a cut-short trial is not asked again.
     cut_short = _requeue_unfinished(optuna, study, ask_again=weights is None)
+    if weights is not None:
+        _drop_waiting(optuna, study)
     with make_executor(settings) as executor:
         def run_trials(budget: int) -> None:
             _loop(optuna, study, space, evaluate, executor, budget, out, records, options, on_trial, settings)
@@ -226,10 +228,21 @@ def _requeue_unfinished(optuna: Any, study: Any, *, ask_again: bool = True) -> i
     return len(unfinished)
 
 
+def _drop_waiting(optuna: Any, study: Any) -> None:
+    """Trials a killed run enqueued and never started are dropped (told failed): the greedy soup
+    enqueues what it still needs itself, and a leftover would be asked in place of its next point."""
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    for _ in waiting:
+        study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+
+
 def _scores_of(points: list[dict[str, Any]], study: Any, records: list[TrialRecord],
                run_trials: Callable[[int], None]) -> list[float | None]:
-    """The scores of ``points``: those not run before (a resumed search's) run now, as enqueued trials."""
-    missing = [p for p in points if _record_of(p, records) is None]
+    """The scores of ``points``: those not scored before (a resumed search's) run now, as enqueued trials.
+
+    A point that failed in a killed run is run again (it may have failed for the kill's sake).
+    """
+    missing = [p for p in points if (seen := _record_of(p, records)) is None or seen.score is None]
     for point in missing:
         study.enqueue_trial(point, skip_if_exists=False)
     if missing:

@@ -8,6 +8,7 @@ Several candidates given at once are merged in one read pass (see
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -24,6 +25,7 @@ from mergekit_like.merge.engine import MergeOptions, planned_merge, run_merge
 from mergekit_like.merge.recipe import parse_recipe
 
 Evaluator = Callable[[Path], float]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,16 @@ def merge_and_score(candidates: Sequence[Mapping[str, Any]], evaluate: Evaluator
     try:
         try:
             paths = _merge_together(candidates, [f"trial_{n}" for n in numbers], root, options or MergeOptions())
-        except Exception as failed:  # the batch's merge failed: so did each of its trials
-            share = (time.perf_counter() - started) / len(candidates)
-            return [_failed(failed, share) for _ in candidates]
+        except Exception as failed:
+            if len(candidates) > 1:
+                # One candidate that cannot merge, or candidates that cannot share a pass, must not fail
+                # the others: each is merged alone (its own failure is then its own).
+                logger.warning("a batch of %d candidates could not merge together (%s); merging each alone",
+                               len(candidates), failed)
+                return [outcome for candidate, number in zip(candidates, numbers)
+                        for outcome in merge_and_score([candidate], evaluate, scratch, numbers=[number],
+                                                       options=options)]
+            return [_failed(failed, time.perf_counter() - started)]
         share = (time.perf_counter() - started) / len(candidates)
         return [_scored(path, evaluate, share) for path in paths]
     finally:
