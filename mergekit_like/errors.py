@@ -238,7 +238,7 @@ OS_ERROR_WORDS: dict[int, tuple[str, str]] = {
     errno.ENFILE: ("too many open files on this system", "close other programs' files, or merge fewer inputs at once"),
     errno.ENOSPC: ("no space left on device", SPACE_FIX),
     errno.EDQUOT: ("no space left on device (disk quota exceeded)", SPACE_FIX),
-    errno.EFBIG: ("no space left on device for a file this large (file size limit exceeded)",
+    errno.EFBIG: ("file size limit exceeded",
                   "raise the file size limit (ulimit -f) or use a smaller --shard-size"),
     errno.EIO: ("input/output error", "the device reported a fault: check it (dmesg), then copy the file again"),
     errno.ENAMETOOLONG: ("file name too long", "use a shorter path"),
