@@ -174,7 +174,7 @@ OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 def output_write_error(exc: OSError, target: Path) -> OutputWriteError:
     """``exc``, raised while writing ``target``, as one line naming the path and what to do."""
     where = os_error_path(exc) or target
-    if exc.errno in OUT_OF_SPACE:
+    if exc.errno in OUT_OF_SPACE and exc.errno != errno.EFBIG:  # a size limit is not cured by free space
         fix = f"free space on the device holding {target.parent} or write the output elsewhere"
     elif exc.errno in (errno.EACCES, errno.EPERM):
         fix = f"make {where.parent} writable for this user, or write the output elsewhere"
