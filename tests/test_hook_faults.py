@@ -328,3 +328,13 @@ def test_an_average_defined_in_a_script_on_stdin_is_refused_at_construction(tmp_
                          text=True, timeout=CHILD_TIMEOUT)
     assert run.stdout.startswith("HookUsageError") and "MyEMA" in run.stdout, run.stdout + run.stderr
     assert len(run.stdout.strip().splitlines()) == 1
+
+
+def test_keep_last_below_one_and_a_step_after_close_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(HookUsageError, match="keep_last must be at least 1"):
+        WeightAveraging(torch.nn.Linear(2, 2), [EMA(decay=0.9)], out_dir=tmp_path / "a", keep_last=0)
+    hook = WeightAveraging(torch.nn.Linear(2, 2), [EMA(decay=0.9)], out_dir=tmp_path / "b")
+    hook.step()
+    hook.close()
+    with pytest.raises(HookUsageError, match=r"step\(\) after close\(\)"):
+        hook.step()

@@ -338,6 +338,9 @@ class WeightAveraging:
     ) -> None:
         if snapshot_every < 1:
             raise ValueError("snapshot_every must be at least 1")
+        if keep_last < 1:
+            # 0 would delete the save that `latest` points to, the one a resume and the user read.
+            raise HookUsageError(f"keep_last must be at least 1 (the latest save is always kept), not {keep_last}")
         self.model = model
         self.sfa = _the_sfa(averages)
         self.averagers = [a for a in averages if isinstance(a, Averager)]
@@ -498,6 +501,9 @@ class WeightAveraging:
     def step(self) -> None:
         """Call once per optimizer step; snapshots every ``snapshot_every`` steps."""
         self._refuse_inside_swap("step()")
+        if self._closed:
+            raise HookUsageError(f"step() after close(): the averages are final (saved in {self.out_dir}); build a "
+                                 "new WeightAveraging with start_step= to go on")
         self.step_count += 1
         if self.sfa is not None:
             self._sfa_step(self.sfa)
