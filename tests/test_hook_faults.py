@@ -338,3 +338,14 @@ def test_keep_last_below_one_and_a_step_after_close_are_refused(tmp_path: Path) 
     hook.close()
     with pytest.raises(HookUsageError, match=r"step\(\) after close\(\)"):
         hook.step()
+
+
+def test_a_short_run_takes_its_first_snapshot_without_wait_until_ready(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    hook = WeightAveraging(model, [SWA()], out_dir=tmp_path / "avg", snapshot_every=1)
+    for _ in range(3):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        hook.step()
+    counts = hook.close()
+    assert counts.taken >= 1 and counts.taken + counts.skipped == 3

@@ -76,6 +76,9 @@ CLOSE_TIMEOUT = 600.0
 FREE_TIMEOUT = 600.0
 # Every wait is cut into slices this long, between checks that the sidecar still runs.
 POLL_INTERVAL = 0.1
+# How long the first snapshot waits for a starting sidecar (its torch import takes seconds); later
+# snapshots never wait unless strict.
+FIRST_SNAPSHOT_WAIT = 60.0
 # How long close() waits for the sidecar process to exit once it has saved.
 JOIN_TIMEOUT = 30.0
 # How long close() waits, once the sidecar has exited, for the reader of its answers to find the pipe's end.
@@ -360,6 +363,7 @@ class WeightAveraging:
         self.step_count = start_step
         self.active = self.sharded or rank == 0
         self._closed = False
+        self._start_waited = False
         self._warned = False
         self._anchor: dict[str, torch.Tensor] | None = None
         self._task_step = 0
@@ -514,7 +518,8 @@ class WeightAveraging:
         if self.step_count % self.snapshot_every:
             return
         self._revive()  # a new sidecar marks the buffers free once it runs; until then snapshots are skipped
-        if self._pending is not None or not self._sidecar.free.is_set():
+        busy = self._pending is not None or not self._sidecar.free.is_set()
+        if busy and not self._waited_for_start():
             if not self.strict:
                 self.counts.skipped += 1
                 return
@@ -523,6 +528,14 @@ class WeightAveraging:
         self._sidecar.free.clear()
         self._copy_snapshot(self.step_count)
         self.counts.taken += 1
+
+    def _waited_for_start(self) -> bool:
+        """The first snapshot waits (once, bounded) for the sidecar to start: a short run would otherwise
+        take none while the sidecar imports torch. True when the sidecar is then free."""
+        if self.counts.taken or self._start_waited or self._pending is not None:
+            return False
+        self._start_waited = True
+        return self._await_free(FIRST_SNAPSHOT_WAIT)
 
     def _follow_replaced_tensors(self) -> None:
         """Binds the snapshot to each tensor the model replaced since the last one (``param.data = t``, a new
