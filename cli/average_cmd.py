@@ -6,7 +6,6 @@ import shlex
 from pathlib import Path
 
 import typer
-from mergekit_like.cli.nonfinite import warn_nonfinite
 from mergekit_like.cli.output import (
     RichProgress,
     console,
@@ -15,6 +14,7 @@ from mergekit_like.cli.output import (
     human_bytes,
     print_json,
     size_option,
+    warn_nonfinite,
 )
 from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 

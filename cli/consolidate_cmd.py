@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from mergekit_like.cli.nonfinite import warn_nonfinite
-from mergekit_like.cli.output import console, handle_errors, human_bytes, print_json, size_option
+from mergekit_like.cli.output import console, handle_errors, human_bytes, print_json, size_option, warn_nonfinite
 
 from mergekit_like.hook.shards import consolidate as join_shards
 

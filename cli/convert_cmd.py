@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from mergekit_like.cli.nonfinite import warn_nonfinite
 from mergekit_like.cli.output import (
     RichProgress,
     console,
@@ -14,6 +13,7 @@ from mergekit_like.cli.output import (
     one_output,
     print_json,
     size_option,
+    warn_nonfinite,
 )
 
 from mergekit_like.io import convert_checkpoint

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from mergekit_like.cli.nonfinite import warn_nonfinite
 from mergekit_like.cli.output import (
     SESSION,
     RichProgress,
@@ -19,6 +18,7 @@ from mergekit_like.cli.output import (
     one_output,
     print_json,
     size_option,
+    warn_nonfinite,
 )
 from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 from rich.markup import escape

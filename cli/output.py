@@ -10,7 +10,7 @@ import errno
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +32,7 @@ from rich.progress import (
 from mergekit_like.errors import FileAccessError, MergekitLikeError, from_os_error, printable
 
 if TYPE_CHECKING:
+    from mergekit_like.io.writer import WrittenCheckpoint
     from mergekit_like.merge.options import Allocator
 
 # Plain text by default: paths, tensor names and messages come from the user and their files,
@@ -175,3 +176,12 @@ class RichProgress:
         self._done += 1
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, advance=nbytes, done=self._done)
+
+
+def warn_nonfinite(written: Iterable[WrittenCheckpoint]) -> None:
+    """One line per output holding NaN or infinite values, naming the worst tensors (always shown:
+    --quiet silences progress, not a broken output)."""
+    for checkpoint in written:
+        note = checkpoint.nonfinite_note()
+        if note is not None:
+            err_console.print(f"warning: {printable(note)}", highlight=False, soft_wrap=True)

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import typer
-from mergekit_like.cli.nonfinite import warn_nonfinite
 from mergekit_like.cli.output import (
     SESSION,
     RichProgress,
@@ -16,6 +15,7 @@ from mergekit_like.cli.output import (
     human_bytes,
     print_json,
     size_option,
+    warn_nonfinite,
 )
 from mergekit_like.cli.push_cmd import push_and_report, token_option, warn_if_token_on_command_line
 from rich.table import Table

@@ -206,14 +206,18 @@ def _run_unprivileged(base: Path, prefix: list[str]) -> dict[str, dict[str, Any]
     return results
 
 
+def refused_line(result: dict[str, Any]) -> str:
+    """The one error line of an unprivileged run that exited 2 without an exception."""
+    assert result["exception"] == "None" and result["code"] == 2, result
+    return one_error_line(result["stderr"])
+
+
 @pytest.mark.parametrize("command", ["merge", "convert", "average", "soup"])
 def test_an_unwritable_output_directory_is_one_line_and_leaves_nothing(
     unprivileged: tuple[Path, dict[str, dict[str, Any]]], command: str
 ) -> None:
     base, results = unprivileged
-    result = results[command]
-    assert result["exception"] == "None" and result["code"] == 2, result
-    line = one_error_line(result["stderr"])
+    line = refused_line(results[command])
     assert f"{base / 'ro' / '.out.lock'}: permission denied" in line, line
     assert f"Make {base / 'ro'} writable for this user, or write the output elsewhere" in line
     assert list((base / "ro").iterdir()) == []
@@ -223,9 +227,7 @@ def test_a_greedy_soup_beside_an_unwritable_output_is_one_line(
     unprivileged: tuple[Path, dict[str, dict[str, Any]]],
 ) -> None:
     base, results = unprivileged
-    result = results["greedy"]
-    assert result["exception"] == "None" and result["code"] == 2, result
-    line = one_error_line(result["stderr"])
+    line = refused_line(results["greedy"])
     assert f"{base / 'ro'}: cannot create the greedy soup's scratch directory (permission denied)" in line
     assert list((base / "ro").iterdir()) == []
 
@@ -235,9 +237,7 @@ def test_an_unreadable_input_is_one_line_naming_it(
     unprivileged: tuple[Path, dict[str, dict[str, Any]]], command: str
 ) -> None:
     base, results = unprivileged
-    result = results[command]
-    assert result["exception"] == "None" and result["code"] == 2, result
-    line = one_error_line(result["stderr"])
+    line = refused_line(results[command])
     assert f"{base / 'unread' / 'model.safetensors'}: permission denied. Check its permissions" in line, line
     assert list((base / "rw").iterdir()) == []
 
