@@ -203,6 +203,10 @@ class SidecarError(MergekitLikeError, RuntimeError):
     """The averaging sidecar process died, or did not answer within its time limit."""
 
 
+class AveragesNotSavedError(SidecarError):
+    """The training hook's final save failed; the message names the cause and what ``out_dir`` holds instead."""
+
+
 class OptionsError(MergekitLikeError, ValueError):
     """Settings of a run (not of its recipe) out of range: memory budget, shard size, threads."""
 

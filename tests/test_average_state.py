@@ -16,6 +16,7 @@ from helpers import write_checkpoint
 from mergekit_like.averaging import EMA, LAWA, SWA, AnchorPull, Averager, UniformMean, lawa_selection, sfa_merge
 from mergekit_like.averaging.sfa import check_beta, sfa_pull
 from mergekit_like.errors import HookUsageError, InvalidCheckpointError, UnknownAverageError
+from mergekit_like.hook import tensors as hook_tensors
 from mergekit_like.hook import weight_averaging
 from mergekit_like.hook.sidecar import Sidecar, SidecarConfig, load_state, serve, write_state
 
@@ -86,9 +87,9 @@ def test_sfa_merge_anchor_pull_and_the_hooks_chunked_merge_back_are_one_pull(mon
     pull.update({"w": anchor}, 0)
     pull.update({"w": model}, 1)
     assert torch.equal(pull.result()["w"], expected)
-    monkeypatch.setattr(weight_averaging, "SFA_CHUNK", 5)  # five chunks and a short one
+    monkeypatch.setattr(hook_tensors, "SFA_CHUNK", 5)  # five chunks and a short one
     live = model.clone()
-    weight_averaging._pull_in_chunks(live, anchor, 0.3)
+    hook_tensors.pull_in_chunks(live, anchor, 0.3)
     assert torch.equal(live, expected)
 
 
@@ -103,9 +104,9 @@ def test_the_pull_in_place_gives_the_bits_of_the_pull_out_of_place(dtype: torch.
     assert sfa_pull(into, theta_o, beta, out=into) is into and torch.equal(into, expected)
     elsewhere = torch.empty_like(theta)
     assert sfa_pull(theta, theta_o, beta, out=elsewhere) is elsewhere and torch.equal(elsewhere, expected)
-    monkeypatch.setattr(weight_averaging, "SFA_CHUNK", 7)  # chunks that cut rows, and a short last one
+    monkeypatch.setattr(hook_tensors, "SFA_CHUNK", 7)  # chunks that cut rows, and a short last one
     live = theta.clone()
-    weight_averaging._pull_in_chunks(live, theta_o, beta)
+    hook_tensors.pull_in_chunks(live, theta_o, beta)
     assert torch.equal(live, expected)
 
 
@@ -115,8 +116,8 @@ def test_the_merge_back_on_cuda_pulls_in_place_to_the_bits_of_lerp(monkeypatch: 
     theta = torch.randn(1000, generator=g).to("cuda", torch.bfloat16)
     anchor = torch.randn(1000, generator=g).to(torch.bfloat16).pin_memory()
     expected = torch.lerp(theta, anchor.cuda(), 0.3)
-    monkeypatch.setattr(weight_averaging, "SFA_CHUNK", 300)
-    weight_averaging._pull_in_chunks(theta, anchor, 0.3)
+    monkeypatch.setattr(hook_tensors, "SFA_CHUNK", 300)
+    hook_tensors.pull_in_chunks(theta, anchor, 0.3)
     assert torch.equal(theta, expected)
 
 
@@ -129,7 +130,7 @@ def test_a_merge_back_checks_beta_once_not_per_chunk(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr("mergekit_like.averaging.sfa.check_beta", check)
     monkeypatch.setattr(weight_averaging, "check_beta", check)
-    monkeypatch.setattr(weight_averaging, "SFA_CHUNK", 2)
+    monkeypatch.setattr(hook_tensors, "SFA_CHUNK", 2)
     model = torch.nn.Linear(4, 3)  # weight and bias: eight chunks
     hook = weight_averaging.WeightAveraging(model, [weight_averaging.SFA(beta=0.5)])
     hook.start_task()

@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
-from mergekit_like.errors import HookUsageError, SidecarError, UnknownAverageError
+from mergekit_like.errors import AveragesNotSavedError, HookUsageError, SidecarError, UnknownAverageError
 from mergekit_like.hook import EMA, SFA, SWA, WeightAveraging
+from mergekit_like.io import open_checkpoint
 
 T = TypeVar("T")
 BOUND = 20.0  # seconds any call here may take; a sidecar restart takes a few
@@ -285,9 +286,54 @@ def test_close_after_the_sidecar_died_returns_and_keeps_the_saved_averages(tmp_p
     hook = trained_hook(tmp_path, strict=True, save_every=1)
     within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))
     kill(hook)
-    counts = within(BOUND, hook.close)
-    assert counts.taken == 3
-    assert (tmp_path / "avg" / "ema_0.9" / "latest").exists()
+    counts = within(BOUND, hook.close)  # every snapshot is saved: nothing to restart a sidecar for
+    assert counts.taken == 3 and counts.sidecar_restarts == 0
+    assert (tmp_path / "avg" / "ema_0.9" / "latest").resolve().name == "step_3"
+
+
+def read_latest(out_dir: Path, label: str) -> dict[str, torch.Tensor]:
+    with open_checkpoint(out_dir / label / "latest") as checkpoint:
+        return {name: checkpoint.read(name) for name in checkpoint.names()}
+
+
+def test_close_after_the_sidecar_died_unsaved_keeps_the_model_and_says_what_was_lost(tmp_path: Path) -> None:
+    hook = trained_hook(tmp_path, strict=True)  # save_every=None: the dead sidecar had saved nothing
+    within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))
+    kill(hook)
+    with pytest.warns(UserWarning, match=r"nothing had been saved .* snapshots up to step 3 are lost"):
+        within(BOUND, hook.close)
+    saved = read_latest(tmp_path / "avg", "ema_0.9")  # before: nothing was written at all
+    assert torch.equal(saved["weight"], hook.model.weight.detach())  # the model as it is at the end
+
+
+def test_close_after_the_sidecar_died_folds_the_model_into_its_last_save(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2)
+    hook = WeightAveraging(model, [EMA(0.5)], out_dir=tmp_path / "avg", strict=True, save_every=2)
+    expected = EMA(0.5)
+    for step in range(1, 6):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        hook.step()
+        expected.update({n: t.detach().clone() for n, t in model.state_dict().items()}, step)
+    within(BOUND, lambda: hook.averaged_state_dict("ema_0.5"))  # step 5 is folded; step 4 was the last save
+    kill(hook)
+    with pytest.warns(UserWarning, match=r"snapshots after step 4, its last save, up to step 5 are lost"):
+        within(BOUND, hook.close)
+    saved = read_latest(tmp_path / "avg", "ema_0.5")
+    # The model has not moved since step 5: folded into the save of step 4 it gives the lost average exactly.
+    assert (tmp_path / "avg" / "ema_0.5" / "latest").resolve().name == "step_5"
+    assert all(torch.equal(saved[n], t) for n, t in expected.result().items())
+
+
+def test_a_failed_final_save_raises_its_cause_at_once_and_frees_out_dir(tmp_path: Path) -> None:
+    hook = trained_hook(tmp_path, strict=True)
+    within(BOUND, lambda: hook.averaged_state_dict("ema_0.9"))
+    (tmp_path / "avg" / "ema_0.9" / "latest" / "x").mkdir(parents=True)  # as `cp -rL` leaves it
+    started = time.monotonic()
+    with pytest.raises(AveragesNotSavedError, match=r"IsADirectoryError.*nothing of this run's averages is saved"):
+        within(BOUND, hook.close)
+    assert time.monotonic() - started < BOUND / 2
+    WeightAveraging(torch.nn.Linear(3, 2), [EMA(0.9)], out_dir=tmp_path / "avg").close()  # the lock is free
 
 
 def test_misuse_of_the_hook_names_the_call_to_make(tmp_path: Path) -> None:

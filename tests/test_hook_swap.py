@@ -11,6 +11,7 @@ import torch
 
 from mergekit_like.errors import HookUsageError, UnknownAverageError
 from mergekit_like.hook import EMA, WeightAveraging
+from mergekit_like.hook import tensors as hook_tensors
 from mergekit_like.hook import weight_averaging as hook_module
 
 LABEL = "ema_0.5"
@@ -60,7 +61,7 @@ def trained(request: pytest.FixtureRequest,
 def test_the_block_sees_the_average_in_the_models_dtype_and_the_exact_weights_come_back(
         trained: tuple[torch.nn.Module, WeightAveraging], monkeypatch: pytest.MonkeyPatch) -> None:
     model, hook = trained
-    monkeypatch.setattr(hook_module, "SFA_CHUNK", 4)  # several chunks per tensor
+    monkeypatch.setattr(hook_tensors, "SFA_CHUNK", 4)  # several chunks per tensor
     with torch.no_grad():  # counts a batch the average has not seen: num_batches_tracked differs from its own
         model.train()
         model(torch.randn(4, 6).to(next(model.parameters()).dtype))
@@ -147,7 +148,7 @@ def test_a_channels_last_convolution_is_swapped_and_restored_and_close_ends_swap
 def test_a_bf16_cuda_model_takes_the_float32_average_in_chunks(monkeypatch: pytest.MonkeyPatch,
                                                                tmp_path: Path) -> None:
     chunk = 1 << 20
-    monkeypatch.setattr(hook_module, "SFA_CHUNK", chunk)
+    monkeypatch.setattr(hook_tensors, "SFA_CHUNK", chunk)
     torch.manual_seed(0)
     model = torch.nn.Linear(4096, 4096, bias=False).to("cuda", torch.bfloat16)
     hook = WeightAveraging(model, [EMA(0.5)], out_dir=tmp_path / "avg", strict=True)

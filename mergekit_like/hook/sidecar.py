@@ -15,9 +15,9 @@ on the reply pipe, and the save is tried again after :data:`SAVE_RETRY_FIRST`
 seconds, twice as long after each further failure, at most every
 :data:`SAVE_RETRY_MOST` seconds (also while no snapshot comes), until one succeeds.
 
-``out_dir`` belongs to one hook at a time: :class:`OutDirLock` holds
-``out_dir/.hook.lock`` for the trainer, and the sidecar inherits the same lock, so
-it stays taken while an orphaned sidecar still saves.
+``out_dir`` belongs to one hook at a time: the sidecar inherits the trainer's
+:class:`~mergekit_like.hook.out_dir.OutDirLock`, so it stays taken while an orphaned
+sidecar still saves.
 
 Requests (``("average", id, label)``, ``("close", id, None)``) are answered on the
 reply pipe (a :class:`ReplyPipe`) with ``("ok", id, value)`` or ``("error", id, (kind,
@@ -27,18 +27,14 @@ message))``: a bad request is an answer, never the sidecar's end.
 from __future__ import annotations
 
 import copy
-import errno
-import fcntl
 import json
 import logging
 import os
 import queue
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -47,7 +43,9 @@ from typing import Any
 import torch
 
 from mergekit_like.averaging.base import Averager, StateDict, StoredSnapshot
-from mergekit_like.errors import HookUsageError, InvalidCheckpointError, OutputLockedError, UnknownAverageError
+from mergekit_like.errors import HookUsageError, InvalidCheckpointError, UnknownAverageError
+from mergekit_like.hook.out_dir import OutDirLock
+from mergekit_like.hook.process import StopRequest, name_process, take_signals
 from mergekit_like.io.atomic import pid_alive
 from mergekit_like.io.outputs import OutputSpec, WriteItem, write_checkpoints
 from mergekit_like.io.reader import open_checkpoint
@@ -68,98 +66,11 @@ SAVE_RETRY_FIRST = 1.0
 SAVE_RETRY_MOST = 300.0
 # Doublings after which the delay is SAVE_RETRY_MOST anyway (keeps 2 ** n a small number).
 MAX_DOUBLINGS = 30
-# The file in out_dir whose lock says which hook keeps its averages there.
-LOCK_FILE = ".hook.lock"
-# What flock raises where the filesystem keeps no locks (some network filesystems).
-NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
-# A message about the sidecar's saves for the trainer, which shows it: (level, text), level "warning" or "info".
+# A message about the sidecar's saves for the trainer, which shows it: (level, text), level "warning" or "info";
+# or (SAVED, step) after each save and at start (the step of the averages restored; "" for none), which the
+# trainer keeps to say what a dead sidecar lost.
 Notify = Callable[[str, str], None]
-
-
-class OutDirLock:
-    """``out_dir/.hook.lock``, locked (``flock``) while a hook keeps its averages in ``out_dir``.
-
-    The lock belongs to an open file, not to a process: the kernel drops it when the last
-    process holding that file ends, so the lock of a killed run is free again without any
-    clean-up. Pickled into a spawned sidecar the same open file goes along (as a
-    multiprocessing heap arena's does), so the lock lasts while an orphaned sidecar saves.
-    """
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self.fd: int | None = fd
-
-    @classmethod
-    def claim(cls, directory: Path) -> OutDirLock:
-        """Takes the lock of ``directory`` (which exists), or raises :class:`OutputLockedError` naming its holder."""
-        path = directory / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise _locked_error(directory, path) from None
-        except OSError as exc:  # a filesystem without locks: the hook still runs, unguarded
-            if exc.errno not in NO_LOCKS:
-                os.close(fd)
-                raise
-            logger.warning("%s cannot be locked (%s): a second hook on this out_dir would not be refused",
-                           path, exc.strerror)
-        os.ftruncate(fd, 0)  # the holder's pid, for the message of a hook refused
-        os.write(fd, f"{os.getpid()}\n".encode())
-        return cls(path, fd)
-
-    def release(self, *, unlock: bool = True) -> None:
-        """Lets go of the lock. ``unlock`` unlocks for every process sharing it; without it only this
-        process's descriptor is closed, and a sidecar still running keeps out_dir locked until it exits."""
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            try:
-                if unlock:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        if self.fd is None:
-            raise ValueError(f"the lock of {self.path} was released")
-        return _inherited_lock, (self.path, reduction.DupFd(self.fd))
-
-
-def _inherited_lock(path: Path, duplicate: Any) -> OutDirLock:
-    """The lock in the sidecar: the trainer's open file, duplicated into it at spawn."""
-    return OutDirLock(path, duplicate.detach())
-
-
-def _locked_error(directory: Path, path: Path) -> OutputLockedError:
-    try:
-        holder = int(path.read_text(encoding="utf-8").strip())
-    except (OSError, ValueError):
-        holder = None
-    if holder is None:
-        who = "another WeightAveraging"
-    elif pid_alive(holder):
-        who = f"another WeightAveraging (process {holder})"
-    else:
-        who = f"the sidecar of a WeightAveraging whose process {holder} has ended (it saves, then exits)"
-    return OutputLockedError(f"{who} keeps its averages here now", path=directory,
-                             fix=f"give this hook another out_dir, or close the other hook first "
-                                 f"(the lock is {LOCK_FILE}; it frees itself when its holder ends)")
-
-
-def prepare_out_dir(directory: Path) -> None:
-    """Creates ``directory`` and checks that it takes new files; :class:`HookUsageError` in one line otherwise.
-
-    A directory is created for each save, so a probe directory is what this tries.
-    """
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=".hook-probe-", dir=directory))
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        where = f" ({exc.filename})" if exc.filename not in (None, str(directory)) else ""
-        raise HookUsageError(f"out_dir {directory} cannot hold the averages: {reason}{where}; give an out_dir "
-                             f"that the training process can create and write") from None
+SAVED = "saved"
 
 
 @dataclass
@@ -219,7 +130,8 @@ class ReplyPipe:
         try:
             self.connection.send_bytes(data)
         except OSError:  # a broken pipe: the trainer is gone, and the main loop saves once it notices
-            logger.warning("the training process reads no answers any more; one was dropped")
+            if message[0] != "notice":  # a notice is for a trainer that runs: none is owed to a dead one
+                logger.warning("the training process reads no answers any more; one was dropped")
 
 
 def run_sidecar(
@@ -230,7 +142,10 @@ def run_sidecar(
     free: Any,
     started: Any,
 ) -> None:
-    """The sidecar's main loop (the target of the spawned process)."""
+    """The sidecar's main loop (the target of the spawned process); ``free`` and ``started`` are
+    :class:`~mergekit_like.hook.process.SharedFlag`s."""
+    stop = take_signals()  # SIGINT ignored (the trainer's close() saves), SIGTERM: save and exit
+    name_process()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # leave the cores to the trainer
     try:
@@ -242,7 +157,7 @@ def run_sidecar(
         return
     started.set()
     free.set()
-    while True:
+    while not _told_to_stop(stop, sidecar):
         try:
             message = commands.get(timeout=PARENT_POLL)
         except queue.Empty:
@@ -254,6 +169,15 @@ def run_sidecar(
             continue
         if not serve(sidecar, message, replies, free):
             return
+
+
+def _told_to_stop(stop: StopRequest, sidecar: Sidecar) -> bool:
+    """After SIGTERM: saves (once) and says the loop is over."""
+    if not stop:
+        return False
+    logger.warning("the averaging sidecar got signal %s; saving the averages and exiting", stop.signal)
+    sidecar.save_at_exit()
+    return True
 
 
 def _notifier(replies: ReplyPipe) -> Notify:
@@ -294,6 +218,8 @@ def serve(sidecar: Sidecar, message: tuple[Any, ...], replies: Any, free: Any) -
 
 def _log_notice(level: str, text: str) -> None:
     """Where a message about the saves goes in a sidecar used in-process (tests): the log."""
+    if level == SAVED:
+        return
     logger.log(logging.WARNING if level == "warning" else logging.INFO, "%s", text)
 
 
@@ -438,6 +364,7 @@ class Sidecar:
         if failure is not None:
             raise failure
         self.saved_step = self.last_step
+        self.notify(SAVED, str(self.saved_step))
 
     def _write_average(self, averager: Averager) -> None:
         root = self.settings.out_dir / averager.label
@@ -463,6 +390,7 @@ class Sidecar:
             if averager.last_step is not None:
                 self.last_step = max(self.last_step or 0, averager.last_step)
         self.saved_step = self.last_step
+        self.notify(SAVED, "" if self.saved_step is None else str(self.saved_step))
 
 
 def write_state(directory: Path, averager: Averager) -> None:

@@ -43,29 +43,37 @@ import logging
 import math
 import os
 import queue
-import sys
-import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing import process as mp_process
-from multiprocessing import spawn
-from multiprocessing.connection import Connection
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 from mergekit_like.averaging.base import Averager
 from mergekit_like.averaging.lawa import LAWA
-from mergekit_like.averaging.sfa import check_beta, sfa_pull
-from mergekit_like.errors import HookUsageError, SidecarError, UnknownAverageError
-from mergekit_like.hook.shards import is_sharded, local_tensor, shard_directory, write_manifest
-from mergekit_like.hook.sidecar import OutDirLock, ReplyPipe, SidecarConfig, prepare_out_dir, run_sidecar
+from mergekit_like.averaging.sfa import check_beta
+from mergekit_like.errors import AveragesNotSavedError, HookUsageError, SidecarError, UnknownAverageError
+from mergekit_like.hook.link import POLL_INTERVAL, SidecarLink, refuse_unspawnable_averagers
+from mergekit_like.hook.out_dir import OutDirLock, prepare_out_dir
+from mergekit_like.hook.shards import is_sharded, shard_directory, write_manifest
+from mergekit_like.hook.sidecar import SidecarConfig
+from mergekit_like.hook.tensors import (
+    binding,
+    changed_names_error,
+    check_average_fits,
+    host_copy,
+    live_tensors,
+    load_into,
+    model_config,
+    pull_in_chunks,
+    refuse_reshaped,
+    shared_like,
+    snapshot_tensors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,24 +82,16 @@ REPLY_TIMEOUT = 600.0
 CLOSE_TIMEOUT = 600.0
 # How long a strict snapshot waits for the sidecar to free the buffers (it may be folding a large model).
 FREE_TIMEOUT = 600.0
-# Every wait is cut into slices this long, between checks that the sidecar still runs.
-POLL_INTERVAL = 0.1
 # How long the first snapshot waits for a starting sidecar (its torch import takes seconds); later
 # snapshots never wait unless strict.
 FIRST_SNAPSHOT_WAIT = 60.0
+# How long close() waits for the successor of a sidecar found dead to start (it restores the last save).
+SUCCESSOR_WAIT = 120.0
 # How long close() waits for the sidecar process to exit once it has saved.
 JOIN_TIMEOUT = 30.0
-# How long close() waits, once the sidecar has exited, for the reader of its answers to find the pipe's end.
-READER_JOIN_TIMEOUT = 5.0
-# Elements per host-to-device chunk of the SFA merge-back (bounds GPU scratch).
-SFA_CHUNK = 16 * 1024 * 1024
 # Sidecars killed by a signal (the OOM killer, say) before they ran, in a row, after which the hook gives up:
 # one that is killed every time it restores its state would otherwise be restarted forever.
 MAX_UNSTARTED_RESTARTS = 3
-# Tensors an error about a changed model names before it says "and N more".
-MAX_NAMED = 3
-CHANGED_MODEL_FIX = ("close this hook and make a new WeightAveraging, with another out_dir, for the changed model "
-                     "(or change the model before making the hook)")
 
 
 @dataclass
@@ -135,192 +135,6 @@ def _rank() -> int:
     if distributed.is_available() and distributed.is_initialized():
         return int(distributed.get_rank())
     return 0
-
-
-class _SidecarLink:
-    """One sidecar process and its channels.
-
-    The process is started from a thread: spawning writes the pickled handles of the
-    shared buffers into a pipe that the child drains only once it has imported the
-    trainer's main module; past the pipe's 64 KiB (some hundreds of tensors) ``start()``
-    itself would wait seconds, inside a training step when it restarts a sidecar.
-
-    Answers come on a pipe whose writing end only the sidecar keeps, and a thread of
-    this link moves each whole answer onto :attr:`answers`, where callers wait in
-    slices. Reading a pipe has no timeout once a message has begun (the timeout of
-    ``Queue.get`` bounds only its first bytes), and an average's answer, an entry per tensor, outgrows
-    the pipe's 64 KiB: a sidecar killed halfway through one would leave its reader
-    waiting for the rest. Here that reader finds the pipe's end and stops, and were it
-    stuck (a forked process keeping the writing end), it is left behind with its link:
-    a daemon that holds nothing the caller needs.
-    """
-
-    def __init__(self, settings: SidecarConfig, buffers: dict[str, torch.Tensor]) -> None:
-        context = mp.get_context("spawn")
-        self.commands = context.Queue()
-        receiving, self._sending = context.Pipe(duplex=False)
-        self.answers: queue.Queue[Any] = queue.Queue()  # whole answers, or why one could not be read
-        self.notices: queue.Queue[tuple[str, str]] = queue.Queue()  # (level, text) about saves, for the trainer
-        self._reader = threading.Thread(target=_read_answers, args=(receiving, self.answers, self.notices),
-                                        name="mergekit-like-sidecar-replies", daemon=True)
-        self._reader.start()
-        self.free = context.Event()  # set by the sidecar when the buffers may be written: at start, after a fold
-        self.started = context.Event()  # set once, when it has restored its state and runs
-        # Why it could not start, once known: whoever reads its report first keeps it here for the others.
-        self.said: str | None = None
-        self._asked = False  # whether the answers were searched for that report
-        self.process = context.Process(
-            target=run_sidecar,
-            args=(settings, buffers, self.commands, ReplyPipe(self._sending), self.free, self.started),
-            name="mergekit-like-sidecar", daemon=True,
-        )
-        self._spawner = threading.Thread(target=self._spawn, name="mergekit-like-sidecar-spawn", daemon=True)
-        self._spawner.start()
-
-    def _spawn(self) -> None:
-        try:
-            with _spawnable_main():
-                self.process.start()
-        except Exception as exc:  # e.g. an averager that cannot be pickled: no process, so nothing else says it
-            self.said = f"it could not be spawned: {type(exc).__name__}: {exc}"
-        finally:
-            # The child has its own copy now; with ours closed, the pipe ends when the sidecar does.
-            self._sending.close()
-
-    @property
-    def alive(self) -> bool:
-        """Whether the sidecar runs, or is still being spawned."""
-        return self._spawner.is_alive() or self.process.is_alive()
-
-    @property
-    def killed(self) -> bool:
-        """Whether the process ended by a signal (a negative exit code), not by an exit of its own."""
-        code = self.process.exitcode
-        return code is not None and code < 0
-
-    def reply(self, timeout: float) -> tuple[str, int, Any] | None:
-        """The next answer to a request, or None after ``timeout``.
-
-        The sidecar's report that it could not start, ``("error", None, ("startup", message))``,
-        answers no request: it is kept in :attr:`said` and read as no answer.
-        """
-        try:
-            answer = self.answers.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if isinstance(answer, Exception):  # a whole answer whose shared tensors could not be opened
-            raise answer
-        status, request, value = answer
-        if request is None:
-            self.said = str(value[1])
-            return None
-        return status, request, value
-
-    def startup_error(self) -> str | None:
-        """What a sidecar that exited before it started said about it, if anything."""
-        if self.said is None and not self._asked:
-            self._asked = True
-            try:
-                self.reply(POLL_INTERVAL)
-            except Exception:  # a reply that cannot be read
-                pass
-        return self.said
-
-    def join(self, timeout: float) -> None:
-        self._spawner.join(timeout)
-        if self.process.pid is not None:
-            self.process.join(timeout)
-
-    def close(self, *, flush: bool) -> None:
-        """Closes the channels; ``flush`` for a sidecar that answered its last request and exited.
-
-        Only then is the reader joined (it has found the pipe's end, or does within a bound); a dead
-        sidecar's reader stops by itself, or is left behind, and a restart never waits for it.
-        """
-        self.commands.close()
-        if flush:
-            self.commands.join_thread()
-            self._reader.join(READER_JOIN_TIMEOUT)
-        else:
-            self.commands.cancel_join_thread()  # nobody reads a dead sidecar's pipe any more
-
-
-def _read_answers(pipe: Connection, answers: queue.Queue[Any], notices: queue.Queue[tuple[str, str]]) -> None:
-    """Moves each whole message of the sidecar's reply pipe onto ``answers`` (notices onto ``notices``)
-    until the pipe ends."""
-    try:
-        while True:
-            try:
-                data = pipe.recv_bytes()
-            except (EOFError, OSError):  # the sidecar is gone (perhaps halfway through a message)
-                return
-            try:
-                message = ForkingPickler.loads(data)
-            except Exception as exc:  # e.g. the shared tensors of an answer went with a dying sidecar
-                answers.put(exc)
-                continue
-            if message[0] == "notice":  # answers no request: the trainer shows it at its next step()
-                notices.put(message[2])
-            else:
-                answers.put(message)
-    finally:
-        pipe.close()
-
-
-# Held while a sidecar is spawned with the stand-in of spawn.get_preparation_data (one at a time).
-_SPAWN_LOCK = threading.Lock()
-
-
-@contextmanager
-def _spawnable_main() -> Iterator[None]:
-    """Lets a sidecar be spawned from a main script that cannot be read again (``python - < train.py``).
-
-    The spawn start method re-runs the parent's ``__main__`` in the child from ``__main__.__file__``;
-    for a script read from standard input that is ``'<stdin>'``, and the child dies of a
-    FileNotFoundError before it runs. The sidecar needs nothing of the parent's main script (its
-    target lives in this package; :func:`_refuse_unspawnable_averagers` refuses averages defined
-    there), so while the spawn prepares the child the path is left out, as for ``python -c``. The
-    stand-in replaces the function rather than ``__main__.__file__``, which the training script,
-    running meanwhile in the main thread, may read.
-    """
-    if _main_file_readable():
-        yield
-        return
-    with _SPAWN_LOCK:
-        prepare = spawn.get_preparation_data
-
-        def without_unreadable_main(name: str) -> dict[str, Any]:
-            data: dict[str, Any] = prepare(name)
-            data.pop("init_main_from_path", None)
-            return data
-
-        spawn.get_preparation_data = without_unreadable_main
-        try:
-            yield
-        finally:
-            spawn.get_preparation_data = prepare
-
-
-def _main_file_readable() -> bool:
-    """Whether a spawned child can run the main script again: no script path (``python -c``, ``-m``),
-    or one that names a file."""
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if path is None or getattr(main, "__spec__", None) is not None:
-        return True
-    original_dir = getattr(mp_process, "ORIGINAL_DIR", None) or ""  # where the spawn looks for a relative path
-    return os.path.isfile(os.path.join(original_dir, path))
-
-
-def _refuse_unspawnable_averagers(averagers: Sequence[Averager]) -> None:
-    """Raises :class:`HookUsageError` for an average class that a sidecar could not import."""
-    if _main_file_readable():
-        return
-    local = sorted({type(a).__name__ for a in averagers if type(a).__module__ == "__main__"})
-    if local:
-        raise HookUsageError(f"the average class {', '.join(local)} is defined in a script read from standard "
-                             f"input, which the sidecar process cannot import; move it into a module (or run the "
-                             f"script from a file)")
 
 
 class WeightAveraging:
@@ -370,16 +184,18 @@ class WeightAveraging:
         self._merged_at: int | None = None  # the task step of the last merge-back
         self._swapped: str | None = None  # the label swapped in by swapped_in(), while its block runs
         self._pending: tuple[int, Any] | None = None  # (step, CUDA event) of a copy in flight
+        self._handed_over: int | None = None  # the step of the last snapshot handed to a sidecar
+        self._saved_before: str | None = None  # the last save a sidecar since replaced said it made
         self._requests = itertools.count()
         self._unstarted_restarts = 0  # restarts since a sidecar last ran (bounded by MAX_UNSTARTED_RESTARTS)
         self._settings = SidecarConfig(sidecar_dir, self.averagers, save_every, keep_last,
-                                       None if self.sharded else _model_config(model), os.getpid(), sidecar_device)
-        self._link: _SidecarLink | None = None
+                                       None if self.sharded else model_config(model), os.getpid(), sidecar_device)
+        self._link: SidecarLink | None = None
         # Only a process that runs a sidecar writes out_dir: it alone checks and locks it.
         self._lock = _claim_out_dir(sidecar_dir, self.averagers) if self.active and self.averagers else None
         try:
             if self.sharded and rank == 0:
-                write_manifest(self.out_dir, model, _model_config(model))
+                write_manifest(self.out_dir, model, model_config(model))
             if self._lock is not None:
                 self._start_sidecar(self._lock)
         except BaseException:
@@ -389,13 +205,13 @@ class WeightAveraging:
     def _start_sidecar(self, lock: OutDirLock) -> None:
         """Binds the model's tensors, makes their shared buffers and spawns the sidecar (which shares ``lock``)."""
         _warn_about_lawa_memory(self.averagers, self.snapshot_every)
-        self._tensors = _snapshot_tensors(self.model)
-        self._bindings = {n: _binding(t) for n, t in self._tensors.items()}
-        self._buffers = {n: _shared_like(t) for n, t in self._tensors.items()}
+        self._tensors = snapshot_tensors(self.model)
+        self._bindings = {n: binding(t) for n, t in self._tensors.items()}
+        self._buffers = {n: shared_like(t) for n, t in self._tensors.items()}
         self._stream = torch.cuda.Stream() if any(t.is_cuda for t in self._tensors.values()) else None
         self._settings.lock = lock
-        self._link = _SidecarLink(self._settings, self._buffers)
-        atexit.register(self.close)
+        self._link = SidecarLink(self._settings, self._buffers)
+        atexit.register(self._close_at_exit)
 
     def _release_lock(self, *, unlock: bool = True) -> None:
         if self._lock is not None:
@@ -404,7 +220,7 @@ class WeightAveraging:
 
     # -- the sidecar ------------------------------------------------------------------
     @property
-    def _sidecar(self) -> _SidecarLink:
+    def _sidecar(self) -> SidecarLink:
         if self._link is None:
             raise HookUsageError("no sidecar runs in this process: under DDP only rank 0 keeps averages, "
                                  "and a hook with SFA alone keeps none")
@@ -422,25 +238,54 @@ class WeightAveraging:
         link = self._sidecar
         if link.alive:
             return True
-        if link.started.is_set():
+        self._refuse_restart_unless_started(link)
+        code = link.process.exitcode
+        self._relay_notices()
+        loss = self._loss(link)
+        if not self._warned:
+            warnings.warn(f"the averaging sidecar died (exit code {code}); restarting it: {loss}", stacklevel=3)
+            self._warned = True
+        logger.warning("the averaging sidecar ended (exit code %s); restarting it: %s", code, loss)
+        self._restart(link)
+        return False
+
+    def _refuse_restart_unless_started(self, dead: SidecarLink) -> None:
+        if dead.started.is_set():
             self._unstarted_restarts = 0
         else:
-            self._refuse_restart(link)
-        code = link.process.exitcode
-        if not self._warned:
-            warnings.warn("the averaging sidecar died; restarting it from its last saved state", stacklevel=3)
-            self._warned = True
-        logger.warning("the averaging sidecar ended (exit code %s); restarting it from the averages saved in %s",
-                       code, self.out_dir)
+            self._refuse_restart(dead)
+
+    def _restart(self, dead: SidecarLink) -> None:
+        """Starts a new sidecar in place of ``dead``, from the averages saved in out_dir (never waits for it)."""
         self.counts.sidecar_restarts += 1
         self._unstarted_restarts += 1
         self._pending = None
-        self._relay_notices()
-        link.close(flush=False)
-        self._link = _SidecarLink(self._settings, self._buffers)
-        return False
+        self._saved_before = dead.saved or self._saved_before
+        dead.close(flush=False)
+        self._link = SidecarLink(self._settings, self._buffers)
 
-    def _refuse_restart(self, link: _SidecarLink) -> None:
+    def _saved_step(self) -> int | None:
+        """The step of the averages last saved in out_dir, as the sidecars said (None: nothing saved)."""
+        said = self._sidecar.saved or self._saved_before
+        return int(said) if said else None
+
+    def _unsaved_snapshots(self) -> bool:
+        """Whether a snapshot was handed over after the last save."""
+        saved = self._saved_step()
+        return self._handed_over is not None and (saved is None or saved < self._handed_over)
+
+    def _loss(self, dead: SidecarLink) -> str:
+        """What a dead sidecar took with it: the snapshots since its last save (it said which step that was)."""
+        handed, saved = self._handed_over, self._saved_step()
+        if not self._unsaved_snapshots():
+            return f"it had saved every snapshot, and its successor goes on from the averages in {self.out_dir}"
+        if saved is None:
+            return (f"nothing had been saved in {self.out_dir}, so the snapshots up to step {handed} are lost and "
+                    f"the averages start again (save_every= bounds what a dead sidecar loses)")
+        return (f"the snapshots after step {saved}, its last save, up to step {handed} are lost; its successor goes "
+                f"on from the averages of step {saved} in {self.out_dir}")
+
+    def _refuse_restart(self, link: SidecarLink) -> None:
         """Raises :class:`SidecarError` unless the sidecar, dead before it ran, is to be restarted."""
         code = link.process.exitcode
         if link.said is None and link.killed:
@@ -451,7 +296,8 @@ class WeightAveraging:
                                f"while it restored the averages in {self.out_dir}, give it more or keep fewer "
                                f"LAWA snapshots")
         said = link.startup_error()
-        raise SidecarError(f"the averaging sidecar exited before it started: {said or f'exit code {code}'}; "
+        said = said.rstrip(".") if said else f"exit code {code}"
+        raise SidecarError(f"the averaging sidecar exited before it started: {said}; "
                            f"see its log above, and fix or remove the averages in {self.out_dir}")
 
     def _request(self, kind: str, argument: Any, timeout: float, *, restart: bool = True) -> Any:
@@ -547,16 +393,16 @@ class WeightAveraging:
         on a loaded CPU core, against a snapshot copy of the whole model. A tensor of another shape or dtype,
         or one that appeared or went, is a :class:`HookUsageError`: its average cannot go on.
         """
-        live = _live_tensors(self.model)
+        live = live_tensors(self.model)
         if live.keys() != self._bindings.keys():
-            raise _changed_names_error(self._bindings.keys(), live.keys())
-        replaced = [name for name, tensor in live.items() if _binding(tensor) != self._bindings[name]]
+            raise changed_names_error(self._bindings.keys(), live.keys())
+        replaced = [name for name, tensor in live.items() if binding(tensor) != self._bindings[name]]
         if not replaced:
             return
-        _refuse_reshaped({name: (self._tensors[name], live[name]) for name in replaced})
+        refuse_reshaped({name: (self._tensors[name], live[name]) for name in replaced})
         for name in replaced:
             self._tensors[name] = live[name].detach()
-            self._bindings[name] = _binding(live[name])
+            self._bindings[name] = binding(live[name])
         if self._stream is None and any(live[name].is_cuda for name in replaced):
             self._stream = torch.cuda.Stream()  # moved to the GPU after the hook was made
         logger.debug("the snapshot follows %d replaced tensors (%s, ...)", len(replaced), replaced[0])
@@ -584,7 +430,7 @@ class WeightAveraging:
             if self._stream is None:
                 for name, tensor in self._tensors.items():
                     self._buffers[name].copy_(tensor)
-                self._sidecar.commands.put(("snapshot", step))
+                self._hand_over(step)
                 return
             main = torch.cuda.current_stream()
             self._stream.wait_stream(main)
@@ -600,8 +446,13 @@ class WeightAveraging:
 
     def _hand_over_finished_copy(self) -> None:
         if self._pending is not None and self._pending[1].query():
-            self._sidecar.commands.put(("snapshot", self._pending[0]))
+            self._hand_over(self._pending[0])
             self._pending = None
+
+    def _hand_over(self, step: int) -> None:
+        """Tells the sidecar that the buffers hold the snapshot of ``step``."""
+        self._sidecar.commands.put(("snapshot", step))
+        self._handed_over = step
 
     def _finish_pending_copy(self) -> None:
         if self._pending is not None:
@@ -614,7 +465,7 @@ class WeightAveraging:
         if self.sfa is None:
             raise HookUsageError("start_task() needs SFA(...) among the averages given to WeightAveraging")
         self._refuse_inside_swap("start_task()")
-        self._anchor = {n: _host_copy(t) for n, t in _snapshot_tensors(self.model).items()
+        self._anchor = {n: host_copy(t) for n, t in snapshot_tensors(self.model).items()
                         if t.is_floating_point()}
         self._task_step = 0
         self._merged_at = None
@@ -639,10 +490,10 @@ class WeightAveraging:
         self._refuse_inside_swap("merge_back()")
         check_beta(self.sfa.beta)  # once here: the pull itself trusts its beta
         with torch.no_grad():
-            for name, live in _snapshot_tensors(self.model).items():
+            for name, live in snapshot_tensors(self.model).items():
                 anchor = self._anchor.get(name)
                 if anchor is not None:
-                    _pull_in_chunks(live, anchor, self.sfa.beta)
+                    pull_in_chunks(live, anchor, self.sfa.beta)
         self._merged_at = self._task_step
         if self.sfa.rolling:
             self.start_task()
@@ -681,17 +532,17 @@ class WeightAveraging:
         """
         self._check_label(label)
         self._refuse_swap(label)
-        live = {n: t for n, t in _snapshot_tensors(self.model).items() if t.is_floating_point()}
+        live = {n: t for n, t in snapshot_tensors(self.model).items() if t.is_floating_point()}
         average = self.averaged_state_dict(label, timeout=timeout)
-        _check_average_fits(average, live, label)
-        training = {n: _host_copy(t) for n, t in live.items()}
+        check_average_fits(average, live, label)
+        training = {n: host_copy(t) for n, t in live.items()}
         self._swapped = label
         try:
-            _load(live, average)
+            load_into(live, average)
             del average  # its host memory is not needed while the block runs
             yield
         finally:
-            _load(live, training)
+            load_into(live, training)
             self._swapped = None
 
     def _check_label(self, label: str) -> None:
@@ -728,34 +579,106 @@ class WeightAveraging:
         return [a.label for a in self.averagers]
 
     def close(self) -> SnapshotCounts:
-        """Hands over the last snapshot, writes the final averages and stops the sidecar. Idempotent."""
+        """Hands over the last snapshot, writes the final averages and stops the sidecar. Idempotent.
+
+        A sidecar found dead is replaced by one that restores the last save and folds in the model
+        as it is now; a warning says which snapshots were lost. Raises
+        :class:`~mergekit_like.errors.AveragesNotSavedError`, naming the cause and what ``out_dir``
+        holds instead, when the final save fails (once the sidecar has stopped).
+        """
         if self._closed:
             return self.counts
         self._closed = True
-        link = self._link
-        if link is None:
+        if self._link is None:
             return self.counts
-        atexit.unregister(self.close)
-        self._finish_pending_copy()
-        saved = False
-        if link.alive:
+        atexit.unregister(self._close_at_exit)
+        failure: AveragesNotSavedError | None = None
+        answered = False
+        try:
+            self._finish_pending_copy()
+            failure = self._final_save()
+            answered = failure is None
+        finally:
+            self._stop_sidecar(answered)
+        if failure is not None:
+            raise failure
+        logger.info("snapshots taken %d, skipped %d", self.counts.taken, self.counts.skipped)
+        return self.counts
+
+    def _close_at_exit(self) -> None:
+        """close() at interpreter exit, where an exception would end as a traceback nobody asked for."""
+        try:
+            self.close()
+        except Exception as exc:
+            logger.error("%s", exc)
+
+    def _final_save(self) -> AveragesNotSavedError | None:
+        """Asks the sidecar for its last save, through a successor if it is dead or dies meanwhile (once);
+        the error if the save failed."""
+        dead = self._sidecar
+        if not dead.alive:
+            if not self._unsaved_snapshots():
+                return None  # what it had is saved (or it never ran; why it could not start was raised then)
+            trouble = self._successor_for_close(dead)
+            if trouble is not None:
+                return trouble
+        for last_try in (False, True):
             try:
                 self._request("close", None, CLOSE_TIMEOUT, restart=False)
-                saved = True
+                return None
             except SidecarError as exc:
-                logger.warning("%s", exc)
-            link.join(JOIN_TIMEOUT)
-        else:
-            logger.warning("the averaging sidecar is not running; the averages in %s are those of its last save",
-                           self.out_dir)
+                if self._sidecar.alive or last_try:
+                    return self._not_saved(exc)
+            trouble = self._successor_for_close(self._sidecar)  # it died while it saved
+            if trouble is not None:
+                return trouble
+        raise AssertionError("unreachable")
+
+    def _successor_for_close(self, dead: SidecarLink) -> AveragesNotSavedError | None:
+        """Replaces a sidecar that died before close(): the successor restores the last save and folds in
+        the model as it is now (what the trainer still holds); says what was lost."""
+        code, loss = dead.process.exitcode, self._loss(dead)
+        try:
+            self._refuse_restart_unless_started(dead)
+        except SidecarError as exc:
+            return self._not_saved(exc)
+        self._restart(dead)
+        if not self._await_free(SUCCESSOR_WAIT):
+            return self._not_saved(SidecarError(f"the sidecar had died (exit code {code}) and its successor did "
+                                                f"not start within {SUCCESSOR_WAIT:g} s"))
+        restored = self._restored_step()
+        if restored is None or restored < self.step_count:
+            self._sidecar.free.clear()
+            self._copy_snapshot(self.step_count)
+            self._finish_pending_copy()
+        warnings.warn(f"the averaging sidecar had died before close() (exit code {code}): {loss}; the final "
+                      f"averages fold in the model as it is at step {self.step_count}", stacklevel=4)
+        return None
+
+    def _restored_step(self) -> int | None:
+        """The step of the averages a new sidecar restored (it says so as it starts; briefly waited for)."""
+        link = self._sidecar
+        deadline = time.monotonic() + POLL_INTERVAL * 10
+        while link.saved is None and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL / 10)
+        return int(link.saved) if link.saved else None
+
+    def _not_saved(self, cause: Exception) -> AveragesNotSavedError:
+        saved = self._saved_step()
+        holds = (f"the averages saved there are of step {saved}" if saved is not None else
+                 "nothing of this run's averages is saved there")
+        return AveragesNotSavedError(f"the final averages could not be saved in {self.out_dir}: {cause}; {holds}")
+
+    def _stop_sidecar(self, answered: bool) -> None:
+        """Waits (bounded) for the sidecar to exit, closes its channels and lets go of ``out_dir``."""
+        link = self._sidecar
+        link.join(JOIN_TIMEOUT)
         # Flushing waits for the pipe to drain: only a sidecar that answered has read everything.
-        link.close(flush=saved)
+        link.close(flush=answered)
         self._relay_notices()
         # After the sidecar's last save a next hook may use out_dir; a sidecar still alive past the
         # wait keeps its share of the lock, so no second hook writes beside its save.
         self._release_lock(unlock=not link.alive)
-        logger.info("snapshots taken %d, skipped %d", self.counts.taken, self.counts.skipped)
-        return self.counts
 
     def __enter__(self) -> WeightAveraging:
         return self
@@ -792,124 +715,11 @@ def _reply_error(kind: str, message: str) -> Exception:
     return SidecarError(f"the averaging sidecar failed: {kind}: {message}")
 
 
-def _pull_in_chunks(live: torch.Tensor, anchor: torch.Tensor, beta: float) -> None:
-    """:func:`sfa_pull` of ``live`` toward the host tensor ``anchor``, in place, a chunk at a time.
-
-    The only GPU scratch is the anchor's chunk on its way in: the pull writes into ``live``.
-    """
-    for part, theta_o in _device_chunks(live, anchor):
-        sfa_pull(part, theta_o, beta, out=part)
-
-
-def _device_chunks(live: torch.Tensor, source: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Pairs of a chunk of ``live`` (a view to write through) and the same chunk of ``source`` on live's device.
-
-    ``source`` keeps its dtype: a float32 chunk of :data:`SFA_CHUNK` elements is the only scratch on the
-    device. A tensor not contiguous in the standard layout (a channels-last convolution) has no flat view,
-    so it comes whole.
-    """
-    if not live.is_contiguous():
-        yield live, source.to(live.device)
-        return
-    flat_live, flat_source = live.view(-1), source.reshape(-1)
-    for start in range(0, flat_live.numel(), SFA_CHUNK):
-        yield flat_live[start:start + SFA_CHUNK], flat_source[start:start + SFA_CHUNK].to(live.device,
-                                                                                         non_blocking=True)
-
-
-def _load(live: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
-    """Copies each of ``values`` into the live tensor of its name, cast to that tensor's dtype, in chunks."""
-    with torch.no_grad():
-        for name, tensor in live.items():
-            for part, chunk in _device_chunks(tensor, values[name]):
-                part.copy_(chunk)
-
-
-def _check_average_fits(average: dict[str, torch.Tensor], live: dict[str, torch.Tensor], label: str) -> None:
-    """Raises :class:`HookUsageError` before the swap touches anything when the average lacks a tensor or
-    has another shape (the model changed since the hook was made)."""
-    for name, tensor in live.items():
-        value = average.get(name)
-        if value is None or value.shape != tensor.shape:
-            found = "no such tensor" if value is None else f"shape {tuple(value.shape)}"
-            raise HookUsageError(f"the average {label!r} does not fit the model: tensor {name!r} has shape "
-                                 f"{tuple(tensor.shape)}, the average {found}; make a new WeightAveraging for a "
-                                 f"changed model")
-
-
-def _snapshot_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers by state-dict name (detached, live storage; local shards)."""
-    return {name: tensor.detach() for name, tensor in _live_tensors(model).items()}
-
-
-def _live_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers by state-dict name, as the model holds them now (local shards)."""
-    return {name: local_tensor(tensor) for name, tensor in model.state_dict(keep_vars=True).items()}
-
-
-# What the snapshot copies from, for one tensor: (data pointer, shape, strides, dtype, device).
-Binding = tuple[int, torch.Size, tuple[int, ...], torch.dtype, torch.device]
-
-
-def _binding(tensor: torch.Tensor) -> Binding:
-    """What changes when the model replaces a tensor: a bound tensor keeps its storage alive, so an
-    equal pointer with an equal layout is the same memory."""
-    return tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device
-
-
-def _changed_names_error(bound: Iterable[str], live: Iterable[str]) -> HookUsageError:
-    new, gone = sorted(set(live) - set(bound)), sorted(set(bound) - set(live))
-    parts = [f"{label}: {_first_few([repr(n) for n in names])}" for label, names in (("new", new), ("gone", gone))
-             if names]
-    return HookUsageError(f"the model's tensors changed since the hook was made ({'; '.join(parts)}): the "
-                          f"averages hold the tensors it had then; {CHANGED_MODEL_FIX}")
-
-
-def _refuse_reshaped(replaced: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Raises :class:`HookUsageError` naming each (bound, live) pair of another shape or dtype."""
-    changes = []
-    for name, (bound, live) in replaced.items():
-        if bound.shape != live.shape:
-            changes.append(f"{name!r} changed its shape from {tuple(bound.shape)} to {tuple(live.shape)}")
-        elif bound.dtype != live.dtype:
-            changes.append(f"{name!r} changed its dtype from {bound.dtype} to {live.dtype}")
-    if changes:
-        raise HookUsageError(f"since the hook was made, {_first_few(changes, '; ')}: averages of another shape or "
-                             f"dtype cannot go on; {CHANGED_MODEL_FIX}")
-
-
-def _first_few(items: list[str], separator: str = ", ") -> str:
-    """The first :data:`MAX_NAMED` of ``items``, and how many more (a resized model changes many tensors)."""
-    more = f" and {len(items) - MAX_NAMED} more" if len(items) > MAX_NAMED else ""
-    return separator.join(items[:MAX_NAMED]) + more
-
-
 def _claim_out_dir(directory: Path, averagers: Sequence[Averager]) -> OutDirLock:
     """Checks what the sidecar will need before it is spawned, and takes ``directory`` for this hook."""
-    _refuse_unspawnable_averagers(averagers)
+    refuse_unspawnable_averagers(averagers)
     prepare_out_dir(directory)
     return OutDirLock.claim(directory)
-
-
-def _shared_like(tensor: torch.Tensor) -> torch.Tensor:
-    """A host buffer in shared memory for snapshots of ``tensor`` (page-locked for CUDA tensors)."""
-    buffer = torch.empty(tensor.shape, dtype=tensor.dtype).share_memory_()
-    if tensor.is_cuda and buffer.numel():
-        # Page-locking the shared pages lets the device-to-host copy run asynchronously.
-        torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel() * buffer.element_size(), 0)
-    return buffer
-
-
-def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
-    copy.copy_(tensor)
-    return copy
-
-
-def _model_config(model: torch.nn.Module) -> dict[str, Any] | None:
-    config = getattr(model, "config", None)
-    to_dict = getattr(config, "to_dict", None)
-    return to_dict() if callable(to_dict) else None
 
 
 __all__ = ["SFA", "SnapshotCounts", "WeightAveraging"]

@@ -1,8 +1,8 @@
 """The C library calls Python has no wrapper for, loaded once; each is None where the system lacks it.
 
-Used for allocator settings (``mallopt``), atomic directory swaps (``renameat2``)
-and early writeback (``sync_file_range``). Linux with glibc has all three; elsewhere
-the callers fall back to portable behaviour.
+Used for allocator settings (``mallopt``), atomic directory swaps (``renameat2``),
+early writeback (``sync_file_range``) and the sidecar's process name (``prctl``). Linux
+with glibc has all four; elsewhere the callers fall back to portable behaviour.
 """
 
 from __future__ import annotations
@@ -47,6 +47,12 @@ def renameat2() -> Any:
 def sync_file_range() -> Any:
     """``sync_file_range(fd, offset, nbytes, flags)`` (Linux), or None."""
     return _function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
+
+
+@functools.cache
+def prctl() -> Any:
+    """Linux's ``prctl(option, arg2, arg3, arg4, arg5)``, or None."""
+    return _function("prctl", [ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong])
 
 
 def errno() -> int:
