@@ -18,11 +18,20 @@ the RSS of every child except multiprocessing's resource tracker. RSS counts the
 Python and torch runtime and the shared snapshot buffers it has touched (pages the trainer
 maps as well), beside its float32 averages.
 
+``--sidecar-memory`` measures the sidecar alone, without training: models of several sizes (bf16
+stacks of linear layers), a few strict snapshots of perturbed weights into EMA, SWA and LAWA(k=3),
+then ``close()``; it prints each sidecar's peak RSS less that of a sidecar for a tiny model (the
+Python and torch runtime), in units of the model's float32 size. What the sidecar must hold: the
+shared snapshot buffers in the model's dtype (0.5 for bf16), one float32 state per average (LAWA: one
+per snapshot it keeps), and one fold group of tensors (64 MiB); nothing that grows as a second
+float32 copy of the model.
+
 The project's targets (on a GPU): snapshot_every=10 within 1% of no hook; snapshot_every=1
 within 5%; zero extra persistent GPU memory (AveragedModel keeps a second model copy).
 
     python benchmarks/hook_overhead.py                   # ~370M parameters on cuda
     python benchmarks/hook_overhead.py --size small --steps 20 --device cpu   # smoke run
+    python benchmarks/hook_overhead.py --sidecar-memory  # sidecar peak RSS against model size (CPU)
 """
 
 from __future__ import annotations
@@ -143,6 +152,57 @@ def measure(name: str, size: str, device: torch.device, steps: int, batch: int, 
             "params": params, "sidecar_rss_mb": sidecar.peak / 1e6 if sidecar.seen else None}
 
 
+MEMORY_SIZES_M = (0, 50, 100, 200)  # millions of parameters (0: the runtime baseline)
+MEMORY_SNAPSHOTS = 4
+
+
+def stack_of(parameters_m: int) -> torch.nn.Module:
+    """A bf16 stack of 2048 x 2048 linear layers with about ``parameters_m`` million parameters."""
+    layers = max(1, round(parameters_m * 1e6 / (2048 * 2048))) if parameters_m else 0
+    blocks = [torch.nn.Linear(2048, 2048, bias=False) for _ in range(layers)] or [torch.nn.Linear(8, 8)]
+    return torch.nn.Sequential(*blocks).to(torch.bfloat16)
+
+
+def sidecar_peak(model: torch.nn.Module, average: object) -> int:
+    """Peak RSS of the sidecar over MEMORY_SNAPSHOTS strict snapshots and the final save."""
+    from mergekit_like.hook import WeightAveraging
+
+    out = tempfile.mkdtemp(prefix="hook-memory-")
+    try:
+        with SidecarMemory(interval=0.02) as sidecar:
+            averaging = WeightAveraging(model, [average], out_dir=out, strict=True)
+            for _ in range(MEMORY_SNAPSHOTS):
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.mul_(1.01)
+                averaging.step()
+            averaging.close()
+        return sidecar.peak
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def sidecar_memory_table() -> None:
+    from mergekit_like.hook import EMA, LAWA, SWA
+
+    # name: (average, float32 states it must hold)
+    averages = {"EMA": (lambda: EMA(0.999), 1), "SWA": (lambda: SWA(), 1), "LAWA k=3": (lambda: LAWA(k=3), 3)}
+    runtime = {name: sidecar_peak(stack_of(0), make()) for name, (make, _) in averages.items()}
+    print(f"sidecar peak RSS above the runtime ({max(runtime.values()) / 1e6:.0f} MB) over {MEMORY_SNAPSHOTS} strict "
+          f"snapshots of a bf16 model and the final save: in float32 model sizes, and in MB beyond what it must "
+          f"hold (the bf16 snapshot buffers, 0.5, and its float32 states)")
+    print(f"{'parameters':>12}{'float32 MB':>12}" + "".join(f"{name + ' x':>14}{'beyond MB':>11}" for name in averages))
+    for size in MEMORY_SIZES_M[1:]:
+        model = stack_of(size)
+        f32 = sum(p.numel() for p in model.parameters()) * 4
+        row = f"{size:>11}M{f32 / 1e6:>12.0f}"
+        for name, (make, states) in averages.items():
+            above = sidecar_peak(model, make()) - runtime[name]
+            row += f"{above / f32:>14.2f}{(above - (0.5 + states) * f32) / 1e6:>11.0f}"
+        print(row)
+        del model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="370m", choices=list(SIZES))
@@ -152,7 +212,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--posthoc-store-every", type=int, default=10,
                         help="PostHocEMA's snapshot_every: steps between stored profiles")
+    parser.add_argument("--sidecar-memory", action="store_true",
+                        help="measure only the sidecar's peak RSS against model size (no training)")
     args = parser.parse_args()
+    if args.sidecar_memory:
+        sidecar_memory_table()
+        return
     device = torch.device(args.device)
 
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn

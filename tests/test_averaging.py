@@ -84,7 +84,11 @@ def test_swa_window_and_running_mean() -> None:
     torch.testing.assert_close(swa.result()["w"], torch.tensor([3.0, 6.0]))
 
 
-def test_online_classes_equal_torch_swa_utils_bit_for_bit() -> None:
+@pytest.mark.parametrize("group_bytes", [None, 16], ids=["one fold call", "a fold call per tensor"])
+def test_online_classes_equal_torch_swa_utils_bit_for_bit(group_bytes: int | None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    if group_bytes is not None:  # the grouping that bounds a fold's scratch changes no bit
+        monkeypatch.setattr("mergekit_like.averaging.base.FOLD_GROUP_BYTES", group_bytes)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4))
     references = {"ema": AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True),

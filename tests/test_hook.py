@@ -14,6 +14,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mergekit_like.averaging import EMA as OfflineEMA
+from mergekit_like.errors import HookUsageError
 from mergekit_like.hook import EMA, LAWA, SFA, SWA, WeightAveraging
 from mergekit_like.io import open_checkpoint
 
@@ -222,4 +223,46 @@ def test_sfa_end_of_task_merges_once_when_the_last_step_already_merged() -> None
         if step % 2 == 0:
             expected = torch.lerp(expected, anchor[weight], 0.5)
     assert torch.equal(model.state_dict()[weight], expected)
+    for _ in range(4):  # between tasks: no merge-back toward the old task's anchor
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        hook.step()
+    assert torch.equal(model.state_dict()[weight], expected + 4.0)
+    with pytest.raises(HookUsageError, match=r"call start_task\(\) first"):
+        hook.end_task()
     hook.close()
+
+
+def test_out_dtype_float32_keeps_what_rounding_to_the_models_bf16_would_undo(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    start = {n: t.clone() for n, t in model.state_dict().items()}
+    runs = {}
+    for name, out_dtype in (("own", None), ("f32", torch.float32)):
+        with torch.no_grad():
+            for n, t in model.state_dict().items():
+                t.copy_(start[n])
+        hook = WeightAveraging(model, [EMA(0.999)], out_dir=tmp_path / name, strict=True, out_dtype=out_dtype)
+        for step in range(3):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1.05)  # bf16 steps an EMA of decay 0.999 moves by far less than a bf16 ulp
+            hook.step()
+            if step == 0:
+                first = {n: t.clone() for n, t in model.state_dict().items()}  # where the EMA starts
+        state = hook.averaged_state_dict("ema_0.999")
+        hook.close()
+        runs[name] = (read(tmp_path / name / "ema_0.999" / "latest"), state)
+    weight = "model.layers.0.mlp.up_proj.weight"
+    own, state = runs["own"]
+    assert own[weight].dtype == torch.bfloat16 and torch.equal(own[weight], first[weight])  # the move is lost
+    f32, state = runs["f32"]
+    assert f32[weight].dtype == torch.float32 and torch.equal(f32[weight], state[weight])
+    assert not torch.equal(f32[weight], first[weight].float())
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "f32" / "ema_0.999" / "latest",
+                                                               dtype="auto")
+    assert loaded.dtype == torch.float32  # config.json says float32 too

@@ -61,3 +61,39 @@ def test_fsdp_shards_are_averaged_per_rank_and_consolidated(tmp_path: Path) -> N
     with open_checkpoint(tmp_path / "ema") as ckpt:
         for name, value in expected.result().items():
             torch.testing.assert_close(ckpt.read(name), value)
+
+
+def lagging_worker(rank: int, port: int, out: str, result: str) -> None:
+    """Not strict; at step 3 rank 1's sidecar is busy (its flag held clear), rank 0's is free."""
+    join_group(rank, port)
+    from torch.distributed.fsdp import fully_shard
+
+    model, _ = model_and_steps()
+    fully_shard(model)
+    hook = WeightAveraging(model, [EMA(0.5, per_checkpoint=True)], out_dir=out, save_every=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(2)
+    for step in range(1, 6):
+        optimizer.zero_grad()
+        model(torch.randn(5, 4, generator=g)).square().sum().backward()
+        optimizer.step()
+        assert hook.wait_until_ready(60)
+        if step == 3 and rank == 1:
+            hook._sidecar.free.clear()  # as when its fold of step 2 were still running
+        hook.step()
+        if step == 3 and rank == 1:
+            hook._sidecar.free.set()
+    counts = hook.close()
+    Path(result, f"rank{rank}").write_text(f"{counts.taken} {counts.skipped}")
+    del model, hook, optimizer
+    leave_group()
+
+
+def test_ranks_that_are_not_strict_skip_the_same_snapshots(tmp_path: Path) -> None:
+    pytest.importorskip("torch.distributed.fsdp")
+    mp.spawn(lagging_worker, args=(free_port(), str(tmp_path / "avg"), str(tmp_path)), nprocs=2, join=True)
+    # Rank 0 skips step 3 with rank 1: otherwise its shard would hold one more snapshot than rank 1's.
+    assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == "4 1"
+    result = CliRunner().invoke(app, ["consolidate", str(tmp_path / "avg"), "--average", "ema_0.5",
+                                      "-o", str(tmp_path / "ema")])
+    assert result.exit_code == 0, result.output

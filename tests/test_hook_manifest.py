@@ -86,3 +86,20 @@ def test_a_manifest_of_an_unsharded_model_consolidates_its_one_rank(tmp_path: Pa
     with open_checkpoint(written.directory) as ckpt:
         assert all(torch.equal(ckpt.read(n), t) for n, t in state.items())
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == {"model_type": "x"}
+
+
+def test_shards_of_different_steps_are_refused_unless_a_step_every_rank_saved_is_named(tmp_path: Path) -> None:
+    out_dir = out_dir_with(tmp_path, changed(world_size=2))
+    halves = {0: torch.arange(3.0).reshape(1, 3), 1: torch.arange(3.0, 6.0).reshape(1, 3)}
+    for rank, saved in ((0, (2,)), (1, (2, 3))):  # rank 1 saved one step more
+        average = shard_directory(out_dir, rank) / "ema_0.5"
+        for step in saved:
+            write_checkpoint(average / f"step_{step}", {"w": halves[rank] * step, "b": torch.ones(3)})
+        (average / "latest").symlink_to(f"step_{saved[-1]}")
+    result = runner.invoke(app, ["consolidate", str(out_dir), "--average", "ema_0.5", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert "different steps (rank 0 step_2, rank 1 step_3)" in result.output and "--step N" in result.output
+    assert not (tmp_path / "o").exists()
+    written = consolidate(out_dir, "ema_0.5", tmp_path / "o", step=2)
+    with open_checkpoint(written.directory) as ckpt:
+        assert torch.equal(ckpt.read("w"), torch.arange(6.0).reshape(2, 3) * 2)

@@ -19,7 +19,7 @@ as JSON.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,10 @@ import torch
 
 Snapshot = Mapping[str, torch.Tensor]
 StateDict = dict[str, Any]
+# A snapshot is folded into a running average this many float32 bytes at a time (one foreach call per
+# group): its float32 copies are the update's only scratch, so the sidecar never holds a second float32
+# copy of the model, and the groups are large enough that a model of small tensors needs few calls.
+FOLD_GROUP_BYTES = 64 * 1024 * 1024
 # The key of a state dict that lists the step of each group of tensors.
 GROUP_STEPS = "snapshots"
 
@@ -34,6 +38,21 @@ GROUP_STEPS = "snapshots"
 def as_float32(tensor: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """A float32 copy (never a view of the snapshot, which the caller may reuse)."""
     return tensor.detach().to(device=device or tensor.device, dtype=torch.float32, copy=True)
+
+
+def fold_groups(state: Mapping[str, torch.Tensor]) -> Iterator[list[str]]:
+    """The names of ``state`` in groups of about :data:`FOLD_GROUP_BYTES` (a larger tensor alone), in order."""
+    group: list[str] = []
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if group and size + nbytes > FOLD_GROUP_BYTES:
+            yield group
+            group, size = [], 0
+        group.append(name)
+        size += nbytes
+    if group:
+        yield group
 
 
 def kept_copy(snapshot: Snapshot, device: torch.device | None = None) -> dict[str, torch.Tensor]:
@@ -117,8 +136,9 @@ class Averager(ABC):
         """Folds in ``snapshot`` taken at ``step``; returns whether it was used."""
 
     @abstractmethod
-    def result(self) -> dict[str, torch.Tensor]:
-        """The current average (float32) and the newest integer tensors."""
+    def result(self) -> Mapping[str, torch.Tensor]:
+        """The current average (float32) and the newest integer tensors (references to the live state, or
+        computed a tensor at a time as they are read: copy what is kept)."""
 
     @abstractmethod
     def state_dict(self) -> StateDict:
@@ -171,11 +191,11 @@ class RunningAverage(Averager):
             if not self.state:
                 self.state = {n: as_float32(t, self.device) for n, t in floats.items()}
             else:
-                names = list(self.state)
-                if set(names) != set(floats):
+                if set(self.state) != set(floats):
                     raise ValueError("a snapshot must hold the same floating tensors as the first one")
-                news = [as_float32(floats[n], self.device) for n in names]
-                self._fold([self.state[n] for n in names], news, step)
+                for names in fold_groups(self.state):
+                    news = [as_float32(floats[n], self.device) for n in names]
+                    self._fold([self.state[n] for n in names], news, step)
         self.count += 1
         self.last_step = step
         return True

@@ -7,7 +7,7 @@ least ``nu`` steps before the one chosen last.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,12 +16,13 @@ from mergekit_like.averaging.base import (
     Averager,
     Snapshot,
     StateDict,
+    as_float32,
     kept_copy,
     pack_groups,
     step_number,
     unpack_groups,
 )
-from mergekit_like.averaging.swa import UniformMean
+from mergekit_like.averaging.swa import fold_mean
 
 
 def lawa_selection(steps: Sequence[int], k: int, nu: int = 0) -> list[int]:
@@ -38,6 +39,35 @@ def lawa_selection(steps: Sequence[int], k: int, nu: int = 0) -> list[int]:
             if len(chosen) == k:
                 break
     return chosen[::-1]
+
+
+class MeanOf(Mapping[str, torch.Tensor]):
+    """The uniform mean of snapshots (oldest first), one tensor at a time as each name is read.
+
+    Floating tensors: the running mean in float32 by :func:`fold_mean`, as SWA and the offline
+    command compute it; the others: the newest snapshot's. Reading a name computes a new tensor, so
+    a writer that streams the names holds one tensor of the mean, never a copy of the model.
+    """
+
+    def __init__(self, snapshots: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        if not snapshots:
+            raise ValueError("the mean of no snapshots")
+        self.snapshots = snapshots
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensors = [snapshot[name] for snapshot in self.snapshots]
+        if not tensors[-1].is_floating_point():
+            return tensors[-1].clone()
+        mean = as_float32(tensors[0])
+        for count, tensor in enumerate(tensors[1:], 1):
+            fold_mean([mean], [as_float32(tensor)], count)
+        return mean
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.snapshots[-1])
+
+    def __len__(self) -> int:
+        return len(self.snapshots[-1])
 
 
 class LAWA(Averager):
@@ -88,25 +118,25 @@ class LAWA(Averager):
         self._check_step(step)
         if not self.accepts(step):
             return False
+        # Drop what the selection with this snapshot no longer reaches before copying it: k copies held, not k + 1.
+        self._drop_unreachable([*self.steps, step])
         self.kept.append((step, kept_copy(snapshot, self.device)))
         self.last_step = step
-        self._drop_unreachable()
         return True
 
     def accepts(self, step: int) -> bool:
         return self.start_step is None or step >= self.start_step
 
-    def _drop_unreachable(self) -> None:
-        chosen = lawa_selection(self.steps, self.k, self.nu)
+    def _drop_unreachable(self, steps: list[int] | None = None) -> None:
+        """Drops the kept snapshots older than the k-th chosen of ``steps`` (the kept ones, perhaps with
+        one more to come at the end)."""
+        chosen = lawa_selection(self.steps if steps is None else steps, self.k, self.nu)
         if len(chosen) == self.k:
             del self.kept[: chosen[0]]
 
-    def result(self) -> dict[str, torch.Tensor]:
-        mean = UniformMean()
-        for index in lawa_selection(self.steps, self.k, self.nu):
-            step, snapshot = self.kept[index]
-            mean.update(snapshot, step)
-        return mean.result()
+    def result(self) -> Mapping[str, torch.Tensor]:
+        """The mean of the chosen snapshots, computed a tensor at a time as it is read (see :class:`MeanOf`)."""
+        return MeanOf([self.kept[i][1] for i in lawa_selection(self.steps, self.k, self.nu)])
 
     def state_dict(self) -> StateDict:
         return {"last_step": self.last_step, **pack_groups(self.kept)}

@@ -11,10 +11,17 @@ class UniformMean(RunningAverage):
     """a <- a + (x - a) / (n + 1): the mean of every snapshot folded in (torch's SWA update)."""
 
     def _fold(self, state: list[torch.Tensor], new: list[torch.Tensor], step: int) -> None:
-        # The same operations, in the same order, as torch.optim.swa_utils' default SWA avg_fn.
-        difference = torch._foreach_sub(new, state)
-        torch._foreach_div_(difference, self.count + 1)
-        torch._foreach_add_(state, difference)
+        fold_mean(state, new, self.count)
+
+
+def fold_mean(state: list[torch.Tensor], new: list[torch.Tensor], count: int) -> None:
+    """``state`` (the mean of ``count`` snapshots) becomes the mean with ``new`` too, in place.
+
+    The same operations, in the same order, as torch.optim.swa_utils' default SWA avg_fn.
+    """
+    difference = torch._foreach_sub(new, state)
+    torch._foreach_div_(difference, count + 1)
+    torch._foreach_add_(state, difference)
 
 
 class SWA(UniformMean):

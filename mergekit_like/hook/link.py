@@ -52,8 +52,9 @@ class SidecarLink:
         receiving, self._sending = context.Pipe(duplex=False)
         self.answers: queue.Queue[Any] = queue.Queue()  # whole answers, or why one could not be read
         self.notices: queue.Queue[tuple[str, str]] = queue.Queue()  # (level, text) about saves, for the trainer
-        # The step of the averages last saved, as the sidecar says after each save and at start ("" for none).
-        self.saved: str | None = None
+        # The step of the averages last saved, as the sidecar says after each save and at start (None: none).
+        self.saved: int | None = None
+        self.said_saved = threading.Event()  # set once the sidecar has said which step it restored
         self._reader = threading.Thread(target=self._read_answers, args=(receiving,),
                                         name="mergekit-like-sidecar-replies", daemon=True)
         self._reader.start()
@@ -154,7 +155,8 @@ class SidecarLink:
                 if message[0] != "notice":
                     self.answers.put(message)
                 elif message[2][0] == SAVED:
-                    self.saved = message[2][1]
+                    self.saved = int(message[2][1]) if message[2][1] else None
+                    self.said_saved.set()
                 else:  # answers no request: the trainer shows it at its next step()
                     self.notices.put(message[2])
         finally:

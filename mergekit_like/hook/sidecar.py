@@ -46,6 +46,7 @@ from mergekit_like.averaging.base import Averager, StateDict, StoredSnapshot
 from mergekit_like.errors import HookUsageError, InvalidCheckpointError, UnknownAverageError
 from mergekit_like.hook.out_dir import OutDirLock
 from mergekit_like.hook.process import StopRequest, name_process, take_signals
+from mergekit_like.hook.shards import written_dtype
 from mergekit_like.io.atomic import pid_alive
 from mergekit_like.io.outputs import OutputSpec, WriteItem, write_checkpoints
 from mergekit_like.io.reader import open_checkpoint
@@ -108,6 +109,7 @@ class SidecarConfig:
     parent_pid: int = field(default_factory=os.getpid)
     device: str = "cpu"
     lock: OutDirLock | None = None  # held by the sidecar too (see OutDirLock); None in-process
+    out_dtype: torch.dtype | None = None  # the ready-to-load averages' floating dtype; None: the model's
 
 
 class ReplyPipe:
@@ -370,11 +372,12 @@ class Sidecar:
         root = self.settings.out_dir / averager.label
         target = root / f"step_{self.last_step}"
         result = averager.result()
-        dtypes = {n: b.dtype for n, b in self.buffers.items()}
+        out_dtype = self.settings.out_dtype
+        dtypes = {n: written_dtype(b.dtype, out_dtype) for n, b in self.buffers.items()}
         specs = [TensorSpec(n, dtypes[n], tuple(t.shape)) for n, t in result.items()]
         items = (WriteItem(0, n, t.to(dtypes[n])) for n, t in result.items())
-
-        write_checkpoints(target, [OutputSpec(config=self.settings.config)], specs, items, overwrite=True)
+        write_checkpoints(target, [OutputSpec(config=self.settings.config)], specs, items, overwrite=True,
+                          out_dtype=out_dtype)
         _point_latest(root, target.name)
         _prune(root, self.settings.keep_last)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -124,6 +125,41 @@ def host_copy(tensor: torch.Tensor) -> torch.Tensor:
     copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
     copy.copy_(tensor)
     return copy
+
+
+def inner_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model whose tensor names and config the averages take, looking through the wrappers of training.
+
+    DDP and DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) prefix every name
+    (``module.``, ``_orig_mod.``), and a LightningModule holding a Hugging Face model as its one child
+    (``self.model = AutoModelForCausalLM...``) prefixes ``model.`` and has no config: the averages would
+    load nowhere. The inner model's tensors are the wrapper's, so snapshots, swaps and SFA see the same
+    memory. A wrapper with tensors or a config of its own, or several children holding tensors, is the
+    model itself.
+    """
+    while True:
+        compiled = getattr(model, "_orig_mod", None)
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+            model = model.module
+        elif isinstance(compiled, torch.nn.Module):
+            model = compiled
+        else:
+            child = _sole_configured_child(model)
+            if child is None:
+                return model
+            model = child
+
+
+def _sole_configured_child(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The one child holding all of ``model``'s tensors, if it has a Hugging Face config and ``model`` none."""
+    if model_config(model) is not None:
+        return None
+    if any(True for _ in itertools.chain(model.parameters(recurse=False), model.buffers(recurse=False))):
+        return None
+    holding = [c for c in model.children() if any(True for _ in itertools.chain(c.parameters(), c.buffers()))]
+    if len(holding) != 1 or model_config(holding[0]) is None:
+        return None
+    return holding[0]
 
 
 def model_config(model: torch.nn.Module) -> dict[str, Any] | None:

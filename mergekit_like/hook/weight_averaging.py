@@ -66,6 +66,7 @@ from mergekit_like.hook.tensors import (
     changed_names_error,
     check_average_fits,
     host_copy,
+    inner_model,
     live_tensors,
     load_into,
     model_config,
@@ -74,6 +75,7 @@ from mergekit_like.hook.tensors import (
     shared_like,
     snapshot_tensors,
 )
+from mergekit_like.io.dtypes import parse_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +132,27 @@ class SnapshotCounts:
     sidecar_restarts: int = 0
 
 
+def _refuse_before_process_group() -> None:
+    """Raises :class:`HookUsageError` in a distributed launch (torchrun's ``WORLD_SIZE``) before the process
+    group exists: every rank would take itself for rank 0 and write the same out_dir."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    distributed = torch.distributed
+    if not world.isdigit() or int(world) <= 1 or (distributed.is_available() and distributed.is_initialized()):
+        return
+    raise HookUsageError(f"WeightAveraging was made before torch.distributed.init_process_group() in a run of "
+                         f"WORLD_SIZE={world} processes: every rank would write out_dir as rank 0; make it after "
+                         f"init_process_group() (the Trainer and Lightning adapters make it when training starts)")
+
+
+def _peer_group() -> Any:
+    """A gloo group of all ranks for the hook's agreement (None in a single process). Every rank makes its
+    hook at the same point of the script, so this collective call is made by all."""
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() < 2:
+        return None
+    return distributed.new_group(backend="gloo")
+
+
 def _rank() -> int:
     distributed = torch.distributed
     if distributed.is_available() and distributed.is_initialized():
@@ -138,7 +161,12 @@ def _rank() -> int:
 
 
 class WeightAveraging:
-    """Keeps averages of a live model in a sidecar process (and SFA merge-backs in place)."""
+    """Keeps averages of a live model in a sidecar process (and SFA merge-backs in place).
+
+    The averages are float32; each save writes them ready to load in the model's own dtype, or in
+    ``out_dtype`` (``torch.float32`` or ``"float32"``: a bf16 model's average keeps the moves that
+    rounding to bf16 would undo). The saved state, from which a run resumes, is float32 either way.
+    """
 
     def __init__(
         self,
@@ -152,13 +180,16 @@ class WeightAveraging:
         keep_last: int = 2,
         sidecar_device: str = "cpu",
         start_step: int = 0,
+        out_dtype: torch.dtype | str | None = None,
     ) -> None:
         if snapshot_every < 1:
             raise ValueError("snapshot_every must be at least 1")
         if keep_last < 1:
             # 0 would delete the save that `latest` points to, the one a resume and the user read.
             raise HookUsageError(f"keep_last must be at least 1 (the latest save is always kept), not {keep_last}")
-        self.model = model
+        _refuse_before_process_group()
+        # The averages take the names and config of the model inside DDP, torch.compile or a LightningModule.
+        self.model = model = inner_model(model)
         self.sfa = _the_sfa(averages)
         self.averagers = [a for a in averages if isinstance(a, Averager)]
         labels = self.labels()
@@ -176,6 +207,8 @@ class WeightAveraging:
         # A resumed run passes its global step; the sidecar restores the averages saved in out_dir.
         self.step_count = start_step
         self.active = self.sharded or rank == 0
+        # Sharded, not strict: the ranks agree on every snapshot over a group of their own (see _all_ranks).
+        self._peers = _peer_group() if self.sharded and not strict and self.averagers else None
         self._closed = False
         self._start_waited = False
         self._warned = False
@@ -185,17 +218,20 @@ class WeightAveraging:
         self._swapped: str | None = None  # the label swapped in by swapped_in(), while its block runs
         self._pending: tuple[int, Any] | None = None  # (step, CUDA event) of a copy in flight
         self._handed_over: int | None = None  # the step of the last snapshot handed to a sidecar
-        self._saved_before: str | None = None  # the last save a sidecar since replaced said it made
+        self._saved_before: int | None = None  # the last save a sidecar since replaced said it made
         self._requests = itertools.count()
         self._unstarted_restarts = 0  # restarts since a sidecar last ran (bounded by MAX_UNSTARTED_RESTARTS)
+        # The ready-to-load averages' floating dtype (the float32 state is saved as it is whatever it says).
+        written = parse_dtype(out_dtype) if out_dtype is not None else None
         self._settings = SidecarConfig(sidecar_dir, self.averagers, save_every, keep_last,
-                                       None if self.sharded else model_config(model), os.getpid(), sidecar_device)
+                                       None if self.sharded else model_config(model), os.getpid(), sidecar_device,
+                                       out_dtype=written)
         self._link: SidecarLink | None = None
         # Only a process that runs a sidecar writes out_dir: it alone checks and locks it.
         self._lock = _claim_out_dir(sidecar_dir, self.averagers) if self.active and self.averagers else None
         try:
             if self.sharded and rank == 0:
-                write_manifest(self.out_dir, model, model_config(model))
+                write_manifest(self.out_dir, model, model_config(model), written)
             if self._lock is not None:
                 self._start_sidecar(self._lock)
         except BaseException:
@@ -260,14 +296,15 @@ class WeightAveraging:
         self.counts.sidecar_restarts += 1
         self._unstarted_restarts += 1
         self._pending = None
-        self._saved_before = dead.saved or self._saved_before
+        if dead.saved is not None:
+            self._saved_before = dead.saved
         dead.close(flush=False)
         self._link = SidecarLink(self._settings, self._buffers)
 
     def _saved_step(self) -> int | None:
         """The step of the averages last saved in out_dir, as the sidecars said (None: nothing saved)."""
-        said = self._sidecar.saved or self._saved_before
-        return int(said) if said else None
+        said = self._sidecar.saved
+        return said if said is not None else self._saved_before
 
     def _unsaved_snapshots(self) -> bool:
         """Whether a snapshot was handed over after the last save."""
@@ -365,15 +402,29 @@ class WeightAveraging:
             return
         self._revive()  # a new sidecar marks the buffers free once it runs; until then snapshots are skipped
         busy = self._pending is not None or not self._sidecar.free.is_set()
-        if busy and not self._waited_for_start():
-            if not self.strict:
-                self.counts.skipped += 1
-                return
+        ready = not busy or self._waited_for_start()
+        if not self.strict and not self._all_ranks(ready):
+            self.counts.skipped += 1
+            return
+        if not ready:
             self._wait_for_sidecar()
         self._follow_replaced_tensors()
         self._sidecar.free.clear()
         self._copy_snapshot(self.step_count)
         self.counts.taken += 1
+
+    def _all_ranks(self, ready: bool) -> bool:
+        """Whether every rank's sidecar can take this snapshot (a sharded model's ranks take the same ones).
+
+        Sharded and not strict, each rank would otherwise skip whenever its own sidecar is busy, and
+        the ranks' shards would hold different steps. One all-reduce of one integer, on a gloo group
+        of the hook's (no device sync), on snapshot steps only.
+        """
+        if self._peers is None:
+            return ready
+        flag = torch.tensor([int(ready)], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self._peers)
+        return bool(flag.item())
 
     def _waited_for_start(self) -> bool:
         """The first snapshot waits (once, bounded) for the sidecar to start: a short run would otherwise
@@ -471,9 +522,13 @@ class WeightAveraging:
         self._merged_at = None
 
     def end_task(self) -> None:
-        """The end-of-task merge-back (none if the task's last step just merged)."""
-        if self._merged_at != self._task_step:
-            self.merge_back()
+        """The end-of-task merge-back (none if the task's last step just merged); then theta_o is let go.
+
+        Steps between tasks merge nothing: the next merge-back pulls toward the next ``start_task()``'s model.
+        """
+        if self._anchor is None or self._merged_at != self._task_step:
+            self.merge_back()  # raises without start_task()
+        self._anchor = None
 
     def _sfa_step(self, sfa: SFA) -> None:
         self._task_step += 1
@@ -613,26 +668,23 @@ class WeightAveraging:
             logger.error("%s", exc)
 
     def _final_save(self) -> AveragesNotSavedError | None:
-        """Asks the sidecar for its last save, through a successor if it is dead or dies meanwhile (once);
-        the error if the save failed."""
+        """Asks the sidecar for its last save, through a successor if it is dead; the error if the save failed."""
         dead = self._sidecar
-        if not dead.alive:
-            if not self._unsaved_snapshots():
-                return None  # what it had is saved (or it never ran; why it could not start was raised then)
-            trouble = self._successor_for_close(dead)
-            if trouble is not None:
-                return trouble
-        for last_try in (False, True):
-            try:
-                self._request("close", None, CLOSE_TIMEOUT, restart=False)
-                return None
-            except SidecarError as exc:
-                if self._sidecar.alive or last_try:
-                    return self._not_saved(exc)
-            trouble = self._successor_for_close(self._sidecar)  # it died while it saved
-            if trouble is not None:
-                return trouble
-        raise AssertionError("unreachable")
+        if dead.alive:
+            return self._last_save(replace_if_dies=True)
+        if not self._unsaved_snapshots():
+            return None  # what it had is saved (or it never ran; why it could not start was raised then)
+        return self._successor_for_close(dead) or self._last_save(replace_if_dies=True)
+
+    def _last_save(self, *, replace_if_dies: bool) -> AveragesNotSavedError | None:
+        """Asks the sidecar to save and stop; one that dies while it saves is replaced once (``replace_if_dies``)."""
+        try:
+            self._request("close", None, CLOSE_TIMEOUT, restart=False)
+            return None
+        except SidecarError as exc:
+            if self._sidecar.alive or not replace_if_dies:
+                return self._not_saved(exc)
+        return self._successor_for_close(self._sidecar) or self._last_save(replace_if_dies=False)
 
     def _successor_for_close(self, dead: SidecarLink) -> AveragesNotSavedError | None:
         """Replaces a sidecar that died before close(): the successor restores the last save and folds in
@@ -648,6 +700,7 @@ class WeightAveraging:
                                                 f"not start within {SUCCESSOR_WAIT:g} s"))
         restored = self._restored_step()
         if restored is None or restored < self.step_count:
+            self._follow_replaced_tensors()
             self._sidecar.free.clear()
             self._copy_snapshot(self.step_count)
             self._finish_pending_copy()
@@ -658,10 +711,8 @@ class WeightAveraging:
     def _restored_step(self) -> int | None:
         """The step of the averages a new sidecar restored (it says so as it starts; briefly waited for)."""
         link = self._sidecar
-        deadline = time.monotonic() + POLL_INTERVAL * 10
-        while link.saved is None and time.monotonic() < deadline:
-            time.sleep(POLL_INTERVAL / 10)
-        return int(link.saved) if link.saved else None
+        link.said_saved.wait(POLL_INTERVAL * 10)
+        return link.saved
 
     def _not_saved(self, cause: Exception) -> AveragesNotSavedError:
         saved = self._saved_step()

@@ -119,20 +119,28 @@ def write_config(directory: Path, config: Any, out_dtype: torch.dtype | None = N
     The one writer of config.json: read from a model, kept by the training hook, or made
     for an example (a source config that is not valid JSON is copied as it is, unread).
     """
-    if isinstance(config, Mapping):
-        config = dict(config)
-    config = _standard_json(config, "")
-    if isinstance(config, dict) and out_dtype is not None:
-        # A Hugging Face config (it has model_type) gets the dtype key transformers reads; any
-        # other config keeps its keys, since a strict loader may refuse one it does not know.
-        present = [k for k in CONFIG_DTYPE_KEYS if k in config]
-        if not present and "model_type" in config:
-            present = ["torch_dtype"]
-        for key in present:
-            config[key] = dtype_name(out_dtype)
+    config = config_with_dtype(_standard_json(dict(config) if isinstance(config, Mapping) else config, ""),
+                               out_dtype)
     path = Path(directory) / CONFIG
     path.write_text(json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
     return path
+
+
+def config_with_dtype(config: Any, dtype: torch.dtype | None) -> Any:
+    """A copy of a config mapping whose dtype field says ``dtype`` (None, or not a mapping: as it is).
+
+    A Hugging Face config (it has model_type) gets the dtype key transformers reads; any other
+    config keeps its keys, since a strict loader may refuse one it does not know.
+    """
+    if not isinstance(config, Mapping) or dtype is None:
+        return config
+    config = dict(config)
+    present = [k for k in CONFIG_DTYPE_KEYS if k in config]
+    if not present and "model_type" in config:
+        present = ["torch_dtype"]
+    for key in present:
+        config[key] = dtype_name(dtype)
+    return config
 
 
 def _standard_json(value: Any, where: str) -> Any:
