@@ -274,3 +274,12 @@ def test_the_sidecar_answers_a_bad_request_with_an_error_and_keeps_serving(tmp_p
     assert not serve(sidecar, ("close", 4, None), replies, free)  # close ends it, after one last save
     assert replies.get_nowait() == ("ok", 4, 5)
     assert (tmp_path / "ema_0.9" / "latest").exists()
+
+
+def test_a_restored_average_of_other_tensor_names_is_refused_at_start(tmp_path: Path) -> None:
+    ema = EMA(0.9)
+    ema.update({"module.w": torch.ones(3)}, 1)  # saved while the hook took the DDP wrapper's names
+    write_state(tmp_path / "ema_0.9" / "state", ema)
+    with pytest.raises(InvalidCheckpointError, match=r"other tensors than the model's.*'module.w' where the model "
+                                                     r"has 'w'.*Remove this state directory"):
+        Sidecar(SidecarConfig(tmp_path, [EMA(0.9)], save_every=None), {"w": torch.zeros(3)})

@@ -266,3 +266,5 @@ def test_out_dtype_float32_keeps_what_rounding_to_the_models_bf16_would_undo(tmp
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "f32" / "ema_0.999" / "latest",
                                                                dtype="auto")
     assert loaded.dtype == torch.float32  # config.json says float32 too
+    with pytest.raises(HookUsageError, match="out_dtype must be a floating dtype"):
+        WeightAveraging(model, [EMA(0.9)], out_dir=tmp_path / "int", out_dtype=torch.int8)

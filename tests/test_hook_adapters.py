@@ -125,3 +125,30 @@ def test_a_compiled_model_is_averaged_under_the_names_of_the_model_inside(tmp_pa
     assert (latest / "config.json").exists()
     with open_checkpoint(latest) as ckpt:
         assert sorted(ckpt.names()) == sorted(model.state_dict())
+
+
+def test_only_the_wrappers_of_training_are_looked_through() -> None:
+    from mergekit_like.hook.tensors import inner_model
+
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2))  # a user's model with one child: its own names
+    assert inner_model(plain) is plain
+    assert inner_model(torch.nn.DataParallel(plain)) is plain
+    llama = tiny_llama()
+    assert inner_model(llama) is llama  # a Hugging Face model has a config: never descended into
+
+    class TwoModels(torch.nn.Module):  # a teacher and a student: which one is "the model" is not ours to guess
+        def __init__(self) -> None:
+            super().__init__()
+            self.student, self.teacher = tiny_llama(), tiny_llama()
+
+    both = TwoModels()
+    assert inner_model(both) is both
+
+    class WithHead(torch.nn.Module):  # tensors of its own beside the Hugging Face child
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = tiny_llama()
+            self.value_head = torch.nn.Parameter(torch.zeros(16))
+
+    headed = WithHead()
+    assert inner_model(headed) is headed

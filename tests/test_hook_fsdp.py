@@ -97,3 +97,40 @@ def test_ranks_that_are_not_strict_skip_the_same_snapshots(tmp_path: Path) -> No
     result = CliRunner().invoke(app, ["consolidate", str(tmp_path / "avg"), "--average", "ema_0.5",
                                       "-o", str(tmp_path / "ema")])
     assert result.exit_code == 0, result.output
+
+
+def dying_worker(rank: int, port: int, out: str) -> None:
+    """Saves at step 2 and 4; rank 1's sidecar is killed before close() at step 5."""
+    join_group(rank, port)
+    from torch.distributed.fsdp import fully_shard
+
+    model, _ = model_and_steps()
+    fully_shard(model)
+    hook = WeightAveraging(model, [EMA(0.5, per_checkpoint=True)], out_dir=out, save_every=2, strict=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        model(torch.randn(5, 4, generator=g)).square().sum().backward()
+        optimizer.step()
+        hook.step()
+    assert hook.wait_until_ready(60)
+    if rank == 1:
+        hook._sidecar.process.kill()
+        hook._sidecar.process.join(30)
+        with pytest.warns(UserWarning, match=r"shard keeps the averages of step 4: consolidate --step 4"):
+            hook.close()
+    else:
+        hook.close()
+    del model, hook, optimizer
+    leave_group()
+
+
+def test_a_rank_whose_sidecar_died_keeps_its_last_save_and_consolidate_says_which_step(tmp_path: Path) -> None:
+    pytest.importorskip("torch.distributed.fsdp")
+    mp.spawn(dying_worker, args=(free_port(), str(tmp_path / "avg")), nprocs=2, join=True)
+    consolidate = ["consolidate", str(tmp_path / "avg"), "--average", "ema_0.5", "-o", str(tmp_path / "ema")]
+    refused = CliRunner().invoke(app, consolidate)
+    assert refused.exit_code == 2 and "rank 0 step_5, rank 1 step_4" in refused.output, refused.output
+    result = CliRunner().invoke(app, [*consolidate, "--step", "4"])
+    assert result.exit_code == 0, result.output

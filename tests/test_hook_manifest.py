@@ -103,3 +103,11 @@ def test_shards_of_different_steps_are_refused_unless_a_step_every_rank_saved_is
     written = consolidate(out_dir, "ema_0.5", tmp_path / "o", step=2)
     with open_checkpoint(written.directory) as ckpt:
         assert torch.equal(ckpt.read("w"), torch.arange(6.0).reshape(2, 3) * 2)
+
+
+def test_a_manifest_for_an_out_dtype_records_it_for_the_tensors_and_the_config(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    write_manifest(tmp_path / "avg", model, {"model_type": "x", "torch_dtype": "bfloat16"}, torch.float32)
+    manifest = read_manifest(tmp_path / "avg" / "shards" / "manifest.json")
+    assert {t.dtype for t in manifest.tensors.values()} == {torch.float32}
+    assert manifest.config == {"model_type": "x", "torch_dtype": "float32"}

@@ -152,6 +152,10 @@ class Averager(ABC):
         """Whether a snapshot at ``step`` would be folded in (SWA's window)."""
         return True
 
+    def result_copy(self) -> dict[str, torch.Tensor]:
+        """:meth:`result` as tensors of the caller's own (no reference to the live state)."""
+        return {name: tensor.clone() for name, tensor in self.result().items()}
+
     def stored_snapshots(self, *, final: bool = False) -> list[StoredSnapshot]:
         """Snapshots to keep beside the average, due after the last update (``final``: at the run's end)."""
         return []
@@ -193,16 +197,23 @@ class RunningAverage(Averager):
             else:
                 if set(self.state) != set(floats):
                     raise ValueError("a snapshot must hold the same floating tensors as the first one")
+                weight = self._begin_fold(step)
                 for names in fold_groups(self.state):
                     news = [as_float32(floats[n], self.device) for n in names]
-                    self._fold([self.state[n] for n in names], news, step)
+                    self._fold(names, [self.state[n] for n in names], news, weight)
         self.count += 1
         self.last_step = step
         return True
 
+    def _begin_fold(self, step: int) -> float:
+        """Runs once per snapshot (at ``step``) before its groups are folded; returns the coefficient
+        every group's :meth:`_fold` gets (an EMA's ``1 - k``: a warm-up's product over steps is computed once)."""
+        return 0.0
+
     @abstractmethod
-    def _fold(self, state: list[torch.Tensor], new: list[torch.Tensor], step: int) -> None:
-        """Updates ``state`` in place with the float32 tensors ``new`` (same order)."""
+    def _fold(self, names: list[str], state: list[torch.Tensor], new: list[torch.Tensor], weight: float) -> None:
+        """Updates ``state``, the tensors of ``names``, in place with the float32 tensors ``new`` (same order);
+        ``weight`` is what :meth:`_begin_fold` returned for this snapshot."""
 
     def result(self) -> dict[str, torch.Tensor]:
         return {**self.state, **self.copied}

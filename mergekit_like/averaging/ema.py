@@ -105,8 +105,11 @@ class EMA(RunningAverage):
             self.first_step = step
         return used
 
-    def _fold(self, state: list[torch.Tensor], new: list[torch.Tensor], step: int) -> None:
-        torch._foreach_lerp_(state, new, 1 - self.factor(step))
+    def _begin_fold(self, step: int) -> float:
+        return 1 - self.factor(step)
+
+    def _fold(self, names: list[str], state: list[torch.Tensor], new: list[torch.Tensor], weight: float) -> None:
+        torch._foreach_lerp_(state, new, weight)
 
     def state_dict(self) -> StateDict:
         return {**super().state_dict(), "first_step": self.first_step}

@@ -50,9 +50,8 @@ class MeanOf(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, snapshots: Sequence[Mapping[str, torch.Tensor]]) -> None:
-        if not snapshots:
-            raise ValueError("the mean of no snapshots")
         self.snapshots = snapshots
+        self._names: Mapping[str, torch.Tensor] = snapshots[-1] if snapshots else {}  # no snapshots: no names
 
     def __getitem__(self, name: str) -> torch.Tensor:
         tensors = [snapshot[name] for snapshot in self.snapshots]
@@ -63,11 +62,14 @@ class MeanOf(Mapping[str, torch.Tensor]):
             fold_mean([mean], [as_float32(tensor)], count)
         return mean
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._names  # without computing the mean
+
     def __iter__(self) -> Iterator[str]:
-        return iter(self.snapshots[-1])
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self.snapshots[-1])
+        return len(self._names)
 
 
 class LAWA(Averager):
@@ -137,6 +139,9 @@ class LAWA(Averager):
     def result(self) -> Mapping[str, torch.Tensor]:
         """The mean of the chosen snapshots, computed a tensor at a time as it is read (see :class:`MeanOf`)."""
         return MeanOf([self.kept[i][1] for i in lawa_selection(self.steps, self.k, self.nu)])
+
+    def result_copy(self) -> dict[str, torch.Tensor]:
+        return dict(self.result())  # every tensor of the mean is new already
 
     def state_dict(self) -> StateDict:
         return {"last_step": self.last_step, **pack_groups(self.kept)}

@@ -76,5 +76,8 @@ class PowerEMA(RunningAverage):
             raise ValueError(f"a power-function EMA counts steps from 0; step {step} is before it")
         return super().update(snapshot, step)
 
-    def _fold(self, state: list[torch.Tensor], new: list[torch.Tensor], step: int) -> None:
-        torch._foreach_lerp_(state, new, 1 - self.factor(step))
+    def _begin_fold(self, step: int) -> float:
+        return 1 - self.factor(step)
+
+    def _fold(self, names: list[str], state: list[torch.Tensor], new: list[torch.Tensor], weight: float) -> None:
+        torch._foreach_lerp_(state, new, weight)

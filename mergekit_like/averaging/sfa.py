@@ -54,25 +54,28 @@ class AnchorPull(RunningAverage):
         super().__init__(device)
         check_beta(beta)
         self.beta = beta
-        self.anchor: list[torch.Tensor] | None = None  # float32, in the order of the state's names
+        self.anchor: dict[str, torch.Tensor] | None = None  # float32, by name
         self.anchor_step: int | None = None
 
     @property
     def label(self) -> str:
         return f"sfa_beta{self.beta:g}"
 
-    def _fold(self, state: list[torch.Tensor], new: list[torch.Tensor], step: int) -> None:
+    def _begin_fold(self, step: int) -> float:
         if self.anchor is None:  # the state still is the first snapshot
-            self.anchor = [t.clone() for t in state]
+            self.anchor = {name: t.clone() for name, t in self.state.items()}
             self.anchor_step = self.last_step
-        for held, model, anchor in zip(state, new, self.anchor, strict=True):
-            sfa_pull(model, anchor, self.beta, out=held)
+        return self.beta
+
+    def _fold(self, names: list[str], state: list[torch.Tensor], new: list[torch.Tensor], weight: float) -> None:
+        assert self.anchor is not None  # taken by _begin_fold
+        for name, held, model in zip(names, state, new, strict=True):
+            sfa_pull(model, self.anchor[name], weight, out=held)
 
     def state_dict(self) -> StateDict:
         if self.anchor is None:  # one snapshot so far: it is the anchor and the state
             return super().state_dict()
-        anchor = dict(zip(self.state, self.anchor, strict=True))
-        groups = [(self.anchor_step, anchor), (self.last_step, {**self.state, **self.copied})]
+        groups = [(self.anchor_step, self.anchor), (self.last_step, {**self.state, **self.copied})]
         return {"last_step": self.last_step, "count": self.count, **pack_groups(groups)}
 
     def _load_groups(self, groups: Sequence[tuple[int, dict[str, torch.Tensor]]], count: int,
@@ -87,5 +90,5 @@ class AnchorPull(RunningAverage):
         self._restore(tensors, count, last_step)
         if set(anchor) != set(self.state):
             raise ValueError("an SFA state's anchor must hold the same floating tensors as its state")
-        self.anchor = [anchor[name] for name in self.state]
+        self.anchor = {name: anchor[name] for name in self.state}
         self.anchor_step = anchor_step

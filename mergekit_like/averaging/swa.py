@@ -10,7 +10,7 @@ from mergekit_like.averaging.base import RunningAverage
 class UniformMean(RunningAverage):
     """a <- a + (x - a) / (n + 1): the mean of every snapshot folded in (torch's SWA update)."""
 
-    def _fold(self, state: list[torch.Tensor], new: list[torch.Tensor], step: int) -> None:
+    def _fold(self, names: list[str], state: list[torch.Tensor], new: list[torch.Tensor], weight: float) -> None:
         fold_mean(state, new, self.count)
 
 

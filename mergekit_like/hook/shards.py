@@ -187,7 +187,7 @@ def consolidate(
         raise CheckpointNotFoundError("is missing: every rank must have written this average", path=missing,
                                       fix="consolidate a step that every rank saved")
     if step is None and len(parts) > 1:
-        _refuse_mixed_steps(parts)
+        parts = _one_step(Path(out_dir), parts)
     specs = [TensorSpec(n, t.dtype, t.shape) for n, t in manifest.tensors.items()]
     with ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(p)) for p in parts]
@@ -204,8 +204,9 @@ def consolidate(
     return written
 
 
-def _refuse_mixed_steps(latest: list[Path]) -> None:
-    """Raises :class:`InvalidCheckpointError` unless every rank's ``latest`` names the same ``step_N``.
+def _one_step(out_dir: Path, latest: list[Path]) -> list[Path]:
+    """The ``step_N`` directories every rank's ``latest`` names, which must be one step; else an
+    :class:`InvalidCheckpointError`. Read once: a live run that moves ``latest`` meanwhile changes nothing.
 
     Shards of different steps join into a checkpoint of the right shapes that no step of the run held.
     """
@@ -216,9 +217,9 @@ def _refuse_mixed_steps(latest: list[Path]) -> None:
                                      fix="pass --step N, a step every rank saved")
     if len(set(steps)) > 1:
         seen = ", ".join(f"rank {rank} {name}" for rank, name in enumerate(steps))
-        raise InvalidCheckpointError(f"the ranks' latest shards are of different steps ({seen})",
-                                     path=latest[0].parent.parent.parent,
+        raise InvalidCheckpointError(f"the ranks' latest shards are of different steps ({seen})", path=out_dir,
                                      fix="pass --step N, a step every rank saved")
+    return [p.parent / str(s) for p, s in zip(latest, steps)]
 
 
 def _join(checkpoints: list[Checkpoint], spec: TensorSpec, placement: TensorPlacement) -> torch.Tensor:

@@ -33,7 +33,7 @@ import os
 import queue
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
@@ -330,7 +330,7 @@ class Sidecar:
         if not averager.ready:
             raise HookUsageError(f"the average {label!r} holds no snapshot yet; ask for it once step() has "
                                  f"taken a snapshot that it accepts")
-        return {n: t.clone() for n, t in averager.result().items()}
+        return averager.result_copy()
 
     # -- persistence ---------------------------------------------------------------
     def store_snapshots(self, *, final: bool = False) -> None:
@@ -374,8 +374,9 @@ class Sidecar:
         result = averager.result()
         out_dtype = self.settings.out_dtype
         dtypes = {n: written_dtype(b.dtype, out_dtype) for n, b in self.buffers.items()}
-        specs = [TensorSpec(n, dtypes[n], tuple(t.shape)) for n, t in result.items()]
-        items = (WriteItem(0, n, t.to(dtypes[n])) for n, t in result.items())
+        # Names and shapes from the buffers: reading a lazy average (LAWA's) computes each tensor, once.
+        specs = [TensorSpec(n, dtypes[n], tuple(self.buffers[n].shape)) for n in result]
+        items = (WriteItem(0, n, result[n].to(dtypes[n])) for n in result)
         write_checkpoints(target, [OutputSpec(config=self.settings.config)], specs, items, overwrite=True,
                           out_dtype=out_dtype)
         _point_latest(root, target.name)
@@ -390,10 +391,30 @@ class Sidecar:
             directory = self.settings.out_dir / averager.label / STATE_DIR
             if (directory / STATE_FILE).exists():
                 load_state(directory, averager)
+                refuse_other_names(directory, averager, self.buffers.keys())
             if averager.last_step is not None:
                 self.last_step = max(self.last_step or 0, averager.last_step)
         self.saved_step = self.last_step
         self.notify(SAVED, "" if self.saved_step is None else str(self.saved_step))
+
+
+def refuse_other_names(directory: Path, averager: Averager, names: Iterable[str]) -> None:
+    """Raises :class:`InvalidCheckpointError` when a restored average holds other tensors than the model.
+
+    Every later snapshot would fail to fold: the averages would stay at their restored step unseen.
+    """
+    if not averager.ready:
+        return
+    held, live = set(averager.result()), set(names)
+    if held == live:
+        return
+    extra, missing = sorted(held - live), sorted(live - held)
+    example = f"{extra[0]!r} where the model has {missing[0]!r}" if extra and missing else repr((extra or missing)[0])
+    raise InvalidCheckpointError(
+        f"holds an average of other tensors than the model's ({len(extra)} not in the model, {len(missing)} "
+        f"missing; e.g. {example}); averages saved before the hook looked inside DDP, torch.compile or "
+        f"Lightning wrappers carry their 'module.', '_orig_mod.' or 'model.' prefix", path=directory,
+        fix="remove this state directory to start the average afresh, or resume with the model it was saved for")
 
 
 def write_state(directory: Path, averager: Averager) -> None:

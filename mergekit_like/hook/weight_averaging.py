@@ -48,6 +48,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,9 @@ FIRST_SNAPSHOT_WAIT = 60.0
 SUCCESSOR_WAIT = 120.0
 # How long close() waits for the sidecar process to exit once it has saved.
 JOIN_TIMEOUT = 30.0
+# How long a sharded rank waits for the others to say whether they take a snapshot (they step in lockstep;
+# one that stopped stepping the hook, by an exception or an early close(), would otherwise hold it forever).
+AGREEMENT_TIMEOUT = 600.0
 # Sidecars killed by a signal (the OOM killer, say) before they ran, in a row, after which the hook gives up:
 # one that is killed every time it restores its state would otherwise be restarted forever.
 MAX_UNSTARTED_RESTARTS = 3
@@ -150,7 +154,7 @@ def _peer_group() -> Any:
     distributed = torch.distributed
     if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() < 2:
         return None
-    return distributed.new_group(backend="gloo")
+    return distributed.new_group(backend="gloo", timeout=timedelta(seconds=AGREEMENT_TIMEOUT))
 
 
 def _rank() -> int:
@@ -223,6 +227,8 @@ class WeightAveraging:
         self._unstarted_restarts = 0  # restarts since a sidecar last ran (bounded by MAX_UNSTARTED_RESTARTS)
         # The ready-to-load averages' floating dtype (the float32 state is saved as it is whatever it says).
         written = parse_dtype(out_dtype) if out_dtype is not None else None
+        if written is not None and not written.is_floating_point:
+            raise HookUsageError(f"out_dtype must be a floating dtype (float32, bfloat16, float16), not {written}")
         self._settings = SidecarConfig(sidecar_dir, self.averagers, save_every, keep_last,
                                        None if self.sharded else model_config(model), os.getpid(), sidecar_device,
                                        out_dtype=written)
@@ -423,7 +429,12 @@ class WeightAveraging:
         if self._peers is None:
             return ready
         flag = torch.tensor([int(ready)], dtype=torch.int32)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self._peers)
+        try:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self._peers)
+        except RuntimeError as exc:  # gloo's timeout, or a peer gone
+            raise SidecarError(f"the ranks did not agree on the snapshot of step {self.step_count} within "
+                               f"{AGREEMENT_TIMEOUT:g} s: another rank stopped calling step() (an exception, an "
+                               f"early close()) or died: {exc}") from exc
         return bool(flag.item())
 
     def _waited_for_start(self) -> bool:
@@ -644,6 +655,7 @@ class WeightAveraging:
         if self._closed:
             return self.counts
         self._closed = True
+        self._leave_peers()
         if self._link is None:
             return self.counts
         atexit.unregister(self._close_at_exit)
@@ -659,6 +671,13 @@ class WeightAveraging:
             raise failure
         logger.info("snapshots taken %d, skipped %d", self.counts.taken, self.counts.skipped)
         return self.counts
+
+    def _leave_peers(self) -> None:
+        """Destroys the ranks' agreement group (already gone if the default group was destroyed first)."""
+        peers, self._peers = self._peers, None
+        distributed = torch.distributed
+        if peers is not None and distributed.is_initialized():
+            distributed.destroy_process_group(peers)
 
     def _close_at_exit(self) -> None:
         """close() at interpreter exit, where an exception would end as a traceback nobody asked for."""
@@ -699,6 +718,13 @@ class WeightAveraging:
             return self._not_saved(SidecarError(f"the sidecar had died (exit code {code}) and its successor did "
                                                 f"not start within {SUCCESSOR_WAIT:g} s"))
         restored = self._restored_step()
+        if self.sharded:
+            # A fold-in here would give this rank's shard a snapshot the other ranks' shards lack.
+            kept = (f"this rank's shard keeps the averages of step {restored}: consolidate --step {restored}"
+                    if restored is not None else "this rank's shard holds no average")
+            warnings.warn(f"the averaging sidecar had died before close() (exit code {code}): {loss}; {kept}",
+                          stacklevel=4)
+            return None
         if restored is None or restored < self.step_count:
             self._follow_replaced_tensors()
             self._sidecar.free.clear()
