@@ -208,6 +208,16 @@ for _method, _params in (("sce", "select_topk: 0.5"), ("ram", "epsilon: 1.0e-5")
                         .replace("\n    parameters: {{weight: 0.6, density: 0.5}}", "")
                         .replace("\n    parameters: {{weight: 0.3, density: 0.5}}", "")
                         + f"parameters: {{{{{_params}}}}}\n")
+# The whole-tensor methods of the task-vector family, base + 3 as ties (DARE draws from a seeded generator).
+for _method, _params in (("dare_ties", ", density: 0.5"), ("dare_linear", ", density: 0.5"),
+                         ("breadcrumbs", ", density: 0.5, gamma: 0.01"),
+                         ("breadcrumbs_ties", ", density: 0.5, gamma: 0.01")):
+    RECIPES[_method] = (RECIPES["ties"].replace("merge_method: ties", f"merge_method: {_method}")
+                        .replace(", density: 0.5", _params))
+RECIPES["model_stock"] = (RECIPES["ties"].replace("merge_method: ties", "merge_method: model_stock")
+                          .replace("\n    parameters: {{weight: 1.0, density: 0.5}}", "")
+                          .replace("\n    parameters: {{weight: 0.6, density: 0.5}}", "")
+                          .replace("\n    parameters: {{weight: 0.3, density: 0.5}}", ""))
 RECIPES["karcher"] = RECIPES["linear"].replace("merge_method: linear", "merge_method: karcher").replace(
     "\n    parameters: {{weight: 0.5}}", "").replace("\n    parameters: {{weight: 0.3}}", "").replace(
     "\n    parameters: {{weight: 0.2}}", "")
@@ -220,6 +230,16 @@ models:
     parameters: {{weight: 0.6}}
   - model: {ft2}
     parameters: {{weight: 0.4}}
+dtype: float32
+out_dtype: bfloat16
+""",
+    "slerp": """\
+merge_method: slerp
+base_model: {base}
+models:
+  - model: {base}
+  - model: {ft1}
+parameters: {{t: 0.4}}
 dtype: float32
 out_dtype: bfloat16
 """,
