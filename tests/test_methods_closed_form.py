@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import math
 import typing
+import zlib
 from pathlib import Path
 
 import pytest
@@ -352,9 +353,10 @@ def test_dare_inverse_density_rescale(name: str, density: float) -> None:
     assert 0 < int(kept.sum()) < 48
     # kept entries are d / density exactly (a power of two), dropped ones 0
     assert torch.equal(out[kept], d[kept] / density)
-    # the kept set is the generator's Bernoulli(density) draw
-    mask = torch.bernoulli(torch.full((48,), density), generator=gen(11))
-    assert torch.equal(kept, mask.bool())
+    # the kept set: uniforms below density, from a generator seeded by the tensor generator's first draw
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen(11)).item())
+    unit = torch.Generator().manual_seed(zlib.crc32(f"{seed}:0".encode()))
+    assert torch.equal(kept, torch.rand(48, generator=unit) < density)
 
 
 @pytest.mark.parametrize("name", DARE)

@@ -10,6 +10,7 @@ global one was.
 from __future__ import annotations
 
 import json
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -510,3 +511,20 @@ def test_ramplus_tl_16_bit_inputs_merge_in_float32_as_mergekit() -> None:
 
 def test_ramplus_tl_takes_models_as_stored() -> None:
     as_stored_equals_cast(ramplus_tl)
+
+
+def test_dares_mask_is_drawn_unit_by_unit_the_same_in_any_number_of_threads() -> None:
+    from mergekit_like.methods.task_vectors import DRAW_UNIT, bernoulli_mask
+
+    numel, density = 2 * DRAW_UNIT + DRAW_UNIT // 2, 0.3
+    cpu = torch.device("cpu")
+    alone = bernoulli_mask(numel, density, gen(4), cpu)
+    with ThreadPoolExecutor(2) as pool:
+        threaded = bernoulli_mask(numel, density, gen(4), cpu, pool)
+    assert torch.equal(alone, threaded)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen(4)).item())
+    last = torch.Generator().manual_seed(zlib.crc32(f"{seed}:2".encode()))  # the third unit: its own stream
+    assert torch.equal(alone[2 * DRAW_UNIT:], torch.rand(DRAW_UNIT // 2, generator=last) < density)
+    assert not torch.equal(alone[:DRAW_UNIT], alone[DRAW_UNIT:2 * DRAW_UNIT])
+    assert abs(alone.float().mean().item() - density) < 2e-3  # 7 standard deviations of a fair draw
+    assert not torch.equal(alone, bernoulli_mask(numel, density, gen(5), cpu))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from typing import Annotated
 
 import torch
@@ -30,6 +31,7 @@ def dare_ties(
     *,
     base: torch.Tensor,
     generator: torch.Generator,
+    executor: Executor | None = None,
     weight: Annotated[PerModel[float], NONNEGATIVE_WEIGHT],
     density: Annotated[PerModel[float], Range(0, 1)] = each(1.0),
     rescale: bool = True,
@@ -39,6 +41,7 @@ def dare_ties(
     consensus: Consensus = "sum",
 ) -> torch.Tensor:
     trims = make_trims(
-        tensors, base, density, "bernoulli", rescale=rescale, rescale_mode=rescale_mode, generator=generator
+        tensors, base, density, "bernoulli", rescale=rescale, rescale_mode=rescale_mode, generator=generator,
+        executor=executor,
     )
     return merge_task_vectors(base, tensors, weight, trims, consensus=consensus, normalize=normalize, scale=lambda_)

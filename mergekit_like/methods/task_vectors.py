@@ -19,6 +19,8 @@ leaner than computing on whole tensors, with the same numbers.
 
 from __future__ import annotations
 
+import math
+import zlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -191,17 +193,54 @@ def make_trims(
     gammas = gammas if gammas is not None else [0.01] * len(tensors)
     epsilons = epsilons if epsilons is not None else [0.15] * len(tensors)
 
-    def one(x: torch.Tensor, density: float, gamma: float, epsilon: float) -> Trim:
+    def one(x: torch.Tensor, density: float, gamma: float, epsilon: float, units: Executor | None = None) -> Trim:
         return make_trim(x, base, density, method, gamma=gamma, epsilon=epsilon, rescale=rescale,
-                         rescale_mode=rescale_mode, generator=generator, trim_ties=trim_ties)
+                         rescale_mode=rescale_mode, generator=generator, trim_ties=trim_ties, executor=units)
 
-    # Random draws must happen in model order to be reproducible (mergekit draws model after
-    # model from one generator), so DARE and DELLA never go parallel.
+    # Random draws must happen in model order to be reproducible (each model's seed comes from one
+    # generator), so DARE and DELLA never go parallel across models; DARE draws its units in parallel.
+    if method == "bernoulli":
+        return [one(x, d, g, e, executor) for x, d, g, e in zip(tensors, densities, gammas, epsilons)]
     parallel = (method not in RANDOM_SPARSIFICATIONS and base.device.type == "cpu" and len(tensors) > 1
                 and PARALLEL_MIN <= base.numel() <= PARALLEL_MAX)
     if executor is not None and parallel:
         return list(executor.map(one, tensors, densities, gammas, epsilons))
     return [one(x, d, g, e) for x, d, g, e in zip(tensors, densities, gammas, epsilons)]
+
+
+# DARE draws its mask in units of this many flat entries, each from a generator of its own, seeded by
+# the model's seed (drawn from the tensor's generator, in model order) and the unit's index: a mask does
+# not depend on the threads that draw it, nor on which part of the tensor a merge reads first.
+DRAW_UNIT = 1 << 20
+
+
+def bernoulli_mask(numel: int, density: float, generator: torch.Generator, device: torch.device,
+                   executor: Executor | None = None) -> torch.Tensor:
+    """A flat bool mask, True with probability ``density``: ``uniform < density`` per entry.
+
+    One 31-bit seed per call comes from ``generator``; unit ``u`` draws its uniforms from a generator
+    seeded by CRC32 of that seed and ``u``. A uniform comparison costs a third of ``torch.bernoulli``
+    of a probability tensor, needs no tensor of probabilities, and the units run in ``executor``'s
+    threads on the CPU (each generator is used by one thread).
+    """
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).item())
+    mask = torch.empty(numel, dtype=torch.bool, device=device)
+
+    def draw(unit: int) -> None:
+        start = unit * DRAW_UNIT
+        stop = min(numel, start + DRAW_UNIT)
+        unit_generator = torch.Generator(device=device)
+        unit_generator.manual_seed(zlib.crc32(f"{seed}:{unit}".encode()))
+        uniforms = torch.rand(stop - start, generator=unit_generator, device=device)
+        torch.lt(uniforms, density, out=mask[start:stop])
+
+    units = range(math.ceil(numel / DRAW_UNIT))
+    if executor is not None and device.type == "cpu" and len(units) > 1:
+        list(executor.map(draw, units))
+    else:
+        for unit in units:
+            draw(unit)
+    return mask
 
 
 def make_trim(
@@ -216,8 +255,11 @@ def make_trim(
     epsilon: float = 0.15,
     generator: torch.Generator | None = None,
     trim_ties: TrimTies = "sort",
+    executor: Executor | None = None,
 ) -> Trim:
     """Keeps a ``density`` fraction of ``x - base``; ``density >= 1`` keeps it whole.
+
+    ``executor`` draws DARE's mask a unit at a time in its threads (see :func:`bernoulli_mask`).
 
     ``rescale`` restores the magnitude of what was dropped: ``"l1"`` (mergekit's
     default) matches the kept entries' L1 norm to the whole delta's, per tensor;
@@ -232,10 +274,10 @@ def make_trim(
         if generator is None:
             raise ValueError("random sparsification needs a seeded generator")
         delta = x - base
-        # As mergekit: bf16 stays bf16, other CPU dtypes draw in float32.
+        # As mergekit: bf16 stays bf16, other CPU dtypes rescale in float32.
         keep_dtype = delta.dtype == torch.bfloat16 or delta.device.type != "cpu"
         work = delta if keep_dtype else delta.float()
-        mask = torch.bernoulli(torch.full_like(work, density), generator=generator).reshape(-1).bool()
+        mask = bernoulli_mask(delta.numel(), density, generator, delta.device, executor)
         magnitudes = work.abs().reshape(-1)
         return _with_rescale(mask, magnitudes, rescale, rescale_mode, density, None if keep_dtype else work.dtype)
     magnitudes = (x - base).abs_().reshape(-1)
