@@ -25,6 +25,12 @@ def model_and_steps() -> tuple[torch.nn.Module, list[torch.Tensor]]:
     return model, [torch.randn(5, 4, generator=g) for _ in range(STEPS)]
 
 
+def sgd_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    optimizer.zero_grad()
+    model(x).square().sum().backward()
+    optimizer.step()
+
+
 def worker(rank: int, port: int, out: str) -> None:
     join_group(rank, port)
     from torch.distributed.fsdp import fully_shard
@@ -34,9 +40,7 @@ def worker(rank: int, port: int, out: str) -> None:
     hook = WeightAveraging(model, [EMA(0.5, per_checkpoint=True)], out_dir=out, strict=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for x in batches:
-        optimizer.zero_grad()
-        model(x).square().sum().backward()
-        optimizer.step()
+        sgd_step(model, optimizer, x)
         hook.step()
     hook.close()
     del model, hook, optimizer
@@ -54,9 +58,7 @@ def test_fsdp_shards_are_averaged_per_rank_and_consolidated(tmp_path: Path) -> N
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     expected = OfflineEMA(0.5, per_checkpoint=True)
     for step, x in enumerate(batches, 1):
-        optimizer.zero_grad()
-        model(x).square().sum().backward()
-        optimizer.step()
+        sgd_step(model, optimizer, x)
         expected.update(model.state_dict(), step)
     with open_checkpoint(tmp_path / "ema") as ckpt:
         for name, value in expected.result().items():
@@ -74,9 +76,7 @@ def lagging_worker(rank: int, port: int, out: str, result: str) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(2)
     for step in range(1, 6):
-        optimizer.zero_grad()
-        model(torch.randn(5, 4, generator=g)).square().sum().backward()
-        optimizer.step()
+        sgd_step(model, optimizer, torch.randn(5, 4, generator=g))
         assert hook.wait_until_ready(60)
         if step == 3 and rank == 1:
             hook._sidecar.free.clear()  # as when its fold of step 2 were still running
@@ -110,9 +110,7 @@ def dying_worker(rank: int, port: int, out: str) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(2)
     for _ in range(5):
-        optimizer.zero_grad()
-        model(torch.randn(5, 4, generator=g)).square().sum().backward()
-        optimizer.step()
+        sgd_step(model, optimizer, torch.randn(5, 4, generator=g))
         hook.step()
     assert hook.wait_until_ready(60)
     if rank == 1:
