@@ -516,15 +516,37 @@ def test_ramplus_tl_takes_models_as_stored() -> None:
 def test_dares_mask_is_drawn_unit_by_unit_the_same_in_any_number_of_threads() -> None:
     from mergekit_like.methods.task_vectors import DRAW_UNIT, bernoulli_mask
 
-    numel, density = 2 * DRAW_UNIT + DRAW_UNIT // 2, 0.3
+    class CountingPool(ThreadPoolExecutor):
+        def __init__(self, workers: int) -> None:
+            super().__init__(workers)
+            self.mapped = 0
+
+        def map(self, fn, *iterables, **kwargs):  # type: ignore[no-untyped-def, override]
+            self.mapped += 1
+            return super().map(fn, *iterables, **kwargs)
+
+    numel, density, seed = 2 * DRAW_UNIT + DRAW_UNIT // 2, 0.3, 4
     cpu = torch.device("cpu")
-    alone = bernoulli_mask(numel, density, gen(4), cpu)
-    with ThreadPoolExecutor(2) as pool:
-        threaded = bernoulli_mask(numel, density, gen(4), cpu, pool)
-    assert torch.equal(alone, threaded)
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen(4)).item())
+    alone = bernoulli_mask(numel, density, seed, cpu)
+    for workers in (2, 3):
+        with CountingPool(workers) as pool:
+            assert torch.equal(bernoulli_mask(numel, density, seed, cpu, pool), alone)
+        assert pool.mapped == 1  # the units went to the pool
     last = torch.Generator().manual_seed(zlib.crc32(f"{seed}:2".encode()))  # the third unit: its own stream
     assert torch.equal(alone[2 * DRAW_UNIT:], torch.rand(DRAW_UNIT // 2, generator=last) < density)
     assert not torch.equal(alone[:DRAW_UNIT], alone[DRAW_UNIT:2 * DRAW_UNIT])
     assert abs(alone.float().mean().item() - density) < 2e-3  # 7 standard deviations of a fair draw
-    assert not torch.equal(alone, bernoulli_mask(numel, density, gen(5), cpu))
+    assert not torch.equal(alone, bernoulli_mask(numel, density, seed + 1, cpu))
+    assert torch.equal(bernoulli_mask(DRAW_UNIT + 1, density, seed, cpu), alone[:DRAW_UNIT + 1])  # a prefix
+    assert bernoulli_mask(0, density, seed, cpu).numel() == 0
+    assert not bernoulli_mask(numel, 0.0, seed, cpu).any()
+
+
+def test_a_dare_models_mask_does_not_depend_on_the_other_models() -> None:
+    from mergekit_like.methods.dare_linear import dare_linear
+
+    base, x = torch.zeros(64), torch.arange(1.0, 65.0)
+    merged = [dare_linear([x, x], base=base, generator=gen(3), weight=[0.0, 1.0], density=[first, 0.5],
+                          rescale=False) for first in (0.5, 1.0)]  # model 0 draws, or keeps all and draws nothing
+    assert torch.equal(merged[0], merged[1])  # model 1 keeps the same entries either way
+    assert 0 < int((merged[0] != 0).sum()) < 64

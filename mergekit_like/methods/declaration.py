@@ -14,7 +14,7 @@ engine need, so none of them names a method or a method parameter::
 - ``base``: the base model's tensor (its presence makes a base required, unless
   the decorator says ``base=BaseUse.OPTIONAL``);
 - ``generator``: a generator seeded by the run's seed and the tensor's name;
-- ``executor``: a thread pool for per-model work (absent when called directly);
+- ``executor``: a thread pool for per-model (or per-unit) work (absent when called directly);
 - the keyword named by a declared :class:`WholeModelPass` receives its result;
 - every other keyword-only parameter is a method parameter. ``PerModel[X]`` takes
   one value per model (a recipe may give one for all; its default is written

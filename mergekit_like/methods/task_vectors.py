@@ -187,20 +187,24 @@ def make_trims(
 ) -> list[Trim]:
     """One :class:`Trim` per model (``gammas`` per model for breadcrumbs, ``epsilons`` for DELLA).
 
-    With an ``executor``, mid-sized tensors get one model's mask per thread (the engine
-    passes its pool; called directly, the masks are made one after another).
+    With an ``executor``, mid-sized tensors get one model's mask per thread, and DARE draws
+    the units of each mask in its threads (the engine passes its pool; called directly, the
+    masks are made one after another).
     """
     gammas = gammas if gammas is not None else [0.01] * len(tensors)
     epsilons = epsilons if epsilons is not None else [0.15] * len(tensors)
 
-    def one(x: torch.Tensor, density: float, gamma: float, epsilon: float, units: Executor | None = None) -> Trim:
+    def one(x: torch.Tensor, density: float, gamma: float, epsilon: float, units: Executor | None = None,
+            index: int = 0) -> Trim:
         return make_trim(x, base, density, method, gamma=gamma, epsilon=epsilon, rescale=rescale,
-                         rescale_mode=rescale_mode, generator=generator, trim_ties=trim_ties, executor=units)
+                         rescale_mode=rescale_mode, generator=generator, trim_ties=trim_ties, executor=units,
+                         model_index=index)
 
-    # Random draws must happen in model order to be reproducible (each model's seed comes from one
-    # generator), so DARE and DELLA never go parallel across models; DARE draws its units in parallel.
+    # DELLA draws model after model from one generator, in model order; DARE seeds each model by its
+    # index and draws the units of one model's mask in parallel.
     if method == "bernoulli":
-        return [one(x, d, g, e, executor) for x, d, g, e in zip(tensors, densities, gammas, epsilons)]
+        return [one(x, d, g, e, executor, i) for i, (x, d, g, e) in enumerate(zip(tensors, densities, gammas,
+                                                                                    epsilons))]
     parallel = (method not in RANDOM_SPARSIFICATIONS and base.device.type == "cpu" and len(tensors) > 1
                 and PARALLEL_MIN <= base.numel() <= PARALLEL_MAX)
     if executor is not None and parallel:
@@ -209,22 +213,30 @@ def make_trims(
 
 
 # DARE draws its mask in units of this many flat entries, each from a generator of its own, seeded by
-# the model's seed (drawn from the tensor's generator, in model order) and the unit's index: a mask does
-# not depend on the threads that draw it, nor on which part of the tensor a merge reads first.
+# the model's seed (the tensor generator's seed and the model's index) and the unit's index: a mask does
+# not depend on the threads that draw it, on which part of the tensor a merge reads first, or on the
+# other models.
 DRAW_UNIT = 1 << 20
 
 
-def bernoulli_mask(numel: int, density: float, generator: torch.Generator, device: torch.device,
+def model_seed(generator: torch.Generator, index: int) -> int:
+    """The seed of model ``index``'s DARE mask: from the tensor generator's seed (run seed and tensor
+    name), never from its state, so finding it costs no draw (on a GPU, no wait for the device)."""
+    return zlib.crc32(f"{generator.initial_seed()}:{index}".encode())
+
+
+def bernoulli_mask(numel: int, density: float, seed: int, device: torch.device,
                    executor: Executor | None = None) -> torch.Tensor:
     """A flat bool mask, True with probability ``density``: ``uniform < density`` per entry.
 
-    One 31-bit seed per call comes from ``generator``; unit ``u`` draws its uniforms from a generator
-    seeded by CRC32 of that seed and ``u``. A uniform comparison costs a third of ``torch.bernoulli``
-    of a probability tensor, needs no tensor of probabilities, and the units run in ``executor``'s
-    threads on the CPU (each generator is used by one thread).
+    Unit ``u`` draws its float32 uniforms from a generator seeded by CRC32 of ``seed`` and ``u``. A
+    uniform comparison costs a third of ``torch.bernoulli`` of a probability tensor and needs no
+    tensor of probabilities; on the CPU the units run in ``executor``'s threads (each generator is
+    used by one thread).
     """
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).item())
-    mask = torch.empty(numel, dtype=torch.bool, device=device)
+    mask = torch.zeros(numel, dtype=torch.bool, device=device)
+    if density <= 0:
+        return mask
 
     def draw(unit: int) -> None:
         start = unit * DRAW_UNIT
@@ -256,10 +268,12 @@ def make_trim(
     generator: torch.Generator | None = None,
     trim_ties: TrimTies = "sort",
     executor: Executor | None = None,
+    model_index: int = 0,
 ) -> Trim:
     """Keeps a ``density`` fraction of ``x - base``; ``density >= 1`` keeps it whole.
 
-    ``executor`` draws DARE's mask a unit at a time in its threads (see :func:`bernoulli_mask`).
+    ``executor`` draws DARE's mask a unit at a time in its threads, from the seed of model
+    ``model_index`` (see :func:`bernoulli_mask`).
 
     ``rescale`` restores the magnitude of what was dropped: ``"l1"`` (mergekit's
     default) matches the kept entries' L1 norm to the whole delta's, per tensor;
@@ -277,7 +291,7 @@ def make_trim(
         # As mergekit: bf16 stays bf16, other CPU dtypes rescale in float32.
         keep_dtype = delta.dtype == torch.bfloat16 or delta.device.type != "cpu"
         work = delta if keep_dtype else delta.float()
-        mask = bernoulli_mask(delta.numel(), density, generator, delta.device, executor)
+        mask = bernoulli_mask(delta.numel(), density, model_seed(generator, model_index), delta.device, executor)
         magnitudes = work.abs().reshape(-1)
         return _with_rescale(mask, magnitudes, rescale, rescale_mode, density, None if keep_dtype else work.dtype)
     magnitudes = (x - base).abs_().reshape(-1)
