@@ -106,3 +106,14 @@ def test_cuda_merge_holds_a_few_tensors_on_the_device(example_models: list[Path]
     # the inputs' size in float32, so holding the model would fail it.
     assert 12 * largest < model_f32
     assert peak <= 12 * largest, (peak, largest)
+
+
+def test_dares_units_on_cuda_are_reproducible_and_fair() -> None:
+    from mergekit_like.methods.task_vectors import DRAW_UNIT, bernoulli_mask
+
+    cuda = torch.device("cuda")
+    numel = 2 * DRAW_UNIT + DRAW_UNIT // 2
+    mask = bernoulli_mask(numel, 0.3, 7, cuda)
+    assert mask.device.type == "cuda" and torch.equal(mask, bernoulli_mask(numel, 0.3, 7, cuda))
+    assert torch.equal(bernoulli_mask(DRAW_UNIT + 1, 0.3, 7, cuda), mask[:DRAW_UNIT + 1])  # units, not one stream
+    assert abs(mask.float().mean().item() - 0.3) < 2e-3
