@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from mergekit_like.hook import EMA
 from mergekit_like.io import open_checkpoint
+
+
+def lightning() -> Any:
+    """lightning.pytorch, or the older pytorch_lightning (the test is skipped without either)."""
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        pl = pytest.importorskip("pytorch_lightning")
+    return pl
 
 
 def test_hf_trainer_callback_writes_averages(tmp_path: Path) -> None:
@@ -37,10 +47,7 @@ def test_hf_trainer_callback_writes_averages(tmp_path: Path) -> None:
 
 
 def test_lightning_callback_writes_averages(tmp_path: Path) -> None:
-    try:
-        import lightning.pytorch as pl
-    except ImportError:
-        pl = pytest.importorskip("pytorch_lightning")
+    pl = lightning()
     from mergekit_like.hook.adapters import lightning_callback
 
     class Tiny(pl.LightningModule):
@@ -72,10 +79,7 @@ def tiny_llama() -> torch.nn.Module:
 
 def test_a_lightning_module_holding_a_hugging_face_model_is_averaged_under_its_names(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    try:
-        import lightning.pytorch as pl
-    except ImportError:
-        pl = pytest.importorskip("pytorch_lightning")
+    pl = lightning()
     from mergekit_like.hook.adapters import lightning_callback
 
     class Wrapper(pl.LightningModule):

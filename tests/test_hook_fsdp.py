@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,14 +32,21 @@ def sgd_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.
     optimizer.step()
 
 
-def worker(rank: int, port: int, out: str) -> None:
+def sharded_run(rank: int, port: int, out: str, **options: Any
+                ) -> tuple[torch.nn.Module, WeightAveraging, torch.optim.Optimizer]:
+    """Joins the group; the FSDP2-sharded model, its hook (an EMA of 0.5 per snapshot) and an SGD optimizer."""
     join_group(rank, port)
     from torch.distributed.fsdp import fully_shard
 
-    model, batches = model_and_steps()
+    model, _ = model_and_steps()
     fully_shard(model)
-    hook = WeightAveraging(model, [EMA(0.5, per_checkpoint=True)], out_dir=out, strict=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = WeightAveraging(model, [EMA(0.5, per_checkpoint=True)], out_dir=out, **options)
+    return model, hook, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def worker(rank: int, port: int, out: str) -> None:
+    model, hook, optimizer = sharded_run(rank, port, out, strict=True)
+    _, batches = model_and_steps()
     for x in batches:
         sgd_step(model, optimizer, x)
         hook.step()
@@ -67,13 +75,7 @@ def test_fsdp_shards_are_averaged_per_rank_and_consolidated(tmp_path: Path) -> N
 
 def lagging_worker(rank: int, port: int, out: str, result: str) -> None:
     """Not strict; at step 3 rank 1's sidecar is busy (its flag held clear), rank 0's is free."""
-    join_group(rank, port)
-    from torch.distributed.fsdp import fully_shard
-
-    model, _ = model_and_steps()
-    fully_shard(model)
-    hook = WeightAveraging(model, [EMA(0.5, per_checkpoint=True)], out_dir=out, save_every=1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, hook, optimizer = sharded_run(rank, port, out, save_every=1)
     g = torch.Generator().manual_seed(2)
     for step in range(1, 6):
         sgd_step(model, optimizer, torch.randn(5, 4, generator=g))
@@ -101,13 +103,7 @@ def test_ranks_that_are_not_strict_skip_the_same_snapshots(tmp_path: Path) -> No
 
 def dying_worker(rank: int, port: int, out: str) -> None:
     """Saves at step 2 and 4; rank 1's sidecar is killed before close() at step 5."""
-    join_group(rank, port)
-    from torch.distributed.fsdp import fully_shard
-
-    model, _ = model_and_steps()
-    fully_shard(model)
-    hook = WeightAveraging(model, [EMA(0.5, per_checkpoint=True)], out_dir=out, save_every=2, strict=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, hook, optimizer = sharded_run(rank, port, out, save_every=2, strict=True)
     g = torch.Generator().manual_seed(2)
     for _ in range(5):
         sgd_step(model, optimizer, torch.randn(5, 4, generator=g))

@@ -655,8 +655,8 @@ class WeightAveraging:
         if self._closed:
             return self.counts
         self._closed = True
-        self._leave_peers()
         if self._link is None:
+            self._leave_peers()
             return self.counts
         atexit.unregister(self._close_at_exit)
         failure: AveragesNotSavedError | None = None
@@ -667,6 +667,7 @@ class WeightAveraging:
             answered = failure is None
         finally:
             self._stop_sidecar(answered)
+            self._leave_peers()  # after the save: a group that cannot be destroyed costs no averages
         if failure is not None:
             raise failure
         logger.info("snapshots taken %d, skipped %d", self.counts.taken, self.counts.skipped)
@@ -676,8 +677,12 @@ class WeightAveraging:
         """Destroys the ranks' agreement group (already gone if the default group was destroyed first)."""
         peers, self._peers = self._peers, None
         distributed = torch.distributed
-        if peers is not None and distributed.is_initialized():
+        if peers is None or not distributed.is_initialized():
+            return
+        try:
             distributed.destroy_process_group(peers)
+        except RuntimeError as exc:  # the averages are saved by now; one line, not a traceback
+            logger.warning("the ranks' agreement group could not be destroyed: %s", exc)
 
     def _close_at_exit(self) -> None:
         """close() at interpreter exit, where an exception would end as a traceback nobody asked for."""
