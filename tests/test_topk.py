@@ -90,12 +90,12 @@ def test_bad_k_is_refused() -> None:
         topk.magnitude_bits(torch.ones(4, dtype=torch.int32))
 
 
-def test_position_of_nth_counts_across_chunks() -> None:
+def testposition_of_nth_counts_across_chunks() -> None:
     flags = torch.zeros(3_000_000, dtype=torch.bool)
     where = torch.tensor([5, 17, 1_048_575, 1_048_576, 2_999_999])
     flags[where] = True
     for nth, index in enumerate(where.tolist(), 1):
-        assert topk._position_of_nth(flags, nth) == index
+        assert topk.position_of_nth(flags, nth) == index
 
 
 def test_ties_with_index_trim_is_ties_with_a_stable_sort() -> None:

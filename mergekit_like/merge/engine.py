@@ -40,7 +40,7 @@ from mergekit_like.merge.plan import (
     planned_merge,
 )
 from mergekit_like.merge.staging import DeviceStaging
-from mergekit_like.methods.declaration import AmplificationLog
+from mergekit_like.methods.declaration import AmplificationLog, TensorReduction
 from mergekit_like.progress import NullProgress, ProgressSink
 from mergekit_like.vocab.rows import AlignedRows, gather_rows
 
@@ -130,6 +130,57 @@ def run_prepass(plan: MergePlan, staging: DeviceStaging, progress: ProgressSink)
     return reduction.result()
 
 
+def tensor_pass_count(plan: MergePlan, tensor: TensorPlan) -> int:
+    """How many times a tensor merged in row blocks is read before its merge, for its method's tensor pass."""
+    tensor_pass = plan.recipe_of(tensor).method.tensor_pass
+    if tensor_pass is None or tensor.chunks is None or tensor.copy_from is not None:
+        return 0
+    return max(tensor_pass.passes(p, tensor.compute_dtype) for p in tensor.params)
+
+
+class TensorPasses:
+    """Runs a method's tensor pass over a tensor's row blocks when its first block comes up, then
+    hands each block of each variant its result (see :class:`~mergekit_like.methods.declaration.TensorPass`)."""
+
+    def __init__(self, plan: MergePlan, staging: DeviceStaging, executor: Executor | None,
+                 progress: ProgressSink) -> None:
+        self.plan, self.staging, self.executor, self.progress = plan, staging, executor, progress
+        self._tensor: TensorPlan | None = None
+        self._reductions: list[TensorReduction | None] = []
+
+    def block(self, tensor: TensorPlan, variant: int, rows: tuple[int, int]) -> Any:
+        """The result for one variant's row block, or None where the tensor needs no pass."""
+        if self._tensor is not tensor:
+            self._run(tensor)
+        reduction = self._reductions[variant]
+        return reduction.block(rows) if reduction is not None else None
+
+    def _run(self, tensor: TensorPlan) -> None:
+        assert tensor.chunks is not None
+        self._tensor, self._reductions = tensor, []
+        tensor_pass = self.plan.recipe_of(tensor).method.tensor_pass
+        if tensor_pass is None:
+            return
+        numel = math.prod(tensor.shape)
+        passes = [tensor_pass.passes(p, tensor.compute_dtype) for p in tensor.params]
+        self._reductions = [tensor_pass.start(p, numel, self.staging.device, self.executor) if n else None
+                            for p, n in zip(tensor.params, passes)]
+        for pass_index in range(max(passes)):
+            for position, rows in enumerate(tensor.chunks):
+                if position + 1 < len(tensor.chunks):
+                    prefetch_inputs(self.plan, tensor, tensor.chunks[position + 1])
+                inputs = read_inputs(self.plan, tensor, self.staging, rows)
+                self.staging.accept(inputs.tensors(), inputs.fence)
+                for reduction, n in zip(self._reductions, passes):
+                    if reduction is not None and pass_index < n:
+                        reduction.observe(pass_index, inputs.models, inputs.base)
+                del inputs
+            for reduction, n in zip(self._reductions, passes):
+                if reduction is not None and pass_index < n:
+                    reduction.end_pass(pass_index)
+            self.progress.advance(tensor.name, tensor.read_bytes)
+
+
 @dataclass(frozen=True)
 class KernelContext:
     """What the engine hands a kernel besides tensors and parameters, for one run."""
@@ -139,6 +190,7 @@ class KernelContext:
     prepass_result: Any = None
     # The worst amplification each method declares one (model_stock), warned about once the merge is written.
     amplifications: AmplificationLog | None = None
+    tensor_passes: TensorPasses | None = None
 
 
 @dataclass
@@ -198,7 +250,7 @@ def compute(plan: MergePlan, inputs: _Inputs, context: KernelContext) -> list[to
     recipe = plan.recipe_of(tensor)
     method = recipe.method
     results = []
-    for params in tensor.params:
+    for variant, params in enumerate(tensor.params):
         kwargs = dict(params)
         if inputs.base is not None:
             kwargs["base"] = inputs.base
@@ -208,6 +260,9 @@ def compute(plan: MergePlan, inputs: _Inputs, context: KernelContext) -> list[to
             kwargs["executor"] = context.executor
         if method.prepass is not None:
             kwargs[method.prepass.keyword] = context.prepass_result
+        if method.tensor_pass is not None and inputs.rows is not None and context.tensor_passes is not None:
+            if (block := context.tensor_passes.block(tensor, variant, inputs.rows)) is not None:
+                kwargs[method.tensor_pass.keyword] = block
         try:
             merged = method.kernel(inputs.models, **kwargs)
         except MergeError as exc:
@@ -310,7 +365,9 @@ def run_merge(
         raise ValueError(f"outputs {[spec.label for spec in specs]} do not match the plan's variants {labels}")
     prepass = plan.method.prepass if plan.needs_prepass else None
     passes = (prepass.passes if prepass is not None else 0) + 1
-    progress.start(len(plan.tensors) * passes, plan.read_bytes * passes)
+    tensor_reads = [(n, t.read_bytes) for t in plan.tensors if (n := tensor_pass_count(plan, t))]
+    progress.start(len(plan.tensors) * passes + sum(n for n, _ in tensor_reads),
+                   plan.read_bytes * passes + sum(n * size for n, size in tensor_reads))
     if staging.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(staging.device)
     threads = options.kernel_threads or max(2, torch.get_num_threads())
@@ -343,7 +400,7 @@ def _merged_stream(
     cannot be written."""
     apply_allocator(plan.options.allocator, elementwise=all(m.elementwise for m in plan.methods))
     context = KernelContext(staging, executor, run_prepass(plan, staging, progress) if prepass else None,
-                            amplifications)
+                            amplifications, TensorPasses(plan, staging, executor, progress))
     items = [(t, rows) for t in plan.tensors for rows in (t.chunks or [None])]
     stream = _pipelined if plan.options.pipeline else _sequential
     yield from stream(plan, items, lambda i: compute(plan, i, context), staging, progress)

@@ -418,7 +418,8 @@ def _plan_tensor(
     # A quarter of the budget for the inputs of the block in compute: the rest holds the next
     # block read ahead (half) and the temporaries and result (a quarter).
     block_elements = memory_budget // (4 * len(entries) * compute.itemsize)
-    chunks = row_chunks(ref_entry.shape, block_elements) if method.elementwise and same_shapes else None
+    blockwise = same_shapes and method.merges_row_blocks(params, compute)
+    chunks = row_chunks(ref_entry.shape, block_elements) if blockwise else None
     return TensorPlan(name, ref_entry.shape, out_dtype, compute, None, tuple(params), read_bytes, chunks, **where)
 
 

@@ -15,7 +15,9 @@ engine need, so none of them names a method or a method parameter::
   the decorator says ``base=BaseUse.OPTIONAL``);
 - ``generator``: a generator seeded by the run's seed and the tensor's name;
 - ``executor``: a thread pool for per-model (or per-unit) work (absent when called directly);
-- the keyword named by a declared :class:`WholeModelPass` receives its result;
+- the keyword named by a declared :class:`WholeModelPass` receives its result, and the one named
+  by a declared :class:`TensorPass` its result for the row block in hand (when the tensor is merged
+  in row blocks; absent when it is merged whole);
 - every other keyword-only parameter is a method parameter. ``PerModel[X]`` takes
   one value per model (a recipe may give one for all; its default is written
   ``each(value)``); ``Range`` bounds every value; ``Typical`` warns outside a
@@ -38,6 +40,7 @@ import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, Protocol, TypeVar
@@ -192,6 +195,45 @@ class WholeModelPass(Protocol):
         parameters (:meth:`problems` refuses plans where the pass's parameters differ)."""
 
 
+class TensorReduction(Protocol):
+    """The state of a :class:`TensorPass` over one tensor (one variant's parameters)."""
+
+    def observe(self, pass_index: int, models: Sequence[torch.Tensor], base: torch.Tensor | None) -> None:
+        """Takes one row block of every model (and the base) as the kernel gets them; the blocks of
+        a pass come in row order."""
+
+    def end_pass(self, pass_index: int) -> None: ...
+
+    def block(self, rows: tuple[int, int]) -> Any:
+        """What the kernel receives under the pass's keyword for the row block ``rows``; asked for
+        in row order, once per block, after the passes."""
+
+
+class TensorPass(Protocol):
+    """What a whole-tensor method needs to know of a tensor before merging it row block by row block.
+
+    A top-k needs the k-th largest magnitude; the engine reads the tensor's row blocks
+    :meth:`passes` times, feeds them to a :class:`TensorReduction`, then merges the blocks
+    with the reduction's result for each. A method merges a tensor in row blocks only where
+    :meth:`blockwise` says its parameters allow it, and whole otherwise.
+    """
+
+    @property
+    def keyword(self) -> str:
+        """The kernel parameter that receives the result for a block."""
+
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> bool:
+        """Whether a tensor with these kernel parameters merges in row blocks to the bits of a whole merge."""
+
+    def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:
+        """How many read passes over the tensor's row blocks the reduction needs (0: none, the
+        kernel then gets no result)."""
+
+    def start(self, params: Mapping[str, Any], numel: int, device: torch.device,
+              executor: Executor | None) -> TensorReduction:
+        """A fresh reduction over a tensor of ``numel`` elements with these kernel parameters."""
+
+
 # The usual weights of an average: a negative one extrapolates (task arithmetic's negation is on purpose).
 NONNEGATIVE_WEIGHT = Typical(
     low=0, why="will extrapolate rather than average (negative weights are meant for task_arithmetic)")
@@ -260,6 +302,8 @@ class MergeMethod:
     # to the compute dtype (bf16 to float32), saving a cast and half their memory.
     inputs_as_stored: bool = False
     prepass: WholeModelPass | None = None
+    # A per-tensor pre-pass that lets the method merge large tensors in row blocks.
+    tensor_pass: TensorPass | None = None
     checks: tuple[TensorCheck, ...] = ()
     # The kernel's result is at least this precise whatever the compute dtype (arcee_fusion
     # multiplies by a float32 mask); a recipe whose dtype sets the output keeps that precision,
@@ -273,6 +317,12 @@ class MergeMethod:
 
     def __call__(self, tensors: list[torch.Tensor], **kwargs: Any) -> torch.Tensor:
         return self.kernel(tensors, **kwargs)
+
+    def merges_row_blocks(self, params: Sequence[Mapping[str, Any]], compute_dtype: torch.dtype) -> bool:
+        """Whether a tensor with these kernel parameters (one set per variant) may merge in row blocks."""
+        if self.elementwise:
+            return True
+        return self.tensor_pass is not None and all(self.tensor_pass.blockwise(p, compute_dtype) for p in params)
 
     @property
     def sweep_param(self) -> str | None:
@@ -324,6 +374,7 @@ def merge_method(
     elementwise: bool = False,
     inputs_as_stored: bool = False,
     prepass: WholeModelPass | None = None,
+    tensor_pass: TensorPass | None = None,
     checks: tuple[TensorCheck, ...] = (),
     result_dtype: torch.dtype | None = None,
     warns: tuple[ParamWarning, ...] = (),
@@ -334,7 +385,8 @@ def merge_method(
     def declare(kernel: Callable[..., torch.Tensor]) -> MergeMethod:
         hints = typing.get_type_hints(kernel, include_extras=True)
         signature = inspect.signature(kernel)
-        context = _CONTEXT_ARGS | ({prepass.keyword} if prepass is not None else set())
+        context = (_CONTEXT_ARGS | ({prepass.keyword} if prepass is not None else set())
+                   | ({tensor_pass.keyword} if tensor_pass is not None else set()))
         params: dict[str, ParamSpec] = {}
         for parameter in signature.parameters.values():
             if parameter.name in context:
@@ -349,14 +401,16 @@ def merge_method(
         if amplification is not None and elementwise:
             raise TypeError(f"{kernel.__name__}: an element-wise method is merged in row blocks; "
                             "an amplification is measured on whole tensors")
+        if elementwise and tensor_pass is not None:
+            raise TypeError(f"{kernel.__name__}: an element-wise method needs no tensor pass")
         base_use = base or (BaseUse.REQUIRED if "base" in signature.parameters else BaseUse.NONE)
         return MergeMethod(
             name=name, kernel=_broadcasting_per_model(kernel, [p for p in params.values() if p.per_model]),
             params=params, base=base_use, min_models=min_models, max_models=max_models, paper=paper,
             description=description, uses_generator="generator" in signature.parameters,
             uses_executor="executor" in signature.parameters, ignored_params=frozenset(ignored_params),
-            elementwise=elementwise, inputs_as_stored=inputs_as_stored, prepass=prepass, checks=checks,
-            result_dtype=result_dtype, warns=warns, amplification=amplification,
+            elementwise=elementwise, inputs_as_stored=inputs_as_stored, prepass=prepass, tensor_pass=tensor_pass,
+            checks=checks, result_dtype=result_dtype, warns=warns, amplification=amplification,
         )
 
     return declare

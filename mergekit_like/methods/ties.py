@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 
+from mergekit_like.methods.block_topk import BlockTopK, BlockTrims
 from mergekit_like.methods.declaration import (
     NONNEGATIVE_WEIGHT,
     PerModel,
@@ -81,6 +82,7 @@ class ModelTopK:
     description="Trim task vectors to their largest entries, elect signs, disjoint mean.",
     ignored_params=("int8_mask",),
     prepass=ModelTopK(),
+    tensor_pass=BlockTopK(),
 )
 def ties(
     tensors: list[torch.Tensor],
@@ -95,9 +97,13 @@ def ties(
     trim_scope: Literal["tensor", "model"] = "tensor",
     trim_ties: TrimTies = "sort",
     thresholds: list[float] | None = None,
+    block_trims: BlockTrims | None = None,
     executor: Executor | None = None,
 ) -> torch.Tensor:
-    if trim_scope == "model":
+    if block_trims is not None:
+        # A row block of a large tensor: the trims' thresholds come from a pass over all its blocks.
+        trims = block_trims.trims(tensors, base)
+    elif trim_scope == "model":
         # Keep |d| at or above the model-wide k-th largest magnitude, as the original TIES code.
         if thresholds is None:
             raise ValueError("trim_scope 'model' needs the model-wide thresholds")

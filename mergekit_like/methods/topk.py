@@ -122,7 +122,7 @@ def top_k_mask(
         if count_above + count_tied != k or _is_nan_pattern(threshold, magnitudes.dtype):
             return None  # NaN payloads differ in bits but are equal to a sort
         return above.logical_or_(tied)
-    cut = _position_of_nth(tied, k - count_above) + 1
+    cut = position_of_nth(tied, k - count_above) + 1
     above[:cut] |= tied[:cut]
     return above
 
@@ -154,7 +154,7 @@ def _bracketed_kth_largest(bits: torch.Tensor, k: int, ordered: torch.Tensor, ra
     return int(torch.kthvalue(candidates, candidates.numel() - needed + 1).values)
 
 
-def _position_of_nth(flags: torch.Tensor, nth: int) -> int:
+def position_of_nth(flags: torch.Tensor, nth: int) -> int:
     """The flat index of the nth (1-based) True in ``flags``, which holds at least nth.
 
     Counted in coarse, then fine chunks (counting is several times cheaper than listing
@@ -180,6 +180,7 @@ class TopKThreshold:
         self._low = torch.zeros(BUCKETS, dtype=torch.int64, device=device)
         self._bucket: int | None = None
         self._above = 0  # entries in buckets above the chosen one
+        self._low_counted = False
 
     def first_pass(self, delta: torch.Tensor) -> None:
         """Counts the high bits of ``|delta|``."""
@@ -203,6 +204,20 @@ class TopKThreshold:
         bits = _float32_bits(magnitudes)
         inside = bits[(bits >> 16) == self._bucket] & (BUCKETS - 1)
         self._low += torch.bincount(inside, minlength=BUCKETS).to(self._low.device)
+        self._low_counted = True
+
+    def threshold_and_above(self) -> tuple[int, int]:
+        """The k-th largest's float32 bit pattern, and how many entries lie strictly above it.
+
+        Without :meth:`count_low` the chosen bucket is taken as the value: right when every
+        magnitude's low 16 bits are zero (bfloat16 values, widened), which one pass settles.
+        """
+        if self._bucket is None:
+            raise RuntimeError("call choose_bucket() first")
+        if not self._low_counted:
+            return self._bucket << 16, self._above
+        low, above = _bucket_from_top(self._low, self.k - self._above)
+        return (self._bucket << 16) | low, self._above + above
 
     def threshold_bits(self) -> int:
         if self._bucket is None:

@@ -1,0 +1,188 @@
+"""A tensor's magnitude top-k, decided over its row blocks, so TIES can merge it block by block.
+
+TIES keeps each task vector's ``k = max(1, int(density * n))`` largest magnitudes. The k-th
+largest is found by radix selection (:class:`~mergekit_like.methods.topk.TopKThreshold`) over
+the blocks: one pass counts the high 16 bits of every magnitude, which settles a bfloat16
+tensor; float16 and float32 take a second pass over the low bits inside the chosen bucket.
+The merge pass then keeps, per block, what lies above that threshold, and of the entries
+equal to it either all (``trim_ties: keep``) or the first ones in flat order until k are
+kept (``trim_ties: index``, the order of a stable sort), counted across the blocks as they
+come. The masks are those of the whole-tensor selection in :mod:`~mergekit_like.methods.topk`,
+so the merge gives its bits; memory holds a block, never the tensor.
+
+Exact ties (``trim_ties: sort``) follow the order of a sort of the whole tensor, and an L1
+rescale divides by sums over the whole tensor in its order: such tensors merge whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from mergekit_like.methods.task_vectors import KEEP_ALL, Trim
+from mergekit_like.methods.topk import TopKThreshold, magnitude_bits, position_of_nth
+
+# The compute dtypes whose magnitudes widen exactly to float32, the selection's key.
+SELECTABLE = frozenset({torch.bfloat16, torch.float16, torch.float32})
+
+T = TypeVar("T")
+
+
+def _each_model(executor: Executor | None, work: Callable[[int], T], count: int, device: torch.device) -> list[T]:
+    """``work(i)`` for every model, in the executor's threads on the CPU (bincounts and compares
+    run on one core each)."""
+    if executor is not None and device.type == "cpu" and count > 1:
+        return list(executor.map(work, range(count)))
+    return [work(i) for i in range(count)]
+
+
+def _magnitudes(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``|x - base|``, flat, computed as the whole-tensor trim computes it."""
+    return (x - base).abs_().reshape(-1)
+
+
+def _pattern_in(dtype: torch.dtype, float32_pattern: int) -> int:
+    """A float32 bit pattern's value as a :func:`magnitude_bits` pattern of ``dtype`` (which holds it exactly)."""
+    value = torch.tensor([float32_pattern], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    return int(magnitude_bits(value.to(dtype)).item())
+
+
+@dataclass
+class _ModelCut:
+    """Where one model's trim cuts: keep magnitudes above ``threshold`` and ``ties_left`` of those equal to it."""
+
+    threshold: int  # float32 bit pattern
+    ties_left: int | None  # None: keep every tie (trim_ties: keep)
+
+    def mask(self, magnitudes: torch.Tensor) -> torch.Tensor:
+        bits = magnitude_bits(magnitudes)
+        threshold = _pattern_in(magnitudes.dtype, self.threshold)
+        if self.ties_left is None:
+            return bits >= threshold
+        above = bits > threshold
+        if self.ties_left == 0:
+            return above
+        tied = bits == threshold
+        count = int(torch.count_nonzero(tied))
+        if count <= self.ties_left:
+            self.ties_left -= count
+            return above.logical_or_(tied)
+        cut = position_of_nth(tied, self.ties_left) + 1
+        above[:cut] |= tied[:cut]
+        self.ties_left = 0
+        return above
+
+
+class _NoneKept(_ModelCut):
+    """Density 0: nothing is kept."""
+
+    def __init__(self) -> None:
+        super().__init__(threshold=0, ties_left=0)
+
+    def mask(self, magnitudes: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(magnitudes.numel(), dtype=torch.bool, device=magnitudes.device)
+
+
+@dataclass
+class BlockTrims:
+    """The trims of one tensor's row blocks, made in row order (ties are counted across blocks)."""
+
+    cuts: list[_ModelCut | Trim]
+    executor: Executor | None = None
+    next_row: int = 0
+    rows: tuple[int, int] = field(default=(0, 0))
+
+    def at(self, rows: tuple[int, int]) -> BlockTrims:
+        if rows[0] != self.next_row:
+            raise RuntimeError(f"row block {rows} asked for out of order (expected one from row {self.next_row})")
+        self.rows, self.next_row = rows, rows[1]
+        return self
+
+    def trims(self, tensors: Sequence[torch.Tensor], base: torch.Tensor) -> list[Trim]:
+        """Each model's trim of the block in hand."""
+        def one(i: int) -> Trim:
+            cut = self.cuts[i]
+            return cut if isinstance(cut, Trim) else Trim(cut.mask(_magnitudes(tensors[i], base)))
+
+        return _each_model(self.executor, one, len(tensors), base.device)
+
+
+class _TopKReduction:
+    """Each model's k-th largest task-vector magnitude over one tensor's row blocks."""
+
+    def __init__(self, densities: Sequence[float], numel: int, keep_ties: bool, device: torch.device,
+                 executor: Executor | None) -> None:
+        self.fixed: dict[int, _ModelCut | Trim] = {}
+        self.selectors: dict[int, TopKThreshold] = {}
+        for i, density in enumerate(densities):
+            if density >= 1:
+                self.fixed[i] = KEEP_ALL
+            elif density <= 0:
+                self.fixed[i] = _NoneKept()
+            else:
+                self.selectors[i] = TopKThreshold(max(1, int(density * numel)), device)
+        self.keep_ties = keep_ties
+        self.executor = executor
+        self._trims: BlockTrims | None = None
+
+    def observe(self, pass_index: int, models: Sequence[torch.Tensor], base: torch.Tensor | None) -> None:
+        assert base is not None
+        selected = list(self.selectors.items())
+
+        def count(j: int) -> None:
+            i, selector = selected[j]
+            magnitudes = _magnitudes(models[i], base)
+            selector.count_high(magnitudes) if pass_index == 0 else selector.count_low(magnitudes)
+
+        _each_model(self.executor, count, len(selected), base.device)
+
+    def end_pass(self, pass_index: int) -> None:
+        if pass_index == 0:
+            for selector in self.selectors.values():
+                selector.choose_bucket()
+
+    def block(self, rows: tuple[int, int]) -> BlockTrims:
+        if self._trims is None:
+            self._trims = BlockTrims(self._cuts(), self.executor)
+        return self._trims.at(rows)
+
+    def _cuts(self) -> list[_ModelCut | Trim]:
+        cuts: list[_ModelCut | Trim] = []
+        for i in range(len(self.fixed) + len(self.selectors)):
+            if i in self.selectors:
+                threshold, above = self.selectors[i].threshold_and_above()
+                cuts.append(_ModelCut(threshold, None if self.keep_ties else self.selectors[i].k - above))
+            else:
+                cuts.append(self.fixed[i])
+        return cuts
+
+
+def _trims(params: Mapping[str, Any]) -> bool:
+    return any(d < 1 for d in params.get("density", [1.0]))
+
+
+@dataclass(frozen=True)
+class BlockTopK:
+    """The tensor pass of TIES' magnitude trim (``trim_scope: tensor``, ``trim_ties`` index or keep)."""
+
+    keyword: str = "block_trims"
+
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> bool:
+        if not _trims(params):
+            return True  # nothing trimmed: the merge is element-wise
+        return (compute_dtype in SELECTABLE and params.get("trim_scope", "tensor") == "tensor"
+                and params.get("trim_ties") in ("index", "keep") and not params.get("rescale", False))
+
+    def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:
+        if not _trims(params):
+            return 0
+        return 1 if compute_dtype == torch.bfloat16 else 2
+
+    def start(self, params: Mapping[str, Any], numel: int, device: torch.device,
+              executor: Executor | None) -> _TopKReduction:
+        return _TopKReduction(params.get("density", [1.0]), numel, params.get("trim_ties") == "keep", device,
+                              executor)

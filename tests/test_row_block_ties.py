@@ -1,0 +1,146 @@
+"""TIES on large tensors, row block by row block: a pass finds each trim's threshold, the merge keeps its bits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_checkpoint
+
+import mergekit_like.merge.options as options_module
+from mergekit_like.io import open_checkpoint
+from mergekit_like.merge.engine import MergeOptions, planned_merge, run_merge, tensor_pass_count
+from mergekit_like.merge.recipe import parse_recipe
+from mergekit_like.methods import get_method
+from mergekit_like.methods.block_topk import BlockTopK
+
+TIES = get_method("ties")
+
+
+def _quantised(shape: tuple[int, ...], seed: int, dtype: torch.dtype, levels: float = 64.0) -> torch.Tensor:
+    """Values on a coarse grid: many magnitudes tie, so tie groups straddle the cut and the blocks."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * levels).round().div(levels * 8).to(dtype)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """Bit patterns: equal values with different bits (zero's signs) count as different."""
+    return tensor.view(torch.int16 if tensor.dtype.itemsize == 2 else torch.int32)
+
+
+def _in_row_blocks(models: list[torch.Tensor], base: torch.Tensor, rows: int, **params) -> torch.Tensor:
+    """The engine's route: the tensor pass over the blocks, then the kernel per block."""
+    tensor_pass = BlockTopK()
+    full = {"density": [1.0] * len(models), "trim_scope": "tensor", "trim_ties": "index", "rescale": False,
+            **params}
+    assert tensor_pass.blockwise(full, base.dtype)
+    blocks = [(start, min(start + rows, base.shape[0])) for start in range(0, base.shape[0], rows)]
+    passes = tensor_pass.passes(full, base.dtype)
+    reduction = tensor_pass.start(full, base.numel(), base.device, None) if passes else None
+    for pass_index in range(passes):
+        for start, stop in blocks:
+            reduction.observe(pass_index, [m[start:stop] for m in models], base[start:stop])
+        reduction.end_pass(pass_index)
+    out = []
+    for start, stop in blocks:
+        extra = {"block_trims": reduction.block((start, stop))} if reduction else {}
+        out.append(TIES([m[start:stop] for m in models], base=base[start:stop], weight=[1.0, 0.5, 0.8], **params,
+                        **extra))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("trim_ties", ["index", "keep"])
+@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("levels", [64.0, 1 << 14])  # 1 << 14: magnitudes need more bits than bfloat16's
+def test_row_blocks_give_the_whole_tensors_bits(dtype: torch.dtype, trim_ties: str, rows: int, levels: float) -> None:
+    base = _quantised((64, 48), 0, dtype)
+    models = [base + _quantised((64, 48), seed, dtype, levels) for seed in (1, 2, 3)]
+    params = {"density": [0.3, 0.55, 0.8], "trim_ties": trim_ties}
+    whole = TIES(models, base=base, weight=[1.0, 0.5, 0.8], **params)
+    assert torch.equal(_bits(_in_row_blocks(models, base, rows, **params)), _bits(whole))
+
+
+def test_models_in_their_stored_dtype_and_densities_zero_and_one() -> None:
+    # TIES takes bf16 models beside a float32 base (inputs_as_stored); density 0 keeps nothing, 1 everything.
+    base = _quantised((40, 30), 4, torch.float32)
+    models = [(base + _quantised((40, 30), seed, torch.float32)).to(torch.bfloat16) for seed in (5, 6, 7)]
+    params = {"density": [0.0, 1.0, 0.4], "trim_ties": "index"}
+    whole = TIES(models, base=base, weight=[1.0, 0.5, 0.8], **params)
+    assert torch.equal(_in_row_blocks(models, base, 3, **params), whole)
+
+
+def test_every_tie_at_the_cut_in_one_block_or_spread() -> None:
+    # All magnitudes equal: "index" keeps the first k in flat order, whichever block they fall in.
+    base = torch.zeros(10, 10)
+    models = [torch.ones(10, 10) * s for s in (1.0, -1.0, 1.0)]
+    params = {"density": [0.33, 0.5, 0.07], "trim_ties": "index"}
+    whole = TIES(models, base=base, weight=[1.0, 0.5, 0.8], **params)
+    assert torch.equal(_in_row_blocks(models, base, 3, **params), whole)
+
+
+def test_what_merges_whole() -> None:
+    tensor_pass = BlockTopK()
+    trimmed = {"density": [0.5], "trim_scope": "tensor", "trim_ties": "index", "rescale": False}
+    assert tensor_pass.blockwise(trimmed, torch.float32)
+    assert not tensor_pass.blockwise({**trimmed, "trim_ties": "sort"}, torch.float32)  # a sort's tie order
+    assert not tensor_pass.blockwise({**trimmed, "rescale": True}, torch.float32)  # sums in the whole's order
+    assert not tensor_pass.blockwise({**trimmed, "trim_scope": "model"}, torch.float32)
+    assert not tensor_pass.blockwise(trimmed, torch.float64)  # float64 keys do not fit the float32 selection
+    untrimmed = {**trimmed, "density": [1.0], "trim_ties": "sort"}
+    assert tensor_pass.blockwise(untrimmed, torch.float64) and tensor_pass.passes(untrimmed, torch.float64) == 0
+    assert tensor_pass.passes(trimmed, torch.bfloat16) == 1 and tensor_pass.passes(trimmed, torch.float32) == 2
+
+
+def test_blocks_out_of_order_are_refused() -> None:
+    base = torch.zeros(4, 4)
+    full = {"density": [0.5], "trim_scope": "tensor", "trim_ties": "index", "rescale": False}
+    reduction = BlockTopK().start(full, base.numel(), base.device, None)
+    reduction.observe(0, [torch.randn(4, 4)], base)
+    reduction.end_pass(0)
+    reduction.block((0, 2))
+    with pytest.raises(RuntimeError, match="out of order"):
+        reduction.block((3, 4))
+
+
+def _read_all(path: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(path) as ckpt:
+        return {n: ckpt.read(n) for n in ckpt.names()}
+
+
+@pytest.mark.parametrize("dtype,trim_ties", [("bfloat16", "index"), ("float32", "keep"), ("float16", "index")])
+def test_a_merge_under_a_small_budget_equals_the_whole_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, trim_ties: str
+) -> None:
+    paths = []
+    for seed, name in enumerate(("base", "a", "b")):
+        tensors = {"model.embed_tokens.weight": _quantised((96, 16), seed, torch.bfloat16),
+                   "model.norm.weight": _quantised((16,), seed + 10, torch.bfloat16)}
+        paths.append(write_checkpoint(tmp_path / name, tensors, config={"model_type": "llama"}))
+    recipe = parse_recipe({
+        "merge_method": "ties", "base_model": str(paths[0]), "dtype": dtype,
+        "parameters": {"trim_ties": trim_ties, "density": 0.4},
+        "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths[1:], (1.0, 0.7))]})
+    with planned_merge(recipe, MergeOptions()) as plan:
+        assert all(t.chunks is None for t in plan.tensors)
+        run_merge(plan, tmp_path / "whole")
+    monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
+    with planned_merge(recipe, MergeOptions(memory_budget=3 * 4 * 8 * 16 * 4)) as plan:
+        embedding = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
+        assert embedding.chunks is not None and len(embedding.chunks) > 3
+        assert tensor_pass_count(plan, embedding) == (1 if dtype == "bfloat16" else 2)
+        run_merge(plan, tmp_path / "blocks")
+    whole, blocks = _read_all(tmp_path / "whole"), _read_all(tmp_path / "blocks")
+    assert whole.keys() == blocks.keys()
+    assert all(torch.equal(whole[n], blocks[n]) for n in whole)
+
+
+def test_exact_ties_still_merge_whole_under_a_small_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = [write_checkpoint(tmp_path / n, {"w": _quantised((96, 16), s, torch.bfloat16)}) for s, n in
+             enumerate(("base", "a"))]
+    recipe = parse_recipe({"merge_method": "ties", "base_model": str(paths[0]), "parameters": {"density": 0.4},
+                           "models": [{"model": str(paths[1]), "parameters": {"weight": 1.0}}]})
+    monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
+    with planned_merge(recipe, MergeOptions(memory_budget=4096)) as plan:
+        assert plan.tensors[0].chunks is None
