@@ -13,6 +13,7 @@ from mergekit_like.io import open_checkpoint
 from mergekit_like.merge.engine import MergeOptions, planned_merge, run_merge, tensor_pass_count
 from mergekit_like.merge.recipe import parse_recipe
 from mergekit_like.methods import get_method
+from mergekit_like.methods import block_topk
 from mergekit_like.methods.block_topk import BlockTopK
 
 TIES = get_method("ties")
@@ -54,7 +55,13 @@ def _in_row_blocks(models: list[torch.Tensor], base: torch.Tensor, rows: int, **
 @pytest.mark.parametrize("trim_ties", ["index", "keep"])
 @pytest.mark.parametrize("rows", [1, 7, 64])
 @pytest.mark.parametrize("levels", [64.0, 1 << 14])  # 1 << 14: magnitudes need more bits than bfloat16's
-def test_row_blocks_give_the_whole_tensors_bits(dtype: torch.dtype, trim_ties: str, rows: int, levels: float) -> None:
+@pytest.mark.parametrize("slice_size", [None, 37])  # slices of a block: ties are counted across them too
+def test_row_blocks_give_the_whole_tensors_bits(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, trim_ties: str, rows: int, levels: float,
+    slice_size: int | None,
+) -> None:
+    if slice_size is not None:
+        monkeypatch.setattr(block_topk, "BLOCK", slice_size)
     base = _quantised((64, 48), 0, dtype)
     models = [base + _quantised((64, 48), seed, dtype, levels) for seed in (1, 2, 3)]
     params = {"density": [0.3, 0.55, 0.8], "trim_ties": trim_ties}

@@ -16,14 +16,14 @@ rescale divides by sums over the whole tensor in its order: such tensors merge w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
-from mergekit_like.methods.task_vectors import KEEP_ALL, Trim
+from mergekit_like.methods.task_vectors import BLOCK, GPU_BLOCK, KEEP_ALL, Trim
 from mergekit_like.methods.topk import TopKThreshold, magnitude_bits, position_of_nth
 
 # The compute dtypes whose magnitudes widen exactly to float32, the selection's key.
@@ -40,9 +40,14 @@ def _each_model(executor: Executor | None, work: Callable[[int], T], count: int,
     return [work(i) for i in range(count)]
 
 
-def _magnitudes(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """``|x - base|``, flat, computed as the whole-tensor trim computes it."""
-    return (x - base).abs_().reshape(-1)
+def _parts(x: torch.Tensor, base: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``|x - base|``, flat, a slice at a time: temporaries stay in cache, as in the merge's blocks.
+
+    Entry by entry what the whole-tensor trim computes."""
+    flat_x, flat_base = x.reshape(-1), base.reshape(-1)
+    step = BLOCK if base.device.type == "cpu" else GPU_BLOCK
+    for start in range(0, flat_base.numel(), step):
+        yield (flat_x[start : start + step] - flat_base[start : start + step]).abs_()
 
 
 def _pattern_in(dtype: torch.dtype, float32_pattern: int) -> int:
@@ -58,23 +63,33 @@ class _ModelCut:
     threshold: int  # float32 bit pattern
     ties_left: int | None  # None: keep every tie (trim_ties: keep)
 
-    def mask(self, magnitudes: torch.Tensor) -> torch.Tensor:
+    def mask(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """The flat mask of one row block; the blocks of a tensor come in order (ties are counted)."""
+        out = torch.empty(base.numel(), dtype=torch.bool, device=base.device)
+        start = 0
+        for magnitudes in _parts(x, base):
+            self._cut(magnitudes, out[start : start + magnitudes.numel()])
+            start += magnitudes.numel()
+        return out
+
+    def _cut(self, magnitudes: torch.Tensor, out: torch.Tensor) -> None:
         bits = magnitude_bits(magnitudes)
         threshold = _pattern_in(magnitudes.dtype, self.threshold)
         if self.ties_left is None:
-            return bits >= threshold
-        above = bits > threshold
+            torch.ge(bits, threshold, out=out)
+            return
+        torch.gt(bits, threshold, out=out)
         if self.ties_left == 0:
-            return above
+            return
         tied = bits == threshold
         count = int(torch.count_nonzero(tied))
         if count <= self.ties_left:
             self.ties_left -= count
-            return above.logical_or_(tied)
+            out |= tied
+            return
         cut = position_of_nth(tied, self.ties_left) + 1
-        above[:cut] |= tied[:cut]
+        out[:cut] |= tied[:cut]
         self.ties_left = 0
-        return above
 
 
 class _NoneKept(_ModelCut):
@@ -83,8 +98,8 @@ class _NoneKept(_ModelCut):
     def __init__(self) -> None:
         super().__init__(threshold=0, ties_left=0)
 
-    def mask(self, magnitudes: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(magnitudes.numel(), dtype=torch.bool, device=magnitudes.device)
+    def mask(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(base.numel(), dtype=torch.bool, device=base.device)
 
 
 @dataclass
@@ -106,7 +121,7 @@ class BlockTrims:
         """Each model's trim of the block in hand."""
         def one(i: int) -> Trim:
             cut = self.cuts[i]
-            return cut if isinstance(cut, Trim) else Trim(cut.mask(_magnitudes(tensors[i], base)))
+            return cut if isinstance(cut, Trim) else Trim(cut.mask(tensors[i], base))
 
         return _each_model(self.executor, one, len(tensors), base.device)
 
@@ -135,8 +150,8 @@ class _TopKReduction:
 
         def count(j: int) -> None:
             i, selector = selected[j]
-            magnitudes = _magnitudes(models[i], base)
-            selector.count_high(magnitudes) if pass_index == 0 else selector.count_low(magnitudes)
+            for magnitudes in _parts(models[i], base):
+                selector.count_high(magnitudes) if pass_index == 0 else selector.count_low(magnitudes)
 
         _each_model(self.executor, count, len(selected), base.device)
 

@@ -191,7 +191,8 @@ class TopKThreshold:
         self.count_low(delta.abs())
 
     def count_high(self, magnitudes: torch.Tensor) -> None:
-        high = _float32_bits(magnitudes) >> 16
+        # A bfloat16 pattern is the high half of its float32 one: counted without widening.
+        high = magnitude_bits(magnitudes) if magnitudes.dtype == torch.bfloat16 else _float32_bits(magnitudes) >> 16
         self._high += torch.bincount(high, minlength=BUCKETS).to(self._high.device)
 
     def choose_bucket(self) -> None:
