@@ -12,8 +12,7 @@ import mergekit_like.merge.options as options_module
 from mergekit_like.io import open_checkpoint
 from mergekit_like.merge.engine import MergeOptions, planned_merge, run_merge, tensor_pass_count
 from mergekit_like.merge.recipe import parse_recipe
-from mergekit_like.methods import get_method
-from mergekit_like.methods import block_topk
+from mergekit_like.methods import block_topk, get_method
 from mergekit_like.methods.block_topk import BlockTopK
 
 TIES = get_method("ties")

@@ -40,7 +40,7 @@ from mergekit_like.merge.plan import (
     planned_merge,
 )
 from mergekit_like.merge.staging import DeviceStaging
-from mergekit_like.methods.declaration import AmplificationLog, TensorReduction
+from mergekit_like.methods.declaration import AmplificationLog, MergeMethod, TensorReduction
 from mergekit_like.progress import NullProgress, ProgressSink
 from mergekit_like.vocab.rows import AlignedRows, gather_rows
 
@@ -146,25 +146,28 @@ class TensorPasses:
                  progress: ProgressSink) -> None:
         self.plan, self.staging, self.executor, self.progress = plan, staging, executor, progress
         self._tensor: TensorPlan | None = None
-        self._reductions: list[TensorReduction | None] = []
+        self._reductions: list[TensorReduction] = []
 
     def block(self, tensor: TensorPlan, variant: int, rows: tuple[int, int]) -> Any:
-        """The result for one variant's row block, or None where the tensor needs no pass."""
+        """The result for one variant's row block."""
         if self._tensor is not tensor:
             self._run(tensor)
-        reduction = self._reductions[variant]
-        return reduction.block(rows) if reduction is not None else None
+        return self._reductions[variant].block(rows)
 
     def _run(self, tensor: TensorPlan) -> None:
         assert tensor.chunks is not None
-        self._tensor, self._reductions = tensor, []
-        tensor_pass = self.plan.recipe_of(tensor).method.tensor_pass
-        if tensor_pass is None:
-            return
+        recipe = self.plan.recipe_of(tensor)
+        tensor_pass = recipe.method.tensor_pass
+        assert tensor_pass is not None
         numel = math.prod(tensor.shape)
         passes = [tensor_pass.passes(p, tensor.compute_dtype) for p in tensor.params]
-        self._reductions = [tensor_pass.start(p, numel, self.staging.device, self.executor) if n else None
-                            for p, n in zip(tensor.params, passes)]
+        device = self.staging.device
+        self._tensor = tensor
+        self._reductions = [
+            tensor_pass.start(p, numel, device, self.executor,
+                              tensor_generator(recipe.seed, tensor.name, device) if recipe.method.uses_generator
+                              else None)
+            for p in tensor.params]
         for pass_index in range(max(passes)):
             for position, rows in enumerate(tensor.chunks):
                 if position + 1 < len(tensor.chunks):
@@ -172,11 +175,11 @@ class TensorPasses:
                 inputs = read_inputs(self.plan, tensor, self.staging, rows)
                 self.staging.accept(inputs.tensors(), inputs.fence)
                 for reduction, n in zip(self._reductions, passes):
-                    if reduction is not None and pass_index < n:
+                    if pass_index < n:
                         reduction.observe(pass_index, inputs.models, inputs.base)
                 del inputs
             for reduction, n in zip(self._reductions, passes):
-                if reduction is not None and pass_index < n:
+                if pass_index < n:
                     reduction.end_pass(pass_index)
             self.progress.advance(tensor.name, tensor.read_bytes)
 
@@ -261,16 +264,39 @@ def compute(plan: MergePlan, inputs: _Inputs, context: KernelContext) -> list[to
         if method.prepass is not None:
             kwargs[method.prepass.keyword] = context.prepass_result
         if method.tensor_pass is not None and inputs.rows is not None and context.tensor_passes is not None:
-            if (block := context.tensor_passes.block(tensor, variant, inputs.rows)) is not None:
-                kwargs[method.tensor_pass.keyword] = block
+            kwargs[method.tensor_pass.keyword] = context.tensor_passes.block(tensor, variant, inputs.rows)
         try:
-            merged = method.kernel(inputs.models, **kwargs)
+            merged = _call_kernel(method, inputs.models, kwargs)
         except MergeError as exc:
             raise MergeError(exc.what, tensor=tensor.name, fix=exc.fix) from None
         if context.amplifications is not None and inputs.rows is None:
             context.amplifications.observe(method, tensor.name, merged, inputs.models, kwargs)
         results.append(merged.to(dtype=tensor.out_dtype))
     return results
+
+
+# Element-wise kernels on the CPU run on slices of this many entries of a tensor or row block: their
+# float32 temporaries stay in cache, and what a block holds is its inputs and result (what the memory
+# budget counts), not several float32 copies of it.
+ELEMENTWISE_SLICE = 1 << 20
+
+
+def _call_kernel(method: MergeMethod, models: list[torch.Tensor], kwargs: dict[str, Any]) -> torch.Tensor:
+    numel = models[0].numel()
+    if not method.elementwise or models[0].device.type != "cpu" or numel <= 2 * ELEMENTWISE_SLICE:
+        return method.kernel(models, **kwargs)
+    flat_models = [m.reshape(-1) for m in models]
+    flat_base = kwargs["base"].reshape(-1) if kwargs.get("base") is not None else None
+    out: torch.Tensor | None = None
+    for start in range(0, numel, ELEMENTWISE_SLICE):
+        part = slice(start, start + ELEMENTWISE_SLICE)
+        sliced = dict(kwargs, base=flat_base[part]) if flat_base is not None else kwargs
+        result = method.kernel([m[part] for m in flat_models], **sliced)
+        if out is None:
+            out = torch.empty(numel, dtype=result.dtype)
+        out[part] = result
+    assert out is not None
+    return out.reshape(models[0].shape)
 
 
 class _Load(Protocol):

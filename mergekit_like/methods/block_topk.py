@@ -197,7 +197,7 @@ class BlockTopK:
             return 0
         return 1 if compute_dtype == torch.bfloat16 else 2
 
-    def start(self, params: Mapping[str, Any], numel: int, device: torch.device,
-              executor: Executor | None) -> _TopKReduction:
+    def start(self, params: Mapping[str, Any], numel: int, device: torch.device, executor: Executor | None,
+              generator: torch.Generator | None = None) -> _TopKReduction:
         return _TopKReduction(params.get("density", [1.0]), numel, params.get("trim_ties") == "keep", device,
                               executor)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import torch
 
+from mergekit_like.methods.block_dare import BlockDrop, DropBlock
 from mergekit_like.methods.declaration import (
     NONNEGATIVE_WEIGHT,
     PerModel,
@@ -24,6 +25,7 @@ from mergekit_like.methods.task_vectors import RescaleMode, make_trims, merge_ta
     inputs_as_stored=True,
     paper="https://arxiv.org/abs/2311.03099",
     description="Drop task-vector entries at random (seeded), rescale, task arithmetic.",
+    tensor_pass=BlockDrop(),
     ignored_params=("int8_mask",),  # mergekit accepts it; without sign election it is unused
 )
 def dare_linear(
@@ -38,9 +40,11 @@ def dare_linear(
     rescale_mode: RescaleMode = "l1",
     normalize: bool = False,
     lambda_: float = 1.0,
+    block_drops: DropBlock | None = None,
 ) -> torch.Tensor:
-    trims = make_trims(
-        tensors, base, density, "bernoulli", rescale=rescale, rescale_mode=rescale_mode, generator=generator,
-        executor=executor,
-    )
+    if block_drops is not None:  # a row block of a large tensor: its part of the whole tensor's masks
+        trims = block_drops.trims(tensors, base)
+    else:
+        trims = make_trims(tensors, base, density, "bernoulli", rescale=rescale, rescale_mode=rescale_mode,
+                           generator=generator, executor=executor)
     return merge_task_vectors(base, tensors, weight, trims, consensus=None, normalize=normalize, scale=lambda_)

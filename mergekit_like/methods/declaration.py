@@ -226,12 +226,13 @@ class TensorPass(Protocol):
         """Whether a tensor with these kernel parameters merges in row blocks to the bits of a whole merge."""
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:
-        """How many read passes over the tensor's row blocks the reduction needs (0: none, the
-        kernel then gets no result)."""
+        """How many read passes over the tensor's row blocks the reduction needs (0: none)."""
 
-    def start(self, params: Mapping[str, Any], numel: int, device: torch.device,
-              executor: Executor | None) -> TensorReduction:
-        """A fresh reduction over a tensor of ``numel`` elements with these kernel parameters."""
+    def start(self, params: Mapping[str, Any], numel: int, device: torch.device, executor: Executor | None,
+              generator: torch.Generator | None) -> TensorReduction:
+        """A fresh reduction over a tensor of ``numel`` elements with these kernel parameters (and, for a
+        method that draws, the tensor's generator). Started for every tensor merged in row blocks,
+        also where :meth:`passes` is 0: its blocks still come from :meth:`TensorReduction.block`."""
 
 
 # The usual weights of an average: a negative one extrapolates (task arithmetic's negation is on purpose).

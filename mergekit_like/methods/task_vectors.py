@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 
+from mergekit_like.methods.l1_sums import L1_EPS, L1Sums
 from mergekit_like.methods.topk import top_k_mask
 
 Consensus = Literal["sum", "count"]
@@ -39,8 +40,6 @@ RescaleMode = Literal["l1", "inverse_density"]
 
 # Below this the weight sum counts as zero when normalising without consensus (as mergekit).
 ZERO_WEIGHT_SUM = 1e-8
-# Below this an L1 norm counts as zero and the rescale is skipped (as mergekit).
-L1_EPS = 1e-7
 # Elements per block in the element-wise phase: on the CPU, temporaries that stay in cache;
 # on a GPU, blocks large enough that kernel launches cost little (a dozen float32 temporaries
 # of 64 MB each at most).
@@ -226,33 +225,54 @@ def model_seed(generator: torch.Generator, index: int) -> int:
 
 
 def bernoulli_mask(numel: int, density: float, seed: int, device: torch.device,
-                   executor: Executor | None = None) -> torch.Tensor:
+                   executor: Executor | None = None, span: tuple[int, int] | None = None) -> torch.Tensor:
     """A flat bool mask, True with probability ``density``: ``uniform < density`` per entry.
 
     Unit ``u`` draws its float32 uniforms from a generator seeded by CRC32 of ``seed`` and ``u``. A
     uniform comparison costs a third of ``torch.bernoulli`` of a probability tensor and needs no
     tensor of probabilities; on the CPU the units run in ``executor``'s threads (each generator is
-    used by one thread).
+    used by one thread). ``span``: only the flat entries ``[start, stop)`` of a tensor of ``numel``
+    entries (a row block), the same values as there in the whole tensor's mask.
     """
-    mask = torch.zeros(numel, dtype=torch.bool, device=device)
+    start, stop = span if span is not None else (0, numel)
+    mask = torch.zeros(stop - start, dtype=torch.bool, device=device)
     if density <= 0:
         return mask
 
     def draw(unit: int) -> None:
-        start = unit * DRAW_UNIT
-        stop = min(numel, start + DRAW_UNIT)
+        first = unit * DRAW_UNIT
+        last = min(numel, first + DRAW_UNIT)
         unit_generator = torch.Generator(device=device)
         unit_generator.manual_seed(zlib.crc32(f"{seed}:{unit}".encode()))
-        uniforms = torch.rand(stop - start, generator=unit_generator, device=device)
-        torch.lt(uniforms, density, out=mask[start:stop])
+        # The unit's whole draw, even where a row block needs part of it: a draw's values may
+        # depend on its length on some devices.
+        uniforms = torch.rand(last - first, generator=unit_generator, device=device)
+        lo, hi = max(first, start), min(last, stop)
+        torch.lt(uniforms[lo - first : hi - first], density, out=mask[lo - start : hi - start])
 
-    units = range(math.ceil(numel / DRAW_UNIT))
+    units = range(start // DRAW_UNIT, math.ceil(stop / DRAW_UNIT))
     if executor is not None and device.type == "cpu" and len(units) > 1:
         list(executor.map(draw, units))
     else:
         for unit in units:
             draw(unit)
     return mask
+
+
+def dare_trim(mask: torch.Tensor, density: float, rescale: bool, rescale_mode: RescaleMode,
+              work_dtype: torch.dtype | None, sums: L1Sums | None) -> Trim:
+    """DARE's trim from its mask: no rescale, ``1 / density``, or the L1 factor of ``sums``."""
+    if not rescale:
+        return Trim(mask, work_dtype=work_dtype)
+    if rescale_mode == "inverse_density":
+        return Trim(mask, divide=density if density > 0 else None, work_dtype=work_dtype)
+    assert sums is not None
+    return Trim(mask, multiply=sums.factor(), work_dtype=work_dtype)
+
+
+def dare_work_dtype(delta: torch.Tensor) -> torch.dtype | None:
+    """As mergekit: bf16 and non-CPU deltas keep their dtype (None), other CPU dtypes rescale in float32."""
+    return None if delta.dtype == torch.bfloat16 or delta.device.type != "cpu" else torch.float32
 
 
 def make_trim(
@@ -288,12 +308,13 @@ def make_trim(
         if generator is None:
             raise ValueError("random sparsification needs a seeded generator")
         delta = x - base
-        # As mergekit: bf16 stays bf16, other CPU dtypes rescale in float32.
-        keep_dtype = delta.dtype == torch.bfloat16 or delta.device.type != "cpu"
-        work = delta if keep_dtype else delta.float()
+        work_dtype = dare_work_dtype(delta)
         mask = bernoulli_mask(delta.numel(), density, model_seed(generator, model_index), delta.device, executor)
-        magnitudes = work.abs().reshape(-1)
-        return _with_rescale(mask, magnitudes, rescale, rescale_mode, density, None if keep_dtype else work.dtype)
+        sums = None
+        if rescale and rescale_mode == "l1":
+            sums = L1Sums()
+            sums.add((delta if work_dtype is None else delta.to(work_dtype)).reshape(-1), mask)
+        return dare_trim(mask, density, rescale, rescale_mode, work_dtype, sums)
     magnitudes = (x - base).abs_().reshape(-1)
     if method == "magnitude":
         mask = magnitude_mask(magnitudes, density, trim_ties)

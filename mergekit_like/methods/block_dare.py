@@ -1,0 +1,121 @@
+"""DARE's drop over a tensor's row blocks: the same masks and rescale as the whole tensor's.
+
+A DARE mask is drawn in fixed units of the tensor's flat entries, each from a seed of its
+own (see :func:`~mergekit_like.methods.task_vectors.bernoulli_mask`), so a row block draws
+the units it covers and gets the whole mask's entries there. The L1 rescale divides by
+sums over the whole tensor: one read pass over the blocks draws the masks and takes the
+sums (:class:`~mergekit_like.methods.l1_sums.L1Sums`, which do not depend on the blocks),
+then the merge pass draws each block's masks again. Without the L1 rescale no pass is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mergekit_like.methods.l1_sums import L1Sums
+from mergekit_like.methods.task_vectors import (
+    KEEP_ALL,
+    Trim,
+    bernoulli_mask,
+    dare_trim,
+    dare_work_dtype,
+    model_seed,
+)
+
+
+def _flat_span(rows: tuple[int, int], block: torch.Tensor) -> tuple[int, int]:
+    """The flat entries of the whole tensor that a block of rows holds."""
+    per_row = block.numel() // max(1, rows[1] - rows[0])
+    return rows[0] * per_row, rows[1] * per_row
+
+
+class _DropReduction:
+    """Each model's DARE masks and L1 sums over one tensor's row blocks."""
+
+    def __init__(self, params: Mapping[str, Any], numel: int, generator: torch.Generator,
+                 executor: Executor | None) -> None:
+        self.densities = list(params["density"])
+        self.rescale = bool(params.get("rescale", False))
+        self.rescale_mode = params.get("rescale_mode", "l1")
+        self.numel = numel
+        self.seeds = [model_seed(generator, i) for i in range(len(self.densities))]
+        self.executor = executor
+        self.sums = [L1Sums() for _ in self.densities] if self.rescale and self.rescale_mode == "l1" else None
+        self._offset = 0
+        self._next_row = 0
+
+    def _mask(self, i: int, span: tuple[int, int], device: torch.device) -> torch.Tensor:
+        return bernoulli_mask(self.numel, self.densities[i], self.seeds[i], device, self.executor, span)
+
+    def observe(self, pass_index: int, models: Sequence[torch.Tensor], base: torch.Tensor | None) -> None:
+        assert base is not None and self.sums is not None
+        span = (self._offset, self._offset + base.numel())
+        for i, (x, density) in enumerate(zip(models, self.densities)):
+            if density >= 1:
+                continue
+            delta = x - base
+            work_dtype = dare_work_dtype(delta)
+            work = delta if work_dtype is None else delta.to(work_dtype)
+            self.sums[i].add(work.reshape(-1), self._mask(i, span, base.device))
+        self._offset = span[1]
+
+    def end_pass(self, pass_index: int) -> None:
+        self._offset = 0
+
+    def block(self, rows: tuple[int, int]) -> DropBlock:
+        if rows[0] != self._next_row:
+            raise RuntimeError(f"row block {rows} asked for out of order (expected one from row {self._next_row})")
+        self._next_row = rows[1]
+        return DropBlock(self, rows)
+
+
+@dataclass(frozen=True)
+class DropBlock:
+    """The DARE trims of one row block."""
+
+    reduction: _DropReduction
+    rows: tuple[int, int]
+
+    def trims(self, tensors: Sequence[torch.Tensor], base: torch.Tensor) -> list[Trim]:
+        reduction = self.reduction
+        span = _flat_span(self.rows, base)
+        trims = []
+        for i, (x, density) in enumerate(zip(tensors, reduction.densities)):
+            if density >= 1:
+                trims.append(KEEP_ALL)
+                continue
+            work_dtype = dare_work_dtype(_delta_probe(x, base))
+            sums = reduction.sums[i] if reduction.sums is not None else None
+            trims.append(dare_trim(reduction._mask(i, span, base.device), density, reduction.rescale,
+                                   reduction.rescale_mode, work_dtype, sums))
+        return trims
+
+
+def _delta_probe(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """A one-entry delta: its dtype and device say which dtype the rescale works in."""
+    return x.reshape(-1)[:1] - base.reshape(-1)[:1]
+
+
+@dataclass(frozen=True)
+class BlockDrop:
+    """The tensor pass of DARE's drop (dare_ties, dare_linear)."""
+
+    keyword: str = "block_drops"
+
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> bool:
+        return True
+
+    def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:
+        l1 = params.get("rescale", False) and params.get("rescale_mode", "l1") == "l1"
+        return 1 if l1 and any(d < 1 for d in params["density"]) else 0
+
+    def start(self, params: Mapping[str, Any], numel: int, device: torch.device, executor: Executor | None,
+              generator: torch.Generator | None) -> _DropReduction:
+        if generator is None:
+            raise ValueError("DARE's drop needs the tensor's seeded generator")
+        return _DropReduction(params, numel, generator, executor)

@@ -1,0 +1,120 @@
+"""DARE on large tensors, row block by row block: the whole tensor's masks and L1 rescale, to the bit."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_checkpoint
+
+import mergekit_like.merge.options as options_module
+import mergekit_like.methods.task_vectors as tv
+from mergekit_like.io import open_checkpoint
+from mergekit_like.merge.engine import MergeOptions, planned_merge, run_merge, tensor_pass_count
+from mergekit_like.merge.recipe import parse_recipe
+from mergekit_like.methods import get_method, l1_sums
+from mergekit_like.methods.block_dare import BlockDrop
+from mergekit_like.methods.l1_sums import UnitSums
+
+WEIGHTS = [1.0, 0.5, 0.8]
+
+
+@pytest.fixture
+def small_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Units of a few rows: draws and sums straddle the row blocks.
+    monkeypatch.setattr(tv, "DRAW_UNIT", 50)
+    monkeypatch.setattr(l1_sums, "SUM_UNIT", 37)
+
+
+def _generator() -> torch.Generator:
+    return torch.Generator().manual_seed(11)
+
+
+def _in_row_blocks(method: str, models: list[torch.Tensor], base: torch.Tensor, rows: int, **params) -> torch.Tensor:
+    """The engine's route: the tensor pass over the blocks, then the kernel per block."""
+    kernel = get_method(method)
+    full = {"rescale": True, "rescale_mode": "l1", **params}
+    tensor_pass = BlockDrop()
+    blocks = [(start, min(start + rows, base.shape[0])) for start in range(0, base.shape[0], rows)]
+    reduction = tensor_pass.start(full, base.numel(), base.device, None, _generator())
+    for pass_index in range(tensor_pass.passes(full, base.dtype)):
+        for start, stop in blocks:
+            reduction.observe(pass_index, [m[start:stop] for m in models], base[start:stop])
+        reduction.end_pass(pass_index)
+    return torch.cat([kernel([m[a:b] for m in models], base=base[a:b], weight=WEIGHTS, generator=_generator(),
+                             block_drops=reduction.block((a, b)), **params) for a, b in blocks])
+
+
+@pytest.mark.usefixtures("small_units")
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rescale,mode", [(True, "l1"), (True, "inverse_density"), (False, "l1")])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_row_blocks_give_the_whole_tensors_bits(method: str, dtype: torch.dtype, rescale: bool, mode: str,
+                                               rows: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(40, 23, generator=g).to(dtype)
+    models = [base + 0.01 * torch.randn(40, 23, generator=g).to(dtype) for _ in range(3)]
+    params = {"density": [0.3, 1.0, 0.0 if rows == 3 else 0.6], "rescale": rescale, "rescale_mode": mode}
+    whole = get_method(method)(models, base=base, weight=WEIGHTS, generator=_generator(), **params)
+    blocks = _in_row_blocks(method, models, base, rows, **params)
+    assert torch.equal(blocks.view(torch.int16 if dtype.itemsize == 2 else torch.int32),
+                       whole.view(torch.int16 if dtype.itemsize == 2 else torch.int32))
+
+
+def test_unit_sums_do_not_depend_on_the_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(l1_sums, "SUM_UNIT", 64)
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(2))
+    whole = UnitSums()
+    whole.add(values)
+    expected = math.fsum(float(values[i : i + 64].sum()) for i in range(0, 1000, 64))
+    assert whole.value() == expected
+    for cuts in ([1, 2, 3, 500, 994], [63, 64, 65, 127, 129], list(range(0, 1000, 7))):
+        pieces = UnitSums()
+        for start, stop in zip([0, *cuts], [*cuts, 1000]):
+            pieces.add(values[start:stop])
+        assert pieces.value() == expected
+
+
+def test_only_the_l1_rescale_needs_a_pass() -> None:
+    tensor_pass = BlockDrop()
+    params = {"density": [0.5, 1.0], "rescale": True, "rescale_mode": "l1"}
+    assert tensor_pass.passes(params, torch.float32) == 1
+    assert tensor_pass.passes({**params, "rescale_mode": "inverse_density"}, torch.float32) == 0
+    assert tensor_pass.passes({**params, "rescale": False}, torch.float32) == 0
+    assert tensor_pass.passes({**params, "density": [1.0, 1.0]}, torch.float32) == 0
+
+
+def _read_all(path: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(path) as ckpt:
+        return {n: ckpt.read(n) for n in ckpt.names()}
+
+
+@pytest.mark.usefixtures("small_units")
+@pytest.mark.parametrize("method,mode", [("dare_ties", "l1"), ("dare_linear", "inverse_density")])
+def test_a_merge_under_a_small_budget_equals_the_whole_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              method: str, mode: str) -> None:
+    paths = []
+    g = torch.Generator().manual_seed(5)
+    for name in ("base", "a", "b"):
+        tensors = {"model.embed_tokens.weight": torch.randn(96, 16, generator=g).to(torch.bfloat16),
+                   "model.norm.weight": torch.randn(16, generator=g).to(torch.bfloat16)}
+        paths.append(write_checkpoint(tmp_path / name, tensors, config={"model_type": "llama"}))
+    recipe = parse_recipe({
+        "merge_method": method, "base_model": str(paths[0]), "dtype": "float32", "seed": 3,
+        "parameters": {"density": 0.4, "rescale_mode": mode},
+        "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths[1:], (1.0, 0.7))]})
+    with planned_merge(recipe, MergeOptions()) as plan:
+        assert all(t.chunks is None for t in plan.tensors)
+        run_merge(plan, tmp_path / "whole")
+    monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
+    with planned_merge(recipe, MergeOptions(memory_budget=3 * 4 * 8 * 16 * 4)) as plan:
+        embedding = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
+        assert embedding.chunks is not None and len(embedding.chunks) > 3
+        assert tensor_pass_count(plan, embedding) == (1 if mode == "l1" else 0)
+        run_merge(plan, tmp_path / "blocks")
+    whole, blocks = _read_all(tmp_path / "whole"), _read_all(tmp_path / "blocks")
+    assert whole.keys() == blocks.keys()
+    assert all(torch.equal(whole[n], blocks[n]) for n in whole)
