@@ -40,9 +40,10 @@ RECIPES = {
                    "parameters: {{trim_ties: index}}\nmodels:\n{models}"),
     "ties_keep": ("merge_method: ties\nbase_model: {base}\ndtype: bfloat16\n"
                   "parameters: {{trim_ties: keep}}\nmodels:\n{models}"),
+    "dare_ties": "merge_method: dare_ties\nbase_model: {base}\ndtype: bfloat16\nmodels:\n{models}",
 }
 MODEL_PARAMS = {"linear": "{{weight: 1.0}}", "ties_index": "{{weight: 1.0, density: 0.5}}",
-                "ties_keep": "{{weight: 1.0, density: 0.5}}"}
+                "ties_keep": "{{weight: 1.0, density: 0.5}}", "dare_ties": "{{weight: 1.0, density: 0.5}}"}
 
 
 def write_synthetic(path: Path, rows: int, seed: int, base: Path | None) -> None:
@@ -92,7 +93,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gib", type=float, default=4.0, help="size of the one large tensor, in GiB")
     parser.add_argument("--finetunes", type=int, default=2, help="fine-tunes besides the base")
-    parser.add_argument("--methods", default="linear,ties_index,ties_keep", help=f"comma list of: {', '.join(RECIPES)}")
+    parser.add_argument("--methods", default="linear,ties_index,ties_keep,dare_ties",
+                        help=f"comma list of: {', '.join(RECIPES)}")
     parser.add_argument("--memory-budget", default="256MiB", help="passed to mergekit-like merge")
     parser.add_argument("--low-memory", action="store_true", help="run our CLI with --low-memory too (a second row)")
     parser.add_argument("--mergekit-like", help="our CLI (default: next to this Python)")

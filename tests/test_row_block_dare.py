@@ -67,12 +67,12 @@ def test_row_blocks_give_the_whole_tensors_bits(method: str, dtype: torch.dtype,
 def test_unit_sums_do_not_depend_on_the_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(l1_sums, "SUM_UNIT", 64)
     values = torch.randn(1000, generator=torch.Generator().manual_seed(2))
-    whole = UnitSums()
+    whole = UnitSums(1000)
     whole.add(values)
     expected = math.fsum(float(values[i : i + 64].sum()) for i in range(0, 1000, 64))
     assert whole.value() == expected
     for cuts in ([1, 2, 3, 500, 994], [63, 64, 65, 127, 129], list(range(0, 1000, 7))):
-        pieces = UnitSums()
+        pieces = UnitSums(1000)
         for start, stop in zip([0, *cuts], [*cuts, 1000]):
             pieces.add(values[start:stop])
         assert pieces.value() == expected

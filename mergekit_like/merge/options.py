@@ -12,11 +12,12 @@ from typing import Literal
 from mergekit_like.errors import OptionsError
 from mergekit_like.io.sharding import DEFAULT_SHARD_SIZE
 
-# The bytes of tensor data the pipeline holds at once for element-wise merges: the block in
-# compute, the next one read ahead, temporaries and results. Element-wise merges of larger
-# tensors go row block by row block (embeddings can be GBs). Methods that need whole tensors
-# hold each tensor whole whatever the budget. Larger blocks gain nothing once freed blocks are
-# reused (see benchmarks/results for the figures behind this default).
+# The bytes of tensor data the pipeline holds at once: the block in compute, the next one read
+# ahead, temporaries and results. Larger tensors go row block by row block (embeddings can be
+# GBs) for element-wise methods and those declaring a tensor pass (TIES index/keep, DARE);
+# the other whole-tensor methods hold each tensor whole whatever the budget. Larger blocks
+# gain nothing once freed blocks are reused (see benchmarks/results for the figures behind
+# this default).
 DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024
 MIN_MEMORY_BUDGET = 1024 * 1024
 

@@ -369,6 +369,16 @@ class _TensorProblems(Exception):
         self.problems = problems
 
 
+# The row blocks of a larger tensor are smaller than that: a stream of blocks also holds results
+# queued for the writer and the freed blocks the allocator keeps for the next ones, and with blocks
+# a quarter of that size (element-wise methods) the whole stays within the budget whatever the
+# tensor's size (benchmarks/large_tensor_bench.py). Methods with a tensor pass take blocks twice
+# as large: each block costs them the passes' reads and per-model work to dispatch, and their
+# temporaries are slices of a block anyway.
+ELEMENTWISE_BLOCK_SHRINK = 4
+TENSOR_PASS_BLOCK_SHRINK = 2
+
+
 def _plan_tensor(
     job: TensorJob, checkpoints: dict[str, Checkpoint], variants: list[Variant], memory_budget: int, *,
     layered: bool, vocabulary: VocabularyPlan | None = None,
@@ -415,11 +425,13 @@ def _plan_tensor(
     if problems:
         raise _TensorProblems(problems)
     same_shapes = aligned or all(e.shape == ref_entry.shape for e in entries.values())
-    # A quarter of the budget for the inputs of the block in compute: the rest holds the next
-    # block read ahead (half) and the temporaries and result (a quarter).
-    block_elements = memory_budget // (4 * len(entries) * compute.itemsize)
-    blockwise = same_shapes and method.merges_row_blocks(params, compute)
-    chunks = row_chunks(ref_entry.shape, block_elements) if blockwise else None
+    # A tensor merges whole while its inputs take at most a quarter of the budget: the rest holds the
+    # next tensor read ahead (half) and the temporaries and result (a quarter).
+    whole_elements = memory_budget // (4 * len(entries) * compute.itemsize)
+    blockwise = (same_shapes and math.prod(ref_entry.shape) > whole_elements
+                 and method.merges_row_blocks(params, compute))
+    shrink = ELEMENTWISE_BLOCK_SHRINK if method.elementwise else TENSOR_PASS_BLOCK_SHRINK
+    chunks = row_chunks(ref_entry.shape, whole_elements // shrink) if blockwise else None
     return TensorPlan(name, ref_entry.shape, out_dtype, compute, None, tuple(params), read_bytes, chunks, **where)
 
 

@@ -45,7 +45,7 @@ class _DropReduction:
         self.numel = numel
         self.seeds = [model_seed(generator, i) for i in range(len(self.densities))]
         self.executor = executor
-        self.sums = [L1Sums() for _ in self.densities] if self.rescale and self.rescale_mode == "l1" else None
+        self.sums = [L1Sums(numel) for _ in self.densities] if self.rescale and self.rescale_mode == "l1" else None
         self._offset = 0
         self._next_row = 0
 

@@ -24,42 +24,61 @@ def _unit_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 class UnitSums:
-    """The sum of a tensor's flat entries, fed in order in pieces of any size."""
+    """The sum of a tensor's flat entries, fed in order in pieces of any size.
 
-    def __init__(self) -> None:
-        self._sums: list[torch.Tensor] = []
+    The unit sums go into one buffer made at the start, and a unit split between pieces waits in
+    one buffer of a unit: nothing small and long-lived is allocated between a stream's blocks (such
+    allocations pin the heap and made a stream of 4 GiB grow by GBs)."""
+
+    def __init__(self, numel: int) -> None:
+        self._units = max(1, math.ceil(numel / SUM_UNIT))
+        self._sums: torch.Tensor | None = None  # on the values' device: no copy to the host per unit
+        self._count = 0
         self._carry: torch.Tensor | None = None  # the start of a unit that the next piece completes
+        self._carried = 0
+
+    def _append(self, values: torch.Tensor) -> None:
+        if self._sums is None:
+            self._sums = torch.zeros(self._units, dtype=torch.float64, device=values.device)
+        self._sums[self._count] = _unit_sum(values)
+        self._count += 1
 
     def add(self, values: torch.Tensor) -> None:
         """The next entries, flat; a piece that starts inside a unit completes the one carried."""
         start = 0
-        if self._carry is not None:
-            head = values[: SUM_UNIT - self._carry.numel()]
-            joined = torch.cat([self._carry, head])
-            start = head.numel()
-            if joined.numel() < SUM_UNIT:
-                self._carry = joined
+        if self._carried:
+            assert self._carry is not None
+            start = min(values.numel(), SUM_UNIT - self._carried)
+            self._carry[self._carried : self._carried + start] = values[:start]
+            self._carried += start
+            if self._carried < SUM_UNIT:
                 return
-            self._sums.append(_unit_sum(joined))
-            self._carry = None
+            self._append(self._carry)
+            self._carried = 0
         whole_units = start + (values.numel() - start) // SUM_UNIT * SUM_UNIT
         for first in range(start, whole_units, SUM_UNIT):
-            self._sums.append(_unit_sum(values[first : first + SUM_UNIT]))
+            self._append(values[first : first + SUM_UNIT])
         if whole_units < values.numel():
-            self._carry = values[whole_units:].clone()
+            if self._carry is None or self._carry.dtype != values.dtype or self._carry.device != values.device:
+                self._carry = torch.empty(SUM_UNIT, dtype=values.dtype, device=values.device)
+            self._carried = values.numel() - whole_units
+            self._carry[: self._carried] = values[whole_units:]
 
     def value(self) -> float:
         """The total, the last unit included (call once every entry was added)."""
-        sums = self._sums + ([_unit_sum(self._carry)] if self._carry is not None else [])
-        return math.fsum(torch.stack(sums).double().tolist()) if sums else 0.0
+        if self._carried:
+            assert self._carry is not None
+            self._append(self._carry[: self._carried])
+            self._carried = 0
+        return math.fsum(self._sums[: self._count].tolist()) if self._sums is not None else 0.0
 
 
 class L1Sums:
     """``sum |d|`` and ``sum |d| * mask`` of one task vector, for DARE's L1 rescale."""
 
-    def __init__(self) -> None:
-        self.before = UnitSums()
-        self.after = UnitSums()
+    def __init__(self, numel: int) -> None:
+        self.before = UnitSums(numel)
+        self.after = UnitSums(numel)
         self._offset = 0
         self._dtype: torch.dtype | None = None
         self._device: torch.device | None = None

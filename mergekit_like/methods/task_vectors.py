@@ -312,7 +312,7 @@ def make_trim(
         mask = bernoulli_mask(delta.numel(), density, model_seed(generator, model_index), delta.device, executor)
         sums = None
         if rescale and rescale_mode == "l1":
-            sums = L1Sums()
+            sums = L1Sums(delta.numel())
             sums.add((delta if work_dtype is None else delta.to(work_dtype)).reshape(-1), mask)
         return dare_trim(mask, density, rescale, rescale_mode, work_dtype, sums)
     magnitudes = (x - base).abs_().reshape(-1)
