@@ -150,3 +150,20 @@ def test_exact_ties_still_merge_whole_under_a_small_budget(tmp_path: Path, monke
     monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
     with planned_merge(recipe, MergeOptions(memory_budget=4096)) as plan:
         assert plan.tensors[0].chunks is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("trim_ties", ["index", "keep"])
+def test_nan_and_infinite_magnitudes_cut_as_in_the_whole_tensor(dtype: torch.dtype, trim_ties: str) -> None:
+    # NaN magnitudes count as the largest: with more NaNs than k, the k-th largest is a NaN.
+    base = _quantised((30, 20), 8, dtype)
+    models = [base + _quantised((30, 20), seed, dtype) for seed in (1, 2, 3)]
+    models[0].view(-1)[::3] = float("nan")
+    models[1].view(-1)[::7] = float("inf")
+    models[2].view(-1)[5::11] = float("nan")
+    params = {"density": [0.2, 0.1, 0.5], "trim_ties": trim_ties}
+    whole = TIES(models, base=base, weight=[1.0, 0.5, 0.8], **params)
+    blocks = _in_row_blocks(models, base, 4, **params)
+    # The same entries are NaN; their payloads may differ, as torch's arithmetic on slices gives them.
+    assert torch.equal(blocks.isnan(), whole.isnan())
+    assert torch.equal(_bits(blocks)[~whole.isnan()], _bits(whole)[~whole.isnan()])

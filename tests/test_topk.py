@@ -90,7 +90,7 @@ def test_bad_k_is_refused() -> None:
         topk.magnitude_bits(torch.ones(4, dtype=torch.int32))
 
 
-def testposition_of_nth_counts_across_chunks() -> None:
+def test_position_of_nth_counts_across_chunks() -> None:
     flags = torch.zeros(3_000_000, dtype=torch.bool)
     where = torch.tensor([5, 17, 1_048_575, 1_048_576, 2_999_999])
     flags[where] = True
@@ -164,3 +164,11 @@ def test_sort_ties_on_float64_follow_the_sorts_float32_keys() -> None:
     magnitudes[17] = kth.float().double() + 1e-12  # equal to the k-th in float32 only
     expected = unstable_top_k(magnitudes, k)
     assert torch.equal(magnitude_mask(magnitudes, k / 5000, "sort"), expected)
+
+
+def test_nan_payloads_tie_at_a_nan_threshold() -> None:
+    # Three NaNs of different payloads above 1.0: at a NaN threshold they are one value, tied.
+    magnitudes = torch.tensor([0x7FC0, 0x7FFF, 0x3F80, 0x7FC1], dtype=torch.int16).view(torch.bfloat16)
+    assert topk.top_k_mask(magnitudes, 2, "index").tolist() == [True, True, False, False]
+    assert topk.top_k_mask(magnitudes, 2, "keep").tolist() == [True, True, False, True]
+    assert topk.top_k_mask(magnitudes, 3, "unambiguous") is None

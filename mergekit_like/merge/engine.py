@@ -1,9 +1,10 @@
 """The merge pipeline: stream a planned merge tensor by tensor.
 
-For each tensor (or block of rows, for element-wise methods on large tensors)
-a reader thread reads the next inputs while this one is merged on the compute
-device in the compute dtype, cast to the output dtype and handed to the
-writer thread, so memory holds a few tensors at a time, never a model. The
+For each tensor (or block of rows of a large tensor, for element-wise methods
+and those declaring a tensor pass) a reader thread reads the next inputs while
+this one is merged on the compute device in the compute dtype, cast to the
+output dtype and handed to the writer thread, so memory holds a few tensors at
+a time, never a model. The
 plan itself comes from :mod:`mergekit_like.merge.plan`; moving tensors to and from a
 GPU (pinned staging chunks, a copy stream, events) from
 :mod:`mergekit_like.merge.staging`.
@@ -263,7 +264,9 @@ def compute(plan: MergePlan, inputs: _Inputs, context: KernelContext) -> list[to
             kwargs["executor"] = context.executor
         if method.prepass is not None:
             kwargs[method.prepass.keyword] = context.prepass_result
-        if method.tensor_pass is not None and inputs.rows is not None and context.tensor_passes is not None:
+        if method.tensor_pass is not None and inputs.rows is not None:
+            if context.tensor_passes is None:  # a block trimmed as if it were the tensor would be wrong
+                raise RuntimeError(f"'{tensor.name}' is merged in row blocks but its tensor pass is not run")
             kwargs[method.tensor_pass.keyword] = context.tensor_passes.block(tensor, variant, inputs.rows)
         try:
             merged = _call_kernel(method, inputs.models, kwargs)
@@ -291,7 +294,10 @@ def _call_kernel(method: MergeMethod, models: list[torch.Tensor], kwargs: dict[s
     for start in range(0, numel, ELEMENTWISE_SLICE):
         part = slice(start, start + ELEMENTWISE_SLICE)
         sliced = dict(kwargs, base=flat_base[part]) if flat_base is not None else kwargs
-        result = method.kernel([m[part] for m in flat_models], **sliced)
+        inputs = [m[part] for m in flat_models]
+        result = method.kernel(inputs, **sliced)
+        if out is None and any(result.data_ptr() == x.data_ptr() for x in inputs):
+            return method.kernel(models, **kwargs)  # it hands an input back (passthrough): no copy
         if out is None:
             out = torch.empty(numel, dtype=result.dtype)
         out[part] = result

@@ -40,12 +40,13 @@ class _DropReduction:
     def __init__(self, params: Mapping[str, Any], numel: int, generator: torch.Generator,
                  executor: Executor | None) -> None:
         self.densities = list(params["density"])
-        self.rescale = bool(params.get("rescale", False))
-        self.rescale_mode = params.get("rescale_mode", "l1")
+        self.rescale = bool(params["rescale"])
+        self.rescale_mode = params["rescale_mode"]
         self.numel = numel
         self.seeds = [model_seed(generator, i) for i in range(len(self.densities))]
         self.executor = executor
         self.sums = [L1Sums(numel) for _ in self.densities] if self.rescale and self.rescale_mode == "l1" else None
+        self.factors: list[torch.Tensor | None] = [None] * len(self.densities)
         self._offset = 0
         self._next_row = 0
 
@@ -66,6 +67,8 @@ class _DropReduction:
 
     def end_pass(self, pass_index: int) -> None:
         self._offset = 0
+        if self.sums is not None:
+            self.factors = [sums.factor() for sums in self.sums]
 
     def block(self, rows: tuple[int, int]) -> DropBlock:
         if rows[0] != self._next_row:
@@ -90,9 +93,8 @@ class DropBlock:
                 trims.append(KEEP_ALL)
                 continue
             work_dtype = dare_work_dtype(_delta_probe(x, base))
-            sums = reduction.sums[i] if reduction.sums is not None else None
             trims.append(dare_trim(reduction._mask(i, span, base.device), density, reduction.rescale,
-                                   reduction.rescale_mode, work_dtype, sums))
+                                   reduction.rescale_mode, work_dtype, reduction.factors[i]))
         return trims
 
 
@@ -111,7 +113,7 @@ class BlockDrop:
         return True
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:
-        l1 = params.get("rescale", False) and params.get("rescale_mode", "l1") == "l1"
+        l1 = params["rescale"] and params["rescale_mode"] == "l1"
         return 1 if l1 and any(d < 1 for d in params["density"]) else 0
 
     def start(self, params: Mapping[str, Any], numel: int, device: torch.device, executor: Executor | None,

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
 from mergekit_like.methods.task_vectors import BLOCK, GPU_BLOCK, KEEP_ALL, Trim
-from mergekit_like.methods.topk import TopKThreshold, magnitude_bits, position_of_nth
+from mergekit_like.methods.topk import TopKThreshold, inf_pattern, magnitude_bits, position_of_nth, top_k_count
 
+FLOAT32_INF = inf_pattern(torch.float32)
 # The compute dtypes whose magnitudes widen exactly to float32, the selection's key.
 SELECTABLE = frozenset({torch.bfloat16, torch.float16, torch.float32})
 
@@ -50,12 +51,6 @@ def _parts(x: torch.Tensor, base: torch.Tensor) -> Iterator[torch.Tensor]:
         yield (flat_x[start : start + step] - flat_base[start : start + step]).abs_()
 
 
-def _pattern_in(dtype: torch.dtype, float32_pattern: int) -> int:
-    """A float32 bit pattern's value as a :func:`magnitude_bits` pattern of ``dtype`` (which holds it exactly)."""
-    value = torch.tensor([float32_pattern], dtype=torch.int64).to(torch.int32).view(torch.float32)
-    return int(magnitude_bits(value.to(dtype)).item())
-
-
 @dataclass
 class _ModelCut:
     """Where one model's trim cuts: keep magnitudes above ``threshold`` and ``ties_left`` of those equal to it."""
@@ -73,15 +68,20 @@ class _ModelCut:
         return out
 
     def _cut(self, magnitudes: torch.Tensor, out: torch.Tensor) -> None:
-        bits = magnitude_bits(magnitudes)
-        threshold = _pattern_in(magnitudes.dtype, self.threshold)
+        # Compared as the selection counted them: bfloat16 patterns are the high halves of the float32
+        # ones (the threshold's low half is zero); float16 magnitudes widen (a NaN's pattern too).
+        if magnitudes.dtype == torch.bfloat16:
+            bits, threshold, inf = magnitude_bits(magnitudes), self.threshold >> 16, FLOAT32_INF >> 16
+        else:
+            bits, threshold, inf = magnitude_bits(magnitudes.float()), self.threshold, FLOAT32_INF
+        nan = self.threshold > FLOAT32_INF  # every NaN is tied at a NaN threshold, whatever its payload
         if self.ties_left is None:
-            torch.ge(bits, threshold, out=out)
+            torch.gt(bits, inf, out=out) if nan else torch.ge(bits, threshold, out=out)
             return
-        torch.gt(bits, threshold, out=out)
+        out.zero_() if nan else torch.gt(bits, threshold, out=out)
         if self.ties_left == 0:
             return
-        tied = bits == threshold
+        tied = bits > inf if nan else bits == threshold
         count = int(torch.count_nonzero(tied))
         if count <= self.ties_left:
             self.ties_left -= count
@@ -109,12 +109,11 @@ class BlockTrims:
     cuts: list[_ModelCut | Trim]
     executor: Executor | None = None
     next_row: int = 0
-    rows: tuple[int, int] = field(default=(0, 0))
 
     def at(self, rows: tuple[int, int]) -> BlockTrims:
         if rows[0] != self.next_row:
             raise RuntimeError(f"row block {rows} asked for out of order (expected one from row {self.next_row})")
-        self.rows, self.next_row = rows, rows[1]
+        self.next_row = rows[1]
         return self
 
     def trims(self, tensors: Sequence[torch.Tensor], base: torch.Tensor) -> list[Trim]:
@@ -139,7 +138,7 @@ class _TopKReduction:
             elif density <= 0:
                 self.fixed[i] = _NoneKept()
             else:
-                self.selectors[i] = TopKThreshold(max(1, int(density * numel)), device)
+                self.selectors[i] = TopKThreshold(top_k_count(density, numel), device)
         self.keep_ties = keep_ties
         self.executor = executor
         self._trims: BlockTrims | None = None
@@ -170,6 +169,7 @@ class _TopKReduction:
         for i in range(len(self.fixed) + len(self.selectors)):
             if i in self.selectors:
                 threshold, above = self.selectors[i].threshold_and_above()
+                above = 0 if threshold > FLOAT32_INF else above  # nothing lies above a NaN
                 cuts.append(_ModelCut(threshold, None if self.keep_ties else self.selectors[i].k - above))
             else:
                 cuts.append(self.fixed[i])

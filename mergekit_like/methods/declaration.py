@@ -399,9 +399,9 @@ def merge_method(
         _check_ignored(kernel.__name__, ignored_params, params)
         if sum(spec.sweep for spec in params.values()) > 1:
             raise TypeError(f"{kernel.__name__}: at most one parameter may be a Sweep")
-        if amplification is not None and elementwise:
-            raise TypeError(f"{kernel.__name__}: an element-wise method is merged in row blocks; "
-                            "an amplification is measured on whole tensors")
+        if amplification is not None and (elementwise or tensor_pass is not None):
+            raise TypeError(f"{kernel.__name__}: a method merged in row blocks cannot declare an amplification "
+                            "(it is measured on whole tensors)")
         if elementwise and tensor_pass is not None:
             raise TypeError(f"{kernel.__name__}: an element-wise method needs no tensor pass")
         base_use = base or (BaseUse.REQUIRED if "base" in signature.parameters else BaseUse.NONE)

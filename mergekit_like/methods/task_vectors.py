@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from mergekit_like.methods.l1_sums import L1_EPS, L1Sums
-from mergekit_like.methods.topk import top_k_mask
+from mergekit_like.methods.topk import top_k_count, top_k_mask
 
 Consensus = Literal["sum", "count"]
 Sparsification = Literal["magnitude", "bernoulli", "breadcrumbs", "della"]
@@ -260,14 +260,13 @@ def bernoulli_mask(numel: int, density: float, seed: int, device: torch.device,
 
 
 def dare_trim(mask: torch.Tensor, density: float, rescale: bool, rescale_mode: RescaleMode,
-              work_dtype: torch.dtype | None, sums: L1Sums | None) -> Trim:
-    """DARE's trim from its mask: no rescale, ``1 / density``, or the L1 factor of ``sums``."""
+              work_dtype: torch.dtype | None, l1_factor: torch.Tensor | None) -> Trim:
+    """DARE's trim from its mask: no rescale, ``1 / density``, or the L1 factor (see :class:`L1Sums`)."""
     if not rescale:
         return Trim(mask, work_dtype=work_dtype)
     if rescale_mode == "inverse_density":
         return Trim(mask, divide=density if density > 0 else None, work_dtype=work_dtype)
-    assert sums is not None
-    return Trim(mask, multiply=sums.factor(), work_dtype=work_dtype)
+    return Trim(mask, multiply=l1_factor, work_dtype=work_dtype)
 
 
 def dare_work_dtype(delta: torch.Tensor) -> torch.dtype | None:
@@ -310,11 +309,12 @@ def make_trim(
         delta = x - base
         work_dtype = dare_work_dtype(delta)
         mask = bernoulli_mask(delta.numel(), density, model_seed(generator, model_index), delta.device, executor)
-        sums = None
+        factor = None
         if rescale and rescale_mode == "l1":
             sums = L1Sums(delta.numel())
             sums.add((delta if work_dtype is None else delta.to(work_dtype)).reshape(-1), mask)
-        return dare_trim(mask, density, rescale, rescale_mode, work_dtype, sums)
+            factor = sums.factor()
+        return dare_trim(mask, density, rescale, rescale_mode, work_dtype, factor)
     magnitudes = (x - base).abs_().reshape(-1)
     if method == "magnitude":
         mask = magnitude_mask(magnitudes, density, trim_ties)
@@ -449,8 +449,7 @@ def magnitude_mask(magnitudes: torch.Tensor, density: float, ties: TrimTies = "s
     n = magnitudes.numel()
     if density <= 0 or n == 0:
         return torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
-    # mergekit keeps at least one entry.
-    k = max(1, int(density * n))
+    k = top_k_count(density, n)
     if ties != "sort":
         return top_k_mask(magnitudes.reshape(-1), k, ties)
     keys = magnitudes.float() if magnitudes.device.type == "cpu" else magnitudes

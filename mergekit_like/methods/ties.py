@@ -19,13 +19,14 @@ from mergekit_like.methods.declaration import (
     weights_do_not_cancel,
 )
 from mergekit_like.methods.task_vectors import (
+    KEEP_ALL,
     Consensus,
     TrimTies,
     make_trims,
     merge_task_vectors,
     threshold_trim,
 )
-from mergekit_like.methods.topk import TopKThreshold
+from mergekit_like.methods.topk import TopKThreshold, top_k_count
 
 
 class _ModelTopKReduction:
@@ -33,7 +34,7 @@ class _ModelTopKReduction:
 
     def __init__(self, densities: Sequence[float], numel: int, device: torch.device) -> None:
         self.densities = list(densities)
-        self.selectors = [TopKThreshold(max(1, int(d * numel)), device) for d in self.densities]
+        self.selectors = [TopKThreshold(top_k_count(d, numel), device) for d in self.densities]
 
     def observe(self, pass_index: int, models: Sequence[torch.Tensor], base: torch.Tensor | None) -> None:
         if base is None:
@@ -107,7 +108,8 @@ def ties(
         # Keep |d| at or above the model-wide k-th largest magnitude, as the original TIES code.
         if thresholds is None:
             raise ValueError("trim_scope 'model' needs the model-wide thresholds")
-        trims = [threshold_trim(x, base, t, rescale) for x, t in zip(tensors, thresholds)]
+        trims = [KEEP_ALL if d >= 1 else threshold_trim(x, base, t, rescale)
+                 for x, t, d in zip(tensors, thresholds, density)]
     else:
         trims = make_trims(tensors, base, density, "magnitude", rescale=rescale, trim_ties=trim_ties,
                            executor=executor)

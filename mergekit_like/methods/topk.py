@@ -15,6 +15,7 @@ in memory to sort.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, overload
 
 import torch
@@ -25,6 +26,11 @@ SAMPLED_MIN = 1 << 18
 SAMPLE_SIZE = 1 << 13
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
          torch.float64: torch.int64}
+
+
+def top_k_count(density: float, numel: int) -> int:
+    """How many entries a magnitude trim keeps: ``max(1, int(density * numel))`` (mergekit keeps at least one)."""
+    return max(1, int(density * numel))
 
 
 def magnitude_bits(magnitudes: torch.Tensor) -> torch.Tensor:
@@ -115,16 +121,27 @@ def top_k_mask(
     if above is None or tied is None:
         above, tied = bits > threshold, bits == threshold
         count_above = int(torch.count_nonzero(above))
+    if _is_nan_pattern(threshold, magnitudes.dtype):
+        if ties == "unambiguous":
+            return None  # NaN payloads differ in bits but are equal to a sort
+        # Every NaN is the k-th largest, whatever its payload (a payload is no value, and the same
+        # subtraction on a slice can give another): none lies above, all are tied.
+        above, tied, count_above = torch.zeros_like(tied), bits > inf_pattern(magnitudes.dtype), 0
     if ties == "keep":
         return above.logical_or_(tied)
     if ties == "unambiguous":
         count_tied = int(torch.count_nonzero(tied))
-        if count_above + count_tied != k or _is_nan_pattern(threshold, magnitudes.dtype):
-            return None  # NaN payloads differ in bits but are equal to a sort
+        if count_above + count_tied != k:
+            return None
         return above.logical_or_(tied)
     cut = position_of_nth(tied, k - count_above) + 1
     above[:cut] |= tied[:cut]
     return above
+
+
+def inf_pattern(dtype: torch.dtype) -> int:
+    """The :func:`magnitude_bits` pattern of +inf in ``dtype``: every larger pattern is a NaN."""
+    return int(magnitude_bits(torch.tensor([math.inf], dtype=dtype)).item())
 
 
 def _is_nan_pattern(pattern: int, dtype: torch.dtype) -> bool:
