@@ -95,3 +95,34 @@ def split_merge_kwargs(kwargs: dict[str, Any]) -> tuple[MergeOptions, dict[str, 
     """A test's merge keywords as (the plan's options, run_merge's keywords)."""
     options = {k: v for k, v in kwargs.items() if k not in RUN_KEYWORDS and v is not None}
     return MergeOptions(**options), {k: v for k, v in kwargs.items() if k in RUN_KEYWORDS}
+
+
+def assert_row_block_merge_equals_whole(
+    tensors: list[dict[str, torch.Tensor]], recipe_data: dict[str, Any], directory: Path, expected_passes: int
+) -> None:
+    """Writes base + models (``tensors``, the base first), merges ``recipe_data`` whole and then under a
+    budget small enough to merge ``model.embed_tokens.weight`` in row blocks (the embedding needs a
+    float32 compute dtype's 96 x 16 with three inputs), and checks the two outputs bit for bit.
+
+    ``recipe_data`` gets ``base_model`` and ``models`` (weights 1.0, 0.7, ...) filled in. Callers patch
+    ``mergekit_like.merge.options.MIN_MEMORY_BUDGET`` down first.
+    """
+    from mergekit_like.io import open_checkpoint
+    from mergekit_like.merge.engine import planned_merge, run_merge, tensor_pass_count
+    from mergekit_like.merge.recipe import parse_recipe
+
+    paths = [write_checkpoint(directory / f"model-{i}", t, config={"model_type": "llama"})
+             for i, t in enumerate(tensors)]
+    recipe = parse_recipe({**recipe_data, "base_model": str(paths[0]), "models": [
+        {"model": str(p), "parameters": {"weight": round(1.0 - 0.3 * i, 2)}} for i, p in enumerate(paths[1:])]})
+    with planned_merge(recipe, MergeOptions()) as plan:
+        assert all(t.chunks is None for t in plan.tensors)
+        run_merge(plan, directory / "whole")
+    with planned_merge(recipe, MergeOptions(memory_budget=3 * 4 * 8 * 16 * 4)) as plan:
+        embedding = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
+        assert embedding.chunks is not None and len(embedding.chunks) > 3
+        assert tensor_pass_count(plan, embedding) == expected_passes
+        run_merge(plan, directory / "blocks")
+    with open_checkpoint(directory / "whole") as whole, open_checkpoint(directory / "blocks") as blocks:
+        assert whole.names() == blocks.names()
+        assert all(torch.equal(whole.read(n), blocks.read(n)) for n in whole.names())

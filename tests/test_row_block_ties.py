@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_checkpoint
+from helpers import assert_row_block_merge_equals_whole, write_checkpoint
 
 import mergekit_like.merge.options as options_module
-from mergekit_like.io import open_checkpoint
-from mergekit_like.merge.engine import MergeOptions, planned_merge, run_merge, tensor_pass_count
+from mergekit_like.merge.engine import MergeOptions, planned_merge
 from mergekit_like.merge.recipe import parse_recipe
 from mergekit_like.methods import block_topk, get_method
 from mergekit_like.methods.block_topk import BlockTopK
@@ -110,36 +109,15 @@ def test_blocks_out_of_order_are_refused() -> None:
         reduction.block((3, 4))
 
 
-def _read_all(path: Path) -> dict[str, torch.Tensor]:
-    with open_checkpoint(path) as ckpt:
-        return {n: ckpt.read(n) for n in ckpt.names()}
-
-
 @pytest.mark.parametrize("dtype,trim_ties", [("bfloat16", "index"), ("float32", "keep"), ("float16", "index")])
 def test_a_merge_under_a_small_budget_equals_the_whole_merge(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, trim_ties: str
 ) -> None:
-    paths = []
-    for seed, name in enumerate(("base", "a", "b")):
-        tensors = {"model.embed_tokens.weight": _quantised((96, 16), seed, torch.bfloat16),
-                   "model.norm.weight": _quantised((16,), seed + 10, torch.bfloat16)}
-        paths.append(write_checkpoint(tmp_path / name, tensors, config={"model_type": "llama"}))
-    recipe = parse_recipe({
-        "merge_method": "ties", "base_model": str(paths[0]), "dtype": dtype,
-        "parameters": {"trim_ties": trim_ties, "density": 0.4},
-        "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths[1:], (1.0, 0.7))]})
-    with planned_merge(recipe, MergeOptions()) as plan:
-        assert all(t.chunks is None for t in plan.tensors)
-        run_merge(plan, tmp_path / "whole")
     monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
-    with planned_merge(recipe, MergeOptions(memory_budget=3 * 4 * 8 * 16 * 4)) as plan:
-        embedding = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
-        assert embedding.chunks is not None and len(embedding.chunks) > 3
-        assert tensor_pass_count(plan, embedding) == (1 if dtype == "bfloat16" else 2)
-        run_merge(plan, tmp_path / "blocks")
-    whole, blocks = _read_all(tmp_path / "whole"), _read_all(tmp_path / "blocks")
-    assert whole.keys() == blocks.keys()
-    assert all(torch.equal(whole[n], blocks[n]) for n in whole)
+    tensors = [{"model.embed_tokens.weight": _quantised((96, 16), seed, torch.bfloat16),
+                "model.norm.weight": _quantised((16,), seed + 10, torch.bfloat16)} for seed in range(3)]
+    recipe = {"merge_method": "ties", "dtype": dtype, "parameters": {"trim_ties": trim_ties, "density": 0.4}}
+    assert_row_block_merge_equals_whole(tensors, recipe, tmp_path, 1 if dtype == "bfloat16" else 2)
 
 
 def test_exact_ties_still_merge_whole_under_a_small_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
