@@ -74,11 +74,18 @@ def kill_before_it_runs(hook: WeightAveraging) -> None:
     kill(hook)
 
 
+# A sidecar started while this is set has a SlowEMA that is slow (the environment is the
+# parent's at spawn): a test unsets it before a kill, and the restarted sidecar's final save
+# at close() then takes no time.
+SLOW_RESULT = "MERGEKIT_LIKE_TEST_SLOW_RESULT"
+
+
 class SlowEMA(EMA):
     """An EMA whose result takes far longer than any test: the sidecar is busy when it is killed."""
 
     def result(self) -> dict[str, torch.Tensor]:
-        time.sleep(120)
+        if os.environ.get(SLOW_RESULT):
+            time.sleep(120)
         return super().result()
 
 
@@ -155,7 +162,10 @@ def test_asking_a_dead_sidecar_is_an_error_and_a_restart(tmp_path: Path) -> None
     hook.close()
 
 
-def test_a_sidecar_killed_while_it_answers_gives_an_error_within_a_bound(tmp_path: Path) -> None:
+def test_a_sidecar_killed_while_it_answers_gives_an_error_within_a_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SLOW_RESULT, "1")
     hook = trained_hook(tmp_path, [SlowEMA(0.9)], strict=True)
     killer = threading.Timer(1.0, hook._sidecar.process.kill)
     killer.start()
@@ -199,12 +209,16 @@ def test_an_answer_larger_than_the_pipe_arrives_whole_and_close_leaves_no_thread
     assert not sidecar_threads() - before
 
 
-def test_a_slow_answer_is_given_up_after_the_timeout(tmp_path: Path) -> None:
+def test_a_slow_answer_is_given_up_after_the_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SLOW_RESULT, "1")
     hook = trained_hook(tmp_path, [SlowEMA(0.9)], strict=True)
     with pytest.raises(SidecarError, match="did not answer 'average' within 1 s"):
         within(BOUND, lambda: hook.averaged_state_dict("ema_0.9", timeout=1.0))
+    monkeypatch.delenv(SLOW_RESULT)  # the sidecar started after the kill saves at once at close()
     kill(hook)  # rather than wait for its sleep
+    started = time.monotonic()
     hook.close()
+    assert time.monotonic() - started < BOUND
 
 
 def test_step_after_the_sidecar_died_returns_at_once_and_skips_until_a_new_one_runs(tmp_path: Path) -> None:
