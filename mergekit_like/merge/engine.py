@@ -4,10 +4,9 @@ For each tensor (or block of rows of a large tensor, for element-wise methods
 and those declaring a tensor pass) a reader thread reads the next inputs while
 this one is merged on the compute device in the compute dtype, cast to the
 output dtype and handed to the writer thread, so memory holds a few tensors at
-a time, never a model. The
-plan itself comes from :mod:`mergekit_like.merge.plan`; moving tensors to and from a
-GPU (pinned staging chunks, a copy stream, events) from
-:mod:`mergekit_like.merge.staging`.
+a time, never a model. The plan itself comes from :mod:`mergekit_like.merge.plan`;
+moving tensors to and from a GPU (pinned staging chunks, a copy stream, events)
+from :mod:`mergekit_like.merge.staging`.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ class _DropReduction:
             if density >= 1:
                 continue
             delta = x - base
-            work_dtype = dare_work_dtype(delta)
+            work_dtype = dare_work_dtype(delta.dtype, delta.device)
             work = delta if work_dtype is None else delta.to(work_dtype)
             self.sums[i].add(work.reshape(-1), self._mask(i, span, base.device))
         self._offset = span[1]
@@ -92,15 +92,11 @@ class DropBlock:
             if density >= 1:
                 trims.append(KEEP_ALL)
                 continue
-            work_dtype = dare_work_dtype(_delta_probe(x, base))
+            # x - base's dtype, from the dtypes alone (no subtraction to find it).
+            work_dtype = dare_work_dtype(torch.promote_types(x.dtype, base.dtype), base.device)
             trims.append(dare_trim(reduction._mask(i, span, base.device), density, reduction.rescale,
                                    reduction.rescale_mode, work_dtype, reduction.factors[i]))
         return trims
-
-
-def _delta_probe(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """A one-entry delta: its dtype and device say which dtype the rescale works in."""
-    return x.reshape(-1)[:1] - base.reshape(-1)[:1]
 
 
 @dataclass(frozen=True)

@@ -130,15 +130,11 @@ class _TopKReduction:
 
     def __init__(self, densities: Sequence[float], numel: int, keep_ties: bool, device: torch.device,
                  executor: Executor | None) -> None:
-        self.fixed: dict[int, _ModelCut | Trim] = {}
-        self.selectors: dict[int, TopKThreshold] = {}
-        for i, density in enumerate(densities):
-            if density >= 1:
-                self.fixed[i] = KEEP_ALL
-            elif density <= 0:
-                self.fixed[i] = _NoneKept()
-            else:
-                self.selectors[i] = TopKThreshold(top_k_count(density, numel), device)
+        # Per model: a fixed trim (density 1 or 0), or the selector whose threshold makes its cut.
+        self.models: list[Trim | _ModelCut | TopKThreshold] = [
+            KEEP_ALL if density >= 1 else _NoneKept() if density <= 0 else
+            TopKThreshold(top_k_count(density, numel), device) for density in densities]
+        self.selectors = {i: m for i, m in enumerate(self.models) if isinstance(m, TopKThreshold)}
         self.keep_ties = keep_ties
         self.executor = executor
         self._trims: BlockTrims | None = None
@@ -165,15 +161,12 @@ class _TopKReduction:
         return self._trims.at(rows)
 
     def _cuts(self) -> list[_ModelCut | Trim]:
-        cuts: list[_ModelCut | Trim] = []
-        for i in range(len(self.fixed) + len(self.selectors)):
-            if i in self.selectors:
-                threshold, above = self.selectors[i].threshold_and_above()
-                above = 0 if threshold > FLOAT32_INF else above  # nothing lies above a NaN
-                cuts.append(_ModelCut(threshold, None if self.keep_ties else self.selectors[i].k - above))
-            else:
-                cuts.append(self.fixed[i])
-        return cuts
+        return [self._cut(m) if isinstance(m, TopKThreshold) else m for m in self.models]
+
+    def _cut(self, selector: TopKThreshold) -> _ModelCut:
+        threshold, above = selector.threshold_and_above()
+        above = 0 if threshold > FLOAT32_INF else above  # nothing lies above a NaN
+        return _ModelCut(threshold, None if self.keep_ties else selector.k - above)
 
 
 def _trims(params: Mapping[str, Any]) -> bool:

@@ -269,9 +269,9 @@ def dare_trim(mask: torch.Tensor, density: float, rescale: bool, rescale_mode: R
     return Trim(mask, multiply=l1_factor, work_dtype=work_dtype)
 
 
-def dare_work_dtype(delta: torch.Tensor) -> torch.dtype | None:
+def dare_work_dtype(delta_dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
     """As mergekit: bf16 and non-CPU deltas keep their dtype (None), other CPU dtypes rescale in float32."""
-    return None if delta.dtype == torch.bfloat16 or delta.device.type != "cpu" else torch.float32
+    return None if delta_dtype == torch.bfloat16 or device.type != "cpu" else torch.float32
 
 
 def make_trim(
@@ -307,7 +307,7 @@ def make_trim(
         if generator is None:
             raise ValueError("random sparsification needs a seeded generator")
         delta = x - base
-        work_dtype = dare_work_dtype(delta)
+        work_dtype = dare_work_dtype(delta.dtype, delta.device)
         mask = bernoulli_mask(delta.numel(), density, model_seed(generator, model_index), delta.device, executor)
         factor = None
         if rescale and rescale_mode == "l1":
