@@ -97,6 +97,31 @@ def split_merge_kwargs(kwargs: dict[str, Any]) -> tuple[MergeOptions, dict[str, 
     return MergeOptions(**options), {k: v for k, v in kwargs.items() if k in RUN_KEYWORDS}
 
 
+def merge_in_row_blocks(method_name: str, models: list[torch.Tensor], base: torch.Tensor, rows: int,
+                        params: dict[str, Any], seed: int | None = None) -> torch.Tensor:
+    """The engine's route for a tensor merged in row blocks of ``rows`` rows: the method's tensor pass
+    over the blocks, then the kernel per block. ``params`` are the kernel's, as the planner resolves
+    them (defaults included where the pass reads them); ``seed`` seeds the tensor's generator."""
+    from mergekit_like.methods import get_method
+
+    method = get_method(method_name)
+    tensor_pass = method.tensor_pass
+    assert tensor_pass is not None and tensor_pass.blockwise(params, base.dtype)
+
+    def generator() -> torch.Generator | None:
+        return torch.Generator().manual_seed(seed) if seed is not None else None
+
+    blocks = [(start, min(start + rows, base.shape[0])) for start in range(0, base.shape[0], rows)]
+    reduction = tensor_pass.start(params, base.numel(), base.device, None, generator())
+    for pass_index in range(tensor_pass.passes(params, base.dtype)):
+        for start, stop in blocks:
+            reduction.observe(pass_index, [m[start:stop] for m in models], base[start:stop])
+        reduction.end_pass(pass_index)
+    extra = {"generator": generator()} if method.uses_generator else {}
+    return torch.cat([method([m[a:b] for m in models], base=base[a:b], **params, **extra,
+                             **{tensor_pass.keyword: reduction.block((a, b))}) for a, b in blocks])
+
+
 def assert_row_block_merge_equals_whole(
     tensors: list[dict[str, torch.Tensor]], recipe_data: dict[str, Any], directory: Path, expected_passes: int
 ) -> None:
@@ -104,17 +129,20 @@ def assert_row_block_merge_equals_whole(
     budget small enough to merge ``model.embed_tokens.weight`` in row blocks (the embedding needs a
     float32 compute dtype's 96 x 16 with three inputs), and checks the two outputs bit for bit.
 
-    ``recipe_data`` gets ``base_model`` and ``models`` (weights 1.0, 0.7, ...) filled in. Callers patch
-    ``mergekit_like.merge.options.MIN_MEMORY_BUDGET`` down first.
+    ``recipe_data`` gets ``base_model`` and ``models`` (weights 1.0, 0.7, ... for a method that weighs)
+    filled in. Callers patch ``mergekit_like.merge.options.MIN_MEMORY_BUDGET`` down first.
     """
     from mergekit_like.io import open_checkpoint
     from mergekit_like.merge.engine import planned_merge, run_merge, tensor_pass_count
     from mergekit_like.merge.recipe import parse_recipe
+    from mergekit_like.methods import get_method
 
     paths = [write_checkpoint(directory / f"model-{i}", t, config={"model_type": "llama"})
              for i, t in enumerate(tensors)]
+    weighted = get_method(recipe_data["merge_method"]).spec("weight") is not None
     recipe = parse_recipe({**recipe_data, "base_model": str(paths[0]), "models": [
-        {"model": str(p), "parameters": {"weight": round(1.0 - 0.3 * i, 2)}} for i, p in enumerate(paths[1:])]})
+        {"model": str(p), "parameters": {"weight": round(1.0 - 0.3 * i, 2)} if weighted else {}}
+        for i, p in enumerate(paths[1:])]})
     with planned_merge(recipe, MergeOptions()) as plan:
         assert all(t.chunks is None for t in plan.tensors)
         run_merge(plan, directory / "whole")

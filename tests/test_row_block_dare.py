@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_row_block_merge_equals_whole
+from helpers import assert_row_block_merge_equals_whole, merge_in_row_blocks
 
 import mergekit_like.merge.options as options_module
 import mergekit_like.methods.task_vectors as tv
-from mergekit_like.methods import get_method, l1_sums
+from mergekit_like.methods import flat_units, get_method
 from mergekit_like.methods.block_dare import BlockDrop
 from mergekit_like.methods.l1_sums import UnitSums
 
@@ -22,7 +22,7 @@ WEIGHTS = [1.0, 0.5, 0.8]
 def small_units(monkeypatch: pytest.MonkeyPatch) -> None:
     # Units of a few rows: draws and sums straddle the row blocks.
     monkeypatch.setattr(tv, "DRAW_UNIT", 50)
-    monkeypatch.setattr(l1_sums, "SUM_UNIT", 37)
+    monkeypatch.setattr(flat_units, "SUM_UNIT", 37)
 
 
 def _generator() -> torch.Generator:
@@ -30,18 +30,8 @@ def _generator() -> torch.Generator:
 
 
 def _in_row_blocks(method: str, models: list[torch.Tensor], base: torch.Tensor, rows: int, **params) -> torch.Tensor:
-    """The engine's route: the tensor pass over the blocks, then the kernel per block."""
-    kernel = get_method(method)
-    full = {"rescale": True, "rescale_mode": "l1", **params}
-    tensor_pass = BlockDrop()
-    blocks = [(start, min(start + rows, base.shape[0])) for start in range(0, base.shape[0], rows)]
-    reduction = tensor_pass.start(full, base.numel(), base.device, None, _generator())
-    for pass_index in range(tensor_pass.passes(full, base.dtype)):
-        for start, stop in blocks:
-            reduction.observe(pass_index, [m[start:stop] for m in models], base[start:stop])
-        reduction.end_pass(pass_index)
-    return torch.cat([kernel([m[a:b] for m in models], base=base[a:b], weight=WEIGHTS, generator=_generator(),
-                             block_drops=reduction.block((a, b)), **params) for a, b in blocks])
+    full = {"weight": WEIGHTS, "rescale": True, "rescale_mode": "l1", **params}
+    return merge_in_row_blocks(method, models, base, rows, full, seed=11)
 
 
 @pytest.mark.usefixtures("small_units")
@@ -62,7 +52,7 @@ def test_row_blocks_give_the_whole_tensors_bits(method: str, dtype: torch.dtype,
 
 
 def test_unit_sums_do_not_depend_on_the_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(l1_sums, "SUM_UNIT", 64)
+    monkeypatch.setattr(flat_units, "SUM_UNIT", 64)
     values = torch.randn(1000, generator=torch.Generator().manual_seed(2))
     whole = UnitSums(1000)
     whole.add(values)

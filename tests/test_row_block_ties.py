@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_row_block_merge_equals_whole, write_checkpoint
+from helpers import assert_row_block_merge_equals_whole, merge_in_row_blocks, write_checkpoint
 
 import mergekit_like.merge.options as options_module
 from mergekit_like.merge.engine import MergeOptions, planned_merge
@@ -29,24 +29,9 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _in_row_blocks(models: list[torch.Tensor], base: torch.Tensor, rows: int, **params) -> torch.Tensor:
-    """The engine's route: the tensor pass over the blocks, then the kernel per block."""
-    tensor_pass = BlockTopK()
     full = {"density": [1.0] * len(models), "trim_scope": "tensor", "trim_ties": "index", "rescale": False,
             **params}
-    assert tensor_pass.blockwise(full, base.dtype)
-    blocks = [(start, min(start + rows, base.shape[0])) for start in range(0, base.shape[0], rows)]
-    passes = tensor_pass.passes(full, base.dtype)
-    reduction = tensor_pass.start(full, base.numel(), base.device, None) if passes else None
-    for pass_index in range(passes):
-        for start, stop in blocks:
-            reduction.observe(pass_index, [m[start:stop] for m in models], base[start:stop])
-        reduction.end_pass(pass_index)
-    out = []
-    for start, stop in blocks:
-        extra = {"block_trims": reduction.block((start, stop))} if reduction else {}
-        out.append(TIES([m[start:stop] for m in models], base=base[start:stop], weight=[1.0, 0.5, 0.8], **params,
-                        **extra))
-    return torch.cat(out)
+    return merge_in_row_blocks("ties", models, base, rows, {"weight": [1.0, 0.5, 0.8], **full})
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

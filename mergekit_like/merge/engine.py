@@ -271,7 +271,7 @@ def compute(plan: MergePlan, inputs: _Inputs, context: KernelContext) -> list[to
             merged = _call_kernel(method, inputs.models, kwargs)
         except MergeError as exc:
             raise MergeError(exc.what, tensor=tensor.name, fix=exc.fix) from None
-        if context.amplifications is not None and inputs.rows is None:
+        if context.amplifications is not None:
             context.amplifications.observe(method, tensor.name, merged, inputs.models, kwargs)
         results.append(merged.to(dtype=tensor.out_dtype))
     return results

@@ -312,8 +312,8 @@ class MergeMethod:
     result_dtype: torch.dtype | None = None
     # Parameter combinations allowed but rarely meant (linear's weights that nearly cancel).
     warns: tuple[ParamWarning, ...] = ()
-    # Only methods merged whole tensor by tensor declare one: a factor over a block of rows is not
-    # the tensor's.
+    # Measured on every tensor, and on every row block of a tensor merged in row blocks (the
+    # measure gets the tensor pass's keyword: the worst block's factor must be the tensor's).
     amplification: Amplification | None = None
 
     def __call__(self, tensors: list[torch.Tensor], **kwargs: Any) -> torch.Tensor:
@@ -399,9 +399,9 @@ def merge_method(
         _check_ignored(kernel.__name__, ignored_params, params)
         if sum(spec.sweep for spec in params.values()) > 1:
             raise TypeError(f"{kernel.__name__}: at most one parameter may be a Sweep")
-        if amplification is not None and (elementwise or tensor_pass is not None):
-            raise TypeError(f"{kernel.__name__}: a method merged in row blocks cannot declare an amplification "
-                            "(it is measured on whole tensors)")
+        if amplification is not None and elementwise:
+            raise TypeError(f"{kernel.__name__}: an element-wise method cannot declare an amplification "
+                            "(a factor over a block of entries is not the tensor's)")
         if elementwise and tensor_pass is not None:
             raise TypeError(f"{kernel.__name__}: an element-wise method needs no tensor pass")
         base_use = base or (BaseUse.REQUIRED if "base" in signature.parameters else BaseUse.NONE)

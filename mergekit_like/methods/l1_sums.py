@@ -1,20 +1,20 @@
 """DARE's L1 sums, taken the same way whether a tensor comes whole or in row blocks.
 
-A float sum depends on the order of its additions, so a tensor summed whole and the same
-tensor summed block by block would give rescale factors a bit apart. These sums are taken
-over fixed units of the tensor's flat entries (``SUM_UNIT``, counted from its first entry):
-each unit is summed by torch on its own (in float32 for 16-bit values), and the unit sums
-are added exactly (``math.fsum``, rounded once). A unit split between two row blocks is
-joined before it is summed, so the result depends on the values alone, never on the blocks.
+Each unit of the tensor's flat entries (see :mod:`~mergekit_like.methods.flat_units`) is
+summed by torch on its own (in float32 for 16-bit values), and the unit sums are added
+exactly (``math.fsum``, rounded once): the result depends on the values alone, never on the blocks.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
-SUM_UNIT = 1 << 20
+from mergekit_like.methods import flat_units
+from mergekit_like.methods.flat_units import UnitStream, unit_count
+
 # Below this an L1 norm counts as zero and the rescale is skipped (as mergekit).
 L1_EPS = 1e-7
 
@@ -26,51 +26,28 @@ def _unit_sum(values: torch.Tensor) -> torch.Tensor:
 class UnitSums:
     """The sum of a tensor's flat entries, fed in order in pieces of any size.
 
-    The unit sums go into one buffer made at the start, and a unit split between pieces waits in
-    one buffer of a unit: nothing small and long-lived is allocated between a stream's blocks (such
-    allocations pin the heap and made a stream of 4 GiB grow by GBs)."""
+    The unit sums go into one buffer made at the first unit, on the values' device (no copy to
+    the host per unit)."""
 
     def __init__(self, numel: int) -> None:
-        self._units = max(1, math.ceil(numel / SUM_UNIT))
-        self._sums: torch.Tensor | None = None  # on the values' device: no copy to the host per unit
-        self._count = 0
-        self._carry: torch.Tensor | None = None  # the start of a unit that the next piece completes
-        self._carried = 0
+        self._stream = UnitStream(self._sum)
+        self._units = unit_count(numel, self._stream.unit)
+        self._sums: torch.Tensor | None = None
 
-    def _append(self, values: torch.Tensor) -> None:
+    def _sum(self, index: int, unit: Sequence[torch.Tensor]) -> None:
+        (values,) = unit
         if self._sums is None:
             self._sums = torch.zeros(self._units, dtype=torch.float64, device=values.device)
-        self._sums[self._count] = _unit_sum(values)
-        self._count += 1
+        self._sums[index] = _unit_sum(values)
 
     def add(self, values: torch.Tensor) -> None:
-        """The next entries, flat; a piece that starts inside a unit completes the one carried."""
-        start = 0
-        if self._carried:
-            assert self._carry is not None
-            start = min(values.numel(), SUM_UNIT - self._carried)
-            self._carry[self._carried : self._carried + start] = values[:start]
-            self._carried += start
-            if self._carried < SUM_UNIT:
-                return
-            self._append(self._carry)
-            self._carried = 0
-        whole_units = start + (values.numel() - start) // SUM_UNIT * SUM_UNIT
-        for first in range(start, whole_units, SUM_UNIT):
-            self._append(values[first : first + SUM_UNIT])
-        if whole_units < values.numel():
-            if self._carry is None or self._carry.dtype != values.dtype or self._carry.device != values.device:
-                self._carry = torch.empty(SUM_UNIT, dtype=values.dtype, device=values.device)
-            self._carried = values.numel() - whole_units
-            self._carry[: self._carried] = values[whole_units:]
+        """The next entries, flat."""
+        self._stream.add((values,))
 
     def value(self) -> float:
         """The total, the last unit included (call once every entry was added)."""
-        if self._carried:
-            assert self._carry is not None
-            self._append(self._carry[: self._carried])
-            self._carried = 0
-        return math.fsum(self._sums[: self._count].tolist()) if self._sums is not None else 0.0
+        self._stream.finish()
+        return math.fsum(self._sums.tolist()) if self._sums is not None else 0.0
 
 
 class L1Sums:
@@ -86,10 +63,10 @@ class L1Sums:
     def add(self, deltas: torch.Tensor, mask: torch.Tensor) -> None:
         """The next flat entries of the task vector (in the dtype the rescale works in) and its mask."""
         self._dtype, self._device = deltas.dtype, deltas.device
-        first = 0
+        first, unit = 0, flat_units.SUM_UNIT
         while first < deltas.numel():
             # Pieces end on unit boundaries: the temporaries are a unit's, and a unit is split only by blocks.
-            stop = min(deltas.numel(), first + SUM_UNIT - (self._offset + first) % SUM_UNIT)
+            stop = min(deltas.numel(), first + unit - (self._offset + first) % unit)
             magnitudes = deltas[first:stop].abs()
             self.before.add(magnitudes)
             self.after.add(magnitudes * mask[first:stop])

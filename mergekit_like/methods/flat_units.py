@@ -1,0 +1,81 @@
+"""A tensor's flat entries in fixed units, whether the tensor comes whole or in row blocks.
+
+A float reduction depends on the order of its additions, so a statistic summed over a whole
+tensor and the same statistic summed block by block would differ in the last bits. Reductions
+that must give one answer either way (DARE's L1 sums, model_stock's cosines, slerp's norms)
+reduce fixed units of the flat entries, counted from the tensor's first entry, each on its own,
+and combine the unit results in one fixed way. A :class:`UnitStream` cuts the units out of
+pieces of any size; a unit split between two row blocks is joined before it is reduced.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+# The unit of the reductions that do not follow another tool's chunking.
+SUM_UNIT = 1 << 20
+
+# Called with a unit's index and its entries, one flat tensor per stream.
+UnitReducer = Callable[[int, Sequence[torch.Tensor]], None]
+
+
+def unit_count(numel: int, unit: int) -> int:
+    """How many units a tensor of ``numel`` entries has."""
+    return math.ceil(numel / unit)
+
+
+class UnitStream:
+    """Aligned flat streams (a tensor's entries, or several tensors' entries side by side), fed in
+    order in pieces of any size and handed to ``reduce`` one unit at a time.
+
+    A unit started by one piece and completed by the next waits in one buffer of a unit per stream,
+    made once: nothing small and long-lived is allocated between a stream's blocks (such
+    allocations pin the heap and made a stream of 4 GiB grow by GBs).
+    """
+
+    def __init__(self, reduce: UnitReducer, unit: int | None = None) -> None:
+        self.reduce = reduce
+        self.unit = unit if unit is not None else SUM_UNIT
+        self._index = 0
+        self._carry: list[torch.Tensor] = []  # the start of the unit that the next piece completes
+        self._carried = 0
+
+    def add(self, pieces: Sequence[torch.Tensor]) -> None:
+        """The next entries of every stream, flat and of one length."""
+        length = pieces[0].numel()
+        start = 0
+        if self._carried:
+            start = min(length, self.unit - self._carried)
+            for carry, piece in zip(self._carry, pieces):
+                carry[self._carried : self._carried + start] = piece[:start]
+            self._carried += start
+            if self._carried < self.unit:
+                return
+            self._emit(self._carry)
+            self._carried = 0
+        whole_units = start + (length - start) // self.unit * self.unit
+        for first in range(start, whole_units, self.unit):
+            self._emit([piece[first : first + self.unit] for piece in pieces])
+        if whole_units < length:
+            if not self._fits(pieces):
+                self._carry = [torch.empty(self.unit, dtype=p.dtype, device=p.device) for p in pieces]
+            self._carried = length - whole_units
+            for carry, piece in zip(self._carry, pieces):
+                carry[: self._carried] = piece[whole_units:]
+
+    def finish(self) -> None:
+        """Reduces the last unit, which may be short (call once every entry was added)."""
+        if self._carried:
+            self._emit([carry[: self._carried] for carry in self._carry])
+            self._carried = 0
+
+    def _fits(self, pieces: Sequence[torch.Tensor]) -> bool:
+        return len(self._carry) == len(pieces) and all(
+            c.dtype == p.dtype and c.device == p.device for c, p in zip(self._carry, pieces))
+
+    def _emit(self, unit: Sequence[torch.Tensor]) -> None:
+        self.reduce(self._index, unit)
+        self._index += 1

@@ -1,0 +1,129 @@
+"""slerp and model_stock on large tensors, row block by row block: the whole tensor's bits."""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_row_block_merge_equals_whole, merge_in_row_blocks
+
+import mergekit_like.merge.options as options_module
+import mergekit_like.methods.slerp as slerp_module
+from mergekit_like.methods import flat_units, get_method
+from mergekit_like.methods.model_stock import stock_amplification, stock_ratio
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.dtype.itemsize])
+
+
+def _models(dtype: torch.dtype, count: int, seed: int = 0, shape: tuple[int, int] = (40, 23)):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).to(dtype)
+    return base, [base + 0.05 * torch.randn(shape, generator=g).to(dtype) for _ in range(count)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("chunk", [37, 1 << 20])  # chunks straddling the blocks, or one chunk
+def test_slerp_row_blocks_give_the_whole_tensors_bits(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                                      rows: int, chunk: int) -> None:
+    monkeypatch.setattr(slerp_module, "CHUNK", chunk)
+    base, (other,) = _models(dtype, 1)
+    whole = get_method("slerp")([other], base=base, t=0.3)
+    assert torch.equal(_bits(merge_in_row_blocks("slerp", [other], base, rows, {"t": 0.3})), _bits(whole))
+
+
+def test_slerp_of_colinear_rows_in_blocks_is_linear() -> None:
+    base, _ = _models(torch.float32, 1)
+    out = merge_in_row_blocks("slerp", [2 * base], base, 7, {"t": 0.25})
+    assert torch.equal(out, get_method("slerp")([2 * base], base=base, t=0.25))
+    torch.testing.assert_close(out, 1.25 * base)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+@pytest.mark.parametrize("unit", [37, 1 << 20])  # sums over units straddling the blocks, or one unit
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_row_blocks_give_the_whole_tensors_bits(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                                            rows: int, unit: int, filter_wise: bool) -> None:
+    monkeypatch.setattr(flat_units, "SUM_UNIT", unit)
+    base, models = _models(dtype, 3)
+    whole = get_method("model_stock")(models, base=base, filter_wise=filter_wise)
+    blocks = merge_in_row_blocks("model_stock", models, base, rows, {"filter_wise": filter_wise})
+    assert torch.equal(_bits(blocks), _bits(whole))
+
+
+def test_model_stock_of_one_unit_is_reduced_as_mergekit_reduces_it() -> None:
+    base, models = _models(torch.bfloat16, 3)
+    rows = base.reshape(-1)
+    t = stock_ratio([x.reshape(-1) - rows for x in models])
+    expected = (t * (sum(m.reshape(-1) for m in models) / 3) + (1 - t) * rows).reshape(base.shape)
+    assert torch.equal(get_method("model_stock")(models, base=base), expected)
+
+
+def test_model_stock_units_sum_norms_and_products_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """t from exact sums of mergekit's terms, rounded once: the closed form in float64, rounded."""
+    monkeypatch.setattr(flat_units, "SUM_UNIT", 50)
+    base, models = _models(torch.float32, 3, seed=4)
+    deltas = [(x - base).reshape(-1) for x in models]
+    norms = [math.sqrt(math.fsum(float(v) ** 2 for v in d.double())) for d in deltas]
+    cosines = [math.fsum((a.double() * b.double()).tolist()) / (norms[i] * norms[j])
+               for (i, a), (j, b) in combinations(enumerate(deltas), 2)]
+    cos = sum(cosines) / 3
+    t = 3 * cos / (1 + 2 * cos)
+    out = get_method("model_stock")(models, base=base)
+    mean = sum(models) / 3
+    torch.testing.assert_close(out, t * mean + (1 - t) * base, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_amplification_of_row_blocks_is_the_tensors(monkeypatch: pytest.MonkeyPatch,
+                                                                filter_wise: bool) -> None:
+    """Nearly opposite task vectors: the factor the engine logs over the blocks is the whole tensor's."""
+    monkeypatch.setattr(flat_units, "SUM_UNIT", 64)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(30, 12, generator=g, dtype=torch.float64)
+    d = torch.randn(30, 12, generator=g, dtype=torch.float64)
+    models = [base + d, base - 0.98 * d + 0.01 * torch.randn(30, 12, generator=g, dtype=torch.float64)]
+    method = get_method("model_stock")
+    whole = stock_amplification(method(models, base=base, filter_wise=filter_wise), models, base=base,
+                                filter_wise=filter_wise)
+    tensor_pass = method.tensor_pass
+    params = {"filter_wise": filter_wise}
+    reduction = tensor_pass.start(params, base.numel(), base.device, None)
+    for pass_index in range(tensor_pass.passes(params, base.dtype)):
+        for start in range(0, 30, 7):
+            reduction.observe(pass_index, [m[start : start + 7] for m in models], base[start : start + 7])
+        reduction.end_pass(pass_index)
+    factors = []
+    for start in range(0, 30, 7):
+        rows = (start, min(start + 7, 30))
+        block = reduction.block(rows)
+        parts = [m[rows[0] : rows[1]] for m in models]
+        merged = method(parts, base=base[rows[0] : rows[1]], filter_wise=filter_wise, block_stock=block)
+        factors.append(stock_amplification(merged, parts, base=base[rows[0] : rows[1]], filter_wise=filter_wise,
+                                           block_stock=block))
+    assert whole > 10
+    assert max(factors) == pytest.approx(whole, rel=1e-9)
+
+
+@pytest.mark.parametrize("method,params,passes", [
+    ("slerp", {"t": 0.4}, 2),
+    ("model_stock", {}, 1),
+    ("model_stock", {"filter_wise": True}, 0),
+])
+def test_a_merge_under_a_small_budget_equals_the_whole_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              method: str, params: dict, passes: int) -> None:
+    monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
+    monkeypatch.setattr(flat_units, "SUM_UNIT", 100)
+    monkeypatch.setattr(slerp_module, "CHUNK", 100)
+    g = torch.Generator().manual_seed(5)
+    count = 2 if method == "slerp" else 3
+    tensors = [{"model.embed_tokens.weight": torch.randn(96, 16, generator=g).to(torch.bfloat16),
+                "model.norm.weight": torch.randn(16, generator=g).to(torch.bfloat16)} for _ in range(count)]
+    recipe = {"merge_method": method, "dtype": "float32", "parameters": params}
+    assert_row_block_merge_equals_whole(tensors, recipe, tmp_path, passes)
