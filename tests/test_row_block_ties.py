@@ -11,7 +11,7 @@ from helpers import assert_row_block_merge_equals_whole, merge_in_row_blocks, wr
 import mergekit_like.merge.options as options_module
 from mergekit_like.merge.engine import MergeOptions, planned_merge
 from mergekit_like.merge.recipe import parse_recipe
-from mergekit_like.methods import block_topk, get_method
+from mergekit_like.methods import block_topk, flat_units, get_method
 from mergekit_like.methods.block_topk import BlockTopK
 
 TIES = get_method("ties")
@@ -39,15 +39,17 @@ def _in_row_blocks(models: list[torch.Tensor], base: torch.Tensor, rows: int, **
 @pytest.mark.parametrize("rows", [1, 7, 64])
 @pytest.mark.parametrize("levels", [64.0, 1 << 14])  # 1 << 14: magnitudes need more bits than bfloat16's
 @pytest.mark.parametrize("slice_size", [None, 37])  # slices of a block: ties are counted across them too
+@pytest.mark.parametrize("rescale", [False, True])  # L1 sums over units that straddle the blocks
 def test_row_blocks_give_the_whole_tensors_bits(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, trim_ties: str, rows: int, levels: float,
-    slice_size: int | None,
+    slice_size: int | None, rescale: bool,
 ) -> None:
     if slice_size is not None:
         monkeypatch.setattr(block_topk, "BLOCK", slice_size)
+    monkeypatch.setattr(flat_units, "SUM_UNIT", 101)
     base = _quantised((64, 48), 0, dtype)
     models = [base + _quantised((64, 48), seed, dtype, levels) for seed in (1, 2, 3)]
-    params = {"density": [0.3, 0.55, 0.8], "trim_ties": trim_ties}
+    params = {"density": [0.3, 0.55, 0.8], "trim_ties": trim_ties, "rescale": rescale}
     whole = TIES(models, base=base, weight=[1.0, 0.5, 0.8], **params)
     assert torch.equal(_bits(_in_row_blocks(models, base, rows, **params)), _bits(whole))
 
@@ -75,7 +77,8 @@ def test_what_merges_whole() -> None:
     trimmed = {"density": [0.5], "trim_scope": "tensor", "trim_ties": "index", "rescale": False}
     assert tensor_pass.blockwise(trimmed, torch.float32)
     assert not tensor_pass.blockwise({**trimmed, "trim_ties": "sort"}, torch.float32)  # a sort's tie order
-    assert not tensor_pass.blockwise({**trimmed, "rescale": True}, torch.float32)  # sums in the whole's order
+    assert tensor_pass.blockwise({**trimmed, "rescale": True}, torch.float32)
+    assert tensor_pass.passes({**trimmed, "rescale": True}, torch.bfloat16) == 2  # the sums after the cut
     assert not tensor_pass.blockwise({**trimmed, "trim_scope": "model"}, torch.float32)
     assert not tensor_pass.blockwise(trimmed, torch.float64)  # float64 keys do not fit the float32 selection
     untrimmed = {**trimmed, "density": [1.0], "trim_ties": "sort"}
@@ -94,15 +97,19 @@ def test_blocks_out_of_order_are_refused() -> None:
         reduction.block((3, 4))
 
 
-@pytest.mark.parametrize("dtype,trim_ties", [("bfloat16", "index"), ("float32", "keep"), ("float16", "index")])
+@pytest.mark.parametrize("dtype,trim_ties,rescale", [("bfloat16", "index", False), ("float32", "keep", False),
+                                                    ("float16", "index", False), ("bfloat16", "keep", True),
+                                                    ("float32", "index", True)])
 def test_a_merge_under_a_small_budget_equals_the_whole_merge(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, trim_ties: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, trim_ties: str, rescale: bool
 ) -> None:
     monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
+    monkeypatch.setattr(flat_units, "SUM_UNIT", 100)
     tensors = [{"model.embed_tokens.weight": _quantised((96, 16), seed, torch.bfloat16),
                 "model.norm.weight": _quantised((16,), seed + 10, torch.bfloat16)} for seed in range(3)]
-    recipe = {"merge_method": "ties", "dtype": dtype, "parameters": {"trim_ties": trim_ties, "density": 0.4}}
-    assert_row_block_merge_equals_whole(tensors, recipe, tmp_path, 1 if dtype == "bfloat16" else 2)
+    recipe = {"merge_method": "ties", "dtype": dtype,
+              "parameters": {"trim_ties": trim_ties, "density": 0.4, "rescale": rescale}}
+    assert_row_block_merge_equals_whole(tensors, recipe, tmp_path, (1 if dtype == "bfloat16" else 2) + rescale)
 
 
 def test_exact_ties_still_merge_whole_under_a_small_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

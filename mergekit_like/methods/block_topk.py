@@ -10,8 +10,10 @@ kept (``trim_ties: index``, the order of a stable sort), counted across the bloc
 come. The masks are those of the whole-tensor selection in :mod:`~mergekit_like.methods.topk`,
 so the merge gives its bits; memory holds a block, never the tensor.
 
-Exact ties (``trim_ties: sort``) follow the order of a sort of the whole tensor, and an L1
-rescale divides by sums over the whole tensor in its order: such tensors merge whole.
+An L1 rescale divides by the sums of each task vector's magnitudes before and after the cut
+(:class:`~mergekit_like.methods.l1_sums.L1Sums`, which do not depend on the blocks): the first
+pass takes the sums before, one more pass after the selection those after. Exact ties
+(``trim_ties: sort``) follow the order of a sort of the whole tensor: such tensors merge whole.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from mergekit_like.methods.l1_sums import L1Sums
 from mergekit_like.methods.task_vectors import BLOCK, GPU_BLOCK, KEEP_ALL, Trim
 from mergekit_like.methods.topk import TopKThreshold, inf_pattern, magnitude_bits, position_of_nth, top_k_count
 
@@ -57,6 +60,7 @@ class _ModelCut:
 
     threshold: int  # float32 bit pattern
     ties_left: int | None  # None: keep every tie (trim_ties: keep)
+    multiply: torch.Tensor | None = None  # the L1 rescale's factor
 
     def mask(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """The flat mask of one row block; the blocks of a tensor come in order (ties are counted)."""
@@ -120,53 +124,82 @@ class BlockTrims:
         """Each model's trim of the block in hand."""
         def one(i: int) -> Trim:
             cut = self.cuts[i]
-            return cut if isinstance(cut, Trim) else Trim(cut.mask(tensors[i], base))
+            return cut if isinstance(cut, Trim) else Trim(cut.mask(tensors[i], base), multiply=cut.multiply)
 
         return _each_model(self.executor, one, len(tensors), base.device)
 
 
 class _TopKReduction:
-    """Each model's k-th largest task-vector magnitude over one tensor's row blocks."""
+    """Each model's k-th largest task-vector magnitude over one tensor's row blocks, and for an L1
+    rescale the sums of its magnitudes before and after the cut (in a last pass, once the cuts are known)."""
 
-    def __init__(self, densities: Sequence[float], numel: int, keep_ties: bool, device: torch.device,
-                 executor: Executor | None) -> None:
+    def __init__(self, densities: Sequence[float], numel: int, keep_ties: bool, rescale: bool,
+                 device: torch.device, executor: Executor | None) -> None:
         # Per model: a fixed trim (density 1 or 0), or the selector whose threshold makes its cut.
         self.models: list[Trim | _ModelCut | TopKThreshold] = [
             KEEP_ALL if density >= 1 else _NoneKept() if density <= 0 else
             TopKThreshold(top_k_count(density, numel), device) for density in densities]
         self.selectors = {i: m for i, m in enumerate(self.models) if isinstance(m, TopKThreshold)}
+        self.sums = {i: L1Sums(numel) for i in self.selectors} if rescale else {}
+        self.selection_passes = 0  # known from the compute dtype of the first block
         self.keep_ties = keep_ties
         self.executor = executor
+        self._rescale_cuts: list[_ModelCut | Trim] = []
         self._trims: BlockTrims | None = None
 
     def observe(self, pass_index: int, models: Sequence[torch.Tensor], base: torch.Tensor | None) -> None:
         assert base is not None
-        selected = list(self.selectors.items())
+        self.selection_passes = _selection_passes(base.dtype)
+        selected = list(self.selectors)
 
         def count(j: int) -> None:
-            i, selector = selected[j]
+            i = selected[j]
+            if pass_index == self.selection_passes:
+                self._sum_kept(i, models[i], base)
+                return
+            selector = self.selectors[i]
             for magnitudes in _parts(models[i], base):
                 selector.count_high(magnitudes) if pass_index == 0 else selector.count_low(magnitudes)
+                if pass_index == 0 and self.sums:
+                    self.sums[i].add_before(magnitudes)
 
         _each_model(self.executor, count, len(selected), base.device)
+
+    def _sum_kept(self, i: int, x: torch.Tensor, base: torch.Tensor) -> None:
+        cut = self._rescale_cuts[i]
+        assert isinstance(cut, _ModelCut)
+        mask = cut.mask(x, base)
+        start = 0
+        for magnitudes in _parts(x, base):
+            self.sums[i].add_after(magnitudes, mask[start : start + magnitudes.numel()])
+            start += magnitudes.numel()
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index == 0:
             for selector in self.selectors.values():
                 selector.choose_bucket()
+        if pass_index == self.selection_passes - 1 and self.sums:
+            self._rescale_cuts = self._cuts()  # the rescale's pass counts ties with cuts of its own
 
     def block(self, rows: tuple[int, int]) -> BlockTrims:
         if self._trims is None:
-            self._trims = BlockTrims(self._cuts(), self.executor)
+            self._trims = BlockTrims(self._cuts(rescaled=True), self.executor)
         return self._trims.at(rows)
 
-    def _cuts(self) -> list[_ModelCut | Trim]:
-        return [self._cut(m) if isinstance(m, TopKThreshold) else m for m in self.models]
+    def _cuts(self, rescaled: bool = False) -> list[_ModelCut | Trim]:
+        return [self._cut(m, self.sums.get(i) if rescaled else None) if isinstance(m, TopKThreshold) else m
+                for i, m in enumerate(self.models)]
 
-    def _cut(self, selector: TopKThreshold) -> _ModelCut:
+    def _cut(self, selector: TopKThreshold, sums: L1Sums | None) -> _ModelCut:
         threshold, above = selector.threshold_and_above()
         above = 0 if threshold > FLOAT32_INF else above  # nothing lies above a NaN
-        return _ModelCut(threshold, None if self.keep_ties else selector.k - above)
+        return _ModelCut(threshold, None if self.keep_ties else selector.k - above,
+                         sums.factor() if sums is not None else None)
+
+
+def _selection_passes(compute_dtype: torch.dtype) -> int:
+    """A bfloat16 magnitude is settled by its high 16 bits; wider ones take a pass over the low bits."""
+    return 1 if compute_dtype == torch.bfloat16 else 2
 
 
 def _trims(params: Mapping[str, Any]) -> bool:
@@ -183,14 +216,14 @@ class BlockTopK:
         if not _trims(params):
             return True  # nothing trimmed: the merge is element-wise
         return (compute_dtype in SELECTABLE and params.get("trim_scope", "tensor") == "tensor"
-                and params.get("trim_ties") in ("index", "keep") and not params.get("rescale", False))
+                and params.get("trim_ties") in ("index", "keep"))
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:
         if not _trims(params):
             return 0
-        return 1 if compute_dtype == torch.bfloat16 else 2
+        return _selection_passes(compute_dtype) + bool(params.get("rescale", False))
 
     def start(self, params: Mapping[str, Any], numel: int, device: torch.device, executor: Executor | None,
               generator: torch.Generator | None = None) -> _TopKReduction:
-        return _TopKReduction(params.get("density", [1.0]), numel, params.get("trim_ties") == "keep", device,
-                              executor)
+        return _TopKReduction(params.get("density", [1.0]), numel, params.get("trim_ties") == "keep",
+                              bool(params.get("rescale", False)), device, executor)

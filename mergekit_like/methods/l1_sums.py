@@ -8,7 +8,7 @@ exactly (``math.fsum``, rounded once): the result depends on the values alone, n
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -51,27 +51,45 @@ class UnitSums:
 
 
 class L1Sums:
-    """``sum |d|`` and ``sum |d| * mask`` of one task vector, for DARE's L1 rescale."""
+    """``sum |d|`` and ``sum |d| * mask`` of one task vector, for the L1 rescale of a sparsified task vector.
+
+    Fed together (:meth:`add`, where the mask is known as the entries come) or in two passes
+    (:meth:`add_before`, then :meth:`add_after` once a pass has found the mask)."""
 
     def __init__(self, numel: int) -> None:
         self.before = UnitSums(numel)
         self.after = UnitSums(numel)
-        self._offset = 0
+        self._offsets = [0, 0]  # where the entries fed to before and to after have reached
         self._dtype: torch.dtype | None = None
         self._device: torch.device | None = None
 
+    def _magnitudes(self, deltas: torch.Tensor, sums: int) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``|deltas|`` in pieces that end on unit boundaries: the temporaries are a unit's, and a unit
+        is split only by blocks."""
+        self._dtype, self._device = deltas.dtype, deltas.device
+        first, unit, offset = 0, flat_units.SUM_UNIT, self._offsets[sums]
+        while first < deltas.numel():
+            stop = min(deltas.numel(), first + unit - (offset + first) % unit)
+            yield slice(first, stop), deltas[first:stop].abs()
+            first = stop
+        self._offsets[sums] += deltas.numel()
+
     def add(self, deltas: torch.Tensor, mask: torch.Tensor) -> None:
         """The next flat entries of the task vector (in the dtype the rescale works in) and its mask."""
-        self._dtype, self._device = deltas.dtype, deltas.device
-        first, unit = 0, flat_units.SUM_UNIT
-        while first < deltas.numel():
-            # Pieces end on unit boundaries: the temporaries are a unit's, and a unit is split only by blocks.
-            stop = min(deltas.numel(), first + unit - (self._offset + first) % unit)
-            magnitudes = deltas[first:stop].abs()
+        for piece, magnitudes in self._magnitudes(deltas, 0):
             self.before.add(magnitudes)
-            self.after.add(magnitudes * mask[first:stop])
-            first = stop
-        self._offset += deltas.numel()
+            self.after.add(magnitudes * mask[piece])
+        self._offsets[1] = self._offsets[0]
+
+    def add_before(self, deltas: torch.Tensor) -> None:
+        """The next flat entries of the task vector, for ``sum |d|``."""
+        for _, magnitudes in self._magnitudes(deltas, 0):
+            self.before.add(magnitudes)
+
+    def add_after(self, deltas: torch.Tensor, mask: torch.Tensor) -> None:
+        """The next flat entries of the task vector and its mask, for ``sum |d| * mask``."""
+        for piece, magnitudes in self._magnitudes(deltas, 1):
+            self.after.add(magnitudes * mask[piece])
 
     def factor(self) -> torch.Tensor | None:
         """``before / after`` in the rescale's dtype, or None where either norm is (close to) zero."""

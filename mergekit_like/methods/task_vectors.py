@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from mergekit_like.methods.l1_sums import L1_EPS, L1Sums
+from mergekit_like.methods.l1_sums import L1Sums
 from mergekit_like.methods.topk import top_k_count, top_k_mask
 
 Consensus = Literal["sum", "count"]
@@ -426,11 +426,10 @@ def _with_rescale(
         return Trim(mask, work_dtype=work_dtype)
     if mode == "inverse_density":
         return Trim(mask, divide=density if density > 0 else None, work_dtype=work_dtype)
-    before = magnitudes.sum()
-    after = (magnitudes * mask).sum()
-    if before >= L1_EPS and after >= L1_EPS:
-        return Trim(mask, multiply=before / after, work_dtype=work_dtype)
-    return Trim(mask, work_dtype=work_dtype)
+    # Summed unit by unit, as a tensor merged in row blocks sums it.
+    sums = L1Sums(magnitudes.numel())
+    sums.add(magnitudes.reshape(-1), mask)
+    return Trim(mask, multiply=sums.factor(), work_dtype=work_dtype)
 
 
 def magnitude_mask(magnitudes: torch.Tensor, density: float, ties: TrimTies = "sort") -> torch.Tensor:
