@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from mergekit_like.errors import DeviceError, InvalidCheckpointError, MergeError
+from mergekit_like.errors import InvalidCheckpointError, MergeError
 from mergekit_like.io.outputs import OutputSpec, WriteItem, write_checkpoints
 from mergekit_like.io.sharding import TensorSpec
 from mergekit_like.io.values import nonfinite_count
@@ -39,7 +39,7 @@ from mergekit_like.merge.plan import (
     plan_merge,
     planned_merge,
 )
-from mergekit_like.merge.staging import DeviceStaging
+from mergekit_like.merge.staging import DeviceStaging, resolve_device
 from mergekit_like.methods.declaration import AmplificationLog, MergeMethod, TensorReduction
 from mergekit_like.progress import NullProgress, ProgressSink
 from mergekit_like.vocab.rows import AlignedRows, gather_rows
@@ -83,24 +83,6 @@ EXACT_WIDENINGS = frozenset({
     (torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.float64),
     (torch.float16, torch.float64), (torch.float32, torch.float64),
 })
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is the first GPU when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        resolved = None
-    if resolved is None or resolved.type not in ("cpu", "cuda") or (resolved.type == "cpu" and resolved.index):
-        raise DeviceError(f"'{device}' is not a device this tool merges on", fix="use cpu, cuda, cuda:N or auto")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("CUDA was asked for but is not available", fix="use --device cpu or auto")
-    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
-        raise DeviceError(f"there is no GPU {resolved.index} (this machine has {torch.cuda.device_count()})",
-                         fix="use cuda:N with N below that count, or cuda")
-    return resolved
 
 
 def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:

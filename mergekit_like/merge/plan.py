@@ -34,6 +34,7 @@ from mergekit_like.merge.layered import TensorJob, plan_layers
 from mergekit_like.merge.options import MergeOptions
 from mergekit_like.merge.parameters import LayerPosition, NoValue, layer_count, layer_index, resolve_value
 from mergekit_like.merge.recipe import MergeRecipe
+from mergekit_like.merge.staging import resolve_device
 from mergekit_like.methods import BaseUse, MergeMethod
 from mergekit_like.vocab.plan import VocabularyPlan, chat_template_files, plan_vocabulary
 from mergekit_like.vocab.tensors import embedding_name, is_vocabulary_tensor
@@ -250,10 +251,11 @@ def plan_merge(
             jobs = _with_tied_head(jobs, tied)
         vocabulary = _vocabulary(recipe, checkpoints, configs, reference, resolve_model)
         variants = _variants(recipe)
+        device_type = resolve_device(options.device).type  # some methods merge in row blocks on the CPU only
         tensors = []
         for job in jobs:
             try:
-                tensors.append(_plan_tensor(job, checkpoints, variants, options.memory_budget,
+                tensors.append(_plan_tensor(job, checkpoints, variants, options.memory_budget, device_type,
                                             layered=recipe.layered, vocabulary=vocabulary))
             except _TensorProblems as found:
                 problems += found.problems
@@ -380,7 +382,8 @@ TENSOR_PASS_BLOCK_SHRINK = 2
 
 
 def _plan_tensor(
-    job: TensorJob, checkpoints: dict[str, Checkpoint], variants: list[Variant], memory_budget: int, *,
+    job: TensorJob, checkpoints: dict[str, Checkpoint], variants: list[Variant], memory_budget: int,
+    device_type: str, *,
     layered: bool, vocabulary: VocabularyPlan | None = None,
 ) -> TensorPlan:
     recipe, name, reference = job.recipe, job.name, job.reference
@@ -429,7 +432,7 @@ def _plan_tensor(
     # next tensor read ahead (half) and the temporaries and result (a quarter).
     whole_elements = memory_budget // (4 * len(entries) * compute.itemsize)
     blockwise = (same_shapes and math.prod(ref_entry.shape) > whole_elements
-                 and method.merges_row_blocks(params, compute))
+                 and method.merges_row_blocks(params, compute, device_type))
     shrink = ELEMENTWISE_BLOCK_SHRINK if method.elementwise else TENSOR_PASS_BLOCK_SHRINK
     chunks = row_chunks(ref_entry.shape, whole_elements // shrink) if blockwise else None
     return TensorPlan(name, ref_entry.shape, out_dtype, compute, None, tuple(params), read_bytes, chunks, **where)

@@ -30,8 +30,28 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mergekit_like.errors import DeviceError
+
 if TYPE_CHECKING:
     from mergekit_like.io.reader import Checkpoint
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is the first GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda") or (resolved.type == "cpu" and resolved.index):
+        raise DeviceError(f"'{device}' is not a device this tool merges on", fix="use cpu, cuda, cuda:N or auto")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("CUDA was asked for but is not available", fix="use --device cpu or auto")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise DeviceError(f"there is no GPU {resolved.index} (this machine has {torch.cuda.device_count()})",
+                         fix="use cuda:N with N below that count, or cuda")
+    return resolved
+
 
 # Large enough that a read is a long sequential request to the disk, small enough
 # that the pinned memory in flight (a couple of these, rounded up to a power of

@@ -105,7 +105,8 @@ class BlockDrop:
 
     keyword: str = "block_drops"
 
-    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> bool:
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype,
+                  device_type: str = "cpu") -> bool:
         return True
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:

@@ -212,7 +212,8 @@ class BlockTopK:
 
     keyword: str = "block_trims"
 
-    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> bool:
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype,
+                  device_type: str = "cpu") -> bool:
         if not _trims(params):
             return True  # nothing trimmed: the merge is element-wise
         return (compute_dtype in SELECTABLE and params.get("trim_scope", "tensor") == "tensor"

@@ -222,8 +222,10 @@ class TensorPass(Protocol):
     def keyword(self) -> str:
         """The kernel parameter that receives the result for a block."""
 
-    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> bool:
-        """Whether a tensor with these kernel parameters merges in row blocks to the bits of a whole merge."""
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype,
+                  device_type: str = "cpu") -> bool:
+        """Whether a tensor with these kernel parameters merges in row blocks to the bits of a whole merge
+        on a device of this type (``cpu``, ``cuda``)."""
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:
         """How many read passes over the tensor's row blocks the reduction needs (0: none)."""
@@ -319,11 +321,13 @@ class MergeMethod:
     def __call__(self, tensors: list[torch.Tensor], **kwargs: Any) -> torch.Tensor:
         return self.kernel(tensors, **kwargs)
 
-    def merges_row_blocks(self, params: Sequence[Mapping[str, Any]], compute_dtype: torch.dtype) -> bool:
+    def merges_row_blocks(self, params: Sequence[Mapping[str, Any]], compute_dtype: torch.dtype,
+                          device_type: str = "cpu") -> bool:
         """Whether a tensor with these kernel parameters (one set per variant) may merge in row blocks."""
         if self.elementwise:
             return True
-        return self.tensor_pass is not None and all(self.tensor_pass.blockwise(p, compute_dtype) for p in params)
+        return self.tensor_pass is not None and all(self.tensor_pass.blockwise(p, compute_dtype, device_type)
+                                                    for p in params)
 
     @property
     def sweep_param(self) -> str | None:

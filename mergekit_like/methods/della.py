@@ -6,6 +6,7 @@ from typing import Annotated
 
 import torch
 
+from mergekit_like.methods.block_della import BlockDella, DellaBlock
 from mergekit_like.methods.declaration import (
     NONNEGATIVE_WEIGHT,
     PerModel,
@@ -27,6 +28,7 @@ EPSILON_TYPICAL = Typical(low=0, why="drops the larger entries more often than t
     inputs_as_stored=True,
     paper="https://arxiv.org/abs/2406.11617",
     description="Drop task-vector entries at random, larger ones less often (seeded), rescale, TIES sign election.",
+    tensor_pass=BlockDella(),
     ignored_params=("int8_mask",),  # it only picks the dtype of the sign mask (see COMPATIBILITY_PARAMS)
 )
 def della(
@@ -40,6 +42,10 @@ def della(
     normalize: bool = True,
     rescale: bool = True,
     lambda_: float = 1.0,
+    block_della: DellaBlock | None = None,
 ) -> torch.Tensor:
-    trims = make_trims(tensors, base, density, "della", epsilons=epsilon, rescale=rescale, generator=generator)
+    if block_della is not None:
+        trims = block_della.trims(tensors, base)  # a row block: masks and sums from the tensor's passes
+    else:
+        trims = make_trims(tensors, base, density, "della", epsilons=epsilon, rescale=rescale, generator=generator)
     return merge_task_vectors(base, tensors, weight, trims, consensus="sum", normalize=normalize, scale=lambda_)

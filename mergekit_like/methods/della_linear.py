@@ -6,6 +6,7 @@ from typing import Annotated
 
 import torch
 
+from mergekit_like.methods.block_della import BlockDella, DellaBlock
 from mergekit_like.methods.declaration import (
     NONNEGATIVE_WEIGHT,
     PerModel,
@@ -24,6 +25,7 @@ from mergekit_like.methods.task_vectors import della_probabilities_in_range, mak
     inputs_as_stored=True,
     paper="https://arxiv.org/abs/2406.11617",
     description="Drop task-vector entries at random, larger ones less often (seeded), rescale, task arithmetic.",
+    tensor_pass=BlockDella(),
     ignored_params=("int8_mask",),  # mergekit accepts it; without sign election it is unused
 )
 def della_linear(
@@ -37,6 +39,10 @@ def della_linear(
     normalize: bool = False,
     rescale: bool = True,
     lambda_: float = 1.0,
+    block_della: DellaBlock | None = None,
 ) -> torch.Tensor:
-    trims = make_trims(tensors, base, density, "della", epsilons=epsilon, rescale=rescale, generator=generator)
+    if block_della is not None:
+        trims = block_della.trims(tensors, base)  # a row block: masks and sums from the tensor's passes
+    else:
+        trims = make_trims(tensors, base, density, "della", epsilons=epsilon, rescale=rescale, generator=generator)
     return merge_task_vectors(base, tensors, weight, trims, consensus=None, normalize=normalize, scale=lambda_)

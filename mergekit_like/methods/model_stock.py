@@ -136,7 +136,8 @@ class StockPass:
 
     keyword: str = "block_stock"
 
-    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> bool:
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype,
+                  device_type: str = "cpu") -> bool:
         return True
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:

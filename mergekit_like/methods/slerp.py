@@ -121,7 +121,8 @@ class SlerpPass:
 
     keyword: str = "block_coefficients"
 
-    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> bool:
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype,
+                  device_type: str = "cpu") -> bool:
         return True
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:

@@ -351,14 +351,26 @@ def della_trim(
         return Trim(torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device))
     if generator is None:
         raise ValueError("random sparsification needs a seeded generator")
-    # As mergekit: bf16 and non-CPU tensors keep their dtype; other CPU dtypes work in float32.
-    keep_dtype = delta.dtype == torch.bfloat16 or delta.device.type != "cpu"
-    work_dtype = delta.dtype if keep_dtype else torch.float32
-    probs = della_keep_probabilities(delta, density, epsilon, work_dtype)
-    mask = torch.bernoulli(probs, generator=generator).reshape(-1).bool()
+    work_dtype = della_work_dtype(delta.dtype, delta.device)
+    mask = della_mask(delta, density, epsilon, work_dtype, generator)
     # In place: delta (or its float32 copy) is not needed any more.
     magnitudes = delta.to(work_dtype).abs_().reshape(-1)
-    return _with_rescale(mask, magnitudes, rescale, rescale_mode, density, None if keep_dtype else work_dtype)
+    return _with_rescale(mask, magnitudes, rescale, rescale_mode, density,
+                         None if work_dtype == delta.dtype else work_dtype)
+
+
+def della_work_dtype(delta_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """As mergekit: bf16 and non-CPU task vectors keep their dtype; other CPU dtypes work in float32."""
+    return delta_dtype if delta_dtype == torch.bfloat16 or device.type != "cpu" else torch.float32
+
+
+def della_mask(delta: torch.Tensor, density: float, epsilon: float, work_dtype: torch.dtype,
+               generator: torch.Generator) -> torch.Tensor:
+    """MAGPRUNE's flat keep mask of ``delta`` (or of a block of its rows: ranks are taken along dim 1,
+    and on the CPU the Bernoulli draw of a block continues the generator's stream where the block
+    before it left it, so blocks drawn in order give the whole tensor's mask)."""
+    probs = della_keep_probabilities(delta, density, epsilon, work_dtype)
+    return torch.bernoulli(probs, generator=generator).reshape(-1).bool()
 
 
 def della_keep_probabilities(
