@@ -115,6 +115,7 @@ def test_model_stock_amplification_of_row_blocks_is_the_tensors(monkeypatch: pyt
     ("slerp", {"t": 0.4}, 2),
     ("model_stock", {}, 1),
     ("model_stock", {"filter_wise": True}, 0),
+    ("nuslerp", {"nuslerp_flatten": False}, 0),
 ])
 def test_a_merge_under_a_small_budget_equals_the_whole_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               method: str, params: dict, passes: int) -> None:
@@ -127,3 +128,19 @@ def test_a_merge_under_a_small_budget_equals_the_whole_merge(tmp_path: Path, mon
                 "model.norm.weight": torch.randn(16, generator=g).to(torch.bfloat16)} for _ in range(count)]
     recipe = {"merge_method": method, "dtype": "float32", "parameters": params}
     assert_row_block_merge_equals_whole(tensors, recipe, tmp_path, passes)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_nuslerp_of_rows_merges_row_blocks_as_the_whole(dtype: torch.dtype, with_base: bool) -> None:
+    base, models = _models(dtype, 2)
+    params = {"weight": [0.3, 0.9], "nuslerp_flatten": False, "nuslerp_row_wise": False}
+    extra = {"base": base} if with_base else {}
+    whole = get_method("nuslerp")(models, **extra, **params)
+    method = get_method("nuslerp")
+    blocks = torch.cat([method([m[a : a + 7] for m in models], **({"base": base[a : a + 7]} if with_base else {}),
+                               **params, block_rows=None) for a in range(0, 40, 7)])
+    assert torch.equal(_bits(blocks), _bits(whole))
+    assert method.merges_row_blocks([params], dtype)
+    assert not method.merges_row_blocks([{**params, "nuslerp_flatten": True}], dtype)  # one vector: the tensor
+    assert not method.merges_row_blocks([{**params, "nuslerp_row_wise": True}], dtype)  # vectors down the columns

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from mergekit_like.methods.declaration import BaseUse, PerModel, merge_method
+from mergekit_like.methods.row_wise import IndependentRows
 
 # Norms below this count as this (a zero vector stays zero instead of dividing by zero).
 NORM_FLOOR = 1e-7
@@ -56,8 +60,14 @@ def slerp_rows(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _rows_on_their_own(params: Mapping[str, Any]) -> bool:
+    """Without flattening or columns, the vectors are the rows along the last dimension."""
+    return not params.get("nuslerp_flatten", True) and not params.get("nuslerp_row_wise", False)
+
+
 @merge_method(
     "nuslerp",
+    tensor_pass=IndependentRows("block_rows", _rows_on_their_own),
     paper="https://en.wikipedia.org/wiki/Slerp",
     description="Slerp between two models, t = w1 / (w0 + w1); with a base, between their task vectors.",
     base=BaseUse.OPTIONAL,
@@ -71,6 +81,7 @@ def nuslerp(
     weight: PerModel[float],
     nuslerp_row_wise: bool = False,
     nuslerp_flatten: bool = True,
+    block_rows: None = None,  # a row block of vectors along the last dimension is merged as it is
 ) -> torch.Tensor:
     x0, x1 = tensors
     t = interpolation_t(list(weight))

@@ -1,0 +1,44 @@
+"""The tensor pass of a method whose output rows, under some parameters, depend on the same rows of its inputs only.
+
+Such a tensor merges in row blocks with nothing to learn first (no pass over it): each block
+is merged as a tensor of its own. The kernel gets None under the keyword.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+class _NothingToReduce:
+    def observe(self, pass_index: int, models: Sequence[torch.Tensor], base: torch.Tensor | None) -> None:
+        raise RuntimeError("a method whose rows merge on their own has no pass over a tensor")
+
+    def end_pass(self, pass_index: int) -> None:
+        pass
+
+    def block(self, rows: tuple[int, int]) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class IndependentRows:
+    """Rows along dim 0 merge on their own wherever ``applies(params)`` holds (kernel names)."""
+
+    keyword: str
+    applies: Callable[[Mapping[str, Any]], bool]
+
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype,
+                  device_type: str = "cpu") -> bool:
+        return self.applies(params)
+
+    def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:
+        return 0
+
+    def start(self, params: Mapping[str, Any], numel: int, device: torch.device, executor: Executor | None,
+              generator: torch.Generator | None = None) -> _NothingToReduce:
+        return _NothingToReduce()
