@@ -134,13 +134,14 @@ def test_sort_ties_skip_the_sort_only_when_no_tie_decides(
     ambiguous = int((magnitudes.float() == threshold).sum()) > 1 and bool(
         (magnitudes.float() == threshold).sum() + (magnitudes.float() > threshold).sum() != k)
     sorted_ = [0]
-    real_argsort = torch.argsort
+    for name in ("argsort", "sort"):  # 16-bit magnitudes argsort their bits; wider ones sort a copy in place
+        real = getattr(torch, name)
 
-    def counting_argsort(*args, **kwargs):
-        sorted_[0] += 1
-        return real_argsort(*args, **kwargs)
+        def counting(*args, real=real, **kwargs):
+            sorted_[0] += 1
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(torch, "argsort", counting_argsort)
+        monkeypatch.setattr(torch, name, counting)
     mask = magnitude_mask(magnitudes, 0.3, "sort")
     assert torch.equal(mask, expected)
     assert sorted_[0] == (1 if ambiguous else 0)
@@ -172,3 +173,20 @@ def test_nan_payloads_tie_at_a_nan_threshold() -> None:
     assert topk.top_k_mask(magnitudes, 2, "index").tolist() == [True, True, False, False]
     assert topk.top_k_mask(magnitudes, 2, "keep").tolist() == [True, True, False, True]
     assert topk.top_k_mask(magnitudes, 3, "unambiguous") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("descending", [True, False])
+@pytest.mark.parametrize("nan", [False, True])
+def test_sort_order_is_the_float32_argsort_of_mergekit(dtype: torch.dtype, descending: bool, nan: bool) -> None:
+    """Many ties (a coarse grid): the unstable sort's order among them must be argsort's of float32 keys."""
+    from mergekit_like.methods.task_vectors import sort_order
+
+    g = torch.Generator().manual_seed(9)
+    magnitudes = (torch.randn(200_003, generator=g) * 16).round().abs().div(16).to(dtype)
+    if nan:
+        magnitudes[::97] = float("nan")
+        magnitudes[5::193] = -float("nan")  # another payload: equal to a float sort
+        magnitudes = magnitudes.abs()
+    expected = torch.argsort(magnitudes.float(), descending=descending)
+    assert torch.equal(sort_order(magnitudes, descending), expected)
