@@ -123,9 +123,10 @@ def combine_task_vectors(
     weighted = [d * wi for d, wi in zip(deltas, w)]
     if consensus is not None:
         agree = sign_agreement(weighted, consensus)
-        merged = _sum_in_order([x * a for x, a in zip(weighted, agree)])
-        divisor = _sum_in_order([wi * a for wi, a in zip(w, agree)])
-        divisor[divisor == 0] = 1
+        # In place: the weighted deltas and the agreement masks are not needed afterwards.
+        merged = _sum_in_order([x.mul_(a) for x, a in zip(weighted, agree)])
+        divisor = _sum_in_order([a.mul_(wi) for wi, a in zip(w, agree)])
+        divisor.masked_fill_(divisor == 0, 1)
     else:
         merged = _sum_in_order(weighted)
         divisor = _sum_in_order(w)
@@ -148,14 +149,29 @@ def _sum_in_order(terms: Sequence[torch.Tensor]) -> torch.Tensor:
     if len(terms) >= STACKED_SUM_MIN:
         return torch.stack(list(terms)).sum(0)
     dtype = terms[0].dtype
-    total = terms[0].float() if dtype in (torch.bfloat16, torch.float16) else terms[0].clone()
+    if dtype in (torch.bfloat16, torch.float16):
+        total = terms[0].float()
+    elif len(terms) > 1:
+        total = torch.add(terms[0], terms[1])  # (a + b) + c, as the clone of a plus b would give
+        terms = terms[1:]
+    else:
+        total = terms[0].clone()
     for term in terms[1:]:
         total += term
     return total.to(dtype)
 
 
 def sign_agreement(weighted: Sequence[torch.Tensor], method: Consensus) -> list[torch.Tensor]:
-    """Per model: where its sign equals the elected sign (zero never agrees)."""
+    """Per model: 1 where its sign equals the elected sign, else 0 (zero never agrees; NaN where the
+    model's entry is NaN, whose merged entry is NaN whatever the agreement), in the deltas' dtype.
+
+    The election is ``votes >= 0`` (a tie elects +), and agreement ``sign(x) == elected``; both
+    computed in float arithmetic, which runs several times faster than comparisons into bool
+    masks: ``copysign(1, votes)`` is the elected sign wherever a model can agree (votes of -0 come
+    only from entries every model has at zero, NaN votes only where the merged entry is NaN), and
+    ``floor((sign(x) * elected + 1) / 2)`` is 1 exactly where the signs agree, +0 elsewhere, so
+    ``x * agreement`` is ``x * True`` or ``x * False`` to the bit.
+    """
     signs = [x.sign() for x in weighted]
     if method == "sum":
         votes = _sum_in_order(weighted)
@@ -163,8 +179,8 @@ def sign_agreement(weighted: Sequence[torch.Tensor], method: Consensus) -> list[
         votes = _sum_in_order(signs)
     else:
         raise ValueError(f"unknown consensus method {method!r}; use 'sum' or 'count'")
-    elected = (votes >= 0).to(weighted[0].dtype) * 2 - 1
-    return [s == elected for s in signs]
+    elected = torch.copysign(torch.ones((), dtype=votes.dtype, device=votes.device), votes)
+    return [s.mul_(elected).add_(1).mul_(0.5).floor_() for s in signs]
 
 
 # -- the whole-tensor phase: masks and rescale factors ---------------------------------
