@@ -41,9 +41,20 @@ RECIPES = {
     "ties_keep": ("merge_method: ties\nbase_model: {base}\ndtype: bfloat16\n"
                   "parameters: {{trim_ties: keep}}\nmodels:\n{models}"),
     "dare_ties": "merge_method: dare_ties\nbase_model: {base}\ndtype: bfloat16\nmodels:\n{models}",
+    "ties_rescale": ("merge_method: ties\nbase_model: {base}\ndtype: bfloat16\n"
+                     "parameters: {{trim_ties: index, rescale: true}}\nmodels:\n{models}"),
+    "della": "merge_method: della\nbase_model: {base}\ndtype: bfloat16\nmodels:\n{models}",
+    "model_stock": "merge_method: model_stock\nbase_model: {base}\ndtype: bfloat16\nmodels:\n{models}",
+    "slerp": "merge_method: slerp\nbase_model: {base}\ndtype: bfloat16\nparameters: {{t: 0.4}}\nmodels:\n{models}",
+    "nuslerp_rows": ("merge_method: nuslerp\nbase_model: {base}\ndtype: bfloat16\n"
+                     "parameters: {{nuslerp_flatten: false}}\nmodels:\n{models}"),
 }
 MODEL_PARAMS = {"linear": "{{weight: 1.0}}", "ties_index": "{{weight: 1.0, density: 0.5}}",
-                "ties_keep": "{{weight: 1.0, density: 0.5}}", "dare_ties": "{{weight: 1.0, density: 0.5}}"}
+                "ties_keep": "{{weight: 1.0, density: 0.5}}", "dare_ties": "{{weight: 1.0, density: 0.5}}",
+                "ties_rescale": "{{weight: 1.0, density: 0.5}}", "della": "{{weight: 1.0, density: 0.5, epsilon: 0.1}}",
+                "model_stock": "{{}}", "slerp": "{{}}", "nuslerp_rows": "{{weight: 1.0}}"}
+# Methods that take exactly one model besides the base.
+ONE_MODEL = {"slerp"}
 
 
 def write_synthetic(path: Path, rows: int, seed: int, base: Path | None) -> None:
@@ -83,7 +94,8 @@ def write_synthetic(path: Path, rows: int, seed: int, base: Path | None) -> None
 
 def recipe_text(method: str, base: Path, finetunes: list[Path]) -> str:
     params = MODEL_PARAMS[method].format()
-    models = "".join(f"  - model: {p}\n    parameters: {params}\n" for p in finetunes)
+    models = "".join(f"  - model: {p}\n    parameters: {params}\n"
+                     for p in (finetunes[:1] if method in ONE_MODEL else finetunes))
     if method == "linear":
         models = f"  - model: {base}\n    parameters: {params}\n" + models
     return RECIPES[method].format(base=base, models=models) + "\n"

@@ -36,9 +36,11 @@ class UnitStream:
     allocations pin the heap and made a stream of 4 GiB grow by GBs).
     """
 
-    def __init__(self, reduce: UnitReducer, unit: int | None = None) -> None:
+    def __init__(self, reduce: UnitReducer, unit: int | None = None, numel: int | None = None) -> None:
         self.reduce = reduce
         self.unit = unit if unit is not None else SUM_UNIT
+        # A tensor smaller than a unit needs a carry only as large as itself.
+        self._carry_size = self.unit if numel is None else max(1, min(self.unit, numel))
         self._index = 0
         self._carry: list[torch.Tensor] = []  # the start of the unit that the next piece completes
         self._carried = 0
@@ -61,7 +63,7 @@ class UnitStream:
             self._emit([piece[first : first + self.unit] for piece in pieces])
         if whole_units < length:
             if not self._fits(pieces):
-                self._carry = [torch.empty(self.unit, dtype=p.dtype, device=p.device) for p in pieces]
+                self._carry = [torch.empty(self._carry_size, dtype=p.dtype, device=p.device) for p in pieces]
             self._carried = length - whole_units
             for carry, piece in zip(self._carry, pieces):
                 carry[: self._carried] = piece[whole_units:]

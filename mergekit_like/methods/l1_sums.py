@@ -30,7 +30,7 @@ class UnitSums:
     the host per unit)."""
 
     def __init__(self, numel: int) -> None:
-        self._stream = UnitStream(self._sum)
+        self._stream = UnitStream(self._sum, numel=numel)
         self._units = unit_count(numel, self._stream.unit)
         self._sums: torch.Tensor | None = None
 

@@ -59,7 +59,7 @@ class _Gram:
     """
 
     def __init__(self, numel: int, models: int) -> None:
-        self.stream = UnitStream(self._unit)
+        self.stream = UnitStream(self._unit, numel=numel)
         self.single = numel <= self.stream.unit
         self.pairs = list(combinations(range(models), 2))
         self.unit_squares: list[list[float]] = [[] for _ in range(models)]

@@ -72,6 +72,7 @@ class _SlerpReduction:
 
     def __init__(self, t: float, numel: int, device: torch.device) -> None:
         self.t = t
+        self.numel = numel
         self.chunks = unit_count(numel, CHUNK)
         self.device = device
         self.norms: list[torch.Tensor] = []  # of the base and the other model, per chunk
@@ -83,7 +84,7 @@ class _SlerpReduction:
         assert base is not None
         dtype = _working_dtype(base.dtype)
         if self.stream is None:
-            self.stream = UnitStream(self._norms if pass_index == 0 else self._dots, CHUNK)
+            self.stream = UnitStream(self._norms if pass_index == 0 else self._dots, CHUNK, self.numel)
             if pass_index == 0:
                 self.norms = [torch.empty(self.chunks, dtype=dtype, device=self.device) for _ in range(2)]
             else:
