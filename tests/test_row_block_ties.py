@@ -137,3 +137,15 @@ def test_nan_and_infinite_magnitudes_cut_as_in_the_whole_tensor(dtype: torch.dty
     # The same entries are NaN; their payloads may differ, as torch's arithmetic on slices gives them.
     assert torch.equal(blocks.isnan(), whole.isnan())
     assert torch.equal(_bits(blocks)[~whole.isnan()], _bits(whole)[~whole.isnan()])
+
+
+@pytest.mark.parametrize("trim_ties", ["index", "keep"])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_magnitude_prune_shares_the_row_block_trim(monkeypatch: pytest.MonkeyPatch, trim_ties: str,
+                                                   rescale: bool) -> None:
+    monkeypatch.setattr(flat_units, "SUM_UNIT", 101)
+    base = _quantised((64, 48), 0, torch.bfloat16)
+    models = [base + _quantised((64, 48), seed, torch.bfloat16) for seed in (1, 2)]
+    params = {"weight": [1.0, 0.6], "density": [0.3, 0.7], "trim_ties": trim_ties, "rescale": rescale}
+    whole = get_method("magnitude_prune")(models, base=base, **params)
+    assert torch.equal(_bits(merge_in_row_blocks("magnitude_prune", models, base, 5, params)), _bits(whole))

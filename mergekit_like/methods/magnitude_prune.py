@@ -13,6 +13,7 @@ from typing import Annotated
 
 import torch
 
+from mergekit_like.methods.block_topk import BlockTopK, BlockTrims
 from mergekit_like.methods.declaration import (
     NONNEGATIVE_WEIGHT,
     PerModel,
@@ -30,6 +31,7 @@ from mergekit_like.methods.task_vectors import TrimTies, make_trims, merge_task_
     inputs_as_stored=True,
     paper="https://arxiv.org/abs/2306.01708",
     description="Trim task vectors to their largest entries (as TIES), then a weighted sum without election.",
+    tensor_pass=BlockTopK(),
 )
 def magnitude_prune(
     tensors: list[torch.Tensor],
@@ -42,6 +44,11 @@ def magnitude_prune(
     lambda_: float = 1.0,
     trim_ties: TrimTies = "sort",
     executor: Executor | None = None,
+    block_trims: BlockTrims | None = None,
 ) -> torch.Tensor:
-    trims = make_trims(tensors, base, density, "magnitude", rescale=rescale, trim_ties=trim_ties, executor=executor)
+    if block_trims is not None:  # a row block: the thresholds come from a pass over the tensor's blocks
+        trims = block_trims.trims(tensors, base)
+    else:
+        trims = make_trims(tensors, base, density, "magnitude", rescale=rescale, trim_ties=trim_ties,
+                           executor=executor)
     return merge_task_vectors(base, tensors, weight, trims, consensus=None, normalize=normalize, scale=lambda_)
