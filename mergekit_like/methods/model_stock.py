@@ -2,9 +2,10 @@
 
 The ratio t needs the task vectors' norms and dot products over the whole tensor (one ratio per
 row for ``filter_wise``, where a row block holds whole rows and needs nothing more). On a tensor
-over one unit of :mod:`~mergekit_like.methods.flat_units` they are summed unit by unit, exactly,
-and rounded once to the compute dtype, so a tensor merged whole and one merged in row blocks after
-a pass over them get the same t; a tensor of one unit is reduced as mergekit reduces it.
+over one unit of :mod:`~mergekit_like.methods.flat_units` they come from a Gram matrix per unit,
+added in float64 and rounded once to the compute dtype, so a tensor merged whole and one merged in
+row blocks after a pass over them get the same t; a tensor of one unit is reduced as mergekit
+reduces it.
 """
 
 from __future__ import annotations
@@ -50,20 +51,20 @@ def ratio_from(norms: Sequence[torch.Tensor], dots: Mapping[tuple[int, int], tor
 
 
 class _Gram:
-    """The task vectors' squared norms and dot products over one flat tensor, unit by unit, and t.
+    """The task vectors' Gram matrix (squared norms and dot products) over one flat tensor, unit by
+    unit, and t.
 
-    Each unit's sums are taken in float64 of the terms mergekit sums (its products in the compute
-    dtype, its squares exact, as ``torch.norm`` accumulates them) and the unit sums are added exactly,
-    so the result does not depend on how the tensor was cut. A tensor of one unit is reduced by
-    :func:`stock_ratio` itself, as mergekit reduces it.
+    Each unit's Gram matrix is one matrix product of its task vectors (in float32 for 16-bit compute
+    dtypes, whose products it holds exactly), and the units' matrices are added in float64: the
+    result depends on the values alone, not on how the tensor was cut. A tensor of one unit gets t
+    from :func:`stock_ratio` itself, as mergekit reduces it.
     """
 
     def __init__(self, numel: int, models: int) -> None:
         self.stream = UnitStream(self._unit, numel=numel)
         self.single = numel <= self.stream.unit
-        self.pairs = list(combinations(range(models), 2))
-        self.unit_squares: list[list[float]] = [[] for _ in range(models)]
-        self.unit_products: list[list[float]] = [[] for _ in self.pairs]
+        self.models = models
+        self.gram: torch.Tensor | None = None
         self.t: torch.Tensor | None = None
 
     def add(self, models: Sequence[torch.Tensor], base: torch.Tensor) -> None:
@@ -71,21 +72,21 @@ class _Gram:
 
     def _unit(self, index: int, unit: Sequence[torch.Tensor]) -> None:
         rows, models = unit[0], unit[1:]
-        deltas = [x - rows for x in models]
+        deltas = torch.stack([x - rows for x in models])  # in the compute dtype, as mergekit subtracts
         if self.single:
-            self.t = stock_ratio(deltas)
-        for squares, d in zip(self.unit_squares, deltas):
-            squares.append(float(d.double().square().sum()))
-        for products, (i, j) in zip(self.unit_products, self.pairs):
-            products.append(float((deltas[i] * deltas[j]).double().sum()))
+            self.t = stock_ratio(list(deltas))
+        work = deltas.float() if deltas.dtype in (torch.bfloat16, torch.float16) else deltas
+        gram = (work @ work.T).double()
+        self.gram = gram if self.gram is None else self.gram + gram
 
     def finish(self, dtype: torch.dtype, device: torch.device) -> StockBlock:
         """t in the compute dtype, and how far it moves the merge."""
         self.stream.finish()
-        squares = [math.fsum(s) for s in self.unit_squares]
-        dots = {pair: math.fsum(p) for pair, p in zip(self.pairs, self.unit_products)}
+        gram = (self.gram if self.gram is not None else torch.zeros(self.models, self.models)).tolist()
+        squares = [gram[i][i] for i in range(self.models)]
+        dots = {(i, j): gram[i][j] for i, j in combinations(range(self.models), 2)}
         t = self.t if self.t is not None else ratio_from(
-            [torch.tensor(math.sqrt(s), dtype=dtype, device=device) for s in squares],
+            [torch.tensor(math.sqrt(max(s, 0.0)), dtype=dtype, device=device) for s in squares],
             {pair: torch.tensor(dot, dtype=dtype, device=device) for pair, dot in dots.items()})
         return StockBlock(t, _amplification(float(t.reshape(-1)[0]), squares, dots))
 

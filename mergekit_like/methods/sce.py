@@ -3,8 +3,8 @@
 Without a selection (``select_topk: 1``) everything but the energies (each task vector's mean
 square over the tensor) is element-wise, so a large tensor merges in row blocks after one pass
 that takes them: on a tensor over one unit of :mod:`~mergekit_like.methods.flat_units` the
-squares (in the compute dtype, as mergekit squares) are summed unit by unit, exactly, and the
-mean rounded once, whether the tensor comes whole or in blocks; a tensor of one unit is
+squares (in the compute dtype, as mergekit squares) are summed unit by unit, the unit sums added
+exactly and the mean rounded once, whether the tensor comes whole or in blocks; a tensor of one unit is
 reduced as mergekit reduces it. A selection's ``torch.topk`` decides ties over the whole
 tensor, so such tensors merge whole.
 """
@@ -76,6 +76,10 @@ def weights_of(energy: torch.Tensor) -> torch.Tensor:
     return energy / total
 
 
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 class _Energies:
     """Each task vector's mean square over one flat tensor, fed in pieces (see the module's docstring)."""
 
@@ -94,8 +98,10 @@ class _Energies:
         if self.single:
             self.whole = torch.stack(list(unit)).square().mean(dim=1)  # mergekit's reduction
             return
-        for sums, delta in zip(self.unit_sums, unit):
-            sums.append(float(delta.square().double().sum()))
+        # The squares in the compute dtype, as mergekit squares; each unit's sum in float32 for 16-bit ones.
+        squares = torch.stack(list(unit)).square()
+        for sums, total in zip(self.unit_sums, squares.sum(dim=1, dtype=_sum_dtype(squares.dtype)).tolist()):
+            sums.append(total)
 
     def finish(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The energies, one per model, in the compute dtype."""
