@@ -71,3 +71,17 @@ def test_a_merge_under_a_small_budget_equals_the_whole_merge(tmp_path: Path, mon
     recipe = {"merge_method": method, "dtype": "float32", "seed": 3,
               "parameters": {"density": 0.4, "epsilon": 0.1, "rescale": rescale}}
     assert_row_block_merge_equals_whole(tensors, recipe, tmp_path, 1 if rescale else 0)
+
+
+@pytest.mark.parametrize("shape", [(40, 23), (12, 5, 7)])
+def test_rows_ranked_and_drawn_a_group_at_a_time_give_the_one_draw(monkeypatch: pytest.MonkeyPatch,
+                                                                    shape: tuple[int, ...]) -> None:
+    """mergekit ranks and draws the whole tensor at once; a group of rows at a time draws the same."""
+    from mergekit_like.methods import task_vectors
+    from mergekit_like.methods.task_vectors import della_keep_probabilities, della_mask
+
+    monkeypatch.setattr(task_vectors, "DELLA_ROW_GROUP", 50)
+    delta = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    probs = della_keep_probabilities(delta, 0.4, 0.1, torch.float32)
+    expected = torch.bernoulli(probs, generator=torch.Generator().manual_seed(8)).reshape(-1).bool()
+    assert torch.equal(della_mask(delta, 0.4, 0.1, torch.float32, torch.Generator().manual_seed(8)), expected)

@@ -145,13 +145,25 @@ class SlerpPass:
 def slerp(tensors: list[torch.Tensor], *, base: torch.Tensor, t: Annotated[float, INTERPOLATES],
           block_coefficients: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     (other,) = tensors
-    dtype = _working_dtype(base.dtype)
-    v0 = base.reshape(-1).to(dtype)
-    v1 = other.reshape(-1).to(dtype)
-    if v0.numel() == 0:
+    if base.numel() == 0:
         return base.clone()
     if block_coefficients is not None:
         c0, c1 = block_coefficients  # a row block: from the passes over the whole tensor
     else:
-        c0, c1 = slerp_coefficients(v0, v1, torch.tensor(t, dtype=dtype, device=base.device))
-    return (c0 * v0 + c1 * v1).to(base.dtype).reshape(base.shape)
+        dtype = _working_dtype(base.dtype)
+        c0, c1 = slerp_coefficients(base.reshape(-1).to(dtype), other.reshape(-1).to(dtype),
+                                    torch.tensor(t, dtype=dtype, device=base.device))
+    return _interpolated(c0, c1, base, other)
+
+
+def _interpolated(c0: torch.Tensor, c1: torch.Tensor, base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``c0 * base + c1 * other`` in the working dtype, written in the base's, a chunk at a time on the
+    CPU (the float32 temporaries of a row block stay a chunk's)."""
+    dtype = c0.dtype
+    flat0, flat1 = base.reshape(-1), other.reshape(-1)
+    out = torch.empty(flat0.shape, dtype=base.dtype, device=base.device)
+    step = CHUNK if base.device.type == "cpu" else max(1, flat0.numel())
+    for start in range(0, flat0.numel(), step):
+        part = slice(start, start + step)
+        out[part] = c0 * flat0[part].to(dtype) + c1 * flat1[part].to(dtype)
+    return out.reshape(base.shape)

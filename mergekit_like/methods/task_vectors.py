@@ -384,9 +384,24 @@ def della_mask(delta: torch.Tensor, density: float, epsilon: float, work_dtype: 
                generator: torch.Generator) -> torch.Tensor:
     """MAGPRUNE's flat keep mask of ``delta`` (or of a block of its rows: ranks are taken along dim 1,
     and on the CPU the Bernoulli draw of a block continues the generator's stream where the block
-    before it left it, so blocks drawn in order give the whole tensor's mask)."""
-    probs = della_keep_probabilities(delta, density, epsilon, work_dtype)
-    return torch.bernoulli(probs, generator=generator).reshape(-1).bool()
+    before it left it, so blocks drawn in order give the whole tensor's mask; on the CPU the rows
+    are ranked and drawn a group at a time for that reason too)."""
+    if delta.device.type != "cpu" or delta.dim() < 2:
+        probs = della_keep_probabilities(delta, density, epsilon, work_dtype)
+        return torch.bernoulli(probs, generator=generator).reshape(-1).bool()
+    # On the CPU a few rows at a time: the ranks' sort indices (8 bytes an entry) stay small.
+    mask = torch.empty(delta.numel(), dtype=torch.bool)
+    per_row = delta.numel() // max(1, delta.shape[0])
+    step = max(1, DELLA_ROW_GROUP // max(1, per_row))
+    for start in range(0, delta.shape[0], step):
+        probs = della_keep_probabilities(delta[start : start + step], density, epsilon, work_dtype)
+        mask[start * per_row : (start + probs.shape[0]) * per_row] = torch.bernoulli(
+            probs, generator=generator).reshape(-1)
+    return mask
+
+
+# DELLA ranks and draws this many entries' rows at a time on the CPU.
+DELLA_ROW_GROUP = 1 << 20
 
 
 def della_keep_probabilities(
