@@ -210,6 +210,8 @@ for _method, _params in (("sce", "select_topk: 0.5"), ("ram", "epsilon: 1.0e-5")
                         .replace("\n    parameters: {{weight: 0.6, density: 0.5}}", "")
                         .replace("\n    parameters: {{weight: 0.3, density: 0.5}}", "")
                         + f"parameters: {{{{{_params}}}}}\n")
+# sce without a selection (every entry kept): the one that merges large tensors in row blocks.
+RECIPES["sce_all"] = RECIPES["sce"].replace("select_topk: 0.5", "select_topk: 1.0")
 # The whole-tensor methods of the task-vector family, base + 3 as ties (DARE draws from a seeded generator).
 for _method, _params in (("dare_ties", ", density: 0.5"), ("dare_linear", ", density: 0.5"),
                          ("breadcrumbs", ", density: 0.5, gamma: 0.01"),

@@ -98,20 +98,23 @@ def split_merge_kwargs(kwargs: dict[str, Any]) -> tuple[MergeOptions, dict[str, 
 
 
 def merge_in_row_blocks(method_name: str, models: list[torch.Tensor], base: torch.Tensor, rows: int,
-                        params: dict[str, Any], seed: int | None = None) -> torch.Tensor:
-    """The engine's route for a tensor merged in row blocks of ``rows`` rows: the method's tensor pass
-    over the blocks, then the kernel per block. ``params`` are the kernel's, as the planner resolves
-    them (defaults included where the pass reads them); ``seed`` seeds the tensor's generator."""
+                        params: dict[str, Any], seed: int | None = None,
+                        blocks: tuple[tuple[int, int], ...] | None = None) -> torch.Tensor:
+    """The engine's route for a tensor merged in row blocks of ``rows`` rows (or the given ``blocks``):
+    the method's tensor pass over the blocks, then the kernel per block. ``params`` are the kernel's,
+    as the planner resolves them (defaults included where the pass reads them); ``seed`` seeds the
+    tensor's generator."""
     from mergekit_like.methods import get_method
 
     method = get_method(method_name)
     tensor_pass = method.tensor_pass
-    assert tensor_pass is not None and tensor_pass.blockwise(params, base.dtype)
+    assert tensor_pass is not None and tensor_pass.blockwise(params, base.dtype, "cpu")
 
     def generator() -> torch.Generator | None:
         return torch.Generator().manual_seed(seed) if seed is not None else None
 
-    blocks = [(start, min(start + rows, base.shape[0])) for start in range(0, base.shape[0], rows)]
+    if blocks is None:
+        blocks = tuple((start, min(start + rows, base.shape[0])) for start in range(0, base.shape[0], rows))
     reduction = tensor_pass.start(params, base.numel(), base.device, None, generator())
     for pass_index in range(tensor_pass.passes(params, base.dtype)):
         for start, stop in blocks:

@@ -232,6 +232,10 @@ def test_row_chunks_cover_every_row_within_budget() -> None:
     chunks = row_chunks((10, 3), budget=7)
     assert chunks == ((0, 2), (2, 4), (4, 6), (6, 8), (8, 10))
     assert row_chunks((1, 1000), budget=10) is None  # one row cannot be split
+    # A tensor pass's blocks hold two rows or more: a short last block joins the one before it.
+    assert row_chunks((5, 3), budget=6, min_rows=2) == ((0, 2), (2, 5))
+    assert row_chunks((5, 3), budget=3, min_rows=2) == ((0, 2), (2, 5))
+    assert row_chunks((2, 1000), budget=10, min_rows=2) == ((0, 2),)
 
 
 def test_methods_without_a_base_copy_integer_tensors_from_a_listed_base(three: list[Path], tmp_path: Path) -> None:

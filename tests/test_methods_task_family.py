@@ -550,3 +550,41 @@ def test_a_dare_models_mask_does_not_depend_on_the_other_models() -> None:
                           rescale=False) for first in (0.5, 1.0)]  # model 0 draws, or keeps all and draws nothing
     assert torch.equal(merged[0], merged[1])  # model 1 keeps the same entries either way
     assert 0 < int((merged[0] != 0).sum()) < 64
+
+
+def _election_by_masks(base, deltas, weights, consensus):
+    """TIES' disjoint mean with bool masks, as mergekit computes it: the reference for the float election."""
+    w = [torch.full((), x, dtype=deltas[0].dtype) for x in weights]
+    weighted = [d * wi for d, wi in zip(deltas, w)]
+    votes = torch.stack(weighted if consensus == "sum" else [x.sign() for x in weighted]).sum(0)
+    elected = (votes >= 0).to(deltas[0].dtype) * 2 - 1
+    agree = [x.sign() == elected for x in weighted]
+    merged = torch.stack([x * a for x, a in zip(weighted, agree)]).sum(0)
+    divisor = torch.stack([wi * a for wi, a in zip(w, agree)]).sum(0)
+    divisor[divisor == 0] = 1
+    return base + merged / divisor
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("consensus", ["sum", "count"])
+@pytest.mark.parametrize("models", [5, 6])  # stacked sums, as the reference's
+def test_the_float_election_is_the_bool_masks_one(dtype: torch.dtype, consensus: str, models: int) -> None:
+    from mergekit_like.methods.task_vectors import combine_task_vectors
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(4096, generator=g).to(dtype)
+    base[::13] = -0.0
+    deltas = [(torch.randn(4096, generator=g) * 0.01).round(decimals=2).to(dtype) for _ in range(models)]
+    deltas[0][::101] = float("nan")
+    deltas[1][::7] = -0.0
+    deltas[2][::203] = float("inf")
+    deltas[3][::9] = -float("inf")
+    # Votes that overflow to a NaN whose sign bit is clear: -max, -max, +inf elect -1 all the same.
+    for d, v in zip(deltas, [-3e38, -3e38, float("inf")]):
+        d[:3] = v
+    weights = [1.0, 0.7, 0.4, 0.2, 0.1, 0.05][:models]
+    expected = _election_by_masks(base, deltas, weights, consensus)
+    out = combine_task_vectors(base, deltas, weights, consensus=consensus, normalize=True, scale=1.0)
+    bits = torch.int16 if dtype.itemsize == 2 else torch.int32
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.view(bits)[~out.isnan()], expected.view(bits)[~expected.isnan()])

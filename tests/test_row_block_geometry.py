@@ -65,8 +65,8 @@ def test_model_stock_of_one_unit_is_reduced_as_mergekit_reduces_it() -> None:
     assert torch.equal(get_method("model_stock")(models, base=base), expected)
 
 
-def test_model_stock_units_sum_norms_and_products_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
-    """t from exact sums of mergekit's terms, rounded once: the closed form in float64, rounded."""
+def test_model_stock_over_several_units_is_the_closed_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """t from the units' Gram matrices: the closed form in float64, to float32's precision."""
     monkeypatch.setattr(flat_units, "SUM_UNIT", 50)
     base, models = _models(torch.float32, 3, seed=4)
     deltas = [(x - base).reshape(-1) for x in models]
@@ -141,6 +141,29 @@ def test_nuslerp_of_rows_merges_row_blocks_as_the_whole(dtype: torch.dtype, with
     blocks = torch.cat([method([m[a : a + 7] for m in models], **({"base": base[a : a + 7]} if with_base else {}),
                                **params, block_rows=None) for a in range(0, 40, 7)])
     assert torch.equal(_bits(blocks), _bits(whole))
-    assert method.merges_row_blocks([params], dtype)
-    assert not method.merges_row_blocks([{**params, "nuslerp_flatten": True}], dtype)  # one vector: the tensor
-    assert not method.merges_row_blocks([{**params, "nuslerp_row_wise": True}], dtype)  # vectors down the columns
+    assert method.merges_row_blocks([params], dtype, "cpu")
+    assert not method.merges_row_blocks([{**params, "nuslerp_flatten": True}], dtype, "cpu")  # one vector: the tensor
+    assert not method.merges_row_blocks([{**params, "nuslerp_row_wise": True}], dtype, "cpu")  # down the columns
+
+
+@pytest.mark.parametrize("method,params", [
+    ("model_stock", {"filter_wise": True}),
+    ("nuslerp", {"weight": [0.3, 0.9], "nuslerp_flatten": False, "nuslerp_row_wise": False}),
+    ("model_stock", {"filter_wise": False}),
+    ("slerp", {"t": 0.4}),
+])
+def test_wide_rows_in_the_planners_blocks_give_the_whole_tensors_bits(method: str, params: dict) -> None:
+    """Rows long enough for torch to split one row's reduction across threads when it is a block's
+    only row (the planner's blocks hold two or more)."""
+    from mergekit_like.merge.plan import TENSOR_PASS_MIN_ROWS, row_chunks
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        base, models = _models(torch.float32, 1 if method == "slerp" else 2, shape=(5, 40_000))
+        blocks = row_chunks(base.shape, 2 * 40_000, TENSOR_PASS_MIN_ROWS)
+        assert blocks == ((0, 2), (2, 5))
+        whole = get_method(method)(models, base=base, **params)
+        assert torch.equal(_bits(merge_in_row_blocks(method, models, base, 2, params, blocks=blocks)), _bits(whole))
+    finally:
+        torch.set_num_threads(threads)

@@ -42,7 +42,7 @@ def test_one_unit_is_reduced_as_mergekit_reduces_it() -> None:
     assert torch.equal(energy_weights(task_vectors), energy / torch.sum(energy).item())
 
 
-def test_units_sum_the_squares_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_energies_over_several_units_are_the_closed_form(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(flat_units, "SUM_UNIT", 64)
     base, models = _models(torch.float32, seed=2)
     task_vectors = torch.stack([x - base for x in models]).double()
@@ -53,8 +53,8 @@ def test_units_sum_the_squares_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_selection_merges_whole() -> None:
     method = get_method("sce")
-    assert method.merges_row_blocks([{"select_topk": 1.0}], torch.float32)
-    assert not method.merges_row_blocks([{"select_topk": 0.5}], torch.float32)  # topk breaks ties over the tensor
+    assert method.merges_row_blocks([{"select_topk": 1.0}], torch.float32, "cpu")
+    assert not method.merges_row_blocks([{"select_topk": 0.5}], torch.float32, "cpu")  # topk breaks ties
 
 
 def test_a_merge_under_a_small_budget_equals_the_whole_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

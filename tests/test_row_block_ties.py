@@ -75,14 +75,14 @@ def test_every_tie_at_the_cut_in_one_block_or_spread() -> None:
 def test_what_merges_whole() -> None:
     tensor_pass = BlockTopK()
     trimmed = {"density": [0.5], "trim_scope": "tensor", "trim_ties": "index", "rescale": False}
-    assert tensor_pass.blockwise(trimmed, torch.float32)
-    assert not tensor_pass.blockwise({**trimmed, "trim_ties": "sort"}, torch.float32)  # a sort's tie order
-    assert tensor_pass.blockwise({**trimmed, "rescale": True}, torch.float32)
+    assert tensor_pass.blockwise(trimmed, torch.float32, "cpu")
+    assert not tensor_pass.blockwise({**trimmed, "trim_ties": "sort"}, torch.float32, "cpu")  # a sort's tie order
+    assert tensor_pass.blockwise({**trimmed, "rescale": True}, torch.float32, "cpu")
     assert tensor_pass.passes({**trimmed, "rescale": True}, torch.bfloat16) == 2  # the sums after the cut
-    assert not tensor_pass.blockwise({**trimmed, "trim_scope": "model"}, torch.float32)
-    assert not tensor_pass.blockwise(trimmed, torch.float64)  # float64 keys do not fit the float32 selection
+    assert not tensor_pass.blockwise({**trimmed, "trim_scope": "model"}, torch.float32, "cpu")
+    assert not tensor_pass.blockwise(trimmed, torch.float64, "cpu")  # float64 keys do not fit the float32 selection
     untrimmed = {**trimmed, "density": [1.0], "trim_ties": "sort"}
-    assert tensor_pass.blockwise(untrimmed, torch.float64) and tensor_pass.passes(untrimmed, torch.float64) == 0
+    assert tensor_pass.blockwise(untrimmed, torch.float64, "cpu") and tensor_pass.passes(untrimmed, torch.float64) == 0
     assert tensor_pass.passes(trimmed, torch.bfloat16) == 1 and tensor_pass.passes(trimmed, torch.float32) == 2
 
 

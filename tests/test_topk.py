@@ -186,7 +186,7 @@ def test_sort_order_is_the_float32_argsort_of_mergekit(dtype: torch.dtype, desce
     magnitudes = (torch.randn(200_003, generator=g) * 16).round().abs().div(16).to(dtype)
     if nan:
         magnitudes[::97] = float("nan")
-        magnitudes[5::193] = -float("nan")  # another payload: equal to a float sort
-        magnitudes = magnitudes.abs()
+        bits = magnitudes.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize])
+        bits[5::193] = bits[0] + 1  # a NaN of another payload: equal to a float sort, not as bits
     expected = torch.argsort(magnitudes.float(), descending=descending)
     assert torch.equal(sort_order(magnitudes, descending), expected)

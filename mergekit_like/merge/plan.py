@@ -34,7 +34,7 @@ from mergekit_like.merge.layered import TensorJob, plan_layers
 from mergekit_like.merge.options import MergeOptions
 from mergekit_like.merge.parameters import LayerPosition, NoValue, layer_count, layer_index, resolve_value
 from mergekit_like.merge.recipe import MergeRecipe
-from mergekit_like.merge.staging import resolve_device
+from mergekit_like.merge.staging import planned_device_type
 from mergekit_like.methods import BaseUse, MergeMethod
 from mergekit_like.vocab.plan import VocabularyPlan, chat_template_files, plan_vocabulary
 from mergekit_like.vocab.tensors import embedding_name, is_vocabulary_tensor
@@ -251,7 +251,7 @@ def plan_merge(
             jobs = _with_tied_head(jobs, tied)
         vocabulary = _vocabulary(recipe, checkpoints, configs, reference, resolve_model)
         variants = _variants(recipe)
-        device_type = resolve_device(options.device).type  # some methods merge in row blocks on the CPU only
+        device_type = planned_device_type(options.device)  # some methods merge in row blocks on the CPU only
         tensors = []
         for job in jobs:
             try:
@@ -434,18 +434,30 @@ def _plan_tensor(
     blockwise = (same_shapes and math.prod(ref_entry.shape) > whole_elements
                  and method.merges_row_blocks(params, compute, device_type))
     shrink = ELEMENTWISE_BLOCK_SHRINK if method.elementwise else TENSOR_PASS_BLOCK_SHRINK
-    chunks = row_chunks(ref_entry.shape, whole_elements // shrink) if blockwise else None
+    min_rows = 1 if method.elementwise else TENSOR_PASS_MIN_ROWS
+    chunks = row_chunks(ref_entry.shape, whole_elements // shrink, min_rows) if blockwise else None
     return TensorPlan(name, ref_entry.shape, out_dtype, compute, None, tuple(params), read_bytes, chunks, **where)
 
 
-def row_chunks(shape: tuple[int, ...], budget: int) -> tuple[tuple[int, int], ...] | None:
-    """Row ranges of at most ``budget`` elements each, or None for a tensor that fits whole."""
+def row_chunks(shape: tuple[int, ...], budget: int, min_rows: int = 1) -> tuple[tuple[int, int], ...] | None:
+    """Row ranges of at most ``budget`` elements each (but at least ``min_rows`` rows, a short last range
+    joining the one before it), or None for a tensor that fits whole."""
     numel = math.prod(shape)
-    if numel <= budget or len(shape) < 2 or shape[0] < 2:
+    if numel <= budget or len(shape) < 2 or shape[0] < max(2, min_rows):
         return None
     per_row = numel // shape[0]
-    step = max(1, budget // per_row)
-    return tuple((start, min(start + step, shape[0])) for start in range(0, shape[0], step))
+    step = max(min_rows, budget // per_row)
+    starts = list(range(0, shape[0], step))
+    if len(starts) > 1 and shape[0] - starts[-1] < min_rows:
+        starts.pop()
+    return tuple((start, starts[i + 1] if i + 1 < len(starts) else shape[0]) for i, start in enumerate(starts))
+
+
+# A row block of a method with a tensor pass holds at least this many rows: torch reduces one
+# row's entries (a norm along dim -1) in another order when it is the only row of a reduction
+# (split across threads) than among several (a row per thread), so a one-row block would not
+# give the whole tensor's bits.
+TENSOR_PASS_MIN_ROWS = 2
 
 
 def _token_indexed(name: str, entries: Mapping[str, TensorEntry], vocabulary: VocabularyPlan) -> bool:

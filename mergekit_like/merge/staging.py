@@ -35,6 +35,15 @@ from mergekit_like.errors import DeviceError
 if TYPE_CHECKING:
     from mergekit_like.io.reader import Checkpoint
 
+
+def planned_device_type(device: str) -> str:
+    """The type of device a merge will run on (``cpu`` or ``cuda``), without checking that it is there:
+    a plan (``--dry-run`` included) is made on any machine; :func:`resolve_device` checks at the run."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
 def resolve_device(device: str) -> torch.device:
     """``auto`` is the first GPU when there is one, else the CPU."""
     if device == "auto":

@@ -105,8 +105,7 @@ class BlockDrop:
 
     keyword: str = "block_drops"
 
-    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype,
-                  device_type: str = "cpu") -> bool:
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype, device_type: str) -> bool:
         return True
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:

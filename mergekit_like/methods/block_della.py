@@ -131,8 +131,7 @@ class BlockDella:
 
     keyword: str = "block_della"
 
-    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype,
-                  device_type: str = "cpu") -> bool:
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype, device_type: str) -> bool:
         return device_type == "cpu"
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:

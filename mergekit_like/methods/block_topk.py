@@ -67,11 +67,12 @@ class _ModelCut:
         out = torch.empty(base.numel(), dtype=torch.bool, device=base.device)
         start = 0
         for magnitudes in _parts(x, base):
-            self._cut(magnitudes, out[start : start + magnitudes.numel()])
+            self.cut(magnitudes, out[start : start + magnitudes.numel()])
             start += magnitudes.numel()
         return out
 
-    def _cut(self, magnitudes: torch.Tensor, out: torch.Tensor) -> None:
+    def cut(self, magnitudes: torch.Tensor, out: torch.Tensor) -> None:
+        """The mask of the next magnitudes (flat, in order) into ``out``."""
         # Compared as the selection counted them: bfloat16 patterns are the high halves of the float32
         # ones (the threshold's low half is zero); float16 magnitudes widen (a NaN's pattern too).
         if magnitudes.dtype == torch.bfloat16:
@@ -168,11 +169,10 @@ class _TopKReduction:
     def _sum_kept(self, i: int, x: torch.Tensor, base: torch.Tensor) -> None:
         cut = self._rescale_cuts[i]
         assert isinstance(cut, _ModelCut)
-        mask = cut.mask(x, base)
-        start = 0
         for magnitudes in _parts(x, base):
-            self.sums[i].add_after(magnitudes, mask[start : start + magnitudes.numel()])
-            start += magnitudes.numel()
+            kept = torch.empty(magnitudes.numel(), dtype=torch.bool, device=magnitudes.device)
+            cut.cut(magnitudes, kept)
+            self.sums[i].add_after(magnitudes, kept)
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index == 0:
@@ -212,8 +212,7 @@ class BlockTopK:
 
     keyword: str = "block_trims"
 
-    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype,
-                  device_type: str = "cpu") -> bool:
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype, device_type: str) -> bool:
         if not _trims(params):
             return True  # nothing trimmed: the merge is element-wise
         return (compute_dtype in SELECTABLE and params.get("trim_scope", "tensor") == "tensor"

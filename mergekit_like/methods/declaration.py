@@ -222,8 +222,7 @@ class TensorPass(Protocol):
     def keyword(self) -> str:
         """The kernel parameter that receives the result for a block."""
 
-    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype,
-                  device_type: str = "cpu") -> bool:
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype, device_type: str) -> bool:
         """Whether a tensor with these kernel parameters merges in row blocks to the bits of a whole merge
         on a device of this type (``cpu``, ``cuda``)."""
 
@@ -322,7 +321,7 @@ class MergeMethod:
         return self.kernel(tensors, **kwargs)
 
     def merges_row_blocks(self, params: Sequence[Mapping[str, Any]], compute_dtype: torch.dtype,
-                          device_type: str = "cpu") -> bool:
+                          device_type: str) -> bool:
         """Whether a tensor with these kernel parameters (one set per variant) may merge in row blocks."""
         if self.elementwise:
             return True

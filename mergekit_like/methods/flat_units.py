@@ -18,6 +18,9 @@ import torch
 # The unit of the reductions that do not follow another tool's chunking.
 SUM_UNIT = 1 << 20
 
+# Bytes: the widest vector load of a GPU reduction.
+ALIGNMENT = 16
+
 # Called with a unit's index and its entries, one flat tensor per stream.
 UnitReducer = Callable[[int, Sequence[torch.Tensor]], None]
 
@@ -79,5 +82,9 @@ class UnitStream:
             c.dtype == p.dtype and c.device == p.device for c, p in zip(self._carry, pieces))
 
     def _emit(self, unit: Sequence[torch.Tensor]) -> None:
-        self.reduce(self._index, unit)
+        # A GPU reduction takes another order over a start that is not aligned for its vector loads:
+        # a unit cut from the middle of a row block is copied to a fresh (aligned) buffer there,
+        # as units of a whole tensor start aligned.
+        self.reduce(self._index, [u.clone() if u.device.type != "cpu" and u.data_ptr() % ALIGNMENT else u
+                                  for u in unit])
         self._index += 1

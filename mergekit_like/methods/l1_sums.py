@@ -59,37 +59,39 @@ class L1Sums:
     def __init__(self, numel: int) -> None:
         self.before = UnitSums(numel)
         self.after = UnitSums(numel)
-        self._offsets = [0, 0]  # where the entries fed to before and to after have reached
+        self._before_fed = 0  # how many entries each sum has taken
+        self._after_fed = 0
         self._dtype: torch.dtype | None = None
         self._device: torch.device | None = None
 
-    def _magnitudes(self, deltas: torch.Tensor, sums: int) -> Iterator[tuple[slice, torch.Tensor]]:
-        """``|deltas|`` in pieces that end on unit boundaries: the temporaries are a unit's, and a unit
-        is split only by blocks."""
+    def _magnitudes(self, deltas: torch.Tensor, offset: int) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``|deltas|``, the entries from flat position ``offset`` on, in pieces that end on unit
+        boundaries: the temporaries are a unit's, and a unit is split only by blocks."""
         self._dtype, self._device = deltas.dtype, deltas.device
-        first, unit, offset = 0, flat_units.SUM_UNIT, self._offsets[sums]
+        first, unit = 0, flat_units.SUM_UNIT
         while first < deltas.numel():
             stop = min(deltas.numel(), first + unit - (offset + first) % unit)
             yield slice(first, stop), deltas[first:stop].abs()
             first = stop
-        self._offsets[sums] += deltas.numel()
 
     def add(self, deltas: torch.Tensor, mask: torch.Tensor) -> None:
         """The next flat entries of the task vector (in the dtype the rescale works in) and its mask."""
-        for piece, magnitudes in self._magnitudes(deltas, 0):
+        for piece, magnitudes in self._magnitudes(deltas, self._before_fed):
             self.before.add(magnitudes)
             self.after.add(magnitudes * mask[piece])
-        self._offsets[1] = self._offsets[0]
+        self._before_fed = self._after_fed = self._before_fed + deltas.numel()
 
     def add_before(self, deltas: torch.Tensor) -> None:
         """The next flat entries of the task vector, for ``sum |d|``."""
-        for _, magnitudes in self._magnitudes(deltas, 0):
+        for _, magnitudes in self._magnitudes(deltas, self._before_fed):
             self.before.add(magnitudes)
+        self._before_fed += deltas.numel()
 
     def add_after(self, deltas: torch.Tensor, mask: torch.Tensor) -> None:
         """The next flat entries of the task vector and its mask, for ``sum |d| * mask``."""
-        for piece, magnitudes in self._magnitudes(deltas, 1):
+        for piece, magnitudes in self._magnitudes(deltas, self._after_fed):
             self.after.add(magnitudes * mask[piece])
+        self._after_fed += deltas.numel()
 
     def factor(self) -> torch.Tensor | None:
         """``before / after`` in the rescale's dtype, or None where either norm is (close to) zero."""

@@ -2,10 +2,10 @@
 
 The ratio t needs the task vectors' norms and dot products over the whole tensor (one ratio per
 row for ``filter_wise``, where a row block holds whole rows and needs nothing more). On a tensor
-over one unit of :mod:`~mergekit_like.methods.flat_units` they come from a Gram matrix per unit,
-added in float64 and rounded once to the compute dtype, so a tensor merged whole and one merged in
-row blocks after a pass over them get the same t; a tensor of one unit is reduced as mergekit
-reduces it.
+over one unit of :mod:`~mergekit_like.methods.flat_units` they come from a Gram matrix per unit
+(float32 for 16-bit compute dtypes), the units' matrices added in float64, and t is computed from
+them in the compute dtype, so a tensor merged whole and one merged in row blocks after a pass over
+them get the same t; a tensor of one unit is reduced as mergekit reduces it.
 """
 
 from __future__ import annotations
@@ -137,9 +137,9 @@ class StockPass:
 
     keyword: str = "block_stock"
 
-    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype,
-                  device_type: str = "cpu") -> bool:
-        return True
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype, device_type: str) -> bool:
+        # A CUDA reduction along each row splits it according to how many rows it reduces at once.
+        return not params.get("filter_wise", False) or device_type == "cpu"
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:
         return 0 if params.get("filter_wise", False) else 1

@@ -1,7 +1,9 @@
 """The tensor pass of a method whose output rows, under some parameters, depend on the same rows of its inputs only.
 
 Such a tensor merges in row blocks with nothing to learn first (no pass over it): each block
-is merged as a tensor of its own. The kernel gets None under the keyword.
+is merged as a tensor of its own (of at least two rows: see the planner's TENSOR_PASS_MIN_ROWS).
+The kernel gets None under the keyword. On the CPU only: a CUDA reduction along each row splits
+the rows' entries according to how many rows it reduces at once.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ class IndependentRows:
     keyword: str
     applies: Callable[[Mapping[str, Any]], bool]
 
-    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype,
-                  device_type: str = "cpu") -> bool:
-        return self.applies(params)
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype, device_type: str) -> bool:
+        # A CUDA reduction along a row splits it according to how many rows it reduces at once.
+        return device_type == "cpu" and self.applies(params)
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:
         return 0

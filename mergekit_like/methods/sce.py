@@ -144,8 +144,7 @@ class EnergyPass:
 
     keyword: str = "block_weights"
 
-    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype,
-                  device_type: str = "cpu") -> bool:
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype, device_type: str) -> bool:
         return params.get("select_topk", 1.0) >= 1
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:

@@ -122,8 +122,7 @@ class SlerpPass:
 
     keyword: str = "block_coefficients"
 
-    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype,
-                  device_type: str = "cpu") -> bool:
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype, device_type: str) -> bool:
         return True
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:

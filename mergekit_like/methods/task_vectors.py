@@ -165,10 +165,10 @@ def sign_agreement(weighted: Sequence[torch.Tensor], method: Consensus) -> list[
     """Per model: 1 where its sign equals the elected sign, else 0 (zero never agrees; NaN where the
     model's entry is NaN, whose merged entry is NaN whatever the agreement), in the deltas' dtype.
 
-    The election is ``votes >= 0`` (a tie elects +), and agreement ``sign(x) == elected``; both
-    computed in float arithmetic, which runs several times faster than comparisons into bool
-    masks: ``copysign(1, votes)`` is the elected sign wherever a model can agree (votes of -0 come
-    only from entries every model has at zero, NaN votes only where the merged entry is NaN), and
+    The election is ``votes >= 0`` (a tie elects +, a NaN -), and agreement ``sign(x) == elected``;
+    both computed in float arithmetic, which runs several times faster than comparisons into bool
+    masks: ``copysign(1, votes)``, a NaN vote counted as -1, is the elected sign wherever a model
+    can agree (votes of -0 come only from entries every model has at zero, where none agrees), and
     ``floor((sign(x) * elected + 1) / 2)`` is 1 exactly where the signs agree, +0 elsewhere, so
     ``x * agreement`` is ``x * True`` or ``x * False`` to the bit.
     """
@@ -179,7 +179,8 @@ def sign_agreement(weighted: Sequence[torch.Tensor], method: Consensus) -> list[
         votes = _sum_in_order(signs)
     else:
         raise ValueError(f"unknown consensus method {method!r}; use 'sum' or 'count'")
-    elected = torch.copysign(torch.ones((), dtype=votes.dtype, device=votes.device), votes)
+    # A NaN vote elects -1, as ``votes >= 0`` does (its sign bit says nothing).
+    elected = torch.copysign(torch.ones((), dtype=votes.dtype, device=votes.device), votes.nan_to_num_(nan=-1.0))
     return [s.mul_(elected).add_(1).mul_(0.5).floor_() for s in signs]
 
 
@@ -517,12 +518,13 @@ def sort_order(magnitudes: torch.Tensor, descending: bool) -> torch.Tensor:
     as mergekit sorts them), with the least memory and time it can.
 
     The permutation of an unstable sort depends only on the outcomes of its comparisons, so keys in
-    the same order give it under the same algorithm: torch sorts 16-bit integers descending as it
-    sorts floats (ascending, they take another path, with another order among ties; the tests check
-    both), so 16-bit magnitudes (non-negative, so their bit patterns order as their values) sort
-    descending as 2-byte integers, a fifth faster than float32 keys and half their memory, unless a
-    NaN is among them (NaNs are equal to a float sort, not their payloads). Otherwise a float32
-    copy is sorted in place, without the sorted copy ``argsort`` makes.
+    the same order give it under the same algorithm. With the pinned torch build, sorting 16-bit
+    integers descending runs the algorithm that sorts float32 keys (ascending takes another path,
+    with another order among ties, and other builds may differ: the tests check the permutation,
+    not this reasoning), so 16-bit magnitudes (non-negative, so their bit patterns order as their
+    values) sort descending as 2-byte integers, a fifth faster than float32 keys and half their
+    memory, unless a NaN is among them (NaNs are equal to a float sort, not their payloads).
+    Otherwise a float32 copy is sorted in place, without the sorted copy ``argsort`` makes.
     """
     if magnitudes.device.type != "cpu":
         return torch.argsort(magnitudes, descending=descending)
