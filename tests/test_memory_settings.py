@@ -57,9 +57,12 @@ def test_the_allocator_policy_is_applied_only_where_it_pays(monkeypatch: pytest.
     calls: list[str] = []
     monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append("keep") or True)
     monkeypatch.setattr(memory, "return_freed_tensors_to_the_os", lambda: calls.append("return") or True)
+    monkeypatch.setattr(memory, "return_row_blocks_to_the_os", lambda: calls.append("blocks") or True)
     memory.apply_allocator("as_is", elementwise=True)
     memory.apply_allocator("fast", elementwise=False)
+    memory.apply_allocator("as_is", elementwise=False, row_blocks=True)
     assert calls == []
     memory.apply_allocator("fast", elementwise=True)
     memory.apply_allocator("low_memory", elementwise=True)
-    assert calls == ["keep", "return"]
+    memory.apply_allocator("fast", elementwise=False, row_blocks=True)  # a whole-tensor method in row blocks
+    assert calls == ["keep", "return", "blocks"]
