@@ -30,7 +30,7 @@ class UnitSums:
     the host per unit)."""
 
     def __init__(self, numel: int) -> None:
-        self._stream = UnitStream(self._sum, numel=numel)
+        self._stream = UnitStream(numel=numel)
         self._units = unit_count(numel, self._stream.unit)
         self._sums: torch.Tensor | None = None
 
@@ -42,11 +42,11 @@ class UnitSums:
 
     def add(self, values: torch.Tensor) -> None:
         """The next entries, flat."""
-        self._stream.add((values,))
+        self._stream.add((values,), self._sum)
 
     def value(self) -> float:
         """The total, the last unit included (call once every entry was added)."""
-        self._stream.finish()
+        self._stream.finish(self._sum)
         return math.fsum(self._sums.tolist()) if self._sums is not None else 0.0
 
 

@@ -61,14 +61,14 @@ class _Gram:
     """
 
     def __init__(self, numel: int, models: int) -> None:
-        self.stream = UnitStream(self._unit, numel=numel)
+        self.stream = UnitStream(numel=numel)
         self.single = numel <= self.stream.unit
         self.models = models
         self.gram: torch.Tensor | None = None
         self.t: torch.Tensor | None = None
 
     def add(self, models: Sequence[torch.Tensor], base: torch.Tensor) -> None:
-        self.stream.add([base.reshape(-1), *(x.reshape(-1) for x in models)])
+        self.stream.add([base.reshape(-1), *(x.reshape(-1) for x in models)], self._unit)
 
     def _unit(self, index: int, unit: Sequence[torch.Tensor]) -> None:
         rows, models = unit[0], unit[1:]
@@ -81,7 +81,7 @@ class _Gram:
 
     def finish(self, dtype: torch.dtype, device: torch.device) -> StockBlock:
         """t in the compute dtype, and how far it moves the merge."""
-        self.stream.finish()
+        self.stream.finish(self._unit)
         gram = (self.gram if self.gram is not None else torch.zeros(self.models, self.models)).tolist()
         squares = [gram[i][i] for i in range(self.models)]
         dots = {(i, j): gram[i][j] for i, j in combinations(range(self.models), 2)}

@@ -84,7 +84,7 @@ class _Energies:
     """Each task vector's mean square over one flat tensor, fed in pieces (see the module's docstring)."""
 
     def __init__(self, numel: int, models: int) -> None:
-        self.stream = UnitStream(self._unit, numel=numel)
+        self.stream = UnitStream(numel=numel)
         self.numel = numel
         self.single = numel <= self.stream.unit
         self.unit_sums: list[list[float]] = [[] for _ in range(models)]
@@ -92,7 +92,7 @@ class _Energies:
 
     def add(self, deltas: Sequence[torch.Tensor]) -> None:
         """The next flat entries of every task vector."""
-        self.stream.add(deltas)
+        self.stream.add(deltas, self._unit)
 
     def _unit(self, index: int, unit: Sequence[torch.Tensor]) -> None:
         if self.single:
@@ -105,7 +105,7 @@ class _Energies:
 
     def finish(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The energies, one per model, in the compute dtype."""
-        self.stream.finish()
+        self.stream.finish(self._unit)
         if self.whole is not None:
             return self.whole
         if self.single:  # an empty tensor: mean of nothing, as torch gives it

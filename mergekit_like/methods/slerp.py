@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import torch
 
 from mergekit_like.methods.declaration import Typical, merge_method
-from mergekit_like.methods.flat_units import UnitStream, unit_count
+from mergekit_like.methods.flat_units import UnitReducer, UnitStream, unit_count
 
 # Colinear vectors (|cos| above this) are interpolated linearly: slerp is ill-conditioned there.
 DOT_THRESHOLD = 0.9995
@@ -84,12 +84,15 @@ class _SlerpReduction:
         assert base is not None
         dtype = _working_dtype(base.dtype)
         if self.stream is None:
-            self.stream = UnitStream(self._norms if pass_index == 0 else self._dots, CHUNK, self.numel)
+            self.stream = UnitStream(CHUNK, self.numel)
             if pass_index == 0:
                 self.norms = [torch.empty(self.chunks, dtype=dtype, device=self.device) for _ in range(2)]
             else:
                 self.dots = torch.empty(self.chunks, dtype=dtype, device=self.device)
-        self.stream.add([base.reshape(-1).to(dtype), models[0].reshape(-1).to(dtype)])
+        self.stream.add([base.reshape(-1).to(dtype), models[0].reshape(-1).to(dtype)], self._reducer(pass_index))
+
+    def _reducer(self, pass_index: int) -> UnitReducer:
+        return self._norms if pass_index == 0 else self._dots
 
     def _norms(self, index: int, chunk: Sequence[torch.Tensor]) -> None:
         for norms, values in zip(self.norms, chunk):
@@ -101,7 +104,7 @@ class _SlerpReduction:
 
     def end_pass(self, pass_index: int) -> None:
         assert self.stream is not None
-        self.stream.finish()
+        self.stream.finish(self._reducer(pass_index))
         self.stream = None
         if pass_index == 0:
             self.norm0, self.norm1 = (norm_of_chunks(n) for n in self.norms)
