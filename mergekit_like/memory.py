@@ -56,11 +56,13 @@ def return_row_blocks_to_the_os() -> bool:
     """Fixes glibc's mmap threshold at ROW_BLOCK_MMAP_THRESHOLD (Linux; a no-op elsewhere).
 
     A whole-tensor method merged in row blocks allocates blocks of several MiB (inputs, copies,
-    results) among the slices' temporaries of 4 MiB at most. Once glibc has raised its threshold
+    results) among the slices' temporaries (mostly 4 MiB). Once glibc has raised its threshold
     to 32 MiB the blocks come from the heap and fragment it: a 4 GiB tensor's slerp held 1.65x
     the budget plus the baseline. Fixed between the two, the temporaries stay in the heap (no page
-    faults) and the blocks go back at once (1 GiB tensor: slerp 749 to 518 MB, model_stock
-    788 to 492 MB, TIES 548 to 473 MB; at a sixth to a fifth more time).
+    faults) and the blocks go back at once (measured in-process on a 1 GiB tensor: slerp 749 to
+    518 MB, model_stock 788 to 492 MB, TIES 548 to 473 MB, at some more time; the 4 GiB figures
+    after it are in benchmarks/results/large_tensor_4gib_cpu.txt). Blocks smaller than the
+    threshold (small budgets, many inputs) still come from the heap.
     """
     return _mallopt(_M_MMAP_THRESHOLD, ROW_BLOCK_MMAP_THRESHOLD)
 

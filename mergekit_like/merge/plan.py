@@ -450,6 +450,8 @@ def row_chunks(shape: tuple[int, ...], budget: int, min_rows: int = 1) -> tuple[
     starts = list(range(0, shape[0], step))
     if len(starts) > 1 and shape[0] - starts[-1] < min_rows:
         starts.pop()
+    if len(starts) == 1:
+        return None  # one block would be the whole tensor, read once more for nothing
     return tuple((start, starts[i + 1] if i + 1 < len(starts) else shape[0]) for i, start in enumerate(starts))
 
 
