@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from mergekit_like.methods.l1_sums import L1Sums
+from mergekit_like.methods.row_wise import RowOrder
 from mergekit_like.methods.task_vectors import (
     KEEP_ALL,
     Trim,
@@ -48,7 +49,7 @@ class _DropReduction:
         self.sums = [L1Sums(numel) for _ in self.densities] if self.rescale and self.rescale_mode == "l1" else None
         self.factors: list[torch.Tensor | None] = [None] * len(self.densities)
         self._offset = 0
-        self._next_row = 0
+        self._order = RowOrder()
 
     def _mask(self, i: int, span: tuple[int, int], device: torch.device) -> torch.Tensor:
         return bernoulli_mask(self.numel, self.densities[i], self.seeds[i], device, self.executor, span)
@@ -71,9 +72,7 @@ class _DropReduction:
             self.factors = [sums.factor() for sums in self.sums]
 
     def block(self, rows: tuple[int, int]) -> DropBlock:
-        if rows[0] != self._next_row:
-            raise RuntimeError(f"row block {rows} asked for out of order (expected one from row {self._next_row})")
-        self._next_row = rows[1]
+        self._order.take(rows)
         return DropBlock(self, rows)
 
 

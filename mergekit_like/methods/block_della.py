@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from mergekit_like.methods.l1_sums import L1Sums
+from mergekit_like.methods.row_wise import RowOrder
 from mergekit_like.methods.task_vectors import KEEP_ALL, Trim, della_mask, della_work_dtype
 
 # The generator is advanced over a model's stream this many draws at a time (memory stays small).
@@ -53,7 +54,7 @@ class _DellaReduction:
         self.factors: list[torch.Tensor | None] = [None] * len(self.densities)
         self._pass_generators: list[torch.Generator] | None = None
         self._merge_generators: list[torch.Generator] | None = None
-        self._next_row = 0
+        self._order = RowOrder()
 
     def work_dtype(self, x: torch.Tensor, base: torch.Tensor) -> torch.dtype:
         # x - base's dtype, from the dtypes alone (no subtraction to find it).
@@ -80,8 +81,8 @@ class _DellaReduction:
             self._merge_generators = self.generators(work_dtype)
         return self._merge_generators
 
-    def mask(self, i: int, x: torch.Tensor, base: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return della_mask(x - base, self.densities[i], self.epsilons[i], self.work_dtype(x, base), generator)
+    def mask(self, i: int, delta: torch.Tensor, work_dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+        return della_mask(delta, self.densities[i], self.epsilons[i], work_dtype, generator)
 
     def observe(self, pass_index: int, models: Sequence[torch.Tensor], base: torch.Tensor | None) -> None:
         assert base is not None
@@ -89,16 +90,14 @@ class _DellaReduction:
             self._pass_generators = self.generators(self.work_dtype(models[0], base))
         for i, (x, sums) in enumerate(zip(models, self.sums)):
             if sums is not None:
-                mask = self.mask(i, x, base, self._pass_generators[i])
-                sums.add((x - base).to(self.work_dtype(x, base)).reshape(-1), mask)
+                delta, work_dtype = x - base, self.work_dtype(x, base)
+                sums.add(delta.to(work_dtype).reshape(-1), self.mask(i, delta, work_dtype, self._pass_generators[i]))
 
     def end_pass(self, pass_index: int) -> None:
         self.factors = [sums.factor() if sums is not None else None for sums in self.sums]
 
     def block(self, rows: tuple[int, int]) -> DellaBlock:
-        if rows[0] != self._next_row:
-            raise RuntimeError(f"row block {rows} asked for out of order (expected one from row {self._next_row})")
-        self._next_row = rows[1]
+        self._order.take(rows)
         return DellaBlock(self)
 
 
@@ -120,7 +119,7 @@ class DellaBlock:
             else:
                 work_dtype = reduction.work_dtype(x, base)
                 delta_dtype = torch.promote_types(x.dtype, base.dtype)
-                trims.append(Trim(reduction.mask(i, x, base, generators[i]), multiply=reduction.factors[i],
+                trims.append(Trim(reduction.mask(i, x - base, work_dtype, generators[i]), multiply=reduction.factors[i],
                                   work_dtype=None if work_dtype == delta_dtype else work_dtype))
         return trims
 

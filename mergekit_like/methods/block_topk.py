@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
 from mergekit_like.methods.l1_sums import L1Sums
+from mergekit_like.methods.row_wise import RowOrder
 from mergekit_like.methods.task_vectors import BLOCK, GPU_BLOCK, KEEP_ALL, Trim
 from mergekit_like.methods.topk import TopKThreshold, inf_pattern, magnitude_bits, position_of_nth, top_k_count
 
@@ -113,12 +114,10 @@ class BlockTrims:
 
     cuts: list[_ModelCut | Trim]
     executor: Executor | None = None
-    next_row: int = 0
+    order: RowOrder = field(default_factory=RowOrder)
 
     def at(self, rows: tuple[int, int]) -> BlockTrims:
-        if rows[0] != self.next_row:
-            raise RuntimeError(f"row block {rows} asked for out of order (expected one from row {self.next_row})")
-        self.next_row = rows[1]
+        self.order.take(rows)
         return self
 
     def trims(self, tensors: Sequence[torch.Tensor], base: torch.Tensor) -> list[Trim]:

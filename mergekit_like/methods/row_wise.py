@@ -16,6 +16,19 @@ from typing import Any
 import torch
 
 
+class RowOrder:
+    """The row blocks of a tensor asked for in row order, once each: a reduction whose blocks continue
+    one another (ties counted, a random stream drawn) refuses any other order."""
+
+    def __init__(self) -> None:
+        self.next_row = 0
+
+    def take(self, rows: tuple[int, int]) -> None:
+        if rows[0] != self.next_row:
+            raise RuntimeError(f"row block {rows} asked for out of order (expected one from row {self.next_row})")
+        self.next_row = rows[1]
+
+
 class _NothingToReduce:
     def observe(self, pass_index: int, models: Sequence[torch.Tensor], base: torch.Tensor | None) -> None:
         raise RuntimeError("a method whose rows merge on their own has no pass over a tensor")
