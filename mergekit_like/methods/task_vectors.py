@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 
 from mergekit_like.methods.l1_sums import L1Sums
+from mergekit_like.methods.sort_replay import sorted_range_mask
 from mergekit_like.methods.topk import top_k_count, top_k_mask
 
 Consensus = Literal["sum", "count"]
@@ -482,8 +483,9 @@ def magnitude_mask(magnitudes: torch.Tensor, density: float, ties: TrimTies = "s
     Entries tied at the threshold make "the k largest" ambiguous; ``ties`` says which survive:
 
     - ``"sort"`` breaks them as ``torch.argsort(descending=True)`` does, which is what
-      mergekit does, so merges match it entry for entry. A full sort, O(n log n), and the
-      order among equal entries is whatever the device's sort gives.
+      mergekit does, so merges match it entry for entry. The order among equal entries is
+      whatever the device's sort gives; on the CPU only the partitions of the sort that decide
+      it are replayed (see :mod:`sort_replay`), O(n) expected, elsewhere a full sort.
     - ``"index"`` keeps exactly k too, breaking ties by position (the lowest flat index
       first, the order of a stable sort). Found by selection in O(n): several times
       faster, and the same on every device.
@@ -503,10 +505,7 @@ def magnitude_mask(magnitudes: torch.Tensor, density: float, ties: TrimTies = "s
     del keys
     if exact is not None:
         return exact
-    mask = torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
-    order = sort_order(magnitudes.reshape(-1), descending=True)
-    mask[order[:k]] = True
-    return mask
+    return sorted_range(magnitudes.reshape(-1), 0, k, descending=True)
 
 
 # Magnitudes whose float32 keys are exact: the selection may look at them as they are.
@@ -545,7 +544,25 @@ def breadcrumbs_mask(magnitudes: torch.Tensor, density: float, gamma: float) -> 
     bottom = n - keep - top
     if bottom < 0:
         bottom, top = 0, n - keep
-    order = sort_order(magnitudes.reshape(-1), descending=False)
-    mask = torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
-    mask[order[bottom : n - top]] = True
+    return sorted_range(magnitudes.reshape(-1), bottom, n - top, descending=False)
+
+
+def sorted_range(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:
+    """True for the flat ``magnitudes`` that ``torch.argsort`` (on the CPU: of their float32 keys, as
+    mergekit sorts them) puts at positions ``lo`` to ``hi - 1``.
+
+    On the CPU the sort is replayed only where it decides that (see :mod:`sort_replay`), on keys in
+    the float32 keys' order: 16-bit magnitudes as their int16 bit patterns (non-negative floats
+    order as their bits). NaNs, a replay that would reach the sort's heap-sort fallback, and other
+    devices sort in full.
+    """
+    if magnitudes.device.type == "cpu" and not bool(magnitudes.isnan().any()):
+        keys = (magnitudes.view(torch.int16) if magnitudes.dtype in (torch.bfloat16, torch.float16)
+                else magnitudes if magnitudes.dtype == torch.float32 else magnitudes.float())
+        mask = sorted_range_mask(keys, lo, hi, descending)
+        if mask is not None:
+            return mask
+    order = sort_order(magnitudes, descending)
+    mask = torch.zeros(magnitudes.numel(), dtype=torch.bool, device=magnitudes.device)
+    mask[order[lo:hi]] = True
     return mask

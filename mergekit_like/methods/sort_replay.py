@@ -1,0 +1,163 @@
+"""Which entries a CPU ``torch.sort`` puts at a range of positions, without sorting everything.
+
+An exact TIES or breadcrumbs trim keeps the entries that ``torch.argsort`` of the magnitudes puts
+first (or in a middle range), and among entries of equal magnitude that choice is whatever the
+sort's algorithm makes of them. On the CPU an unstable sort is libstdc++'s ``std::sort``, an
+introsort: median-of-three quicksort partitions down to runs of 16 entries, then one insertion
+sort. A partition only moves entries inside its run, so the set of entries that ends up in
+positions ``lo..hi-1`` is decided by the partitions of the runs that hold ``lo`` or ``hi``; the
+others (almost all the work of a sort) can be skipped. :func:`sorted_range_mask` replays just
+those partitions, each as a handful of vectorised passes, and the final insertion sort of the two
+runs of at most 16 entries it leaves, as a stable sort. Expected O(n) instead of O(n log n), and
+4-byte positions instead of the sort's 8-byte indices.
+
+The replay is checked against ``torch.argsort`` itself (tests compare the two on ties of every
+kind); where it would need the introsort's heap-sort fallback it gives up and the caller sorts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+# libstdc++'s std::sort leaves runs of at most this many entries to its final insertion sort.
+INSERTION_RUN = 16
+
+
+def sorted_range_mask(keys: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor | None:
+    """True for the entries of the flat CPU ``keys`` that ``torch.sort(keys, descending=...)`` puts at
+    positions ``lo`` to ``hi - 1``; None where the sort would fall back to a heap sort.
+
+    ``keys`` must hold no NaN (the sort orders NaNs by rules this replay does not follow); any
+    integer or float dtype whose order is the order to reproduce will do (16-bit magnitudes can
+    be replayed as their int16 bit patterns).
+    """
+    n = keys.numel()
+    if keys.device.type != "cpu":
+        raise ValueError("the replay reproduces the CPU sort only")
+    lo, hi = max(0, lo), min(n, hi)
+    mask = torch.zeros(n, dtype=torch.bool)
+    if lo >= hi:
+        return mask
+    # In numpy: its comparisons and nonzero are several times faster than torch's on the CPU.
+    work = keys.detach().reshape(-1).numpy().copy()
+    where = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    ends = [b for b in (lo, hi) if 0 < b < n]
+    # Runs still to replay: (first, last, depth left before the heap-sort fallback).
+    runs = [(0, n, depth_limit(n))] if n > 1 else []
+    while runs:
+        first, last, depth = runs.pop()
+        if not any(first < b < last for b in ends):
+            continue  # every entry of this run is on one side of each end: its order does not matter
+        if last - first <= INSERTION_RUN:
+            _insertion_sort(work, where, first, last, descending)
+            continue
+        if depth == 0:
+            return None
+        cut = _partition(work, where, first, last, descending)
+        runs += [(cut, last, depth - 1), (first, cut, depth - 1)]
+    mask[torch.from_numpy(where[lo:hi].astype(np.int64))] = True
+    return mask
+
+
+def depth_limit(n: int) -> int:
+    """How many partitions deep std::sort goes before it heap-sorts a run: twice floor(log2(n))."""
+    return 2 * (n.bit_length() - 1)
+
+
+def _before(a: Any, b: Any, descending: bool) -> bool:
+    """The sort's comparator: ``a`` goes strictly before ``b``."""
+    return bool(a > b if descending else a < b)
+
+
+def _partition(work: np.ndarray, where: np.ndarray, first: int, last: int, descending: bool) -> int:
+    """One introsort step on ``work[first:last]`` (and the positions riding along): the median of
+    three moved to ``first``, then the unguarded Hoare partition of the rest around it; the cut.
+
+    The left scan stops at entries not before the pivot, the right scan at entries not after it,
+    and the m-th stop from the left is swapped with the m-th from the right until they cross. The
+    scans only ever pass entries they would not stop at, so the stops are those of the entries
+    as they were: flagged once, then read a chunk at a time from each end, the swaps made as the
+    pairs are found (temporaries of a chunk, and each end read only as far as the cut)."""
+    _move_median_to_first(work, where, first, first + 1, first + (last - first) // 2, last - 1, descending)
+    pivot = work[first]
+    run, positions = work[first + 1 : last], where[first + 1 : last]
+    left = _Stops(run <= pivot if descending else run >= pivot, from_left=True)
+    right = _Stops(run >= pivot if descending else run <= pivot, from_left=False)
+    last_right = None  # the right stop of the last swap
+    while (a := left.pending()) is not None and (b := right.pending()) is not None:
+        pairs = min(a.size, b.size)
+        crossed = np.flatnonzero(a[:pairs] >= b[:pairs])
+        swaps = int(crossed[0]) if crossed.size else pairs
+        if swaps:
+            from_left, from_right = a[:swaps], b[:swaps]
+            for array in (run, positions):
+                moved = array[from_left]
+                array[from_left] = array[from_right]
+                array[from_right] = moved
+            last_right = int(from_right[-1])
+            left.consume(swaps)
+            right.consume(swaps)
+        if crossed.size:
+            break
+    # The left scan ends at its next stop or at the entry the last swap put on the right,
+    # whichever comes first (a median-of-three pivot guarantees one of them).
+    stops = [s for s in (left.next_stop(), last_right) if s is not None]
+    if not stops:
+        raise AssertionError("a median-of-three pivot always stops the left scan")
+    return first + 1 + min(stops)
+
+
+class _Stops:
+    """The positions of a flag array's True entries in order from one end, found a chunk at a time."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, flags: np.ndarray, from_left: bool) -> None:
+        self.flags, self.from_left = flags, from_left
+        self.scanned = 0  # entries of flags read so far, from this end
+        self.buffer: np.ndarray = np.empty(0, dtype=np.int64)
+
+    def pending(self) -> np.ndarray | None:
+        """The stops found but not yet consumed (reading the next chunks if none are); None at the end."""
+        while self.buffer.size == 0:
+            size = self.flags.size
+            if self.scanned >= size:
+                return None
+            step = min(self.CHUNK, size - self.scanned)
+            start = self.scanned if self.from_left else size - self.scanned - step
+            found = np.flatnonzero(self.flags[start : start + step]) + start
+            self.buffer = found if self.from_left else found[::-1]
+            self.scanned += step
+        return self.buffer
+
+    def consume(self, count: int) -> None:
+        self.buffer = self.buffer[count:]
+
+    def next_stop(self) -> int | None:
+        pending = self.pending()
+        return int(pending[0]) if pending is not None else None
+
+
+def _move_median_to_first(work: np.ndarray, where: np.ndarray, result: int, a: int, b: int, c: int,
+                          descending: bool) -> None:
+    """libstdc++'s ``__move_median_to_first``: the median of ``a``, ``b`` and ``c`` swapped into ``result``
+    (which of equal entries is taken decides the sort's order among ties, so the tests are its own)."""
+    va, vb, vc = work[a], work[b], work[c]
+    if _before(va, vb, descending):
+        median = b if _before(vb, vc, descending) else c if _before(va, vc, descending) else a
+    else:
+        median = a if _before(va, vc, descending) else c if _before(vb, vc, descending) else b
+    for array in (work, where):
+        array[[result, median]] = array[[median, result]]
+
+
+def _insertion_sort(work: np.ndarray, where: np.ndarray, first: int, last: int, descending: bool) -> None:
+    """The final insertion sort on a run no partition reaches further: a stable sort (insertion moves
+    an entry only past entries strictly after it, and never out of its run)."""
+    segment = work[first:last]
+    order = np.argsort(-segment if descending else segment, kind="stable")
+    work[first:last] = segment[order]
+    where[first:last] = where[first:last][order]
