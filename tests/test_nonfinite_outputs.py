@@ -96,3 +96,16 @@ def test_an_extracted_adapter_carries_a_manifest_that_verify_checks(tmp_path: Pa
     assert runner.invoke(app, ["verify", str(tmp_path / "adapter")]).exit_code == 0
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     assert runner.invoke(app, ["verify", str(tmp_path / "adapter")]).exit_code != 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn])
+def test_nonfinite_count_counts_nan_and_both_infinities(dtype: torch.dtype) -> None:
+    from mergekit_like.io.values import nonfinite_count
+
+    values = torch.linspace(-2, 2, 1000).to(dtype)
+    assert nonfinite_count(values) == 0
+    if dtype != torch.float8_e4m3fn:  # e4m3fn has no infinity
+        values[[3, 500]] = torch.tensor([float("inf"), -float("inf")]).to(dtype)
+    values[[7, 999]] = float("nan")
+    assert nonfinite_count(values) == (2 if dtype == torch.float8_e4m3fn else 4)
+    assert nonfinite_count(torch.empty(0, dtype=dtype)) == 0 and nonfinite_count(torch.arange(3)) == 0

@@ -6,11 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_row_block_merge_equals_whole, merge_in_row_blocks, write_checkpoint
+from helpers import assert_row_block_merge_equals_whole, merge_in_row_blocks
 
 import mergekit_like.merge.options as options_module
-from mergekit_like.merge.engine import MergeOptions, planned_merge
-from mergekit_like.merge.recipe import parse_recipe
 from mergekit_like.methods import block_topk, flat_units, get_method
 from mergekit_like.methods.block_topk import BlockTopK
 
@@ -76,7 +74,10 @@ def test_what_merges_whole() -> None:
     tensor_pass = BlockTopK()
     trimmed = {"density": [0.5], "trim_scope": "tensor", "trim_ties": "index", "rescale": False}
     assert tensor_pass.blockwise(trimmed, torch.float32, "cpu")
-    assert not tensor_pass.blockwise({**trimmed, "trim_ties": "sort"}, torch.float32, "cpu")  # a sort's tie order
+    exact = {**trimmed, "trim_ties": "sort"}
+    assert tensor_pass.blockwise(exact, torch.float32, "cpu") and tensor_pass.passes(exact, torch.float32) == 1
+    assert not tensor_pass.blockwise(exact, torch.float32, "cuda")  # the device's own sort, of the whole tensor
+    assert not tensor_pass.blockwise({**exact, "trim_scope": "model"}, torch.float32, "cpu")
     assert tensor_pass.blockwise({**trimmed, "rescale": True}, torch.float32, "cpu")
     assert tensor_pass.passes({**trimmed, "rescale": True}, torch.bfloat16) == 2  # the sums after the cut
     assert not tensor_pass.blockwise({**trimmed, "trim_scope": "model"}, torch.float32, "cpu")
@@ -112,14 +113,15 @@ def test_a_merge_under_a_small_budget_equals_the_whole_merge(
     assert_row_block_merge_equals_whole(tensors, recipe, tmp_path, (1 if dtype == "bfloat16" else 2) + rescale)
 
 
-def test_exact_ties_still_merge_whole_under_a_small_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    paths = [write_checkpoint(tmp_path / n, {"w": _quantised((96, 16), s, torch.bfloat16)}) for s, n in
-             enumerate(("base", "a"))]
-    recipe = parse_recipe({"merge_method": "ties", "base_model": str(paths[0]), "parameters": {"density": 0.4},
-                           "models": [{"model": str(paths[1]), "parameters": {"weight": 1.0}}]})
+@pytest.mark.parametrize("dtype,rescale", [("bfloat16", False), ("float32", True)])
+def test_exact_ties_under_a_small_budget_equal_the_whole_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, rescale: bool
+) -> None:
     monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
-    with planned_merge(recipe, MergeOptions(memory_budget=4096)) as plan:
-        assert plan.tensors[0].chunks is None
+    tensors = [{"model.embed_tokens.weight": _quantised((96, 16), seed, torch.bfloat16),
+                "model.norm.weight": _quantised((16,), seed + 10, torch.bfloat16)} for seed in range(3)]
+    recipe = {"merge_method": "ties", "dtype": dtype, "parameters": {"density": 0.4, "rescale": rescale}}
+    assert_row_block_merge_equals_whole(tensors, recipe, tmp_path, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -149,3 +151,45 @@ def test_magnitude_prune_shares_the_row_block_trim(monkeypatch: pytest.MonkeyPat
     params = {"weight": [1.0, 0.6], "density": [0.3, 0.7], "trim_ties": trim_ties, "rescale": rescale}
     whole = get_method("magnitude_prune")(models, base=base, **params)
     assert torch.equal(_bits(merge_in_row_blocks("magnitude_prune", models, base, 5, params)), _bits(whole))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["ties", "magnitude_prune"])
+@pytest.mark.parametrize("rescale", [False, True])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_exact_trims_in_row_blocks_give_the_whole_tensors_bits(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, method: str, rescale: bool, rows: int
+) -> None:
+    # Exact ties: the masks are the whole tensor's sort's, whichever block an entry falls in.
+    monkeypatch.setattr(flat_units, "SUM_UNIT", 101)
+    base = _quantised((64, 48), 0, dtype)
+    models = [base + _quantised((64, 48), seed, dtype) for seed in (1, 2, 3)]
+    params = {"weight": [1.0, 0.5, 0.8], "density": [0.3, 1.0, 0.0 if method == "ties" else 0.8],
+              "trim_ties": "sort", "rescale": rescale}
+    whole = get_method(method)(models, base=base, **params)
+    full = {"trim_scope": "tensor", **params} if method == "ties" else params
+    assert torch.equal(_bits(merge_in_row_blocks(method, models, base, rows, full)), _bits(whole))
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_breadcrumbs_in_row_blocks_give_the_whole_tensors_bits(
+    monkeypatch: pytest.MonkeyPatch, method: str, dtype: torch.dtype, rescale: bool
+) -> None:
+    monkeypatch.setattr(flat_units, "SUM_UNIT", 101)
+    base = _quantised((64, 48), 0, dtype)
+    models = [base + _quantised((64, 48), seed, dtype) for seed in (1, 2, 3)]
+    params = {"weight": [1.0, 0.5, 0.8], "density": [0.5, 0.3, 1.0], "gamma": [0.01, 0.1, 0.0], "rescale": rescale}
+    whole = get_method(method)(models, base=base, **params)
+    assert torch.equal(_bits(merge_in_row_blocks(method, models, base, 5, params)), _bits(whole))
+
+
+def test_breadcrumbs_under_a_small_budget_equal_the_whole_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
+    tensors = [{"model.embed_tokens.weight": _quantised((96, 16), seed, torch.bfloat16),
+                "model.norm.weight": _quantised((16,), seed + 10, torch.bfloat16)} for seed in range(3)]
+    recipe = {"merge_method": "breadcrumbs_ties", "dtype": "float32", "parameters": {"density": 0.6, "gamma": 0.05}}
+    assert_row_block_merge_equals_whole(tensors, recipe, tmp_path, 1)

@@ -64,7 +64,7 @@ def test_replay_on_16_bit_patterns_is_the_sort_of_float32_keys(descending: bool)
 
 
 def test_replay_reads_several_chunks_from_each_end() -> None:
-    n = 3 * sort_replay._Stops.CHUNK + 11
+    n = 3 * sort_replay.CHUNK + 11
     keys = keys_of("bf16_deltas", n, seed=5)
     got = sorted_range_mask(keys, 0, n // 2, True)
     assert got is not None and torch.equal(got, argsort_mask(keys, 0, n // 2, True))
@@ -91,3 +91,17 @@ def test_exact_trims_are_the_masks_of_mergekits_argsort(dtype: torch.dtype) -> N
 def test_replay_refuses_other_devices() -> None:
     with pytest.raises(ValueError, match="CPU"):
         sorted_range_mask(torch.ones(4, device="meta"), 0, 2, True)
+
+
+@pytest.mark.parametrize("organ_pipe", [False, True])
+def test_a_consumed_replay_reorders_its_keys_or_gives_them_back(organ_pipe: bool) -> None:
+    keys = keys_of("organ_pipe" if organ_pipe else "bf16_deltas", 50_001, seed=13)
+    original = keys.clone()
+    got = sorted_range_mask(keys, 0, 20_000, True, consume=True)
+    if organ_pipe:
+        assert got is None and torch.equal(keys, original)  # given up: the caller's sort needs them
+    else:
+        assert got is not None and torch.equal(got, argsort_mask(original, 0, 20_000, True))
+        assert not torch.equal(keys, original)
+    assert torch.equal(sorted_range(keys if organ_pipe else original.clone(), 0, 20_000, True, consume=True),
+                       argsort_mask(original, 0, 20_000, True))

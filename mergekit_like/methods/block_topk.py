@@ -13,7 +13,8 @@ so the merge gives its bits; memory holds a block, never the tensor.
 An L1 rescale divides by the sums of each task vector's magnitudes before and after the cut
 (:class:`~mergekit_like.methods.l1_sums.L1Sums`, which do not depend on the blocks): the first
 pass takes the sums before, one more pass after the selection those after. Exact ties
-(``trim_ties: sort``) follow the order of a sort of the whole tensor: such tensors merge whole.
+(``trim_ties: sort``) follow the order of a sort of the whole tensor: their pass gathers the
+magnitudes (see :mod:`~mergekit_like.methods.block_sorted`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from mergekit_like.methods.block_sorted import BlockSortedTrims
+from mergekit_like.methods.declaration import TensorReduction
 from mergekit_like.methods.l1_sums import L1Sums
 from mergekit_like.methods.row_wise import RowOrder
 from mergekit_like.methods.task_vectors import BLOCK, GPU_BLOCK, KEEP_ALL, Trim
@@ -214,15 +217,29 @@ class BlockTopK:
     def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype, device_type: str) -> bool:
         if not _trims(params):
             return True  # nothing trimmed: the merge is element-wise
+        if _exact(params):
+            return EXACT.blockwise(params, compute_dtype, device_type)
         return (compute_dtype in SELECTABLE and params.get("trim_scope", "tensor") == "tensor"
                 and params.get("trim_ties") in ("index", "keep"))
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:
         if not _trims(params):
             return 0
+        if _exact(params):
+            return EXACT.passes(params, compute_dtype)
         return _selection_passes(compute_dtype) + bool(params.get("rescale", False))
 
     def start(self, params: Mapping[str, Any], numel: int, device: torch.device, executor: Executor | None,
-              generator: torch.Generator | None = None) -> _TopKReduction:
+              generator: torch.Generator | None = None) -> _TopKReduction | TensorReduction:
+        if _exact(params):
+            return EXACT.start(params, numel, device, executor, generator)
         return _TopKReduction(params.get("density", [1.0]), numel, params.get("trim_ties") == "keep",
                               bool(params.get("rescale", False)), device, executor)
+
+
+# TIES' exact trim (mergekit's ties among equal magnitudes) gathers the magnitudes for the sort.
+EXACT = BlockSortedTrims("magnitude")
+
+
+def _exact(params: Mapping[str, Any]) -> bool:
+    return params.get("trim_ties", "sort") == "sort"

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import torch
 
+from mergekit_like.methods.block_sorted import BlockSortedTrims, SortedBlock
 from mergekit_like.methods.declaration import (
     NONNEGATIVE_WEIGHT,
     PerModel,
@@ -25,6 +26,7 @@ from mergekit_like.methods.task_vectors import Consensus, make_trims, merge_task
     paper="https://arxiv.org/abs/2312.06795",
     description="Breadcrumbs sparsification, then TIES sign election and disjoint mean.",
     ignored_params=("int8_mask",),
+    tensor_pass=BlockSortedTrims("breadcrumbs"),
 )
 def breadcrumbs_ties(
     tensors: list[torch.Tensor],
@@ -38,6 +40,10 @@ def breadcrumbs_ties(
     lambda_: float = 1.0,
     consensus: Consensus = "sum",
     executor: Executor | None = None,
+    block_trims: SortedBlock | None = None,
 ) -> torch.Tensor:
-    trims = make_trims(tensors, base, density, "breadcrumbs", gammas=gamma, rescale=rescale, executor=executor)
+    if block_trims is not None:  # a row block: its masks come from a pass over the tensor's blocks
+        trims = block_trims.trims(tensors, base)
+    else:
+        trims = make_trims(tensors, base, density, "breadcrumbs", gammas=gamma, rescale=rescale, executor=executor)
     return merge_task_vectors(base, tensors, weight, trims, consensus=consensus, normalize=normalize, scale=lambda_)

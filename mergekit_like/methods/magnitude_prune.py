@@ -13,6 +13,7 @@ from typing import Annotated
 
 import torch
 
+from mergekit_like.methods.block_sorted import SortedBlock
 from mergekit_like.methods.block_topk import BlockTopK, BlockTrims
 from mergekit_like.methods.declaration import (
     NONNEGATIVE_WEIGHT,
@@ -44,7 +45,7 @@ def magnitude_prune(
     lambda_: float = 1.0,
     trim_ties: TrimTies = "sort",
     executor: Executor | None = None,
-    block_trims: BlockTrims | None = None,
+    block_trims: BlockTrims | SortedBlock | None = None,
 ) -> torch.Tensor:
     if block_trims is not None:  # a row block: the thresholds come from a pass over the tensor's blocks
         trims = block_trims.trims(tensors, base)

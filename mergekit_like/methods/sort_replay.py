@@ -26,13 +26,16 @@ import torch
 INSERTION_RUN = 16
 
 
-def sorted_range_mask(keys: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor | None:
+def sorted_range_mask(keys: torch.Tensor, lo: int, hi: int, descending: bool,
+                      consume: bool = False) -> torch.Tensor | None:
     """True for the entries of the flat CPU ``keys`` that ``torch.sort(keys, descending=...)`` puts at
     positions ``lo`` to ``hi - 1``; None where the sort would fall back to a heap sort.
 
     ``keys`` must hold no NaN (the sort orders NaNs by rules this replay does not follow); any
     integer or float dtype whose order is the order to reproduce will do (16-bit magnitudes can
-    be replayed as their int16 bit patterns).
+    be replayed as their int16 bit patterns). ``consume`` replays in ``keys`` itself (contiguous)
+    instead of a copy, leaving them in an order of no use; where the replay gives up they are
+    put back as they were, for the caller's sort.
     """
     n = keys.numel()
     if keys.device.type != "cpu":
@@ -42,7 +45,10 @@ def sorted_range_mask(keys: torch.Tensor, lo: int, hi: int, descending: bool) ->
     if lo >= hi:
         return mask
     # In numpy: its comparisons and nonzero are several times faster than torch's on the CPU.
-    work = keys.detach().reshape(-1).numpy().copy()
+    flat = keys.detach().reshape(-1)
+    if consume and not flat.is_contiguous():
+        raise ValueError("keys replayed in place must be contiguous")
+    work = flat.numpy() if consume else flat.numpy().copy()
     where = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
     ends = [b for b in (lo, hi) if 0 < b < n]
     # Runs still to replay: (first, last, depth left before the heap-sort fallback).
@@ -55,10 +61,12 @@ def sorted_range_mask(keys: torch.Tensor, lo: int, hi: int, descending: bool) ->
             _insertion_sort(work, where, first, last, descending)
             continue
         if depth == 0:
+            if consume:
+                work[where] = work.copy()  # the entry at position i came from where[i]
             return None
         cut = _partition(work, where, first, last, descending)
         runs += [(cut, last, depth - 1), (first, cut, depth - 1)]
-    mask[torch.from_numpy(where[lo:hi].astype(np.int64))] = True
+    mask.numpy()[where[lo:hi]] = True
     return mask
 
 
@@ -84,8 +92,9 @@ def _partition(work: np.ndarray, where: np.ndarray, first: int, last: int, desce
     _move_median_to_first(work, where, first, first + 1, first + (last - first) // 2, last - 1, descending)
     pivot = work[first]
     run, positions = work[first + 1 : last], where[first + 1 : last]
-    left = _Stops(run <= pivot if descending else run >= pivot, from_left=True)
-    right = _Stops(run >= pivot if descending else run <= pivot, from_left=False)
+    at_most, at_least = _packed_flags(run, pivot, np.less_equal), _packed_flags(run, pivot, np.greater_equal)
+    left = _Stops(at_most if descending else at_least, run.size, from_left=True)
+    right = _Stops(at_least if descending else at_most, run.size, from_left=False)
     last_right = None  # the right stop of the last swap
     while (a := left.pending()) is not None and (b := right.pending()) is not None:
         pairs = min(a.size, b.size)
@@ -110,27 +119,39 @@ def _partition(work: np.ndarray, where: np.ndarray, first: int, last: int, desce
     return first + 1 + min(stops)
 
 
+# Flags are read and compared this many entries at a time (a multiple of 8: whole bytes of packed bits).
+CHUNK = 1 << 20
+
+
+def _packed_flags(run: np.ndarray, pivot: Any, compare: Any) -> np.ndarray:
+    """``compare(run, pivot)`` as packed bits (an eighth of a byte an entry), computed a chunk at a time."""
+    packed = np.empty((run.size + 7) // 8, dtype=np.uint8)
+    for start in range(0, run.size, CHUNK):
+        packed[start // 8 : (start + CHUNK + 7) // 8] = np.packbits(compare(run[start : start + CHUNK], pivot))
+    return packed
+
+
 class _Stops:
-    """The positions of a flag array's True entries in order from one end, found a chunk at a time."""
+    """The positions of the set flags (packed bits) of a run in order from one end, a chunk at a time."""
 
-    CHUNK = 1 << 20
-
-    def __init__(self, flags: np.ndarray, from_left: bool) -> None:
-        self.flags, self.from_left = flags, from_left
-        self.scanned = 0  # entries of flags read so far, from this end
+    def __init__(self, packed: np.ndarray, size: int, from_left: bool) -> None:
+        self.packed, self.size, self.from_left = packed, size, from_left
+        self.chunks = (self.size + CHUNK - 1) // CHUNK
+        self.read = 0  # chunks read so far, from this end
         self.buffer: np.ndarray = np.empty(0, dtype=np.int64)
 
     def pending(self) -> np.ndarray | None:
         """The stops found but not yet consumed (reading the next chunks if none are); None at the end."""
         while self.buffer.size == 0:
-            size = self.flags.size
-            if self.scanned >= size:
+            if self.read >= self.chunks:
                 return None
-            step = min(self.CHUNK, size - self.scanned)
-            start = self.scanned if self.from_left else size - self.scanned - step
-            found = np.flatnonzero(self.flags[start : start + step]) + start
+            chunk = self.read if self.from_left else self.chunks - 1 - self.read
+            start = chunk * CHUNK
+            count = min(CHUNK, self.size - start)
+            bits = np.unpackbits(self.packed[start // 8 : (start + count + 7) // 8], count=count)
+            found = np.flatnonzero(bits.view(np.bool_)) + start  # as bools: several times faster
             self.buffer = found if self.from_left else found[::-1]
-            self.scanned += step
+            self.read += 1
         return self.buffer
 
     def consume(self, count: int) -> None:

@@ -333,11 +333,18 @@ def make_trim(
             sums.add((delta if work_dtype is None else delta.to(work_dtype)).reshape(-1), mask)
             factor = sums.factor()
         return dare_trim(mask, density, rescale, rescale_mode, work_dtype, factor)
-    magnitudes = (x - base).abs_().reshape(-1)
+    return magnitude_trim((x - base).abs_().reshape(-1), method, density, gamma=gamma, trim_ties=trim_ties,
+                          rescale=rescale, rescale_mode=rescale_mode)
+
+
+def magnitude_trim(magnitudes: torch.Tensor, method: Sparsification, density: float, *, gamma: float,
+                   trim_ties: TrimTies, rescale: bool, rescale_mode: RescaleMode) -> Trim:
+    """The trim of a task vector by its flat ``magnitudes`` (TIES' top-k or breadcrumbs' range), which it
+    may reorder (they are the caller's temporaries)."""
     if method == "magnitude":
-        mask = magnitude_mask(magnitudes, density, trim_ties)
+        mask = magnitude_mask(magnitudes, density, trim_ties, consume=not rescale)
     elif method == "breadcrumbs":
-        mask = breadcrumbs_mask(magnitudes, density, gamma)
+        mask = breadcrumbs_mask(magnitudes, density, gamma, consume=not rescale)
     else:
         raise ValueError(f"unknown sparsification {method!r}")
     return _with_rescale(mask, magnitudes, rescale, rescale_mode, density, None)
@@ -477,7 +484,8 @@ def _with_rescale(
     return Trim(mask, multiply=sums.factor(), work_dtype=work_dtype)
 
 
-def magnitude_mask(magnitudes: torch.Tensor, density: float, ties: TrimTies = "sort") -> torch.Tensor:
+def magnitude_mask(magnitudes: torch.Tensor, density: float, ties: TrimTies = "sort",
+                   consume: bool = False) -> torch.Tensor:
     """True for the ``max(1, int(density * n))`` largest of the flat ``magnitudes``.
 
     Entries tied at the threshold make "the k largest" ambiguous; ``ties`` says which survive:
@@ -490,6 +498,8 @@ def magnitude_mask(magnitudes: torch.Tensor, density: float, ties: TrimTies = "s
       first, the order of a stable sort). Found by selection in O(n): several times
       faster, and the same on every device.
     - ``"keep"`` keeps every entry at or above the k-th largest, as the TIES paper's code.
+
+    ``consume`` lets an exact trim reorder ``magnitudes`` (see :func:`sorted_range`).
     """
     n = magnitudes.numel()
     if density <= 0 or n == 0:
@@ -505,7 +515,7 @@ def magnitude_mask(magnitudes: torch.Tensor, density: float, ties: TrimTies = "s
     del keys
     if exact is not None:
         return exact
-    return sorted_range(magnitudes.reshape(-1), 0, k, descending=True)
+    return sorted_range(magnitudes.reshape(-1), 0, k, descending=True, consume=consume)
 
 
 # Magnitudes whose float32 keys are exact: the selection may look at them as they are.
@@ -536,7 +546,7 @@ def sort_order(magnitudes: torch.Tensor, descending: bool) -> torch.Tensor:
     return order
 
 
-def breadcrumbs_mask(magnitudes: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def breadcrumbs_mask(magnitudes: torch.Tensor, density: float, gamma: float, consume: bool = False) -> torch.Tensor:
     """Drops the largest ``gamma * n`` and the smallest ``n - density*n - gamma*n`` entries."""
     n = magnitudes.numel()
     keep = int(density * n)
@@ -544,22 +554,25 @@ def breadcrumbs_mask(magnitudes: torch.Tensor, density: float, gamma: float) -> 
     bottom = n - keep - top
     if bottom < 0:
         bottom, top = 0, n - keep
-    return sorted_range(magnitudes.reshape(-1), bottom, n - top, descending=False)
+    return sorted_range(magnitudes.reshape(-1), bottom, n - top, descending=False, consume=consume)
 
 
-def sorted_range(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:
+def sorted_range(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool, consume: bool = False) -> torch.Tensor:
     """True for the flat ``magnitudes`` that ``torch.argsort`` (on the CPU: of their float32 keys, as
     mergekit sorts them) puts at positions ``lo`` to ``hi - 1``.
 
     On the CPU the sort is replayed only where it decides that (see :mod:`sort_replay`), on keys in
     the float32 keys' order: 16-bit magnitudes as their int16 bit patterns (non-negative floats
     order as their bits). NaNs, a replay that would reach the sort's heap-sort fallback, and other
-    devices sort in full.
+    devices sort in full. ``consume`` lets the replay reorder ``magnitudes`` (contiguous) in place of
+    a copy of its keys: for a caller that does not need them afterwards.
     """
     if magnitudes.device.type == "cpu" and not bool(magnitudes.isnan().any()):
-        keys = (magnitudes.view(torch.int16) if magnitudes.dtype in (torch.bfloat16, torch.float16)
-                else magnitudes if magnitudes.dtype == torch.float32 else magnitudes.float())
-        mask = sorted_range_mask(keys, lo, hi, descending)
+        converted = magnitudes.dtype not in EXACT_IN_FLOAT32  # the keys are a copy of our own
+        keys = (magnitudes.float() if converted else magnitudes.view(torch.int16) if magnitudes.itemsize == 2
+                else magnitudes)
+        mask = sorted_range_mask(keys, lo, hi, descending,
+                                 consume=converted or (consume and keys.is_contiguous()))
         if mask is not None:
             return mask
     order = sort_order(magnitudes, descending)

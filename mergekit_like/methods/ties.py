@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 
+from mergekit_like.methods.block_sorted import SortedBlock
 from mergekit_like.methods.block_topk import BlockTopK, BlockTrims
 from mergekit_like.methods.declaration import (
     NONNEGATIVE_WEIGHT,
@@ -98,7 +99,7 @@ def ties(
     trim_scope: Literal["tensor", "model"] = "tensor",
     trim_ties: TrimTies = "sort",
     thresholds: list[float] | None = None,
-    block_trims: BlockTrims | None = None,
+    block_trims: BlockTrims | SortedBlock | None = None,
     executor: Executor | None = None,
 ) -> torch.Tensor:
     if block_trims is not None:

@@ -1,0 +1,111 @@
+"""Exact trims (``trim_ties: sort``, breadcrumbs) of a tensor merged in row blocks.
+
+Which entries an exact trim keeps follows the sort of the whole task vector, so no block can
+decide it alone. But the sort needs only the magnitudes, not the models: one pass over the row
+blocks gathers each task vector's flat magnitudes (in the compute dtype, entry for entry those
+of the whole-tensor trim), the trims are made from them exactly as for a whole tensor (the sort
+replayed in place, see :mod:`~mergekit_like.methods.sort_replay`; the magnitudes dropped model
+by model), and the merge pass slices each block's masks out of them. Memory holds the
+magnitudes and one mask per model, not the tensor's models and their float copies. On the CPU
+only: elsewhere the sort is the device's, of the whole tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mergekit_like.methods.row_wise import RowOrder
+from mergekit_like.methods.task_vectors import (
+    KEEP_ALL,
+    RescaleMode,
+    Sparsification,
+    Trim,
+    TrimTies,
+    magnitude_trim,
+)
+
+
+class _SortedTrimReduction:
+    """Each model's flat magnitudes over one tensor's row blocks, then its exact trim."""
+
+    def __init__(self, method: Sparsification, params: Mapping[str, Any], numel: int) -> None:
+        self.method = method
+        self.densities = list(params.get("density", [1.0]))
+        self.gammas = list(params.get("gamma", [0.0] * len(self.densities)))
+        self.trim_ties: TrimTies = params.get("trim_ties", "sort")
+        self.rescale = bool(params.get("rescale", False))
+        self.rescale_mode: RescaleMode = params.get("rescale_mode", "l1")
+        self.numel = numel
+        self.magnitudes: list[torch.Tensor | None] = [None] * len(self.densities)
+        self.trims: list[Trim] = []
+        self._offset = 0
+        self._order = RowOrder()
+
+    def observe(self, pass_index: int, models: Sequence[torch.Tensor], base: torch.Tensor | None) -> None:
+        assert base is not None
+        start, end = self._offset, self._offset + base.numel()
+        for i, (x, density) in enumerate(zip(models, self.densities)):
+            if density >= 1:
+                continue
+            gathered = self.magnitudes[i]
+            if gathered is None:
+                gathered = self.magnitudes[i] = torch.empty(self.numel, dtype=base.dtype)
+            torch.sub(x.reshape(-1), base.reshape(-1), out=gathered[start:end]).abs_()
+        self._offset = end
+
+    def end_pass(self, pass_index: int) -> None:
+        for i, density in enumerate(self.densities):
+            magnitudes, self.magnitudes[i] = self.magnitudes[i], None  # dropped as soon as its trim is made
+            self.trims.append(KEEP_ALL if magnitudes is None else magnitude_trim(
+                magnitudes, self.method, density, gamma=self.gammas[i], trim_ties=self.trim_ties,
+                rescale=self.rescale, rescale_mode=self.rescale_mode))
+            del magnitudes
+
+    def block(self, rows: tuple[int, int]) -> SortedBlock:
+        self._order.take(rows)
+        if not self.trims:  # no pass (nothing trimmed): every model kept whole
+            self.end_pass(0)
+        return SortedBlock(self.trims, rows)
+
+
+@dataclass(frozen=True)
+class SortedBlock:
+    """The exact trims of one row block: the whole tensor's, their masks cut to the block's entries."""
+
+    whole: Sequence[Trim]
+    rows: tuple[int, int]
+
+    def trims(self, tensors: Sequence[torch.Tensor], base: torch.Tensor) -> list[Trim]:
+        per_row = base.numel() // max(1, self.rows[1] - self.rows[0])
+        span = slice(self.rows[0] * per_row, self.rows[1] * per_row)
+        return [t if t.mask is None else dataclasses.replace(t, mask=t.mask[span]) for t in self.whole]
+
+
+def exact_trim_blockwise(params: Mapping[str, Any], device_type: str) -> bool:
+    """An exact trim merges in row blocks on the CPU, with every model's trim over the tensor's entries."""
+    return device_type == "cpu" and params.get("trim_scope", "tensor") == "tensor"
+
+
+@dataclass(frozen=True)
+class BlockSortedTrims:
+    """The tensor pass of an exact trim: ``method`` is ``"magnitude"`` (TIES' ``trim_ties: sort``) or
+    ``"breadcrumbs"``."""
+
+    method: Sparsification
+    keyword: str = "block_trims"
+
+    def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype, device_type: str) -> bool:
+        return exact_trim_blockwise(params, device_type)
+
+    def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:
+        return 1 if any(d < 1 for d in params.get("density", [1.0])) else 0
+
+    def start(self, params: Mapping[str, Any], numel: int, device: torch.device, executor: Executor | None,
+              generator: torch.Generator | None = None) -> _SortedTrimReduction:
+        return _SortedTrimReduction(self.method, params, numel)
