@@ -29,7 +29,7 @@ def apply_allocator(policy: str, *, elementwise: bool, row_blocks: bool = False)
 
     ``"fast"`` keeps freed memory only for element-wise merges, whose row blocks are alike;
     for whole-tensor methods kept memory fragments and the peak RSS grew by a quarter. Where
-    such a method merges some tensor in row blocks (``row_blocks``), their blocks go back to
+    such methods' row blocks are most of the merge (``row_blocks``), their blocks go back to
     the OS (:func:`return_row_blocks_to_the_os`).
     """
     if policy == "low_memory":

@@ -14,6 +14,7 @@ import typing
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -353,10 +354,10 @@ def test_dare_inverse_density_rescale(name: str, density: float) -> None:
     assert 0 < int(kept.sum()) < 48
     # kept entries are d / density exactly (a power of two), dropped ones 0
     assert torch.equal(out[kept], d[kept] / density)
-    # the kept set: uniforms below density, from a generator seeded by the tensor's seed, model 0 and unit 0
+    # the kept set: 32-bit draws below density * 2^32, from SFC64 seeded by the tensor's seed, model 0 and unit 0
     seed = zlib.crc32(b"11:0")
-    unit = torch.Generator().manual_seed(zlib.crc32(f"{seed}:0".encode()))
-    assert torch.equal(kept, torch.rand(48, generator=unit) < density)
+    draws = np.random.SFC64(zlib.crc32(f"{seed}:0".encode())).random_raw(24).view(np.uint32)
+    assert torch.equal(kept, torch.from_numpy(draws < np.uint32(int(density * 2**32))))
 
 
 @pytest.mark.parametrize("name", DARE)

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -532,8 +533,9 @@ def test_dares_mask_is_drawn_unit_by_unit_the_same_in_any_number_of_threads() ->
         with CountingPool(workers) as pool:
             assert torch.equal(bernoulli_mask(numel, density, seed, cpu, pool), alone)
         assert pool.mapped == 1  # the units went to the pool
-    last = torch.Generator().manual_seed(zlib.crc32(f"{seed}:2".encode()))  # the third unit: its own stream
-    assert torch.equal(alone[2 * DRAW_UNIT:], torch.rand(DRAW_UNIT // 2, generator=last) < density)
+    # The third unit: its own stream, SFC64's raw outputs as pairs of 32-bit draws below density * 2^32.
+    last = np.random.SFC64(zlib.crc32(f"{seed}:2".encode())).random_raw(DRAW_UNIT // 4).view(np.uint32)
+    assert torch.equal(alone[2 * DRAW_UNIT:], torch.from_numpy(last < np.uint32(int(density * 2**32))))
     assert not torch.equal(alone[:DRAW_UNIT], alone[DRAW_UNIT:2 * DRAW_UNIT])
     assert abs(alone.float().mean().item() - density) < 2e-3  # 7 standard deviations of a fair draw
     assert not torch.equal(alone, bernoulli_mask(numel, density, seed + 1, cpu))
