@@ -24,19 +24,24 @@ MMAP_THRESHOLD = 1024 * 1024
 ROW_BLOCK_MMAP_THRESHOLD = 8 * 1024 * 1024
 
 
-def apply_allocator(policy: str, *, elementwise: bool, row_blocks: bool = False) -> None:
+def apply_allocator(policy: str, *, elementwise: bool, row_blocks: float = 0.0) -> None:
     """Applies a merge's allocator policy (see ``MergeOptions.allocator``).
 
-    ``"fast"`` keeps freed memory only for element-wise merges, whose row blocks are alike;
-    for whole-tensor methods kept memory fragments and the peak RSS grew by a quarter. Where
-    such methods' row blocks are most of the merge (``row_blocks``), their blocks go back to
-    the OS (:func:`return_row_blocks_to_the_os`).
+    ``"fast"`` keeps freed memory for element-wise merges, whose row blocks are alike. For
+    whole-tensor methods it depends on ``row_blocks``, the share of the merge's bytes that
+    they merge in row blocks: none, glibc's default (tensors merged whole, with their sorts,
+    fragmented kept memory: the peak RSS grew by a quarter); at least half, the blocks go back
+    to the OS (:func:`return_row_blocks_to_the_os`); some (the largest tensors, as a 270M
+    model's embedding and head), freed memory is kept too: the blocks are few and the whole
+    tensors' temporaries stop costing a page fault per 4 KiB (270M exact TIES and DARE-TIES:
+    0.4M to 1.8M page faults down to 0.11M to 0.15M, 2 to 5 s less system time, peak RSS within
+    5%).
     """
     if policy == "low_memory":
         return_freed_tensors_to_the_os()
-    elif policy == "fast" and elementwise:
+    elif policy == "fast" and (elementwise or 0 < row_blocks < 0.5):
         keep_freed_memory()
-    elif policy == "fast" and row_blocks:
+    elif policy == "fast" and row_blocks >= 0.5:
         return_row_blocks_to_the_os()
 
 

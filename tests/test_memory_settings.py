@@ -59,10 +59,11 @@ def test_the_allocator_policy_is_applied_only_where_it_pays(monkeypatch: pytest.
     monkeypatch.setattr(memory, "return_freed_tensors_to_the_os", lambda: calls.append("return") or True)
     monkeypatch.setattr(memory, "return_row_blocks_to_the_os", lambda: calls.append("blocks") or True)
     memory.apply_allocator("as_is", elementwise=True)
-    memory.apply_allocator("fast", elementwise=False)
-    memory.apply_allocator("as_is", elementwise=False, row_blocks=True)
+    memory.apply_allocator("fast", elementwise=False)  # whole tensors only
+    memory.apply_allocator("as_is", elementwise=False, row_blocks=0.7)
     assert calls == []
     memory.apply_allocator("fast", elementwise=True)
     memory.apply_allocator("low_memory", elementwise=True)
-    memory.apply_allocator("fast", elementwise=False, row_blocks=True)  # a whole-tensor method in row blocks
-    assert calls == ["keep", "return", "blocks"]
+    memory.apply_allocator("fast", elementwise=False, row_blocks=0.7)  # mostly row blocks of a whole-tensor method
+    memory.apply_allocator("fast", elementwise=False, row_blocks=0.2)  # the largest tensors only
+    assert calls == ["keep", "return", "blocks", "keep"]

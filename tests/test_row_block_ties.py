@@ -76,6 +76,7 @@ def test_what_merges_whole() -> None:
     assert tensor_pass.blockwise(trimmed, torch.float32, "cpu")
     exact = {**trimmed, "trim_ties": "sort"}
     assert tensor_pass.blockwise(exact, torch.float32, "cpu") and tensor_pass.passes(exact, torch.float32) == 1
+    assert tensor_pass.passes({**exact, "density": [0.5, 1.0, 0.2]}, torch.float32) == 2  # one per trimmed model
     assert not tensor_pass.blockwise(exact, torch.float32, "cuda")  # the device's own sort, of the whole tensor
     assert not tensor_pass.blockwise({**exact, "trim_scope": "model"}, torch.float32, "cpu")
     assert tensor_pass.blockwise({**trimmed, "rescale": True}, torch.float32, "cpu")
@@ -121,7 +122,7 @@ def test_exact_ties_under_a_small_budget_equal_the_whole_merge(
     tensors = [{"model.embed_tokens.weight": _quantised((96, 16), seed, torch.bfloat16),
                 "model.norm.weight": _quantised((16,), seed + 10, torch.bfloat16)} for seed in range(3)]
     recipe = {"merge_method": "ties", "dtype": dtype, "parameters": {"density": 0.4, "rescale": rescale}}
-    assert_row_block_merge_equals_whole(tensors, recipe, tmp_path, 1)
+    assert_row_block_merge_equals_whole(tensors, recipe, tmp_path, 2)  # a pass per trimmed model
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -192,4 +193,4 @@ def test_breadcrumbs_under_a_small_budget_equal_the_whole_merge(
     tensors = [{"model.embed_tokens.weight": _quantised((96, 16), seed, torch.bfloat16),
                 "model.norm.weight": _quantised((16,), seed + 10, torch.bfloat16)} for seed in range(3)]
     recipe = {"merge_method": "breadcrumbs_ties", "dtype": "float32", "parameters": {"density": 0.6, "gamma": 0.05}}
-    assert_row_block_merge_equals_whole(tensors, recipe, tmp_path, 1)
+    assert_row_block_merge_equals_whole(tensors, recipe, tmp_path, 2)

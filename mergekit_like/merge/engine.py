@@ -134,7 +134,12 @@ class TensorPasses:
         """The result for one variant's row block."""
         if self._tensor is not tensor:
             self._run(tensor)
-        return self._reductions[variant].block(rows)
+        result = self._reductions[variant].block(rows)
+        if rows[1] == tensor.shape[0] and variant == len(self._reductions) - 1:
+            # The tensor's last block: its results (masks, gathered sums) go with its kernel call,
+            # not held until the next tensor's pass.
+            self._tensor, self._reductions = None, []
+        return result
 
     def _run(self, tensor: TensorPlan) -> None:
         assert tensor.chunks is not None
@@ -411,13 +416,10 @@ def _merged_stream(
     """The merge as a stream for the writer; its first read (the pre-pass, if any) waits for the writer's
     check of the target, so nothing is read (and no allocator setting changed) for an output that
     cannot be written."""
-    # Fixing the mmap threshold for row blocks pays where they are most of the merge: elsewhere the
-    # whole tensors' temporaries above it become a fresh mapping each (270M DARE-TIES, embedding and
-    # head in row blocks: 3.0M to 6.8M page faults and 13 to 25 s of system time fixed, 1.8M and 8 s not).
     blocked = sum(t.read_bytes for t in plan.tensors
                   if t.chunks is not None and not plan.recipe_of(t).method.elementwise)
     apply_allocator(plan.options.allocator, elementwise=all(m.elementwise for m in plan.methods),
-                    row_blocks=2 * blocked >= plan.read_bytes > 0)
+                    row_blocks=blocked / plan.read_bytes if plan.read_bytes else 0.0)
     context = KernelContext(staging, executor, run_prepass(plan, staging, progress) if prepass else None,
                             amplifications, TensorPasses(plan, staging, executor, progress))
     items = [(t, rows) for t in plan.tensors for rows in (t.chunks or [None])]
