@@ -444,3 +444,18 @@ def test_kernels_match_mergekit_bit_for_bit(case: str) -> None:
     assert out.dtype == expected.dtype and out.shape == expected.shape
     differ = int((out != expected).sum())
     assert torch.equal(out, expected), f"{differ} of {expected.numel()} entries differ from mergekit"
+
+
+def test_model_stock_in_place_combination_keeps_mergekits_bits_signed_zeros_included() -> None:
+    from mergekit_like.methods.model_stock import model_stock, stock_ratio
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 5, generator=g)
+    models = [base + 0.1 * torch.randn(6, 5, generator=g) for _ in range(3)]
+    for x in models:
+        x[0, 0] = -0.0  # sum() from 0 turns the first -0.0 into +0.0; so must the in-place sum
+    base[0, 0] = -0.0
+    t = stock_ratio([x.reshape(-1) - base.reshape(-1) for x in models])
+    expected = t * (sum(models) / len(models)) + (1 - t) * base
+    got = model_stock(models, base=base)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))

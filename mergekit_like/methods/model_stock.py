@@ -210,5 +210,10 @@ def model_stock(tensors: list[torch.Tensor], *, base: torch.Tensor, filter_wise:
         t = whole.t
     else:
         t = stock_ratio([x - rows for x in models])
-    mean = sum(models) / len(models)
-    return (t * mean + (1 - t) * rows).reshape(shape)
+    # mergekit's t * (sum(models) / n) + (1 - t) * base, in place: the same bits (sum() starts from
+    # 0, which turns a first -0.0 into +0.0, hence the add of 0), two allocations instead of seven.
+    merged = models[0].add(0)
+    for x in models[1:]:
+        merged.add_(x)
+    merged.div_(len(models)).mul_(t)
+    return merged.add_((1 - t) * rows).reshape(shape)
