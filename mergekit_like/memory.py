@@ -81,8 +81,9 @@ def keep_freed_memory() -> bool:
     blocks stay in the heap and later tensors are carved from them, without page
     faults (tests/test_memory_settings.py counts them). The cost is memory: nothing
     freed goes back to the OS before the process ends, and blocks of mixed sizes
-    fragment. It pays for element-wise merges, whose blocks are alike; see
-    :func:`apply_allocator`, and ``benchmarks/results/`` for the figures.
+    fragment. It pays for element-wise merges, whose blocks are alike, and for merges whose
+    largest tensors are row blocks; see :func:`apply_allocator`, and ``benchmarks/results/``
+    for the figures.
     """
     return _mallopt(_M_MMAP_MAX, 0) and _mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # mallopt takes a C int
 

@@ -11,7 +11,7 @@ import pytest
 # Set before torch loads MKL.
 os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 
-import torch  # noqa: E402
+import torch
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -34,6 +34,15 @@ def kept_memory_calls(monkeypatch: pytest.MonkeyPatch) -> list[None]:
     monkeypatch.setattr("mergekit_like.memory.keep_freed_memory", lambda: calls.append(None) or True)
     monkeypatch.setattr("mergekit_like.memory.return_freed_tensors_to_the_os", lambda: True)
     return calls
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sort_replay_checked() -> bool:
+    """The replay's one check of this torch's sort, made before any test patches the sort or the replay
+    (its answer is cached for the process)."""
+    from mergekit_like.methods.sort_replay import replays_this_sort
+
+    return replays_this_sort()
 
 
 @pytest.fixture(scope="session")

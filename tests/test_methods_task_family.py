@@ -542,6 +542,7 @@ def test_dares_mask_is_drawn_unit_by_unit_the_same_in_any_number_of_threads() ->
     assert torch.equal(bernoulli_mask(DRAW_UNIT + 1, density, seed, cpu), alone[:DRAW_UNIT + 1])  # a prefix
     assert bernoulli_mask(0, density, seed, cpu).numel() == 0
     assert not bernoulli_mask(numel, 0.0, seed, cpu).any()
+    assert bernoulli_mask(numel, 1.0, seed, cpu).all()  # density 1 keeps every entry, as torch.rand < 1 does
 
 
 def test_a_dare_models_mask_does_not_depend_on_the_other_models() -> None:

@@ -105,3 +105,37 @@ def test_a_consumed_replay_reorders_its_keys_or_gives_them_back(organ_pipe: bool
         assert not torch.equal(keys, original)
     assert torch.equal(sorted_range(keys if organ_pipe else original.clone(), 0, 20_000, True, consume=True),
                        argsort_mask(original, 0, 20_000, True))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("descending", [True, False])
+def test_chunks_of_eight_flags_give_the_same_entries(monkeypatch: pytest.MonkeyPatch, kind: str,
+                                                     descending: bool) -> None:
+    # Small chunks: every scan crosses chunk ends, and the right scan starts in a partial chunk.
+    monkeypatch.setattr(sort_replay, "CHUNK", 8)
+    keys = keys_of(kind, 3_001, seed=17)
+    got = sorted_range_mask(keys, 500, 2_200, descending)
+    if got is not None or kind != "organ_pipe":
+        assert got is not None and torch.equal(got, argsort_mask(keys, 500, 2_200, descending))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int64])
+def test_integer_keys_replay_as_their_values(dtype: torch.dtype) -> None:
+    # The final insertion sort orders descending runs without negating (unsigned keys, the smallest int).
+    keys = torch.randint(0, 3, (2_000,), generator=torch.Generator().manual_seed(19)).to(dtype)
+    for descending in (True, False):
+        got = sorted_range_mask(keys, 0, 777, descending)
+        assert got is not None and torch.equal(got, argsort_mask(keys, 0, 777, descending))
+
+
+def test_this_torch_sorts_as_the_replay_assumes_else_trims_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    if sys.platform.startswith("linux"):
+        assert sort_replay.replays_this_sort()
+    keys = keys_of("bf16_deltas", 10_000, seed=23)
+    import mergekit_like.methods.task_vectors as task_vectors
+
+    monkeypatch.setattr(task_vectors, "replays_this_sort", lambda: False)
+    monkeypatch.setattr(task_vectors, "sorted_range_mask", lambda *a, **k: pytest.fail("replayed"))
+    assert torch.equal(sorted_range(keys, 0, 4_000, True), argsort_mask(keys, 0, 4_000, True))

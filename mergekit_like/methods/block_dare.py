@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from mergekit_like.methods.l1_sums import L1Sums
-from mergekit_like.methods.row_wise import RowOrder
+from mergekit_like.methods.row_wise import RowOrder, flat_span
 from mergekit_like.methods.task_vectors import (
     KEEP_ALL,
     Trim,
@@ -27,12 +27,6 @@ from mergekit_like.methods.task_vectors import (
     dare_work_dtype,
     model_seed,
 )
-
-
-def _flat_span(rows: tuple[int, int], block: torch.Tensor) -> tuple[int, int]:
-    """The flat entries of the whole tensor that a block of rows holds."""
-    per_row = block.numel() // max(1, rows[1] - rows[0])
-    return rows[0] * per_row, rows[1] * per_row
 
 
 class _DropReduction:
@@ -85,7 +79,7 @@ class DropBlock:
 
     def trims(self, tensors: Sequence[torch.Tensor], base: torch.Tensor) -> list[Trim]:
         reduction = self.reduction
-        span = _flat_span(self.rows, base)
+        span = flat_span(self.rows, base)
         trims = []
         for i, (x, density) in enumerate(zip(tensors, reduction.densities)):
             if density >= 1:

@@ -7,9 +7,10 @@ for entry those of the whole-tensor trim), its trim is made from them exactly as
 tensor (the sort replayed in place, see :mod:`~mergekit_like.methods.sort_replay`) and they are
 dropped; the merge pass slices each block's masks out of the trims. Memory holds one model's
 magnitudes and one mask per model, not the tensor's models and their float copies (a pass per
-model rather than one for all: the blocks are read again, but three float32 magnitudes of a
-32M-entry embedding held at once were 262 MB more). On the CPU only: elsewhere the sort is the
-device's, of the whole tensor.
+model rather than one for all: the blocks are read again, every model's though one is used,
+but three float32 magnitudes of a 32M-entry embedding held at once were 262 MB more; each
+variant of a sweep gathers its own). On the CPU only: elsewhere the sort is the device's, of
+the whole tensor.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Any
 
 import torch
 
-from mergekit_like.methods.row_wise import RowOrder
+from mergekit_like.methods.row_wise import RowOrder, flat_span
 from mergekit_like.methods.task_vectors import (
+    BREADCRUMBS_GAMMA,
     KEEP_ALL,
     RescaleMode,
     Sparsification,
@@ -39,7 +41,7 @@ class _SortedTrimReduction:
     def __init__(self, method: Sparsification, params: Mapping[str, Any], numel: int) -> None:
         self.method = method
         self.densities = list(params.get("density", [1.0]))
-        self.gammas = list(params.get("gamma", [0.0] * len(self.densities)))
+        self.gammas = list(params.get("gamma", [BREADCRUMBS_GAMMA] * len(self.densities)))
         self.trim_ties: TrimTies = params.get("trim_ties", "sort")
         self.rescale = bool(params.get("rescale", False))
         self.rescale_mode: RescaleMode = params.get("rescale_mode", "l1")
@@ -61,8 +63,9 @@ class _SortedTrimReduction:
 
     def end_pass(self, pass_index: int) -> None:
         i = self.trimmed[pass_index]
+        if self.magnitudes is None or self._offset != self.numel:
+            raise RuntimeError(f"a pass over row blocks gathered {self._offset:,} of {self.numel:,} magnitudes")
         magnitudes, self.magnitudes, self._offset = self.magnitudes, None, 0
-        assert magnitudes is not None
         self.trims[i] = magnitude_trim(magnitudes, self.method, self.densities[i], gamma=self.gammas[i],
                                        trim_ties=self.trim_ties, rescale=self.rescale,
                                        rescale_mode=self.rescale_mode)
@@ -85,8 +88,7 @@ class SortedBlock:
     rows: tuple[int, int]
 
     def trims(self, tensors: Sequence[torch.Tensor], base: torch.Tensor) -> list[Trim]:
-        per_row = base.numel() // max(1, self.rows[1] - self.rows[0])
-        span = slice(self.rows[0] * per_row, self.rows[1] * per_row)
+        span = slice(*flat_span(self.rows, base))
         return [t if t.mask is None else dataclasses.replace(t, mask=t.mask[span]) for t in self.whole]
 
 

@@ -210,7 +210,8 @@ def _trims(params: Mapping[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class BlockTopK:
-    """The tensor pass of TIES' magnitude trim (``trim_scope: tensor``, ``trim_ties`` index or keep)."""
+    """The tensor pass of TIES' magnitude trim (``trim_scope: tensor``): a radix selection for ``trim_ties``
+    index or keep, the gathered magnitudes of :mod:`~mergekit_like.methods.block_sorted` for sort."""
 
     keyword: str = "block_trims"
 

@@ -16,6 +16,12 @@ from typing import Any
 import torch
 
 
+def flat_span(rows: tuple[int, int], block: torch.Tensor) -> tuple[int, int]:
+    """The flat entries of the whole tensor that ``block``, its rows ``rows``, holds."""
+    per_row = block.numel() // max(1, rows[1] - rows[0])
+    return rows[0] * per_row, rows[1] * per_row
+
+
 class RowOrder:
     """The row blocks of a tensor asked for in row order, once each: a reduction whose blocks continue
     one another (ties counted, a random stream drawn) refuses any other order."""

@@ -17,11 +17,14 @@ kind); where it would need the introsort's heap-sort fallback it gives up and th
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 import torch
 
+# torch's own sort, for the check: as imported, whatever wraps torch.sort later.
+_TORCH_SORT = torch.sort
 # libstdc++'s std::sort leaves runs of at most this many entries to its final insertion sort.
 INSERTION_RUN = 16
 
@@ -33,7 +36,8 @@ def sorted_range_mask(keys: torch.Tensor, lo: int, hi: int, descending: bool,
 
     ``keys`` must hold no NaN (the sort orders NaNs by rules this replay does not follow); any
     integer or float dtype whose order is the order to reproduce will do (16-bit magnitudes can
-    be replayed as their int16 bit patterns). ``consume`` replays in ``keys`` itself (contiguous)
+    be replayed as their int16 bit patterns). The replay is libstdc++'s algorithm: callers check
+    :func:`replays_this_sort` first. ``consume`` replays in ``keys`` itself (contiguous)
     instead of a copy, leaving them in an order of no use; where the replay gives up they are
     put back as they were, for the caller's sort.
     """
@@ -68,6 +72,23 @@ def sorted_range_mask(keys: torch.Tensor, lo: int, hi: int, descending: bool,
         runs += [(cut, last, depth - 1), (first, cut, depth - 1)]
     mask.numpy()[where[lo:hi]] = True
     return mask
+
+
+@functools.cache
+def replays_this_sort() -> bool:
+    """Whether this process's torch sorts on the CPU as the replay assumes (libstdc++'s introsort, as
+    in Linux builds; other C++ libraries sort otherwise): checked once, against ``torch.sort`` itself,
+    on ties of every kind in both directions. Where it does not, exact trims sort in full."""
+    generator = torch.Generator().manual_seed(0)
+    for values in (2, 7, 1000):
+        keys = torch.randint(0, values, (3001,), generator=generator, dtype=torch.int32).float()
+        for descending in (True, False):
+            expected = torch.zeros(keys.numel(), dtype=torch.bool)
+            expected[_TORCH_SORT(keys, descending=descending).indices[700:2100]] = True
+            replayed = sorted_range_mask(keys, 700, 2100, descending)
+            if replayed is None or not torch.equal(replayed, expected):
+                return False
+    return True
 
 
 def depth_limit(n: int) -> int:
@@ -179,6 +200,11 @@ def _insertion_sort(work: np.ndarray, where: np.ndarray, first: int, last: int, 
     """The final insertion sort on a run no partition reaches further: a stable sort (insertion moves
     an entry only past entries strictly after it, and never out of its run)."""
     segment = work[first:last]
-    order = np.argsort(-segment if descending else segment, kind="stable")
+    if descending:
+        # Stable and descending without negating (unsigned keys, the smallest signed one): the
+        # ascending stable order of the reversed run, read backwards, keeps equal entries in order.
+        order = segment.size - 1 - np.argsort(segment[::-1], kind="stable")[::-1]
+    else:
+        order = np.argsort(segment, kind="stable")
     work[first:last] = segment[order]
     where[first:last] = where[first:last][order]

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mergekit_like.methods.l1_sums import L1Sums
-from mergekit_like.methods.sort_replay import sorted_range_mask
+from mergekit_like.methods.sort_replay import replays_this_sort, sorted_range_mask
 from mergekit_like.methods.topk import top_k_count, top_k_mask
 
 Consensus = Literal["sum", "count"]
@@ -40,6 +40,8 @@ RANDOM_SPARSIFICATIONS = frozenset({"bernoulli", "della"})
 TrimTies = Literal["sort", "index", "keep"]
 RescaleMode = Literal["l1", "inverse_density"]
 
+# Breadcrumbs' default share of the largest magnitudes dropped (mergekit's).
+BREADCRUMBS_GAMMA = 0.01
 # Below this the weight sum counts as zero when normalising without consensus (as mergekit).
 ZERO_WEIGHT_SUM = 1e-8
 # Elements per block in the element-wise phase: on the CPU, temporaries that stay in cache;
@@ -48,9 +50,9 @@ ZERO_WEIGHT_SUM = 1e-8
 BLOCK = 1 << 20
 GPU_BLOCK = 1 << 24
 # Masks of tensors from PARALLEL_MIN entries up are computed one model per thread: the
-# sorts and counts run on one core each. Tensors over PARALLEL_MAX go one at a time: each
-# trim in flight holds a float copy of its task vector's magnitudes (and a sort's 8-byte
-# index per entry), which for an embedding is hundreds of MB.
+# replays and counts run on one core each. Tensors over PARALLEL_MAX go one at a time: each
+# trim in flight holds a float copy of its task vector's magnitudes (and the replay's 4-byte
+# position per entry), which for an embedding is hundreds of MB.
 PARALLEL_MIN, PARALLEL_MAX = 1 << 16, 1 << 24
 # From this size up, trim_ties: sort first tries to do without the sort (see magnitude_mask).
 SORT_AVOIDABLE_MIN = 1 << 12
@@ -209,7 +211,7 @@ def make_trims(
     the units of each mask in its threads (the engine passes its pool; called directly, the
     masks are made one after another).
     """
-    gammas = gammas if gammas is not None else [0.01] * len(tensors)
+    gammas = gammas if gammas is not None else [BREADCRUMBS_GAMMA] * len(tensors)
     epsilons = epsilons if epsilons is not None else [0.15] * len(tensors)
 
     def one(x: torch.Tensor, density: float, gamma: float, epsilon: float, units: Executor | None = None,
@@ -261,7 +263,9 @@ def bernoulli_mask(numel: int, density: float, seed: int, device: torch.device,
     mask = torch.zeros(stop - start, dtype=torch.bool, device=device)
     if density <= 0:
         return mask
-    threshold = np.uint32(min(int(density * 2**32), 2**32 - 1))
+    if density >= 1:
+        return mask.fill_(True)
+    threshold = np.uint32(int(density * 2**32))
     flat = mask.numpy() if device.type == "cpu" else None
 
     def draw(unit: int) -> None:
@@ -272,7 +276,8 @@ def bernoulli_mask(numel: int, density: float, seed: int, device: torch.device,
         # The unit's whole draw, even where a row block needs part of it: a draw's values may
         # depend on its length on some devices.
         if flat is not None:
-            draws = np.random.SFC64(unit_seed).random_raw((last - first + 1) // 2).view(np.uint32)
+            raw = np.random.SFC64(unit_seed).random_raw((last - first + 1) // 2)
+            draws = raw.astype("<u8", copy=False).view("<u4")  # the low half first, on any host
             np.less(draws[lo - first : hi - first], threshold, out=flat[lo - start : hi - start])
             return
         unit_generator = torch.Generator(device=device)
@@ -312,7 +317,7 @@ def make_trim(
     *,
     rescale: bool = False,
     rescale_mode: RescaleMode = "l1",
-    gamma: float = 0.01,
+    gamma: float = BREADCRUMBS_GAMMA,
     epsilon: float = 0.15,
     generator: torch.Generator | None = None,
     trim_ties: TrimTies = "sort",
@@ -579,7 +584,8 @@ def sorted_range(magnitudes: torch.Tensor, lo: int, hi: int, descending: bool, c
     devices sort in full. ``consume`` lets the replay reorder ``magnitudes`` (contiguous) in place of
     a copy of its keys: for a caller that does not need them afterwards.
     """
-    if magnitudes.device.type == "cpu" and not bool(magnitudes.isnan().any()):
+    magnitudes = magnitudes.reshape(-1)
+    if magnitudes.device.type == "cpu" and replays_this_sort() and not bool(magnitudes.isnan().any()):
         converted = magnitudes.dtype not in EXACT_IN_FLOAT32  # the keys are a copy of our own
         keys = (magnitudes.float() if converted else magnitudes.view(torch.int16) if magnitudes.itemsize == 2
                 else magnitudes)
