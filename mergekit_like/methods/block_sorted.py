@@ -46,7 +46,7 @@ class _SortedTrimReduction:
         self.rescale = bool(params.get("rescale", False))
         self.rescale_mode: RescaleMode = params.get("rescale_mode", "l1")
         self.numel = numel
-        self.trimmed = _trimmed(self.densities)  # the model of each pass
+        self.trimmed = trimmed_models(params)  # the model of each pass
         self.trims: list[Trim] = [KEEP_ALL] * len(self.densities)
         self.magnitudes: torch.Tensor | None = None
         self._offset = 0
@@ -75,9 +75,9 @@ class _SortedTrimReduction:
         return SortedBlock(self.trims, rows)
 
 
-def _trimmed(densities: Sequence[float]) -> list[int]:
-    """The models whose trims keep less than everything."""
-    return [i for i, d in enumerate(densities) if d < 1]
+def trimmed_models(params: Mapping[str, Any]) -> list[int]:
+    """The models whose trims keep less than everything (kernel parameters)."""
+    return [i for i, d in enumerate(params.get("density", [1.0])) if d < 1]
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class BlockSortedTrims:
         return exact_trim_blockwise(params, device_type)
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:
-        return len(_trimmed(params.get("density", [1.0])))
+        return len(trimmed_models(params))
 
     def start(self, params: Mapping[str, Any], numel: int, device: torch.device, executor: Executor | None,
               generator: torch.Generator | None = None) -> _SortedTrimReduction:

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from mergekit_like.methods.block_sorted import BlockSortedTrims
+from mergekit_like.methods.block_sorted import BlockSortedTrims, trimmed_models
 from mergekit_like.methods.declaration import TensorReduction
 from mergekit_like.methods.l1_sums import L1Sums
 from mergekit_like.methods.row_wise import RowOrder
@@ -204,10 +204,6 @@ def _selection_passes(compute_dtype: torch.dtype) -> int:
     return 1 if compute_dtype == torch.bfloat16 else 2
 
 
-def _trims(params: Mapping[str, Any]) -> bool:
-    return any(d < 1 for d in params.get("density", [1.0]))
-
-
 @dataclass(frozen=True)
 class BlockTopK:
     """The tensor pass of TIES' magnitude trim (``trim_scope: tensor``): a radix selection for ``trim_ties``
@@ -216,7 +212,7 @@ class BlockTopK:
     keyword: str = "block_trims"
 
     def blockwise(self, params: Mapping[str, Any], compute_dtype: torch.dtype, device_type: str) -> bool:
-        if not _trims(params):
+        if not trimmed_models(params):
             return True  # nothing trimmed: the merge is element-wise
         if _exact(params):
             return EXACT.blockwise(params, compute_dtype, device_type)
@@ -224,7 +220,7 @@ class BlockTopK:
                 and params.get("trim_ties") in ("index", "keep"))
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:
-        if not _trims(params):
+        if not trimmed_models(params):
             return 0
         if _exact(params):
             return EXACT.passes(params, compute_dtype)
