@@ -74,7 +74,7 @@ def run_golden(file: str, case: dict[str, Any], seed_offset: int = 0) -> tuple[t
         trim = della_trim(models[0], base, params["density"], params["epsilon"], rescale=params["rescale"],
                           generator=gen(case["seed"] + seed_offset))
         delta = models[0] - base
-        ours = trim.apply(delta.reshape(-1), slice(0, delta.numel())).reshape(delta.shape)
+        ours = trim.apply_(delta.reshape(-1), slice(0, delta.numel())).reshape(delta.shape)
     else:
         method = METHODS[case["kernel"]]
         if "lambda" in params:
@@ -555,7 +555,7 @@ def test_a_dare_models_mask_does_not_depend_on_the_other_models() -> None:
     assert 0 < int((merged[0] != 0).sum()) < 64
 
 
-def _election_by_masks(base, deltas, weights, consensus):
+def _election_by_masks(base, deltas, weights, consensus, scale=1.0):
     """TIES' disjoint mean with bool masks, as mergekit computes it: the reference for the float election."""
     w = [torch.full((), x, dtype=deltas[0].dtype) for x in weights]
     weighted = [d * wi for d, wi in zip(deltas, w)]
@@ -565,14 +565,17 @@ def _election_by_masks(base, deltas, weights, consensus):
     merged = torch.stack([x * a for x, a in zip(weighted, agree)]).sum(0)
     divisor = torch.stack([wi * a for wi, a in zip(w, agree)]).sum(0)
     divisor[divisor == 0] = 1
-    return base + merged / divisor
+    mixed = merged / divisor
+    return base + (mixed * scale if scale != 1 else mixed)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("consensus", ["sum", "count"])
-@pytest.mark.parametrize("models", [5, 6])  # stacked sums, as the reference's
-def test_the_float_election_is_the_bool_masks_one(dtype: torch.dtype, consensus: str, models: int) -> None:
-    from mergekit_like.methods.task_vectors import combine_task_vectors
+@pytest.mark.parametrize("models", [4, 5, 6])  # summed in order, then stacked as the reference
+@pytest.mark.parametrize("scale", [1.0, 0.7])
+def test_the_float_election_is_the_bool_masks_one(dtype: torch.dtype, consensus: str, models: int,
+                                                  scale: float) -> None:
+    from mergekit_like.methods.task_vectors import combine_task_vectors_
 
     g = torch.Generator().manual_seed(1)
     base = torch.randn(4096, generator=g).to(dtype)
@@ -586,8 +589,10 @@ def test_the_float_election_is_the_bool_masks_one(dtype: torch.dtype, consensus:
     for d, v in zip(deltas, [-3e38, -3e38, float("inf")]):
         d[:3] = v
     weights = [1.0, 0.7, 0.4, 0.2, 0.1, 0.05][:models]
-    expected = _election_by_masks(base, deltas, weights, consensus)
-    out = combine_task_vectors(base, deltas, weights, consensus=consensus, normalize=True, scale=1.0)
-    bits = torch.int16 if dtype.itemsize == 2 else torch.int32
+    # Opposite weights whose agreeing entries cancel: a zero divisor that is not a lack of agreement.
+    weights = [1.0, -1.0, 0.4, 0.2, 0.1, 0.05][:models] if models == 4 else weights
+    expected = _election_by_masks(base, deltas, weights, consensus, scale)
+    out = combine_task_vectors_(base, deltas, weights, consensus=consensus, normalize=True, scale=scale)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
     assert torch.equal(out.isnan(), expected.isnan())
     assert torch.equal(out.view(bits)[~out.isnan()], expected.view(bits)[~expected.isnan()])

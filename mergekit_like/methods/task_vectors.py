@@ -67,20 +67,30 @@ class Trim:
     divide: float | None = None  # 1 / density rescale
     work_dtype: torch.dtype | None = None  # DARE and DELLA rescale in float32 on CPU (as mergekit)
 
-    def apply(self, delta: torch.Tensor, block: slice) -> torch.Tensor:
-        """The sparsified delta for the flat ``block`` of the tensor."""
+    def apply_(self, delta: torch.Tensor, block: slice) -> torch.Tensor:
+        """The sparsified delta for the flat ``block`` of the tensor, computed in place of ``delta``
+        where the work dtype is its own (the same kernels, so the same bits, as out of place)."""
         if self.mask is None:
             return delta
         work = delta.to(self.work_dtype) if self.work_dtype is not None else delta
-        kept = work * self.mask[block]
+        kept = work.mul_(self.mask[block].view(torch.uint8))  # see keep_where
         if self.multiply is not None:
-            kept = kept * self.multiply
+            kept = kept.mul_(self.multiply)
         if self.divide is not None:
-            kept = kept / self.divide
+            kept = kept.div_(self.divide)
         return kept.to(delta.dtype)
 
 
 KEEP_ALL = Trim()
+
+
+def keep_where(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values * mask`` for a bool ``mask``, to the bit (x * 0 keeps x's sign, a NaN stays NaN).
+
+    The mask is read as its 0/1 bytes: torch multiplies by uint8 several times faster than by
+    bool, whose cast does not vectorise on the CPU.
+    """
+    return values * mask.view(torch.uint8)
 
 
 def merge_task_vectors(
@@ -102,12 +112,13 @@ def merge_task_vectors(
     for start in range(0, max(flat_base.numel(), 1), step):
         block = slice(start, start + step)
         b = flat_base[block]
-        deltas = [t.apply(x[block] - b, block) for x, t in zip(flat_models, trims)]
-        out[block] = combine_task_vectors(b, deltas, weights, consensus=consensus, normalize=normalize, scale=scale)
+        deltas = [t.apply_(x[block] - b, block) for x, t in zip(flat_models, trims)]
+        combine_task_vectors_(b, deltas, weights, consensus=consensus, normalize=normalize, scale=scale,
+                              out=out[block])
     return out.reshape(base.shape)
 
 
-def combine_task_vectors(
+def combine_task_vectors_(
     base: torch.Tensor,
     deltas: Sequence[torch.Tensor],
     weights: Sequence[float],
@@ -115,31 +126,39 @@ def combine_task_vectors(
     consensus: Consensus | None,
     normalize: bool,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``base + scale * merged``, where merged is the (sign-agreeing, normalised) weighted sum.
+    """``base + scale * merged``, where merged is the (sign-agreeing, normalised) weighted sum,
+    written to ``out`` when given; the deltas are overwritten.
 
     Model by model rather than on a stacked tensor: the same numbers (the sums run in model
-    order, as a reduction over the stacked models does), without the stacked copies.
+    order, as a reduction over the stacked models does), without the stacked copies, and in
+    place wherever the numbers allow (each pass over a block costs about as much as its
+    arithmetic, so the passes saved are the time saved).
     """
     # The weights in the compute dtype, as mergekit's weight tensor. torch.full, not torch.tensor:
     # the same rounding, without a copy from host memory that waits for the GPU to finish its work.
     w = [torch.full((), x, dtype=deltas[0].dtype, device=deltas[0].device) for x in weights]
-    weighted = [d * wi for d, wi in zip(deltas, w)]
+    weighted = [_first_term(deltas[0], w[0])] + [d.mul_(wi) for d, wi in zip(deltas[1:], w[1:])]
     if consensus is not None:
         agree = sign_agreement(weighted, consensus)
-        # In place: the weighted deltas and the agreement masks are not needed afterwards.
-        merged = _sum_in_order([x.mul_(a) for x, a in zip(weighted, agree)])
-        divisor = _sum_in_order([a.mul_(wi) for wi, a in zip(w, agree)])
-        divisor.masked_fill_(divisor == 0, 1)
+        merged = _sum_of_products_in_order(weighted, agree)
+        divisor = _sum_of_products_in_order(agree, w)
+        # divisor[divisor == 0] = 1 as arithmetic: the comparison written as 0/1 floats and added
+        # (x + 0 is x, and only zeros gain 1); masked_fill_ does not vectorise on the CPU.
+        divisor += torch.eq(divisor, 0, out=torch.empty_like(divisor))
     else:
         merged = _sum_in_order(weighted)
         divisor = _sum_in_order(w)
         divisor = torch.where(divisor.abs() < ZERO_WEIGHT_SUM, torch.ones_like(divisor), divisor)
+    if normalize and scale == 1 and base.dtype in (torch.float32, torch.float64):
+        # base + merged / divisor in one pass (16-bit dtypes would round once instead of twice).
+        return torch.addcdiv(base, merged, divisor, out=out)
     if normalize:
-        merged = merged / divisor
+        merged = merged.div_(divisor)
     if scale != 1:
-        merged = merged * scale
-    return base + merged
+        merged = merged.mul_(scale)
+    return torch.add(base, merged, out=out)
 
 
 # From this many models up, torch's sum over stacked models (mergekit's) no longer adds them
@@ -147,9 +166,40 @@ def combine_task_vectors(
 STACKED_SUM_MIN = 5
 
 
+def _first_term(value: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``0 + value * factor``, in place of ``value``: the first term of a sum in model order.
+
+    torch sums stacked models from +0, so where every term is -0 its sum is +0; a sum that starts
+    from this term (never -0) gives those bits without a pass of its own. One rounding either way:
+    adding 0 to a product changes no bit but a zero's sign, fused or not.
+    """
+    return torch.addcmul(value.new_zeros(()), value, factor, out=value)
+
+
+def _sum_of_products_in_order(values: Sequence[torch.Tensor], flags: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_i values[i] * flags[i]`` as :func:`_sum_in_order` sums those products, where one factor of
+    each product is 0 or 1 (an agreement), so every product is exact.
+
+    Overwrites ``values`` (not needed afterwards). Where the sum is added term by term in the
+    dtype itself, each product is added as it is formed (one pass instead of two: an exact
+    product added once rounds as the separate product and sum do).
+    """
+    first = _first_term(values[0], flags[0])
+    if len(values) >= STACKED_SUM_MIN or first.dtype in (torch.bfloat16, torch.float16):
+        return _sum_in_order([first] + [v.mul_(f) for v, f in zip(values[1:], flags[1:])])
+    for value, flag in zip(values[1:], flags[1:]):
+        first.addcmul_(value, flag)
+    return first
+
+
 def _sum_in_order(terms: Sequence[torch.Tensor]) -> torch.Tensor:
     """The sum over models as torch sums stacked models: in model order, accumulated in float32 for
-    16-bit dtypes; from STACKED_SUM_MIN models up, by that reduction itself (on one block: small)."""
+    16-bit dtypes; from STACKED_SUM_MIN models up, by that reduction itself (on one block: small).
+
+    torch's reduction starts from +0: below STACKED_SUM_MIN its bits are those of a first term
+    that is never -0 (see :func:`_first_term`); the sums of signs and weights need no such care
+    (sign() gives +0, and a zero divisor or vote is the same whatever its sign).
+    """
     if len(terms) >= STACKED_SUM_MIN:
         return torch.stack(list(terms)).sum(0)
     dtype = terms[0].dtype
@@ -166,14 +216,14 @@ def _sum_in_order(terms: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def sign_agreement(weighted: Sequence[torch.Tensor], method: Consensus) -> list[torch.Tensor]:
-    """Per model: 1 where its sign equals the elected sign, else 0 (zero never agrees; NaN where the
-    model's entry is NaN, whose merged entry is NaN whatever the agreement), in the deltas' dtype.
+    """Per model: 1 where its sign equals the elected sign, else 0 (zero and NaN never agree), in
+    the deltas' dtype.
 
-    The election is ``votes >= 0`` (a tie elects +, a NaN -), and agreement ``sign(x) == elected``;
-    both computed in float arithmetic, which runs several times faster than comparisons into bool
-    masks: ``copysign(1, votes)``, a NaN vote counted as -1, is the elected sign wherever a model
-    can agree (votes of -0 come only from entries every model has at zero, where none agrees), and
-    ``floor((sign(x) * elected + 1) / 2)`` is 1 exactly where the signs agree, +0 elsewhere, so
+    The election is mergekit's ``votes >= 0`` (a tie elects +, a NaN -), and agreement
+    ``sign(x) == elected``, both kept in float arithmetic, which runs several times faster than
+    comparisons into bool masks: ``copysign(1, votes)``, a NaN vote counted as -1, is the elected
+    sign wherever a model can agree (votes of -0 come only from entries every model has at zero,
+    where none agrees), and the comparison is written in place into the signs as 1 or +0, so
     ``x * agreement`` is ``x * True`` or ``x * False`` to the bit.
     """
     signs = [x.sign() for x in weighted]
@@ -185,7 +235,7 @@ def sign_agreement(weighted: Sequence[torch.Tensor], method: Consensus) -> list[
         raise ValueError(f"unknown consensus method {method!r}; use 'sum' or 'count'")
     # A NaN vote elects -1, as ``votes >= 0`` does (its sign bit says nothing).
     elected = torch.copysign(torch.ones((), dtype=votes.dtype, device=votes.device), votes.nan_to_num_(nan=-1.0))
-    return [s.mul_(elected).add_(1).mul_(0.5).floor_() for s in signs]
+    return [s.eq_(elected) for s in signs]
 
 
 # -- the whole-tensor phase: masks and rescale factors ---------------------------------
