@@ -140,6 +140,13 @@ def test_model_stock_merge_warns_once_with_the_worst_tensor(tmp_path: Path, capl
         merge(tmp_path, "model_stock", models, [], base=base_dir)
     lines = [w for w in warnings_of(caplog) if w.startswith("model_stock:")]
     assert len(lines) == 1 and "tensor 'opposite'" in lines[0]
+    # Merged whole, the tensor's factor comes from its pass's sums, as a row-blocked one's does: the
+    # factor measured on the merged float32 tensor, but for that tensor's rounding.
+    inputs = [(base + d).float() for d in (d1, d2)]
+    method = get_method("model_stock")
+    measured = stock_amplification(method(inputs, base=base.float()), inputs, base=base.float())
+    logged = float(lines[0].split(" moves ")[1].split(" times")[0])
+    assert logged == pytest.approx(measured, rel=0.02) and logged > 100
 
 
 # ---------------------------------------------------------------------------

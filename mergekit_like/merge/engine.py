@@ -40,7 +40,7 @@ from mergekit_like.merge.plan import (
     planned_merge,
 )
 from mergekit_like.merge.staging import DeviceStaging, resolve_device
-from mergekit_like.methods.declaration import AmplificationLog, MergeMethod, TensorReduction
+from mergekit_like.methods.declaration import AmplificationLog, MergeMethod, TensorReduction, passes_whole_tensors
 from mergekit_like.progress import NullProgress, ProgressSink
 from mergekit_like.vocab.rows import AlignedRows, gather_rows
 
@@ -254,6 +254,8 @@ def compute(plan: MergePlan, inputs: _Inputs, context: KernelContext) -> list[to
             if context.tensor_passes is None:  # a block trimmed as if it were the tensor would be wrong
                 raise RuntimeError(f"'{tensor.name}' is merged in row blocks but its tensor pass is not run")
             kwargs[method.tensor_pass.keyword] = context.tensor_passes.block(tensor, variant, inputs.rows)
+        elif method.tensor_pass is not None and passes_whole_tensors(method.tensor_pass, params):
+            kwargs[method.tensor_pass.keyword] = whole_tensor_pass(plan, tensor, params, inputs, context)
         try:
             merged = _call_kernel(method, inputs.models, kwargs)
         except MergeError as exc:
@@ -262,6 +264,21 @@ def compute(plan: MergePlan, inputs: _Inputs, context: KernelContext) -> list[to
             context.amplifications.observe(method, tensor.name, merged, inputs.models, kwargs)
         results.append(merged.to(dtype=tensor.out_dtype))
     return results
+
+
+def whole_tensor_pass(plan: MergePlan, tensor: TensorPlan, params: Any, inputs: _Inputs,
+                      context: KernelContext) -> Any:
+    """A tensor pass's result for a tensor merged whole: its reduction fed the whole tensor, once per pass."""
+    recipe = plan.recipe_of(tensor)
+    tensor_pass = recipe.method.tensor_pass
+    assert tensor_pass is not None
+    device = context.staging.device
+    generator = tensor_generator(recipe.seed, tensor.name, device) if recipe.method.uses_generator else None
+    reduction = tensor_pass.start(params, math.prod(tensor.shape), device, context.executor, generator)
+    for pass_index in range(tensor_pass.passes(params, tensor.compute_dtype)):
+        reduction.observe(pass_index, inputs.models, inputs.base)
+        reduction.end_pass(pass_index)
+    return reduction.block((0, tensor.shape[0] if tensor.shape else 1))
 
 
 # Element-wise kernels on the CPU run on slices of this many entries of a tensor or row block: their

@@ -236,6 +236,18 @@ class TensorPass(Protocol):
         also where :meth:`passes` is 0: its blocks still come from :meth:`TensorReduction.block`."""
 
 
+def passes_whole_tensors(tensor_pass: TensorPass, params: Mapping[str, Any]) -> bool:
+    """Whether a tensor merged whole with these parameters also gets its pass's result, the reduction
+    fed the tensor already in memory (no read of its own).
+
+    A pass opts in with a method ``whole(params) -> bool``, where its result serves more than the
+    kernel (model_stock's amplification factor comes from the sums that give t): one computation
+    for both, and the same for a tensor merged whole as for one merged in row blocks.
+    """
+    whole = getattr(tensor_pass, "whole", None)
+    return bool(whole(params)) if whole is not None else False
+
+
 # The usual weights of an average: a negative one extrapolates (task arithmetic's negation is on purpose).
 NONNEGATIVE_WEIGHT = Typical(
     low=0, why="will extrapolate rather than average (negative weights are meant for task_arithmetic)")

@@ -72,7 +72,10 @@ class _Gram:
 
     def _unit(self, index: int, unit: Sequence[torch.Tensor]) -> None:
         rows, models = unit[0], unit[1:]
-        deltas = torch.stack([x - rows for x in models])  # in the compute dtype, as mergekit subtracts
+        # In the compute dtype, as mergekit subtracts; written straight into the stacked rows.
+        deltas = rows.new_empty((len(models), rows.numel()))
+        for x, out in zip(models, deltas):
+            torch.sub(x, rows, out=out)
         if self.single:
             self.t = stock_ratio(list(deltas))
         work = deltas.float() if deltas.dtype in (torch.bfloat16, torch.float16) else deltas
@@ -143,6 +146,10 @@ class StockPass:
 
     def passes(self, params: Mapping[str, Any], compute_dtype: torch.dtype) -> int:
         return 0 if params.get("filter_wise", False) else 1
+
+    def whole(self, params: Mapping[str, Any]) -> bool:
+        # One reduction gives t and the amplification factor, also for a tensor merged whole.
+        return not params.get("filter_wise", False)
 
     def start(self, params: Mapping[str, Any], numel: int, device: torch.device, executor: Executor | None,
               generator: torch.Generator | None = None) -> _StockReduction:
