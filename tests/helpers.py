@@ -147,12 +147,16 @@ def assert_row_block_merge_equals_whole(
         {"model": str(p), "parameters": {"weight": round(1.0 - 0.3 * i, 2)} if weighted else {}}
         for i, p in enumerate(paths[1:])]})
     with planned_merge(recipe, MergeOptions()) as plan:
-        assert all(t.chunks is None for t in plan.tensors)
+        assert all(t.chunks is None for t in plan.tensors) and plan.row_block_share == 0.0
         run_merge(plan, directory / "whole")
     with planned_merge(recipe, MergeOptions(memory_budget=3 * 4 * 8 * 16 * 4)) as plan:
         embedding = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
         assert embedding.chunks is not None and len(embedding.chunks) > 3
         assert tensor_pass_count(plan, embedding) == expected_passes
+        # The allocator policy is chosen by the share of the reads that row blocks of the method take.
+        blocked = sum(t.read_bytes for t in plan.tensors if t.chunks is not None)
+        assert blocked >= embedding.read_bytes and plan.row_block_share == blocked / plan.read_bytes
+        assert 0 < plan.row_block_share < 1
         run_merge(plan, directory / "blocks")
     with open_checkpoint(directory / "whole") as whole, open_checkpoint(directory / "blocks") as blocks:
         assert whole.names() == blocks.names()

@@ -67,3 +67,28 @@ def test_the_allocator_policy_is_applied_only_where_it_pays(monkeypatch: pytest.
     memory.apply_allocator("fast", elementwise=False, row_blocks=0.7)  # mostly row blocks of a whole-tensor method
     memory.apply_allocator("fast", elementwise=False, row_blocks=0.2)  # the largest tensors only
     assert calls == ["keep", "return", "blocks", "keep"]
+
+
+def test_row_blocks_of_an_element_wise_method_keep_the_fast_policy(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from helpers import write_checkpoint
+
+    import mergekit_like.merge.options as options_module
+    from mergekit_like.merge.engine import planned_merge
+    from mergekit_like.merge.options import MergeOptions
+    from mergekit_like.merge.recipe import parse_recipe
+
+    monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
+    paths = [write_checkpoint(tmp_path / f"model-{i}", {"model.embed_tokens.weight": torch.full((96, 16), float(i)),
+                                                        "model.norm.weight": torch.ones(16)},
+                              config={"model_type": "llama"}) for i in range(3)]
+    models = [{"model": str(p), "parameters": {"weight": 1.0}} for p in paths[1:]]
+    recipe = {"base_model": str(paths[0]), "models": models}
+    budget = MergeOptions(memory_budget=3 * 4 * 8 * 16 * 4)
+    # Row blocks are how an element-wise method streams: they do not count towards the share.
+    with planned_merge(parse_recipe({**recipe, "merge_method": "task_arithmetic"}), budget) as plan:
+        assert any(t.chunks for t in plan.tensors) and plan.row_block_share == 0.0
+    ties = parse_recipe({**recipe, "merge_method": "ties", "parameters": {"density": 0.5}})
+    with planned_merge(ties, budget) as plan:
+        embedding = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
+        assert embedding.chunks and plan.row_block_share == embedding.read_bytes / plan.read_bytes

@@ -433,10 +433,8 @@ def _merged_stream(
     """The merge as a stream for the writer; its first read (the pre-pass, if any) waits for the writer's
     check of the target, so nothing is read (and no allocator setting changed) for an output that
     cannot be written."""
-    blocked = sum(t.read_bytes for t in plan.tensors
-                  if t.chunks is not None and not plan.recipe_of(t).method.elementwise)
     apply_allocator(plan.options.allocator, elementwise=all(m.elementwise for m in plan.methods),
-                    row_blocks=blocked / plan.read_bytes if plan.read_bytes else 0.0)
+                    row_blocks=plan.row_block_share)
     context = KernelContext(staging, executor, run_prepass(plan, staging, progress) if prepass else None,
                             amplifications, TensorPasses(plan, staging, executor, progress))
     items = [(t, rows) for t in plan.tensors for rows in (t.chunks or [None])]

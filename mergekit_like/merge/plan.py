@@ -155,6 +155,14 @@ class MergePlan:
         return sum(t.read_bytes for t in self.tensors)
 
     @property
+    def row_block_share(self) -> float:
+        """The share of the bytes read that a whole-tensor method merges in row blocks (0 for element-wise
+        methods, whose blocks are their only way): the allocator policy for the merge depends on it."""
+        blocked = sum(t.read_bytes for t in self.tensors
+                      if t.chunks is not None and not self.recipe_of(t).method.elementwise)
+        return blocked / self.read_bytes if self.read_bytes else 0.0
+
+    @property
     def write_bytes(self) -> int:
         per_output = sum(TensorSpec(t.name, t.out_dtype, t.shape).nbytes for t in self.tensors)
         return per_output * len(self.variants)
