@@ -591,8 +591,52 @@ def test_the_float_election_is_the_bool_masks_one(dtype: torch.dtype, consensus:
     weights = [1.0, 0.7, 0.4, 0.2, 0.1, 0.05][:models]
     # Opposite weights whose agreeing entries cancel: a zero divisor that is not a lack of agreement.
     weights = [1.0, -1.0, 0.4, 0.2, 0.1, 0.05][:models] if models == 4 else weights
+    # Every weighted term -0 on a -0 base: the stacked sum starts from +0, so the entry is +0.
+    base[4094] = -0.0
+    for d, wi in zip(deltas, weights):
+        d[4094] = -0.0 if wi > 0 else 0.0
     expected = _election_by_masks(base, deltas, weights, consensus, scale)
     out = combine_task_vectors_(base, deltas, weights, consensus=consensus, normalize=True, scale=scale)
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
     assert torch.equal(out.isnan(), expected.isnan())
     assert torch.equal(out.view(bits)[~out.isnan()], expected.view(bits)[~expected.isnan()])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("models", [1, 2, 4, 6])  # one model: the sum is its term; six: stacked
+@pytest.mark.parametrize("normalize,scale", [(True, 1.0), (True, 0.7), (False, 1.0), (False, 0.7)])
+def test_the_sum_without_consensus_is_the_stacked_sum(dtype: torch.dtype, models: int, normalize: bool,
+                                                      scale: float) -> None:
+    """Task arithmetic's and DARE-linear's sum, as mergekit forms it: the weighted deltas stacked and
+    summed, divided by the summed weights (1 where they cancel), scaled, added to the base."""
+    from mergekit_like.methods.task_vectors import combine_task_vectors_
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(4096, generator=g).to(dtype)
+    deltas = [(torch.randn(4096, generator=g) * 0.01).round(decimals=2).to(dtype) for _ in range(models)]
+    weights = [0.9, 0.6, 0.3, -0.2, 0.15, 0.05][:models]
+    if models == 2:
+        weights = [0.5, -0.5]  # they cancel: the divisor is 1
+    deltas[0][::101] = float("nan")
+    deltas[-1][::203] = float("inf")
+    # Every weighted term -0 on a -0 base: the stacked sum starts from +0, so the entry is +0.
+    base[4094] = -0.0
+    for d, wi in zip(deltas, weights):
+        d[4094] = -0.0 if wi > 0 else 0.0
+    w = torch.tensor(weights, dtype=dtype)
+    mixed = (torch.stack(deltas) * w.unsqueeze(-1)).sum(0)
+    if normalize:
+        divisor = w.sum(0)
+        divisor[divisor.abs() < 1e-8] = 1
+        mixed = mixed / divisor
+    expected = base + (mixed * scale if scale != 1 else mixed)
+    out = combine_task_vectors_(base, [d.clone() for d in deltas], weights, consensus=None, normalize=normalize,
+                                scale=scale)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.view(bits)[~out.isnan()], expected.view(bits)[~expected.isnan()])
+    if dtype == torch.float16 and models == 2 and normalize:
+        # 1e-8 is 0 in float16, so weights that cancel divide by 0 there, in mergekit as here.
+        assert not out.isfinite().any()
+    else:
+        assert out[4094].item() == 0 and not out[4094].signbit()

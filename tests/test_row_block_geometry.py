@@ -167,3 +167,31 @@ def test_wide_rows_in_the_planners_blocks_give_the_whole_tensors_bits(method: st
         assert torch.equal(_bits(merge_in_row_blocks(method, models, base, 2, params, blocks=blocks)), _bits(whole))
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_model_stock_merged_whole_by_the_engine_equals_the_kernel(tmp_path: Path, device: str) -> None:
+    """A tensor merged whole gets t from the engine's Gram pass (with the amplification factor); for a
+    tensor of one unit that t is the kernel's own, mergekit's, also where the task vectors' rows would
+    start off an aligned address (an odd number of entries)."""
+    from helpers import write_checkpoint
+
+    from mergekit_like.io import open_checkpoint
+    from mergekit_like.merge.engine import MergeOptions, planned_merge, run_merge
+    from mergekit_like.merge.recipe import parse_recipe
+
+    g = torch.Generator().manual_seed(5)
+    tensors = [{"model.embed_tokens.weight": torch.randn(97, 15, generator=g),
+                "model.norm.weight": torch.randn(15, generator=g)} for _ in range(4)]
+    paths = [write_checkpoint(tmp_path / f"model-{i}", t, config={"model_type": "llama"})
+             for i, t in enumerate(tensors)]
+    recipe = parse_recipe({"merge_method": "model_stock", "dtype": "float32", "base_model": str(paths[0]),
+                           "models": [{"model": str(p)} for p in paths[1:]]})
+    with planned_merge(recipe, MergeOptions(device=device)) as plan:
+        assert all(t.chunks is None for t in plan.tensors)
+        run_merge(plan, tmp_path / "out")
+    with open_checkpoint(tmp_path / "out") as merged:
+        assert sorted(merged.names()) == sorted(tensors[0])
+        for name in merged.names():
+            base, *models = (t[name].to(device) for t in tensors)
+            assert torch.equal(merged.read(name), get_method("model_stock")(models, base=base).cpu())

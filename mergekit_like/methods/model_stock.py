@@ -72,8 +72,12 @@ class _Gram:
 
     def _unit(self, index: int, unit: Sequence[torch.Tensor]) -> None:
         rows, models = unit[0], unit[1:]
-        # In the compute dtype, as mergekit subtracts; written straight into the stacked rows.
-        deltas = rows.new_empty((len(models), rows.numel()))
+        # In the compute dtype, as mergekit subtracts; written straight into the stacked rows. For a
+        # tensor of one unit, whose t comes from those rows, each row starts as far into an aligned
+        # allocation as a tensor of its own: a GPU reduction picks its vectorised loads by the data's
+        # alignment, and t must be the kernel's (mergekit's) to the bit.
+        width = _aligned_width(rows.numel(), rows.element_size()) if self.single else rows.numel()
+        deltas = rows.new_empty((len(models), width))[:, : rows.numel()]
         for x, out in zip(models, deltas):
             torch.sub(x, rows, out=out)
         if self.single:
@@ -92,6 +96,16 @@ class _Gram:
             [torch.tensor(math.sqrt(max(s, 0.0)), dtype=dtype, device=device) for s in squares],
             {pair: torch.tensor(dot, dtype=dtype, device=device) for pair, dot in dots.items()})
         return StockBlock(t, _amplification(float(t.reshape(-1)[0]), squares, dots))
+
+
+# Allocations on either device start on a multiple of this many bytes.
+ALLOCATION_ALIGNMENT = 512
+
+
+def _aligned_width(numel: int, itemsize: int) -> int:
+    """``numel`` rounded up so that rows of that many entries each start on an allocation boundary."""
+    per_boundary = ALLOCATION_ALIGNMENT // itemsize
+    return -(-numel // per_boundary) * per_boundary
 
 
 def _amplification(t: float, squares: Sequence[float], dots: Mapping[tuple[int, int], float]) -> float:

@@ -73,7 +73,10 @@ class Trim:
         if self.mask is None:
             return delta
         work = delta.to(self.work_dtype) if self.work_dtype is not None else delta
-        kept = work.mul_(self.mask[block].view(torch.uint8))  # see keep_where
+        # x * mask, to the bit (x * 0 keeps x's sign, a NaN stays NaN), with the bool mask read as
+        # its 0/1 bytes: torch multiplies by uint8 several times faster than by bool, whose cast
+        # does not vectorise on the CPU.
+        kept = work.mul_(self.mask[block].view(torch.uint8))
         if self.multiply is not None:
             kept = kept.mul_(self.multiply)
         if self.divide is not None:
@@ -82,15 +85,6 @@ class Trim:
 
 
 KEEP_ALL = Trim()
-
-
-def keep_where(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``values * mask`` for a bool ``mask``, to the bit (x * 0 keeps x's sign, a NaN stays NaN).
-
-    The mask is read as its 0/1 bytes: torch multiplies by uint8 several times faster than by
-    bool, whose cast does not vectorise on the CPU.
-    """
-    return values * mask.view(torch.uint8)
 
 
 def merge_task_vectors(
@@ -142,6 +136,7 @@ def combine_task_vectors_(
     weighted = [_first_term(deltas[0], w[0])] + [d.mul_(wi) for d, wi in zip(deltas[1:], w[1:])]
     if consensus is not None:
         agree = sign_agreement(weighted, consensus)
+        # The merged sum first: the divisor's sum overwrites the agreements it reads.
         merged = _sum_of_products_in_order(weighted, agree)
         divisor = _sum_of_products_in_order(agree, w)
         # divisor[divisor == 0] = 1 as arithmetic: the comparison written as 0/1 floats and added
@@ -220,8 +215,8 @@ def sign_agreement(weighted: Sequence[torch.Tensor], method: Consensus) -> list[
     the deltas' dtype.
 
     The election is mergekit's ``votes >= 0`` (a tie elects +, a NaN -), and agreement
-    ``sign(x) == elected``, both kept in float arithmetic, which runs several times faster than
-    comparisons into bool masks: ``copysign(1, votes)``, a NaN vote counted as -1, is the elected
+    ``sign(x) == elected``, both without bool masks (whose products do not vectorise on the CPU):
+    ``copysign(1, votes)``, a NaN vote counted as -1, is the elected
     sign wherever a model can agree (votes of -0 come only from entries every model has at zero,
     where none agrees), and the comparison is written in place into the signs as 1 or +0, so
     ``x * agreement`` is ``x * True`` or ``x * False`` to the bit.
