@@ -17,9 +17,14 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("method,params", [
     ("linear", ["weight=0.5,0.3,0.2"]),
+    ("task_arithmetic", ["weight=1,0.6,0.3"]),
     ("ties", ["weight=1,0.6,0.3", "density=0.5"]),
+    ("ties", ["weight=1,0.6,0.3", "density=0.5", "trim_ties=index"]),
+    ("ties", ["weight=1,0.6,0.3", "density=0.5", "trim_ties=keep", "rescale=true"]),
+    ("breadcrumbs_ties", ["weight=1,0.6,0.3", "density=0.6", "gamma=0.05"]),
     ("slerp", ["t=0.3"]),
     ("model_stock", []),
+    ("sce", []),
 ])
 def test_cuda_merge_matches_cpu(example_models_f32: list[Path], tmp_path: Path, method: str, params: list[str]) -> None:
     base, *fts = map(str, example_models_f32)
