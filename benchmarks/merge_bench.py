@@ -61,7 +61,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 OURS, MERGEKIT = "mergekit-like", "mergekit"
-FALLBACK_MERGEKIT = Path("/tmp/mkref/venv/bin/mergekit-yaml")
 NUM_FINETUNES = 3
 # The project's targets, by device: minimum speedup over mergekit per method (on cuda, over
 # mergekit's --cuda --read-to-gpu); the most a run may take as a multiple of the time to read its
@@ -327,9 +326,7 @@ def find_mergekit(arg: str | None) -> Path | None:
             sys.exit(f"--mergekit-yaml {arg}: not found")
         return Path(path)
     found = shutil.which("mergekit-yaml")
-    if found:
-        return Path(found)
-    return FALLBACK_MERGEKIT if FALLBACK_MERGEKIT.exists() else None
+    return Path(found) if found else None
 
 
 def find_ours(arg: str | None) -> Path:
@@ -557,7 +554,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true",
                         help="reuse models already in --workdir, and keep the work dir afterwards")
     parser.add_argument("--repeat", type=int, default=1, help="runs per row (best wall, highest RSS)")
-    parser.add_argument("--mergekit-yaml", help=f"mergekit's CLI (default: on PATH, else {FALLBACK_MERGEKIT})")
+    parser.add_argument("--mergekit-yaml", help="mergekit's CLI (default: mergekit-yaml on PATH)")
     parser.add_argument("--no-mergekit", action="store_true", help="run only mergekit-like")
     parser.add_argument("--mergekit-like", help="our CLI (default: next to this Python)")
     parser.add_argument("--input-shard-size", type=int, default=2 * 10**9, help="shard size of the inputs")
