@@ -22,16 +22,19 @@ _M_ARENA_MAX = -8
 MMAP_THRESHOLD = 1024 * 1024
 # The same, for merges with row blocks of whole-tensor methods: above their slices' temporaries.
 ROW_BLOCK_MMAP_THRESHOLD = 8 * 1024 * 1024
+# glibc's largest mmap threshold on 64-bit hosts (mallopt refuses more).
+MAX_MMAP_THRESHOLD = 32 * 1024 * 1024
 
 
-def apply_allocator(policy: str, *, elementwise: bool, row_blocks: float = 0.0) -> None:
+def apply_allocator(policy: str, *, elementwise: bool, row_blocks: float = 0.0, whole_tensor_bytes: int = 0) -> None:
     """Applies a merge's allocator policy (see ``MergeOptions.allocator``).
 
     ``"fast"`` keeps freed memory for element-wise merges, whose row blocks are alike. For
     whole-tensor methods it depends on ``row_blocks``, the share of the merge's bytes that
     they merge in row blocks: none, glibc's default (tensors merged whole, with their sorts,
-    fragmented kept memory: the peak RSS grew by a quarter); at least half, the blocks go back
-    to the OS (:func:`return_row_blocks_to_the_os`); some (the largest tensors, as a 270M
+    fragmented kept memory: the peak RSS grew by a quarter); at least half, the blocks larger
+    than the tensors merged whole (``whole_tensor_bytes``: the largest, in the compute dtype)
+    go back to the OS (:func:`return_row_blocks_to_the_os`); some (the largest tensors, as a 270M
     model's embedding and head), freed memory is kept too: the blocks are few and the whole
     tensors' temporaries stop costing a page fault per 4 KiB (270M exact TIES and DARE-TIES:
     0.4M to 1.8M page faults down to 0.11M to 0.15M, 2 to 5 s less system time, peak RSS within
@@ -42,7 +45,7 @@ def apply_allocator(policy: str, *, elementwise: bool, row_blocks: float = 0.0) 
     elif policy == "fast" and (elementwise or 0 < row_blocks < 0.5):
         keep_freed_memory()
     elif policy == "fast" and row_blocks >= 0.5:
-        return_row_blocks_to_the_os()
+        return_row_blocks_to_the_os(whole_tensor_bytes)
 
 
 def return_freed_tensors_to_the_os() -> bool:
@@ -57,8 +60,9 @@ def return_freed_tensors_to_the_os() -> bool:
     return _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
-def return_row_blocks_to_the_os() -> bool:
-    """Fixes glibc's mmap threshold at ROW_BLOCK_MMAP_THRESHOLD (Linux; a no-op elsewhere).
+def return_row_blocks_to_the_os(whole_tensor_bytes: int = 0) -> bool:
+    """Fixes glibc's mmap threshold above the slices' temporaries and the tensors merged whole, and
+    keeps the heap from being trimmed (Linux; a no-op elsewhere).
 
     A whole-tensor method merged in row blocks allocates blocks of several MiB (inputs, copies,
     results) among the slices' temporaries (mostly 4 MiB). Once glibc has raised its threshold
@@ -68,8 +72,22 @@ def return_row_blocks_to_the_os() -> bool:
     518 MB, model_stock 788 to 492 MB, TIES 548 to 473 MB, at some more time; the 4 GiB figures
     after it are in benchmarks/results/large_tensor_4gib_cpu.txt). Blocks smaller than the
     threshold (small budgets, many inputs) still come from the heap.
+
+    The threshold also clears the tensors the merge takes whole (see :func:`row_block_mmap_threshold`),
+    and the heap is not trimmed, since every tensor merged whole allocates its inputs and
+    temporaries at its full size again: a 1.1B model's 16 MiB attention projections, each a fresh
+    mapping under an 8 MiB threshold (and the heap's top given back between them), cost model_stock
+    7.5M page faults and 33 s of system time; above them, 0.11M and 11 s, at a 0.52 GB peak instead
+    of 0.47 GB (benchmarks/results/merge_bench_1b_fewer_passes_cpu.txt).
     """
-    return _mallopt(_M_MMAP_THRESHOLD, ROW_BLOCK_MMAP_THRESHOLD)
+    return (_mallopt(_M_MMAP_THRESHOLD, row_block_mmap_threshold(whole_tensor_bytes))
+            and _mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))  # mallopt takes a C int
+
+
+def row_block_mmap_threshold(whole_tensor_bytes: int) -> int:
+    """The smallest power of two above ``whole_tensor_bytes``, at least ROW_BLOCK_MMAP_THRESHOLD and at
+    most glibc's ceiling: a tensor merged whole, and its temporaries, then come from the heap."""
+    return min(MAX_MMAP_THRESHOLD, max(ROW_BLOCK_MMAP_THRESHOLD, 1 << whole_tensor_bytes.bit_length()))
 
 
 def keep_freed_memory() -> bool:

@@ -57,16 +57,38 @@ def test_the_allocator_policy_is_applied_only_where_it_pays(monkeypatch: pytest.
     calls: list[str] = []
     monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append("keep") or True)
     monkeypatch.setattr(memory, "return_freed_tensors_to_the_os", lambda: calls.append("return") or True)
-    monkeypatch.setattr(memory, "return_row_blocks_to_the_os", lambda: calls.append("blocks") or True)
+    monkeypatch.setattr(memory, "return_row_blocks_to_the_os",
+                        lambda whole: calls.append(f"blocks above {whole}") or True)
     memory.apply_allocator("as_is", elementwise=True)
     memory.apply_allocator("fast", elementwise=False)  # whole tensors only
     memory.apply_allocator("as_is", elementwise=False, row_blocks=0.7)
     assert calls == []
     memory.apply_allocator("fast", elementwise=True)
     memory.apply_allocator("low_memory", elementwise=True)
-    memory.apply_allocator("fast", elementwise=False, row_blocks=0.7)  # mostly row blocks of a whole-tensor method
+    memory.apply_allocator("fast", elementwise=False, row_blocks=0.7,  # mostly row blocks of a whole-tensor method
+                           whole_tensor_bytes=16 << 20)
     memory.apply_allocator("fast", elementwise=False, row_blocks=0.2)  # the largest tensors only
-    assert calls == ["keep", "return", "blocks", "keep"]
+    assert calls == ["keep", "return", f"blocks above {16 << 20}", "keep"]
+
+
+def test_the_row_block_mmap_threshold_clears_the_tensors_merged_whole() -> None:
+    from mergekit_like.memory import MAX_MMAP_THRESHOLD, ROW_BLOCK_MMAP_THRESHOLD, row_block_mmap_threshold
+
+    assert row_block_mmap_threshold(0) == ROW_BLOCK_MMAP_THRESHOLD == 8 << 20
+    assert row_block_mmap_threshold((8 << 20) - 1) == 8 << 20
+    assert row_block_mmap_threshold(8 << 20) == 16 << 20  # an allocation of exactly the threshold is mapped
+    assert row_block_mmap_threshold(10 << 20) == 16 << 20
+    assert row_block_mmap_threshold(16 << 20) == 32 << 20 == MAX_MMAP_THRESHOLD
+    assert row_block_mmap_threshold(1 << 30) == MAX_MMAP_THRESHOLD  # glibc takes no more
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
+def test_glibc_takes_the_row_block_thresholds() -> None:
+    # In a child: the settings are process-wide. mallopt answers 0 for a threshold it refuses.
+    code = ("from mergekit_like import memory as m; "
+            "print(m.return_row_blocks_to_the_os(0), m.return_row_blocks_to_the_os(1 << 30))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
 
 
 def test_row_blocks_of_an_element_wise_method_keep_the_fast_policy(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,6 +110,7 @@ def test_row_blocks_of_an_element_wise_method_keep_the_fast_policy(tmp_path, mon
     # Row blocks are how an element-wise method streams: they do not count towards the share.
     with planned_merge(parse_recipe({**recipe, "merge_method": "task_arithmetic"}), budget) as plan:
         assert any(t.chunks for t in plan.tensors) and plan.row_block_share == 0.0
+        assert plan.whole_tensor_bytes == 16 * 4  # the norm, in float32
     ties = parse_recipe({**recipe, "merge_method": "ties", "parameters": {"density": 0.5}})
     with planned_merge(ties, budget) as plan:
         embedding = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")

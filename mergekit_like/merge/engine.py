@@ -434,7 +434,7 @@ def _merged_stream(
     check of the target, so nothing is read (and no allocator setting changed) for an output that
     cannot be written."""
     apply_allocator(plan.options.allocator, elementwise=all(m.elementwise for m in plan.methods),
-                    row_blocks=plan.row_block_share)
+                    row_blocks=plan.row_block_share, whole_tensor_bytes=plan.whole_tensor_bytes)
     context = KernelContext(staging, executor, run_prepass(plan, staging, progress) if prepass else None,
                             amplifications, TensorPasses(plan, staging, executor, progress))
     items = [(t, rows) for t in plan.tensors for rows in (t.chunks or [None])]

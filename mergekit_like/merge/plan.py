@@ -163,6 +163,12 @@ class MergePlan:
         return blocked / self.read_bytes if self.read_bytes else 0.0
 
     @property
+    def whole_tensor_bytes(self) -> int:
+        """The largest tensor merged whole, in its compute dtype (the allocator policy depends on it)."""
+        return max((TensorSpec(t.name, t.compute_dtype, t.shape).nbytes for t in self.tensors if t.chunks is None),
+                   default=0)
+
+    @property
     def write_bytes(self) -> int:
         per_output = sum(TensorSpec(t.name, t.out_dtype, t.shape).nbytes for t in self.tensors)
         return per_output * len(self.variants)
