@@ -77,8 +77,9 @@ def return_row_blocks_to_the_os(whole_tensor_bytes: int = 0) -> bool:
     and the heap is not trimmed, since every tensor merged whole allocates its inputs and
     temporaries at its full size again: a 1.1B model's 16 MiB attention projections, each a fresh
     mapping under an 8 MiB threshold (and the heap's top given back between them), cost model_stock
-    7.5M page faults and 33 s of system time; above them, 0.11M and 11 s, at a 0.52 GB peak instead
-    of 0.47 GB (benchmarks/results/merge_bench_1b_fewer_passes_cpu.txt).
+    7.5M page faults and 33 s of system time; above them, 0.12M and 5 to 11 s, at a peak of 0.44
+    to 0.53 GB instead of 0.47 to 0.50 GB (one process each; the benchmark's wall times are in
+    benchmarks/results/merge_bench_1b_fewer_passes_cpu.txt).
     """
     return (_mallopt(_M_MMAP_THRESHOLD, row_block_mmap_threshold(whole_tensor_bytes))
             and _mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))  # mallopt takes a C int
