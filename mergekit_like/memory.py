@@ -24,6 +24,10 @@ MMAP_THRESHOLD = 1024 * 1024
 ROW_BLOCK_MMAP_THRESHOLD = 8 * 1024 * 1024
 # glibc's largest mmap threshold on 64-bit hosts (mallopt refuses more).
 MAX_MMAP_THRESHOLD = 32 * 1024 * 1024
+# A trim threshold the heap never reaches (mallopt takes a C int).
+NO_TRIM = 2**31 - 1
+# What glibc and c10 add to a request before comparing it with the mmap threshold, with room to spare.
+ALLOCATION_OVERHEAD = 4096
 
 
 def apply_allocator(policy: str, *, elementwise: bool, row_blocks: float = 0.0, whole_tensor_bytes: int = 0) -> None:
@@ -77,18 +81,23 @@ def return_row_blocks_to_the_os(whole_tensor_bytes: int = 0) -> bool:
     and the heap is not trimmed, since every tensor merged whole allocates its inputs and
     temporaries at its full size again: a 1.1B model's 16 MiB attention projections, each a fresh
     mapping under an 8 MiB threshold (and the heap's top given back between them), cost model_stock
-    7.5M page faults and 33 s of system time; above them, 0.12M and 5 to 11 s, at a peak of 0.44
-    to 0.53 GB instead of 0.47 to 0.50 GB (one process each; the benchmark's wall times are in
-    benchmarks/results/merge_bench_1b_fewer_passes_cpu.txt).
+    7.5M page faults and 33 s of system time; above them, 0.11M to 0.12M and 5 to 11 s, at a peak of 0.44
+    to 0.53 GB instead of 0.47 to 0.50 GB (benchmarks/results/merge_bench_1b_fewer_passes_cpu.txt).
+    Row blocks no larger than those tensors (there: 8 MiB per input) then stay in the heap too, so
+    the policy is close to :func:`keep_freed_memory`: the exact trims' peaks rose by a tenth (TIES
+    1,314 to 1,455 MB), for 10% to 30% less time. Where the tensors merged whole are smaller than
+    8 MiB (the 4 GiB tensor's benchmark) the threshold stays at 8 MiB.
     """
     return (_mallopt(_M_MMAP_THRESHOLD, row_block_mmap_threshold(whole_tensor_bytes))
-            and _mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))  # mallopt takes a C int
+            and _mallopt(_M_TRIM_THRESHOLD, NO_TRIM))
 
 
 def row_block_mmap_threshold(whole_tensor_bytes: int) -> int:
-    """The smallest power of two above ``whole_tensor_bytes``, at least ROW_BLOCK_MMAP_THRESHOLD and at
-    most glibc's ceiling: a tensor merged whole, and its temporaries, then come from the heap."""
-    return min(MAX_MMAP_THRESHOLD, max(ROW_BLOCK_MMAP_THRESHOLD, 1 << whole_tensor_bytes.bit_length()))
+    """The smallest power of two above ``whole_tensor_bytes`` and the allocators' overhead, at least
+    ROW_BLOCK_MMAP_THRESHOLD and at most glibc's ceiling: a tensor merged whole, and its temporaries
+    of its size, then come from the heap (larger ones, such as stacked copies of it, are still mapped)."""
+    wanted = 1 << (whole_tensor_bytes + ALLOCATION_OVERHEAD).bit_length()
+    return min(MAX_MMAP_THRESHOLD, max(ROW_BLOCK_MMAP_THRESHOLD, wanted))
 
 
 def keep_freed_memory() -> bool:
@@ -104,7 +113,7 @@ def keep_freed_memory() -> bool:
     largest tensors are row blocks; see :func:`apply_allocator`, and ``benchmarks/results/``
     for the figures.
     """
-    return _mallopt(_M_MMAP_MAX, 0) and _mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # mallopt takes a C int
+    return _mallopt(_M_MMAP_MAX, 0) and _mallopt(_M_TRIM_THRESHOLD, NO_TRIM)
 
 
 def share_one_malloc_arena() -> bool:

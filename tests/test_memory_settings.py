@@ -75,7 +75,8 @@ def test_the_row_block_mmap_threshold_clears_the_tensors_merged_whole() -> None:
     from mergekit_like.memory import MAX_MMAP_THRESHOLD, ROW_BLOCK_MMAP_THRESHOLD, row_block_mmap_threshold
 
     assert row_block_mmap_threshold(0) == ROW_BLOCK_MMAP_THRESHOLD == 8 << 20
-    assert row_block_mmap_threshold((8 << 20) - 1) == 8 << 20
+    assert row_block_mmap_threshold((8 << 20) - 8192) == 8 << 20
+    assert row_block_mmap_threshold((8 << 20) - 64) == 16 << 20  # its allocation's header takes it over
     assert row_block_mmap_threshold(8 << 20) == 16 << 20  # an allocation of exactly the threshold is mapped
     assert row_block_mmap_threshold(10 << 20) == 16 << 20
     assert row_block_mmap_threshold(16 << 20) == 32 << 20 == MAX_MMAP_THRESHOLD
@@ -115,3 +116,11 @@ def test_row_blocks_of_an_element_wise_method_keep_the_fast_policy(tmp_path, mon
     with planned_merge(ties, budget) as plan:
         embedding = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
         assert embedding.chunks and plan.row_block_share == embedding.read_bytes / plan.read_bytes
+        assert plan.whole_tensor_bytes == 16 * 4
+        # The merge hands the allocator policy both figures.
+        import mergekit_like.merge.engine as engine
+
+        seen: list[dict] = []
+        monkeypatch.setattr(engine, "apply_allocator", lambda policy, **kwargs: seen.append(kwargs))
+        engine.run_merge(plan, tmp_path / "out")
+        assert seen == [{"elementwise": False, "row_blocks": plan.row_block_share, "whole_tensor_bytes": 64}]

@@ -25,6 +25,8 @@ from mergekit_like.methods.flat_units import UnitStream
 
 NORM_PRODUCT_EPS = 1e-6
 SINGULAR = 1e-6
+# CUDA's caching allocator starts its blocks on multiples of 512 bytes (the CPU's, of 64, which divides it).
+ALLOCATION_ALIGNMENT = 512
 
 
 def stock_ratio(deltas: list[torch.Tensor]) -> torch.Tensor:
@@ -96,10 +98,6 @@ class _Gram:
             [torch.tensor(math.sqrt(max(s, 0.0)), dtype=dtype, device=device) for s in squares],
             {pair: torch.tensor(dot, dtype=dtype, device=device) for pair, dot in dots.items()})
         return StockBlock(t, _amplification(float(t.reshape(-1)[0]), squares, dots))
-
-
-# Allocations on either device start on a multiple of this many bytes.
-ALLOCATION_ALIGNMENT = 512
 
 
 def _aligned_width(numel: int, itemsize: int) -> int:
