@@ -38,6 +38,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+sys.path.insert(0, str(Path(__file__).parent))
+import merge_bench as mb
+
 from mergekit_like.adapters.config import ADAPTER_WEIGHTS, read_adapter_config
 from mergekit_like.adapters.view import EMBEDDING_A, EMBEDDING_B, LINEAR_A, LINEAR_B, PEFT_PREFIX
 from mergekit_like.io.reader import open_checkpoint
@@ -144,8 +147,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--fast", action="store_true", help="also run ours with --fast (randomized SVD)")
     parser.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of every command")
-    parser.add_argument("--mergekit", default="mergekit-extract-lora",
-                        help="mergekit-extract-lora to compare with (default: on PATH)")
+    parser.add_argument("--mergekit", help="mergekit-extract-lora to compare with (default: on PATH)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep models and adapters here")
     parser.add_argument("--save", action="store_true", help=f"write the report to {RESULTS}/")
     parser.add_argument("--note", default="", help="a line added under the header (e.g. other load on the machine)")
@@ -153,17 +155,17 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="extract-bench-"))
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
                               if args.threads else {}))
-    mergekit = shutil.which(args.mergekit)
+    mergekit = mb.find_mergekit(args.mergekit, "mergekit-extract-lora", "--mergekit")
     if mergekit is None:
-        sys.exit(f"--mergekit {args.mergekit}: not found (install mergekit 0.1.5 in a venv of its own and name "
-                 "its bin/mergekit-extract-lora)")
+        sys.exit("mergekit-extract-lora is not on PATH: install mergekit 0.1.5 in a venv of its own and give "
+                 "--mergekit VENV/bin/mergekit-extract-lora")
     base, ft = make_models(workdir, args.size)
     ours = [str(OURS), "extract-lora", str(ft), "--base", str(base), "--rank", str(args.rank), "--quiet"]
     runs = [timed("mergekit-like", [*ours, "-o", str(workdir / "ours")], workdir / "ours", env)]
     if args.fast:
         runs.append(timed("mergekit-like --fast", [*ours, "--fast", "-o", str(workdir / "fast")],
                           workdir / "fast", env))
-    runs.append(timed("mergekit", [mergekit, "--model", str(ft), "--base-model", str(base), "--out-path",
+    runs.append(timed("mergekit", [str(mergekit), "--model", str(ft), "--base-model", str(base), "--out-path",
                                    str(workdir / "mergekit"), "--max-rank", str(args.rank), "--quiet"],
                       workdir / "mergekit", env))
     threads = args.threads or torch.get_num_threads()

@@ -319,13 +319,14 @@ class Run:
         return "cuda" if self.device.startswith("cuda") else "cpu"
 
 
-def find_mergekit(arg: str | None) -> Path | None:
+def find_mergekit(arg: str | None, command: str = "mergekit-yaml", option: str = "--mergekit-yaml") -> Path | None:
+    """mergekit's ``command``: the one ``option`` names (it must exist), else the one on PATH, else None."""
     if arg:
         path = shutil.which(arg) or (arg if Path(arg).exists() else None)
         if path is None:
-            sys.exit(f"--mergekit-yaml {arg}: not found")
+            sys.exit(f"{option} {arg}: not found")
         return Path(path)
-    found = shutil.which("mergekit-yaml")
+    found = shutil.which(command)
     return Path(found) if found else None
 
 

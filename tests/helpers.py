@@ -68,6 +68,12 @@ def all_dtype_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
+def quantised(shape: tuple[int, ...], seed: int, dtype: torch.dtype, levels: float = 64.0) -> torch.Tensor:
+    """Values on a coarse grid: many magnitudes tie, so tie groups straddle the cut and the blocks."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * levels).round().div(levels * 8).to(dtype)
+
+
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Exact equality, NaN payloads included (torch.equal treats NaN != NaN)."""
     if a.dtype != b.dtype or a.shape != b.shape:

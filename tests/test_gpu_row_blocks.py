@@ -9,31 +9,25 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_row_block_merge_equals_whole
+from helpers import assert_row_block_merge_equals_whole, quantised
 
 import mergekit_like.merge.options as options_module
 
 pytestmark = pytest.mark.gpu
 
 
-def _quantised(shape: tuple[int, ...], seed: int, levels: float = 64.0) -> torch.Tensor:
-    """bf16 values on a coarse grid: many magnitudes tie, so tie groups straddle the cut and the blocks."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * levels).round().div(levels * 8).to(torch.bfloat16)
-
-
-def _models(count: int, quantised: bool) -> list[dict[str, torch.Tensor]]:
+def _models(count: int, on_grid: bool) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(7)
 
     def values(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-        return _quantised(shape, seed) if quantised else torch.randn(shape, generator=g).to(torch.bfloat16)
+        return quantised(shape, seed, torch.bfloat16) if on_grid else torch.randn(shape, generator=g).to(torch.bfloat16)
 
     return [{"model.embed_tokens.weight": values((96, 16), seed),
              "model.norm.weight": values((16,), seed + 10)} for seed in range(count)]
 
 
 RECIPES: list[tuple[str, dict[str, Any], int, bool]] = [
-    # (method, parameters, models including the base, quantised values)
+    # (method, parameters, models including the base, values on a coarse grid)
     ("ties", {"density": 0.4}, 3, True),
     ("ties", {"density": 0.4, "rescale": True}, 3, True),
     ("ties", {"density": 0.4, "trim_ties": "index"}, 4, True),
@@ -49,11 +43,11 @@ RECIPES: list[tuple[str, dict[str, Any], int, bool]] = [
 ]
 
 
-@pytest.mark.parametrize("method,params,count,quantised", RECIPES,
+@pytest.mark.parametrize("method,params,count,on_grid", RECIPES,
                          ids=[f"{m}-{'-'.join(map(str, p.values())) or 'defaults'}" for m, p, _, _ in RECIPES])
 def test_row_blocks_on_cuda_equal_the_whole_tensor_on_cuda(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, params: dict[str, Any], count: int, quantised: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, params: dict[str, Any], count: int, on_grid: bool
 ) -> None:
     monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
     recipe = {"merge_method": method, "dtype": "float32", "seed": 3, "parameters": params}
-    assert_row_block_merge_equals_whole(_models(count, quantised), recipe, tmp_path, None, device="cuda")
+    assert_row_block_merge_equals_whole(_models(count, on_grid), recipe, tmp_path, None, device="cuda")

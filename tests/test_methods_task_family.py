@@ -569,6 +569,12 @@ def _election_by_masks(base, deltas, weights, consensus, scale=1.0):
     return base + (mixed * scale if scale != 1 else mixed)
 
 
+def _assert_same_bits_but_nan_payloads(out: torch.Tensor, expected: torch.Tensor) -> None:
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[out.dtype.itemsize]
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.view(bits)[~out.isnan()], expected.view(bits)[~expected.isnan()])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("consensus", ["sum", "count"])
 @pytest.mark.parametrize("models", [4, 5, 6])  # summed in order, then stacked as the reference
@@ -597,9 +603,7 @@ def test_the_float_election_is_the_bool_masks_one(dtype: torch.dtype, consensus:
         d[4094] = -0.0 if wi > 0 else 0.0
     expected = _election_by_masks(base, deltas, weights, consensus, scale)
     out = combine_task_vectors_(base, deltas, weights, consensus=consensus, normalize=True, scale=scale)
-    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
-    assert torch.equal(out.isnan(), expected.isnan())
-    assert torch.equal(out.view(bits)[~out.isnan()], expected.view(bits)[~expected.isnan()])
+    _assert_same_bits_but_nan_payloads(out, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
@@ -632,9 +636,7 @@ def test_the_sum_without_consensus_is_the_stacked_sum(dtype: torch.dtype, models
     expected = base + (mixed * scale if scale != 1 else mixed)
     out = combine_task_vectors_(base, [d.clone() for d in deltas], weights, consensus=None, normalize=normalize,
                                 scale=scale)
-    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
-    assert torch.equal(out.isnan(), expected.isnan())
-    assert torch.equal(out.view(bits)[~out.isnan()], expected.view(bits)[~expected.isnan()])
+    _assert_same_bits_but_nan_payloads(out, expected)
     if dtype == torch.float16 and models == 2 and normalize:
         # 1e-8 is 0 in float16, so weights that cancel divide by 0 there, in mergekit as here.
         assert not out.isfinite().any()

@@ -6,19 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_row_block_merge_equals_whole, merge_in_row_blocks
+from helpers import assert_row_block_merge_equals_whole, merge_in_row_blocks, quantised
 
 import mergekit_like.merge.options as options_module
 from mergekit_like.methods import block_topk, flat_units, get_method
 from mergekit_like.methods.block_topk import BlockTopK
 
 TIES = get_method("ties")
-
-
-def _quantised(shape: tuple[int, ...], seed: int, dtype: torch.dtype, levels: float = 64.0) -> torch.Tensor:
-    """Values on a coarse grid: many magnitudes tie, so tie groups straddle the cut and the blocks."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * levels).round().div(levels * 8).to(dtype)
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -45,8 +39,8 @@ def test_row_blocks_give_the_whole_tensors_bits(
     if slice_size is not None:
         monkeypatch.setattr(block_topk, "BLOCK", slice_size)
     monkeypatch.setattr(flat_units, "SUM_UNIT", 101)
-    base = _quantised((64, 48), 0, dtype)
-    models = [base + _quantised((64, 48), seed, dtype, levels) for seed in (1, 2, 3)]
+    base = quantised((64, 48), 0, dtype)
+    models = [base + quantised((64, 48), seed, dtype, levels) for seed in (1, 2, 3)]
     params = {"density": [0.3, 0.55, 0.8], "trim_ties": trim_ties, "rescale": rescale}
     whole = TIES(models, base=base, weight=[1.0, 0.5, 0.8], **params)
     assert torch.equal(_bits(_in_row_blocks(models, base, rows, **params)), _bits(whole))
@@ -54,8 +48,8 @@ def test_row_blocks_give_the_whole_tensors_bits(
 
 def test_models_in_their_stored_dtype_and_densities_zero_and_one() -> None:
     # TIES takes bf16 models beside a float32 base (inputs_as_stored); density 0 keeps nothing, 1 everything.
-    base = _quantised((40, 30), 4, torch.float32)
-    models = [(base + _quantised((40, 30), seed, torch.float32)).to(torch.bfloat16) for seed in (5, 6, 7)]
+    base = quantised((40, 30), 4, torch.float32)
+    models = [(base + quantised((40, 30), seed, torch.float32)).to(torch.bfloat16) for seed in (5, 6, 7)]
     params = {"density": [0.0, 1.0, 0.4], "trim_ties": "index"}
     whole = TIES(models, base=base, weight=[1.0, 0.5, 0.8], **params)
     assert torch.equal(_in_row_blocks(models, base, 3, **params), whole)
@@ -107,8 +101,8 @@ def test_a_merge_under_a_small_budget_equals_the_whole_merge(
 ) -> None:
     monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
     monkeypatch.setattr(flat_units, "SUM_UNIT", 100)
-    tensors = [{"model.embed_tokens.weight": _quantised((96, 16), seed, torch.bfloat16),
-                "model.norm.weight": _quantised((16,), seed + 10, torch.bfloat16)} for seed in range(3)]
+    tensors = [{"model.embed_tokens.weight": quantised((96, 16), seed, torch.bfloat16),
+                "model.norm.weight": quantised((16,), seed + 10, torch.bfloat16)} for seed in range(3)]
     recipe = {"merge_method": "ties", "dtype": dtype,
               "parameters": {"trim_ties": trim_ties, "density": 0.4, "rescale": rescale}}
     assert_row_block_merge_equals_whole(tensors, recipe, tmp_path, (1 if dtype == "bfloat16" else 2) + rescale)
@@ -119,8 +113,8 @@ def test_exact_ties_under_a_small_budget_equal_the_whole_merge(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, rescale: bool
 ) -> None:
     monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
-    tensors = [{"model.embed_tokens.weight": _quantised((96, 16), seed, torch.bfloat16),
-                "model.norm.weight": _quantised((16,), seed + 10, torch.bfloat16)} for seed in range(3)]
+    tensors = [{"model.embed_tokens.weight": quantised((96, 16), seed, torch.bfloat16),
+                "model.norm.weight": quantised((16,), seed + 10, torch.bfloat16)} for seed in range(3)]
     recipe = {"merge_method": "ties", "dtype": dtype, "parameters": {"density": 0.4, "rescale": rescale}}
     assert_row_block_merge_equals_whole(tensors, recipe, tmp_path, 2)  # a pass per trimmed model
 
@@ -129,8 +123,8 @@ def test_exact_ties_under_a_small_budget_equal_the_whole_merge(
 @pytest.mark.parametrize("trim_ties", ["index", "keep"])
 def test_nan_and_infinite_magnitudes_cut_as_in_the_whole_tensor(dtype: torch.dtype, trim_ties: str) -> None:
     # NaN magnitudes count as the largest: with more NaNs than k, the k-th largest is a NaN.
-    base = _quantised((30, 20), 8, dtype)
-    models = [base + _quantised((30, 20), seed, dtype) for seed in (1, 2, 3)]
+    base = quantised((30, 20), 8, dtype)
+    models = [base + quantised((30, 20), seed, dtype) for seed in (1, 2, 3)]
     models[0].view(-1)[::3] = float("nan")
     models[1].view(-1)[::7] = float("inf")
     models[2].view(-1)[5::11] = float("nan")
@@ -147,8 +141,8 @@ def test_nan_and_infinite_magnitudes_cut_as_in_the_whole_tensor(dtype: torch.dty
 def test_magnitude_prune_shares_the_row_block_trim(monkeypatch: pytest.MonkeyPatch, trim_ties: str,
                                                    rescale: bool) -> None:
     monkeypatch.setattr(flat_units, "SUM_UNIT", 101)
-    base = _quantised((64, 48), 0, torch.bfloat16)
-    models = [base + _quantised((64, 48), seed, torch.bfloat16) for seed in (1, 2)]
+    base = quantised((64, 48), 0, torch.bfloat16)
+    models = [base + quantised((64, 48), seed, torch.bfloat16) for seed in (1, 2)]
     params = {"weight": [1.0, 0.6], "density": [0.3, 0.7], "trim_ties": trim_ties, "rescale": rescale}
     whole = get_method("magnitude_prune")(models, base=base, **params)
     assert torch.equal(_bits(merge_in_row_blocks("magnitude_prune", models, base, 5, params)), _bits(whole))
@@ -163,8 +157,8 @@ def test_exact_trims_in_row_blocks_give_the_whole_tensors_bits(
 ) -> None:
     # Exact ties: the masks are the whole tensor's sort's, whichever block an entry falls in.
     monkeypatch.setattr(flat_units, "SUM_UNIT", 101)
-    base = _quantised((64, 48), 0, dtype)
-    models = [base + _quantised((64, 48), seed, dtype) for seed in (1, 2, 3)]
+    base = quantised((64, 48), 0, dtype)
+    models = [base + quantised((64, 48), seed, dtype) for seed in (1, 2, 3)]
     params = {"weight": [1.0, 0.5, 0.8], "density": [0.3, 1.0, 0.0 if method == "ties" else 0.8],
               "trim_ties": "sort", "rescale": rescale}
     whole = get_method(method)(models, base=base, **params)
@@ -179,8 +173,8 @@ def test_breadcrumbs_in_row_blocks_give_the_whole_tensors_bits(
     monkeypatch: pytest.MonkeyPatch, method: str, dtype: torch.dtype, rescale: bool
 ) -> None:
     monkeypatch.setattr(flat_units, "SUM_UNIT", 101)
-    base = _quantised((64, 48), 0, dtype)
-    models = [base + _quantised((64, 48), seed, dtype) for seed in (1, 2, 3)]
+    base = quantised((64, 48), 0, dtype)
+    models = [base + quantised((64, 48), seed, dtype) for seed in (1, 2, 3)]
     params = {"weight": [1.0, 0.5, 0.8], "density": [0.5, 0.3, 1.0], "gamma": [0.01, 0.1, 0.0], "rescale": rescale}
     whole = get_method(method)(models, base=base, **params)
     assert torch.equal(_bits(merge_in_row_blocks(method, models, base, 5, params)), _bits(whole))
@@ -190,7 +184,7 @@ def test_breadcrumbs_under_a_small_budget_equal_the_whole_merge(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(options_module, "MIN_MEMORY_BUDGET", 1)
-    tensors = [{"model.embed_tokens.weight": _quantised((96, 16), seed, torch.bfloat16),
-                "model.norm.weight": _quantised((16,), seed + 10, torch.bfloat16)} for seed in range(3)]
+    tensors = [{"model.embed_tokens.weight": quantised((96, 16), seed, torch.bfloat16),
+                "model.norm.weight": quantised((16,), seed + 10, torch.bfloat16)} for seed in range(3)]
     recipe = {"merge_method": "breadcrumbs_ties", "dtype": "float32", "parameters": {"density": 0.6, "gamma": 0.05}}
     assert_row_block_merge_equals_whole(tensors, recipe, tmp_path, 2)
